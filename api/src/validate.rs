@@ -1,0 +1,433 @@
+//! The rules a CRD schema cannot express, in one place: the operator's admission webhook and its
+//! controllers call these, and so do `qmesh dev` and the sidecar's mesh-file loader.
+//!
+//! Every error names the field (`spec.retry.backoff.initial`) and says what to fix.
+
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::ResourceExt;
+
+use crate::{
+    DeliveryMode, Overflow, Queue, RateLimit, Subscription, selector::check_selector,
+};
+
+/// Largest `maxMessageBytes` a Queue may ask for.
+pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// One broken rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the offending field, e.g. `spec.retry.backoff.initial`.
+    pub field: String,
+    /// What is wrong and what to do instead.
+    pub message: String,
+}
+
+impl FieldError {
+    /// An error at `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Every rule a resource breaks (never empty).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ValidationErrors {
+    fn check(errors: Vec<FieldError>) -> Result<(), Self> {
+        if errors.is_empty() { Ok(()) } else { Err(Self(errors)) }
+    }
+}
+
+/// A resource that can check itself.
+pub trait Validate {
+    /// Checks the resource on its own.
+    fn validate(&self) -> Result<(), ValidationErrors>;
+
+    /// Checks an update from `old` to `self`: everything [`Validate::validate`] checks, plus
+    /// immutable fields.
+    fn validate_update(&self, old: &Self) -> Result<(), ValidationErrors> {
+        let _ = old;
+        self.validate()
+    }
+}
+
+impl Validate for Queue {
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errors = Vec::new();
+        let spec = &self.spec;
+        if let Some(selector) = &spec.publishers {
+            check_selector(selector, "spec.publishers", &mut errors);
+        }
+        match quantity_bytes(&spec.max_message_bytes) {
+            Ok(0) => errors.push(FieldError::new("spec.maxMessageBytes", "must be at least 1 byte")),
+            Ok(n) if n > MAX_MESSAGE_BYTES_LIMIT => errors.push(FieldError::new(
+                "spec.maxMessageBytes",
+                format!("{n} bytes is above the limit of 64Mi: send large payloads by reference"),
+            )),
+            Ok(_) => {}
+            Err(e) => errors.push(FieldError::new("spec.maxMessageBytes", e)),
+        }
+        if let Some(max_bytes) = &spec.retention.max_bytes {
+            match quantity_bytes(max_bytes) {
+                Ok(0) => {
+                    errors.push(FieldError::new("spec.retention.maxBytes", "must be at least 1 byte"))
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(FieldError::new("spec.retention.maxBytes", e)),
+            }
+        }
+        if spec.retention.max_messages == Some(0) {
+            errors.push(FieldError::new("spec.retention.maxMessages", "must be at least 1"));
+        }
+        if spec.retention.max_age.is_some_and(|age| age.get().is_zero()) {
+            errors.push(FieldError::new("spec.retention.maxAge", "must be longer than 0s"));
+        }
+        if spec.dedup_window.is_some_and(|w| w.get().is_zero()) {
+            errors.push(FieldError::new(
+                "spec.dedupWindow",
+                "must be longer than 0s; remove the field to turn de-duplication off",
+            ));
+        }
+        if let Some(dlq) = &spec.dead_letter_queue {
+            check_name(dlq, "spec.deadLetterQueue", &mut errors);
+            if *dlq == self.name_any() {
+                errors.push(FieldError::new(
+                    "spec.deadLetterQueue",
+                    "must name another Queue, not this one",
+                ));
+            }
+        }
+        if spec.retention.overflow == Overflow::DeadLetter && spec.dead_letter_queue.is_none() {
+            errors.push(FieldError::new(
+                "spec.retention.overflow",
+                "DeadLetter needs spec.deadLetterQueue to be set",
+            ));
+        }
+        if let Some(limit) = &spec.publish_rate_limit {
+            check_rate(limit, "spec.publishRateLimit", &mut errors);
+        }
+        ValidationErrors::check(errors)
+    }
+}
+
+impl Validate for Subscription {
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errors = Vec::new();
+        let spec = &self.spec;
+        check_name(&spec.queue, "spec.queue", &mut errors);
+        check_selector(&spec.consumers, "spec.consumers", &mut errors);
+        let delivery = &spec.delivery;
+        if !(1..=10_000).contains(&delivery.max_in_flight) {
+            errors.push(FieldError::new(
+                "spec.delivery.maxInFlight",
+                "must be between 1 and 10000",
+            ));
+        }
+        if delivery.ack_timeout.get().is_zero() {
+            errors.push(FieldError::new("spec.delivery.ackTimeout", "must be longer than 0s"));
+        }
+        match (&delivery.mode, &delivery.push) {
+            (DeliveryMode::Push, None) => errors.push(FieldError::new(
+                "spec.delivery.push",
+                "mode Push needs push.port (and optionally push.path)",
+            )),
+            (DeliveryMode::Push, Some(push)) => {
+                if push.port == 0 {
+                    errors.push(FieldError::new("spec.delivery.push.port", "must be 1 to 65535"));
+                }
+                if !push.path.starts_with('/') {
+                    errors.push(FieldError::new("spec.delivery.push.path", "must start with /"));
+                }
+            }
+            (DeliveryMode::Pull, Some(_)) => errors.push(FieldError::new(
+                "spec.delivery.push",
+                "only allowed with mode Push; remove it or set mode: Push",
+            )),
+            (DeliveryMode::Pull, None) => {}
+        }
+        let retry = &spec.retry;
+        if retry.max_deliveries == 0 {
+            errors.push(FieldError::new("spec.retry.maxDeliveries", "must be at least 1"));
+        }
+        if retry.backoff.multiplier == 0 {
+            errors.push(FieldError::new("spec.retry.backoff.multiplier", "must be at least 1"));
+        }
+        if retry.backoff.initial > retry.backoff.max {
+            errors.push(FieldError::new(
+                "spec.retry.backoff.initial",
+                format!(
+                    "{} is longer than spec.retry.backoff.max ({}); initial must be at most max",
+                    retry.backoff.initial, retry.backoff.max
+                ),
+            ));
+        }
+        if let Some(dlq) = &spec.dead_letter_queue {
+            check_name(dlq, "spec.deadLetterQueue", &mut errors);
+            if *dlq == spec.queue {
+                errors.push(FieldError::new(
+                    "spec.deadLetterQueue",
+                    format!("must differ from spec.queue ({}): dead letters would loop", spec.queue),
+                ));
+            }
+        }
+        if let Some(limit) = &spec.rate_limit {
+            check_rate(limit, "spec.rateLimit", &mut errors);
+        }
+        if let Some(filter) = &spec.filter {
+            if filter.headers.keys().any(String::is_empty) {
+                errors.push(FieldError::new("spec.filter.headers", "header names must not be empty"));
+            }
+        }
+        ValidationErrors::check(errors)
+    }
+
+    fn validate_update(&self, old: &Self) -> Result<(), ValidationErrors> {
+        let mut errors = match self.validate() {
+            Ok(()) => Vec::new(),
+            Err(ValidationErrors(errors)) => errors,
+        };
+        if self.spec.queue != old.spec.queue {
+            errors.push(FieldError::new(
+                "spec.queue",
+                format!(
+                    "is immutable (was {:?}): create a new Subscription for another queue",
+                    old.spec.queue
+                ),
+            ));
+        }
+        ValidationErrors::check(errors)
+    }
+}
+
+fn check_rate(limit: &RateLimit, path: &str, errors: &mut Vec<FieldError>) {
+    if !(limit.messages_per_second.is_finite() && limit.messages_per_second > 0.0) {
+        errors.push(FieldError::new(
+            format!("{path}.messagesPerSecond"),
+            "must be a number greater than 0",
+        ));
+    }
+    if limit.burst == Some(0) {
+        errors.push(FieldError::new(format!("{path}.burst"), "must be at least 1"));
+    }
+}
+
+/// Checks a reference to another object by name (a DNS-1123 subdomain, as Kubernetes names are).
+fn check_name(name: &str, path: &str, errors: &mut Vec<FieldError>) {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    let valid_ends = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 253 || !valid_chars || !valid_ends {
+        errors.push(FieldError::new(
+            path,
+            format!(
+                "{name:?} is not a valid name: use lower-case letters, digits, '-' and '.', \
+                 starting and ending with a letter or digit"
+            ),
+        ));
+    }
+}
+
+/// Converts a Kubernetes quantity (`1Mi`, `512k`, `1.5Gi`, `1000`, `1e6`) to a whole number of bytes.
+pub fn quantity_bytes(quantity: &Quantity) -> Result<u64, String> {
+    let text = quantity.0.trim();
+    let fail = || {
+        format!("{text:?} is not a size: write a quantity such as 1000, 512Ki, 64Mi or 1Gi")
+    };
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    if number.is_empty() || number.matches('.').count() > 1 {
+        return Err(fail());
+    }
+    let multiplier: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        s if s.starts_with(['e', 'E']) => {
+            let exp: i32 = s[1..].parse().map_err(|_| fail())?;
+            10f64.powi(exp)
+        }
+        _ => return Err(fail()),
+    };
+    let value: f64 = number.parse().map_err(|_| fail())?;
+    let bytes = (value * multiplier).ceil();
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(fail());
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    use super::*;
+    use crate::{Backoff, Duration, Push, QueueSpec, Retention, SubscriptionSpec};
+
+    fn queue(name: &str, spec: QueueSpec) -> Queue {
+        Queue::new(name, spec)
+    }
+
+    fn subscription(queue: &str) -> Subscription {
+        Subscription::new(
+            "billing",
+            SubscriptionSpec {
+                queue: queue.into(),
+                consumers: LabelSelector::default(),
+                delivery: Default::default(),
+                rate_limit: None,
+                retry: Default::default(),
+                dead_letter_queue: None,
+                filter: None,
+            },
+        )
+    }
+
+    fn fields(result: Result<(), ValidationErrors>) -> Vec<String> {
+        result.err().map(|e| e.0.into_iter().map(|f| f.field).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn default_queue_and_subscription_are_valid() {
+        assert_eq!(queue("orders", QueueSpec::default()).validate(), Ok(()));
+        assert_eq!(subscription("orders").validate(), Ok(()));
+    }
+
+    #[test]
+    fn queue_cannot_dead_letter_into_itself() {
+        let q = queue(
+            "orders",
+            QueueSpec { dead_letter_queue: Some("orders".into()), ..Default::default() },
+        );
+        assert_eq!(fields(q.validate()), ["spec.deadLetterQueue"]);
+    }
+
+    #[test]
+    fn dead_letter_overflow_needs_a_dead_letter_queue() {
+        let q = queue(
+            "orders",
+            QueueSpec {
+                retention: Retention { overflow: Overflow::DeadLetter, ..Default::default() },
+                ..Default::default()
+            },
+        );
+        assert_eq!(fields(q.validate()), ["spec.retention.overflow"]);
+    }
+
+    #[test]
+    fn oversize_and_malformed_message_limits_are_refused() {
+        let big = queue(
+            "orders",
+            QueueSpec { max_message_bytes: Quantity("1Gi".into()), ..Default::default() },
+        );
+        assert_eq!(fields(big.validate()), ["spec.maxMessageBytes"]);
+        let junk = queue(
+            "orders",
+            QueueSpec { max_message_bytes: Quantity("lots".into()), ..Default::default() },
+        );
+        let err = junk.validate().unwrap_err().to_string();
+        assert!(err.contains("spec.maxMessageBytes") && err.contains("64Mi"), "{err}");
+    }
+
+    #[test]
+    fn backoff_initial_must_not_exceed_max() {
+        let mut s = subscription("orders");
+        s.spec.retry.backoff = Backoff {
+            initial: Duration::from_secs(120),
+            max: Duration::from_secs(60),
+            multiplier: 2,
+        };
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.0[0].field, "spec.retry.backoff.initial");
+        assert!(err.0[0].message.contains("2m"), "{}", err.0[0].message);
+    }
+
+    #[test]
+    fn subscription_dead_letter_queue_must_differ_from_its_queue() {
+        let mut s = subscription("orders");
+        s.spec.dead_letter_queue = Some("orders".into());
+        assert_eq!(fields(s.validate()), ["spec.deadLetterQueue"]);
+    }
+
+    #[test]
+    fn push_mode_needs_an_endpoint_and_pull_mode_refuses_one() {
+        let mut s = subscription("orders");
+        s.spec.delivery.mode = DeliveryMode::Push;
+        assert_eq!(fields(s.validate()), ["spec.delivery.push"]);
+        s.spec.delivery.push = Some(Push { port: 8080, path: "/events".into() });
+        assert_eq!(s.validate(), Ok(()));
+        s.spec.delivery.mode = DeliveryMode::Pull;
+        assert_eq!(fields(s.validate()), ["spec.delivery.push"]);
+    }
+
+    #[test]
+    fn queue_of_a_subscription_is_immutable() {
+        let old = subscription("orders");
+        let new = subscription("payments");
+        assert_eq!(fields(new.validate_update(&old)), ["spec.queue"]);
+        assert_eq!(old.validate_update(&old), Ok(()));
+    }
+
+    #[test]
+    fn every_broken_rule_is_reported_at_once() {
+        let mut s = subscription("Bad_Queue");
+        s.spec.delivery.max_in_flight = 0;
+        s.spec.retry.max_deliveries = 0;
+        s.spec.rate_limit = Some(RateLimit { messages_per_second: 0.0, burst: Some(0) });
+        assert_eq!(
+            fields(s.validate()),
+            [
+                "spec.queue",
+                "spec.delivery.maxInFlight",
+                "spec.retry.maxDeliveries",
+                "spec.rateLimit.messagesPerSecond",
+                "spec.rateLimit.burst"
+            ]
+        );
+    }
+
+    #[test]
+    fn quantities_convert_to_bytes() {
+        let bytes = |s: &str| quantity_bytes(&Quantity(s.into()));
+        assert_eq!(bytes("1Mi"), Ok(1_048_576));
+        assert_eq!(bytes("512k"), Ok(512_000));
+        assert_eq!(bytes("1.5Gi"), Ok(1_610_612_736));
+        assert_eq!(bytes("1000"), Ok(1000));
+        assert_eq!(bytes("1e6"), Ok(1_000_000));
+        assert!(bytes("1.2.3").is_err());
+        assert!(bytes("10 MB").is_err());
+        assert!(bytes("").is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! qmesh's wire: Rust types and tonic services generated from the `.proto` files in `proto/`.
+//!
+//! ```text
+//!   app ──qmesh.v1 (localhost)──▶ sidecar ══qmesh.peer.v1 (pod IP)══▶ sidecar
+//!                                    │
+//!                                    └──qmesh.control.v1──▶ operator / `qmesh dev`
+//! ```
+//!
+//! * [`v1`] — the app API (`Broker`): publish, pipelined publish, subscribe with acks and credits.
+//! * [`peer`] — sidecar to sidecar (`Peer`): credit-based forwarding, replication, hand-over.
+//! * [`control`] — sidecar to control plane (`Control`): mesh views down, stats up.
+//!
+//! The `.proto` files are the documentation of every field; the generated code carries it over.
+
+#![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
+
+/// `qmesh.v1`: the app API served by each sidecar on 127.0.0.1.
+pub mod v1 {
+    tonic::include_proto!("qmesh.v1");
+}
+
+/// `qmesh.peer.v1`: forwarding, replication and hand-over between sidecars.
+pub mod peer {
+    tonic::include_proto!("qmesh.peer.v1");
+}
+
+/// `qmesh.control.v1`: mesh views from the control plane, stats back from sidecars.
+pub mod control {
+    tonic::include_proto!("qmesh.control.v1");
+}
+
+pub use prost_types;

@@ -14,19 +14,29 @@
 
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 
-/// `qmesh.v1`: the app API served by each sidecar on 127.0.0.1.
-pub mod v1 {
-    tonic::include_proto!("qmesh.v1");
-}
+/// Generated code, in modules that mirror the protobuf packages.
+pub mod qmesh {
+    /// `qmesh.v1`: the app API served by each sidecar on 127.0.0.1.
+    pub mod v1 {
+        tonic::include_proto!("qmesh.v1");
+    }
 
-/// `qmesh.peer.v1`: forwarding, replication and hand-over between sidecars.
-pub mod peer {
-    tonic::include_proto!("qmesh.peer.v1");
-}
+    /// `qmesh.peer.v1`: forwarding, replication and hand-over between sidecars.
+    pub mod peer {
+        /// Version 1 of the peer API.
+        pub mod v1 {
+            tonic::include_proto!("qmesh.peer.v1");
+        }
+    }
 
-/// `qmesh.control.v1`: mesh views from the control plane, stats back from sidecars.
-pub mod control {
-    tonic::include_proto!("qmesh.control.v1");
+    /// `qmesh.control.v1`: mesh views from the control plane, stats back from sidecars.
+    pub mod control {
+        /// Version 1 of the control API.
+        pub mod v1 {
+            tonic::include_proto!("qmesh.control.v1");
+        }
+    }
 }
 
 pub use prost_types;
+pub use qmesh::{control::v1 as control, peer::v1 as peer, v1};

@@ -7,9 +7,11 @@
 //!   Rust types ──schemars──▶ crds/*.yaml (written by `crdgen`, never by hand)
 //! ```
 
+pub mod crd;
 mod duration;
 mod queue;
 mod selector;
+mod size;
 mod status;
 mod subscription;
 pub mod validate;
@@ -19,6 +21,7 @@ pub use queue::{
     Durability, Ordering, Overflow, PublishAck, Queue, QueueSpec, QueueStatus, RateLimit, Retention,
 };
 pub use selector::labels_match;
+pub use size::ByteSize;
 pub use status::{conditions, ready_condition};
 pub use subscription::{
     Backoff, Delivery, DeliveryMode, Filter, Push, Retry, Subscription, SubscriptionSpec,

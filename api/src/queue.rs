@@ -1,14 +1,11 @@
 //! The `Queue` resource: a named destination in a namespace that producers publish to.
 
-use k8s_openapi::apimachinery::pkg::{
-    api::resource::Quantity,
-    apis::meta::v1::{Condition, LabelSelector},
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::Duration;
+use crate::{ByteSize, Duration};
 
 /// A Queue: a named destination that producers publish to. Every Subscription of the Queue receives
 /// every message; a message is owned by the sidecar it was published to until every Subscription has
@@ -18,6 +15,7 @@ use crate::Duration;
     group = "qmesh.io",
     version = "v1alpha1",
     kind = "Queue",
+    doc = "A Queue: a named destination that producers publish to. Every Subscription of the Queue receives every message.",
     namespaced,
     status = "QueueStatus",
     category = "qmesh",
@@ -51,7 +49,7 @@ pub struct QueueSpec {
     /// Largest message accepted (payload plus headers), as a quantity such as `256Ki` or `1Mi`.
     /// Larger publishes are refused with 413 / INVALID_ARGUMENT.
     #[serde(default = "default_max_message_bytes")]
-    pub max_message_bytes: Quantity,
+    pub max_message_bytes: ByteSize,
 
     /// Delivery order: `None` (any order, maximum parallelism) or `Key` (messages of one ordering key
     /// from one producer are delivered in publish order, one in flight at a time).
@@ -89,8 +87,8 @@ impl Default for QueueSpec {
     }
 }
 
-fn default_max_message_bytes() -> Quantity {
-    Quantity("1Mi".to_owned())
+fn default_max_message_bytes() -> ByteSize {
+    ByteSize::new("1Mi")
 }
 
 /// Where messages are kept.
@@ -124,7 +122,7 @@ pub struct Retention {
 
     /// Most payload bytes kept, as a quantity such as `512Mi` or `1Gi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_bytes: Option<Quantity>,
+    pub max_bytes: Option<ByteSize>,
 
     /// Oldest message kept, as a duration such as `24h`; older messages go to the dead-letter queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]

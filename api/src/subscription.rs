@@ -16,6 +16,7 @@ use crate::{Duration, RateLimit};
     group = "qmesh.io",
     version = "v1alpha1",
     kind = "Subscription",
+    doc = "A Subscription: a consumer group on one Queue. It receives every message of the Queue; inside it, each message goes to exactly one consumer pod.",
     namespaced,
     status = "SubscriptionStatus",
     category = "qmesh",

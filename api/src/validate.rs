@@ -5,7 +5,6 @@
 
 use std::fmt;
 
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 
 use crate::{
@@ -79,7 +78,7 @@ impl Validate for Queue {
         if let Some(selector) = &spec.publishers {
             check_selector(selector, "spec.publishers", &mut errors);
         }
-        match quantity_bytes(&spec.max_message_bytes) {
+        match spec.max_message_bytes.bytes() {
             Ok(0) => errors.push(FieldError::new("spec.maxMessageBytes", "must be at least 1 byte")),
             Ok(n) if n > MAX_MESSAGE_BYTES_LIMIT => errors.push(FieldError::new(
                 "spec.maxMessageBytes",
@@ -89,7 +88,7 @@ impl Validate for Queue {
             Err(e) => errors.push(FieldError::new("spec.maxMessageBytes", e)),
         }
         if let Some(max_bytes) = &spec.retention.max_bytes {
-            match quantity_bytes(max_bytes) {
+            match max_bytes.bytes() {
                 Ok(0) => {
                     errors.push(FieldError::new("spec.retention.maxBytes", "must be at least 1 byte"))
                 }
@@ -250,51 +249,12 @@ fn check_name(name: &str, path: &str, errors: &mut Vec<FieldError>) {
     }
 }
 
-/// Converts a Kubernetes quantity (`1Mi`, `512k`, `1.5Gi`, `1000`, `1e6`) to a whole number of bytes.
-pub fn quantity_bytes(quantity: &Quantity) -> Result<u64, String> {
-    let text = quantity.0.trim();
-    let fail = || {
-        format!("{text:?} is not a size: write a quantity such as 1000, 512Ki, 64Mi or 1Gi")
-    };
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let (number, suffix) = text.split_at(split);
-    if number.is_empty() || number.matches('.').count() > 1 {
-        return Err(fail());
-    }
-    let multiplier: f64 = match suffix {
-        "" => 1.0,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        "Gi" => 1024.0 * 1024.0 * 1024.0,
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        s if s.starts_with(['e', 'E']) => {
-            let exp: i32 = s[1..].parse().map_err(|_| fail())?;
-            10f64.powi(exp)
-        }
-        _ => return Err(fail()),
-    };
-    let value: f64 = number.parse().map_err(|_| fail())?;
-    let bytes = (value * multiplier).ceil();
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(fail());
-    }
-    Ok(bytes as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
     use super::*;
-    use crate::{Backoff, Duration, Push, QueueSpec, Retention, SubscriptionSpec};
+    use crate::{Backoff, ByteSize, Duration, Push, QueueSpec, Retention, SubscriptionSpec};
 
     fn queue(name: &str, spec: QueueSpec) -> Queue {
         Queue::new(name, spec)
@@ -350,12 +310,12 @@ mod tests {
     fn oversize_and_malformed_message_limits_are_refused() {
         let big = queue(
             "orders",
-            QueueSpec { max_message_bytes: Quantity("1Gi".into()), ..Default::default() },
+            QueueSpec { max_message_bytes: ByteSize::new("1Gi"), ..Default::default() },
         );
         assert_eq!(fields(big.validate()), ["spec.maxMessageBytes"]);
         let junk = queue(
             "orders",
-            QueueSpec { max_message_bytes: Quantity("lots".into()), ..Default::default() },
+            QueueSpec { max_message_bytes: ByteSize::new("lots"), ..Default::default() },
         );
         let err = junk.validate().unwrap_err().to_string();
         assert!(err.contains("spec.maxMessageBytes") && err.contains("64Mi"), "{err}");
@@ -416,18 +376,5 @@ mod tests {
                 "spec.rateLimit.burst"
             ]
         );
-    }
-
-    #[test]
-    fn quantities_convert_to_bytes() {
-        let bytes = |s: &str| quantity_bytes(&Quantity(s.into()));
-        assert_eq!(bytes("1Mi"), Ok(1_048_576));
-        assert_eq!(bytes("512k"), Ok(512_000));
-        assert_eq!(bytes("1.5Gi"), Ok(1_610_612_736));
-        assert_eq!(bytes("1000"), Ok(1000));
-        assert_eq!(bytes("1e6"), Ok(1_000_000));
-        assert!(bytes("1.2.3").is_err());
-        assert!(bytes("10 MB").is_err());
-        assert!(bytes("").is_err());
     }
 }

@@ -42,7 +42,10 @@ impl FromStr for Duration {
     type Err = DurationError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |reason| DurationError { input: input.to_owned(), reason };
+        let err = |reason| DurationError {
+            input: input.to_owned(),
+            reason,
+        };
         if input.is_empty() {
             return Err(err("empty"));
         }
@@ -53,7 +56,9 @@ impl FromStr for Duration {
             if digits == 0 {
                 return Err(err("expected a number"));
             }
-            let value: u128 = rest[..digits].parse().map_err(|_| err("number too large"))?;
+            let value: u128 = rest[..digits]
+                .parse()
+                .map_err(|_| err("number too large"))?;
             rest = &rest[digits..];
             let (unit_ms, len) = if rest.starts_with("ms") {
                 (1, 2)
@@ -84,7 +89,7 @@ impl fmt::Display for Duration {
         if ms == 0 {
             return f.write_str("0s");
         }
-        if ms % 1_000 != 0 {
+        if !ms.is_multiple_of(1_000) {
             return write!(f, "{ms}ms");
         }
         let secs = ms / 1_000;
@@ -152,14 +157,28 @@ mod tests {
 
     #[test]
     fn refuses_what_the_schema_pattern_refuses() {
-        for bad in ["", "30", "s", "1d", "1.5s", "-1s", "1 s", "99999999999999999999999h"] {
+        for bad in [
+            "",
+            "30",
+            "s",
+            "1d",
+            "1.5s",
+            "-1s",
+            "1 s",
+            "99999999999999999999999h",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
     }
 
     #[test]
     fn displays_the_shortest_exact_form() {
-        for (text, shown) in [("90s", "1m30s"), ("1500ms", "1500ms"), ("2h", "2h"), ("0s", "0s")] {
+        for (text, shown) in [
+            ("90s", "1m30s"),
+            ("1500ms", "1500ms"),
+            ("2h", "2h"),
+            ("0s", "0s"),
+        ] {
             assert_eq!(text.parse::<Duration>().unwrap().to_string(), shown);
         }
     }

@@ -177,7 +177,11 @@ impl RateLimit {
     pub fn burst_or_default(&self) -> u32 {
         self.burst.unwrap_or_else(|| {
             let per_second = self.messages_per_second.ceil();
-            if per_second >= f64::from(u32::MAX) { u32::MAX } else { (per_second as u32).max(1) }
+            if per_second >= f64::from(u32::MAX) {
+                u32::MAX
+            } else {
+                (per_second as u32).max(1)
+            }
         })
     }
 }

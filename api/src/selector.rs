@@ -63,7 +63,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -76,7 +79,10 @@ mod tests {
 
     #[test]
     fn empty_selector_selects_every_pod() {
-        assert!(labels_match(&LabelSelector::default(), &labels(&[("app", "x")])));
+        assert!(labels_match(
+            &LabelSelector::default(),
+            &labels(&[("app", "x")])
+        ));
     }
 
     #[test]
@@ -88,13 +94,22 @@ mod tests {
                 expr("canary", "DoesNotExist", &[]),
             ]),
         };
-        assert!(labels_match(&selector, &labels(&[("app", "billing"), ("tier", "worker")])));
-        assert!(!labels_match(&selector, &labels(&[("app", "billing"), ("tier", "web")])));
+        assert!(labels_match(
+            &selector,
+            &labels(&[("app", "billing"), ("tier", "worker")])
+        ));
+        assert!(!labels_match(
+            &selector,
+            &labels(&[("app", "billing"), ("tier", "web")])
+        ));
         assert!(!labels_match(
             &selector,
             &labels(&[("app", "billing"), ("tier", "batch"), ("canary", "1")])
         ));
-        assert!(!labels_match(&selector, &labels(&[("app", "shipping"), ("tier", "worker")])));
+        assert!(!labels_match(
+            &selector,
+            &labels(&[("app", "shipping"), ("tier", "worker")])
+        ));
     }
 
     #[test]
@@ -116,6 +131,9 @@ mod tests {
         assert!(!labels_match(&selector, &labels(&[("env", "p")])));
         let mut errors = Vec::new();
         check_selector(&selector, "spec.consumers", &mut errors);
-        assert_eq!(errors[0].field, "spec.consumers.matchExpressions[0].operator");
+        assert_eq!(
+            errors[0].field,
+            "spec.consumers.matchExpressions[0].operator"
+        );
     }
 }

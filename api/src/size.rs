@@ -7,8 +7,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// The quantity syntax the API server checks for strings (Kubernetes' own `resource.Quantity` form).
-pub const QUANTITY_PATTERN: &str =
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
 
 /// A size in bytes written as a Kubernetes quantity, kept as written.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -30,7 +29,9 @@ impl ByteSize {
         let text = self.0.trim();
         let fail =
             || format!("{text:?} is not a size: write a quantity such as 1000, 512Ki, 64Mi or 1Gi");
-        let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
         let (number, suffix) = text.split_at(split);
         if number.is_empty() || number == "." {
             return Err(fail());

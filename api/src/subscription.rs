@@ -147,7 +147,10 @@ pub struct Retry {
 
 impl Default for Retry {
     fn default() -> Self {
-        Self { max_deliveries: default_max_deliveries(), backoff: Backoff::default() }
+        Self {
+            max_deliveries: default_max_deliveries(),
+            backoff: Backoff::default(),
+        }
     }
 }
 
@@ -207,7 +210,9 @@ pub struct Filter {
 impl Filter {
     /// Whether a message with these headers passes the filter.
     pub fn matches<'a>(&self, mut header: impl FnMut(&str) -> Option<&'a str>) -> bool {
-        self.headers.iter().all(|(name, value)| header(name) == Some(value.as_str()))
+        self.headers
+            .iter()
+            .all(|(name, value)| header(name) == Some(value.as_str()))
     }
 }
 

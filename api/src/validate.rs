@@ -7,9 +7,7 @@ use std::fmt;
 
 use kube::ResourceExt;
 
-use crate::{
-    DeliveryMode, Overflow, Queue, RateLimit, Subscription, selector::check_selector,
-};
+use crate::{DeliveryMode, Overflow, Queue, RateLimit, Subscription, selector::check_selector};
 
 /// Largest `maxMessageBytes` a Queue may ask for.
 pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
@@ -26,7 +24,10 @@ pub struct FieldError {
 impl FieldError {
     /// An error at `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -54,7 +55,11 @@ impl fmt::Display for ValidationErrors {
 
 impl ValidationErrors {
     fn check(errors: Vec<FieldError>) -> Result<(), Self> {
-        if errors.is_empty() { Ok(()) } else { Err(Self(errors)) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Self(errors))
+        }
     }
 }
 
@@ -79,7 +84,10 @@ impl Validate for Queue {
             check_selector(selector, "spec.publishers", &mut errors);
         }
         match spec.max_message_bytes.bytes() {
-            Ok(0) => errors.push(FieldError::new("spec.maxMessageBytes", "must be at least 1 byte")),
+            Ok(0) => errors.push(FieldError::new(
+                "spec.maxMessageBytes",
+                "must be at least 1 byte",
+            )),
             Ok(n) if n > MAX_MESSAGE_BYTES_LIMIT => errors.push(FieldError::new(
                 "spec.maxMessageBytes",
                 format!("{n} bytes is above the limit of 64Mi: send large payloads by reference"),
@@ -89,18 +97,29 @@ impl Validate for Queue {
         }
         if let Some(max_bytes) = &spec.retention.max_bytes {
             match max_bytes.bytes() {
-                Ok(0) => {
-                    errors.push(FieldError::new("spec.retention.maxBytes", "must be at least 1 byte"))
-                }
+                Ok(0) => errors.push(FieldError::new(
+                    "spec.retention.maxBytes",
+                    "must be at least 1 byte",
+                )),
                 Ok(_) => {}
                 Err(e) => errors.push(FieldError::new("spec.retention.maxBytes", e)),
             }
         }
         if spec.retention.max_messages == Some(0) {
-            errors.push(FieldError::new("spec.retention.maxMessages", "must be at least 1"));
+            errors.push(FieldError::new(
+                "spec.retention.maxMessages",
+                "must be at least 1",
+            ));
         }
-        if spec.retention.max_age.is_some_and(|age| age.get().is_zero()) {
-            errors.push(FieldError::new("spec.retention.maxAge", "must be longer than 0s"));
+        if spec
+            .retention
+            .max_age
+            .is_some_and(|age| age.get().is_zero())
+        {
+            errors.push(FieldError::new(
+                "spec.retention.maxAge",
+                "must be longer than 0s",
+            ));
         }
         if spec.dedup_window.is_some_and(|w| w.get().is_zero()) {
             errors.push(FieldError::new(
@@ -144,7 +163,10 @@ impl Validate for Subscription {
             ));
         }
         if delivery.ack_timeout.get().is_zero() {
-            errors.push(FieldError::new("spec.delivery.ackTimeout", "must be longer than 0s"));
+            errors.push(FieldError::new(
+                "spec.delivery.ackTimeout",
+                "must be longer than 0s",
+            ));
         }
         match (&delivery.mode, &delivery.push) {
             (DeliveryMode::Push, None) => errors.push(FieldError::new(
@@ -153,10 +175,16 @@ impl Validate for Subscription {
             )),
             (DeliveryMode::Push, Some(push)) => {
                 if push.port == 0 {
-                    errors.push(FieldError::new("spec.delivery.push.port", "must be 1 to 65535"));
+                    errors.push(FieldError::new(
+                        "spec.delivery.push.port",
+                        "must be 1 to 65535",
+                    ));
                 }
                 if !push.path.starts_with('/') {
-                    errors.push(FieldError::new("spec.delivery.push.path", "must start with /"));
+                    errors.push(FieldError::new(
+                        "spec.delivery.push.path",
+                        "must start with /",
+                    ));
                 }
             }
             (DeliveryMode::Pull, Some(_)) => errors.push(FieldError::new(
@@ -167,10 +195,16 @@ impl Validate for Subscription {
         }
         let retry = &spec.retry;
         if retry.max_deliveries == 0 {
-            errors.push(FieldError::new("spec.retry.maxDeliveries", "must be at least 1"));
+            errors.push(FieldError::new(
+                "spec.retry.maxDeliveries",
+                "must be at least 1",
+            ));
         }
         if retry.backoff.multiplier == 0 {
-            errors.push(FieldError::new("spec.retry.backoff.multiplier", "must be at least 1"));
+            errors.push(FieldError::new(
+                "spec.retry.backoff.multiplier",
+                "must be at least 1",
+            ));
         }
         if retry.backoff.initial > retry.backoff.max {
             errors.push(FieldError::new(
@@ -186,17 +220,23 @@ impl Validate for Subscription {
             if *dlq == spec.queue {
                 errors.push(FieldError::new(
                     "spec.deadLetterQueue",
-                    format!("must differ from spec.queue ({}): dead letters would loop", spec.queue),
+                    format!(
+                        "must differ from spec.queue ({}): dead letters would loop",
+                        spec.queue
+                    ),
                 ));
             }
         }
         if let Some(limit) = &spec.rate_limit {
             check_rate(limit, "spec.rateLimit", &mut errors);
         }
-        if let Some(filter) = &spec.filter {
-            if filter.headers.keys().any(String::is_empty) {
-                errors.push(FieldError::new("spec.filter.headers", "header names must not be empty"));
-            }
+        if let Some(filter) = &spec.filter
+            && filter.headers.keys().any(String::is_empty)
+        {
+            errors.push(FieldError::new(
+                "spec.filter.headers",
+                "header names must not be empty",
+            ));
         }
         ValidationErrors::check(errors)
     }
@@ -227,7 +267,10 @@ fn check_rate(limit: &RateLimit, path: &str, errors: &mut Vec<FieldError>) {
         ));
     }
     if limit.burst == Some(0) {
-        errors.push(FieldError::new(format!("{path}.burst"), "must be at least 1"));
+        errors.push(FieldError::new(
+            format!("{path}.burst"),
+            "must be at least 1",
+        ));
     }
 }
 
@@ -276,7 +319,10 @@ mod tests {
     }
 
     fn fields(result: Result<(), ValidationErrors>) -> Vec<String> {
-        result.err().map(|e| e.0.into_iter().map(|f| f.field).collect()).unwrap_or_default()
+        result
+            .err()
+            .map(|e| e.0.into_iter().map(|f| f.field).collect())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -289,7 +335,10 @@ mod tests {
     fn queue_cannot_dead_letter_into_itself() {
         let q = queue(
             "orders",
-            QueueSpec { dead_letter_queue: Some("orders".into()), ..Default::default() },
+            QueueSpec {
+                dead_letter_queue: Some("orders".into()),
+                ..Default::default()
+            },
         );
         assert_eq!(fields(q.validate()), ["spec.deadLetterQueue"]);
     }
@@ -299,7 +348,10 @@ mod tests {
         let q = queue(
             "orders",
             QueueSpec {
-                retention: Retention { overflow: Overflow::DeadLetter, ..Default::default() },
+                retention: Retention {
+                    overflow: Overflow::DeadLetter,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
         );
@@ -310,15 +362,24 @@ mod tests {
     fn oversize_and_malformed_message_limits_are_refused() {
         let big = queue(
             "orders",
-            QueueSpec { max_message_bytes: ByteSize::new("1Gi"), ..Default::default() },
+            QueueSpec {
+                max_message_bytes: ByteSize::new("1Gi"),
+                ..Default::default()
+            },
         );
         assert_eq!(fields(big.validate()), ["spec.maxMessageBytes"]);
         let junk = queue(
             "orders",
-            QueueSpec { max_message_bytes: ByteSize::new("lots"), ..Default::default() },
+            QueueSpec {
+                max_message_bytes: ByteSize::new("lots"),
+                ..Default::default()
+            },
         );
         let err = junk.validate().unwrap_err().to_string();
-        assert!(err.contains("spec.maxMessageBytes") && err.contains("64Mi"), "{err}");
+        assert!(
+            err.contains("spec.maxMessageBytes") && err.contains("64Mi"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -346,7 +407,10 @@ mod tests {
         let mut s = subscription("orders");
         s.spec.delivery.mode = DeliveryMode::Push;
         assert_eq!(fields(s.validate()), ["spec.delivery.push"]);
-        s.spec.delivery.push = Some(Push { port: 8080, path: "/events".into() });
+        s.spec.delivery.push = Some(Push {
+            port: 8080,
+            path: "/events".into(),
+        });
         assert_eq!(s.validate(), Ok(()));
         s.spec.delivery.mode = DeliveryMode::Pull;
         assert_eq!(fields(s.validate()), ["spec.delivery.push"]);
@@ -365,7 +429,10 @@ mod tests {
         let mut s = subscription("Bad_Queue");
         s.spec.delivery.max_in_flight = 0;
         s.spec.retry.max_deliveries = 0;
-        s.spec.rate_limit = Some(RateLimit { messages_per_second: 0.0, burst: Some(0) });
+        s.spec.rate_limit = Some(RateLimit {
+            messages_per_second: 0.0,
+            burst: Some(0),
+        });
         assert_eq!(
             fields(s.validate()),
             [

@@ -1,5 +1,7 @@
 //! The committed `crds/` must be exactly what the Rust types produce.
 
+#![allow(clippy::unwrap_used)]
+
 use std::{fs, path::Path};
 
 #[test]
@@ -15,7 +17,12 @@ fn committed_crds_match_the_rust_types() {
     }
     let mut committed: Vec<String> = fs::read_dir(&dir)
         .expect("crds/ exists")
-        .map(|e| e.expect("readable crds/ entry").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("readable crds/ entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .filter(|n| n.ends_with(".yaml"))
         .collect();
     committed.sort();

@@ -1,0 +1,213 @@
+//! The CRDs and examples against a real kube-apiserver: accepted, printed with their columns,
+//! defaulted, validated by the server's schema, and their status writable by server-side apply.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use qmesh_api::{Queue, QueueStatus, Subscription};
+use qmesh_tests::{KubeApiServer, repo_root, wait_for};
+
+fn ok(output: std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "command failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+async fn install_crds(server: &KubeApiServer) {
+    let crds = repo_root().join("crds");
+    ok(server
+        .kubectl(
+            ["apply", "-f"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([crds.display().to_string()]),
+        )
+        .unwrap());
+    ok(server
+        .kubectl([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/queues.qmesh.io",
+            "crd/subscriptions.qmesh.io",
+        ])
+        .unwrap());
+    // Discovery can lag behind Established for a moment.
+    let api: Api<Queue> = Api::default_namespaced(server.client());
+    wait_for("queues to be served", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move { api.list(&Default::default()).await.ok() }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn crds_and_examples_apply_and_print_their_columns() {
+    let server = KubeApiServer::start().await.unwrap();
+    install_crds(&server).await;
+
+    let examples = repo_root().join("examples");
+    let applied = ok(server
+        .kubectl(["apply", "-f", &examples.display().to_string()])
+        .unwrap());
+    assert!(
+        applied.contains("queue.qmesh.io/orders created"),
+        "{applied}"
+    );
+    assert!(
+        applied.contains("subscription.qmesh.io/billing created"),
+        "{applied}"
+    );
+
+    let queues = ok(server.kubectl(["get", "queues"]).unwrap());
+    let header: Vec<&str> = queues.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "SUBSCRIPTIONS", "BACKLOG", "AGE"],
+        "{queues}"
+    );
+    assert!(queues.contains("orders-dead-letter"), "{queues}");
+
+    let subs = ok(server.kubectl(["get", "subscriptions"]).unwrap());
+    let header: Vec<&str> = subs.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "QUEUE", "CONSUMERS", "BACKLOG", "READY", "AGE"],
+        "{subs}"
+    );
+    let billing = subs
+        .lines()
+        .find(|l| l.starts_with("billing"))
+        .expect("billing listed");
+    assert_eq!(billing.split_whitespace().nth(1), Some("orders"), "{subs}");
+
+    // The category groups both kinds.
+    let all = ok(server.kubectl(["get", "qmesh", "-o", "name"]).unwrap());
+    assert_eq!(all.lines().count(), 5, "{all}");
+
+    // `kubectl explain` explains fields from the Rust doc comments (once the server has published
+    // the CRD's OpenAPI, which it does shortly after the CRD is established).
+    let explain = wait_for(
+        "kubectl explain to know queues",
+        Duration::from_secs(60),
+        || {
+            let out = server
+                .kubectl(["explain", "queues.spec.retention.overflow"])
+                .unwrap();
+            async move {
+                out.status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        explain.contains("backpressure to the publisher"),
+        "{explain}"
+    );
+}
+
+#[tokio::test]
+async fn server_rejects_invalid_specs_naming_the_field_and_defaults_the_rest() {
+    let server = KubeApiServer::start().await.unwrap();
+    install_crds(&server).await;
+
+    let bad_queue = serde_json::json!({
+        "apiVersion": "qmesh.io/v1alpha1", "kind": "Queue",
+        "metadata": {"name": "floppy"},
+        "spec": {"durability": "Floppy"}
+    });
+    let bad_sub = serde_json::json!({
+        "apiVersion": "qmesh.io/v1alpha1", "kind": "Subscription",
+        "metadata": {"name": "greedy"},
+        "spec": {"queue": "orders", "consumers": {}, "delivery": {"maxInFlight": 0}}
+    });
+    let bad_size = serde_json::json!({
+        "apiVersion": "qmesh.io/v1alpha1", "kind": "Queue",
+        "metadata": {"name": "huge"},
+        "spec": {"maxMessageBytes": "lots"}
+    });
+    for (manifest, field) in [
+        (&bad_queue, "spec.durability"),
+        (&bad_sub, "spec.delivery.maxInFlight"),
+        (&bad_size, "spec.maxMessageBytes"),
+    ] {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), manifest.to_string()).unwrap();
+        let out = server
+            .kubectl(["apply", "-f", &file.path().display().to_string()])
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{manifest} was accepted");
+        assert!(
+            stderr.contains(field),
+            "error should name {field}: {stderr}"
+        );
+    }
+    let queues: Api<Queue> = Api::default_namespaced(server.client());
+    assert!(queues.get_opt("floppy").await.unwrap().is_none());
+
+    // A minimal Queue comes back with the schema's defaults filled in by the server.
+    let minimal: Queue = serde_json::from_value(serde_json::json!({
+        "apiVersion": "qmesh.io/v1alpha1", "kind": "Queue",
+        "metadata": {"name": "orders"}, "spec": {}
+    }))
+    .unwrap();
+    let created = queues
+        .create(&PostParams::default(), &minimal)
+        .await
+        .unwrap();
+    let stored = serde_json::to_value(&created.spec).unwrap();
+    assert_eq!(stored["durability"], "Disk", "{stored}");
+    assert_eq!(stored["maxMessageBytes"], "1Mi", "{stored}");
+    assert_eq!(stored["retention"]["overflow"], "Reject", "{stored}");
+
+    let minimal_sub: Subscription = serde_json::from_value(serde_json::json!({
+        "apiVersion": "qmesh.io/v1alpha1", "kind": "Subscription",
+        "metadata": {"name": "billing"}, "spec": {"queue": "orders", "consumers": {}}
+    }))
+    .unwrap();
+    let subs: Api<Subscription> = Api::default_namespaced(server.client());
+    let created = subs
+        .create(&PostParams::default(), &minimal_sub)
+        .await
+        .unwrap();
+    assert_eq!(created.spec.delivery.max_in_flight, 32);
+    assert_eq!(created.spec.retry.max_deliveries, 5);
+    assert_eq!(created.spec.delivery.ack_timeout.to_string(), "30s");
+
+    // Status is a subresource, written by server-side apply with one field manager.
+    let status = serde_json::json!({
+        "apiVersion": "qmesh.io/v1alpha1", "kind": "Queue",
+        "status": QueueStatus { subscriptions: 1, backlog: 42, ..Default::default() }
+    });
+    queues
+        .patch_status(
+            "orders",
+            &PatchParams::apply("qmesh-operator").force(),
+            &Patch::Apply(&status),
+        )
+        .await
+        .unwrap();
+    let listed = ok(server
+        .kubectl(["get", "queue", "orders", "--no-headers"])
+        .unwrap());
+    let columns: Vec<&str> = listed.split_whitespace().collect();
+    assert_eq!(&columns[..1], ["orders"], "{listed}");
+    assert!(
+        columns.contains(&"42"),
+        "backlog column shows the status: {listed}"
+    );
+}

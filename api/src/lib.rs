@@ -11,6 +11,7 @@ pub mod crd;
 mod duration;
 mod queue;
 mod selector;
+mod sidecar;
 mod size;
 mod status;
 mod subscription;
@@ -21,6 +22,7 @@ pub use queue::{
     Durability, Ordering, Overflow, PublishAck, Queue, QueueSpec, QueueStatus, RateLimit, Retention,
 };
 pub use selector::labels_match;
+pub use sidecar::{SidecarDocument, SidecarMetadata, SidecarSpec};
 pub use size::ByteSize;
 pub use status::{conditions, ready_condition};
 pub use subscription::{

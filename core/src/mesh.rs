@@ -1,0 +1,578 @@
+//! The mesh: which sidecar may own which queue's messages, where each subscription's consumers are,
+//! and the complete view each sidecar gets. Fed by plain synchronous `apply`/`delete` calls (from
+//! Kubernetes watches in the operator, from a mesh file locally) and queried with [`MeshState::view_for`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use qmesh_api::{
+    Delivery, Filter, Queue, QueueSpec, RateLimit, Retry, Subscription, Validate, labels_match,
+};
+
+/// Identifies a sidecar: its pod's (or mesh-file document's) namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SidecarKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod or document name.
+    pub name: String,
+}
+
+impl SidecarKey {
+    /// A key from namespace and name.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// What the mesh knows of one sidecar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarInfo {
+    /// Its pod's labels.
+    pub labels: BTreeMap<String, String>,
+    /// `ip:port` of its Peer API.
+    pub peer_address: String,
+    /// Whether it can take traffic (pod Ready, or a local sidecar that joined).
+    pub ready: bool,
+}
+
+/// Another sidecar as a view names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeerEndpoint {
+    /// Pod or document name.
+    pub name: String,
+    /// `ip:port` of its Peer API.
+    pub peer_address: String,
+}
+
+/// Everything one sidecar needs; complete, not a delta. Equal views need not be resent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshView {
+    /// The sidecar's namespace.
+    pub namespace: String,
+    /// Queues whose messages this sidecar may own.
+    pub queues: Vec<QueueView>,
+    /// Subscriptions whose consumers run beside this sidecar.
+    pub subscriptions: Vec<ServedSubscription>,
+    /// Other ready sidecars of the namespace (replication and hand-over candidates).
+    pub peers: Vec<PeerEndpoint>,
+}
+
+impl MeshView {
+    /// The queue of this name, if the sidecar may own its messages.
+    pub fn queue(&self, name: &str) -> Option<&QueueView> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+
+    /// The served subscription of this name.
+    pub fn subscription(&self, name: &str) -> Option<&ServedSubscription> {
+        self.subscriptions.iter().find(|s| s.name == name)
+    }
+}
+
+/// A queue as its owner sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueView {
+    /// Queue name.
+    pub name: String,
+    /// Whether the app may publish (selected by `publishers`); false for a dead-letter queue included
+    /// only so the sidecar can dead-letter into it.
+    pub app_may_publish: bool,
+    /// Policies as written (defaults already applied by deserialisation).
+    pub spec: QueueSpec,
+    /// Every subscription of the queue, sorted by name.
+    pub routes: Vec<Route>,
+}
+
+/// One subscription of a queue, as owners need it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    /// Subscription name.
+    pub subscription: String,
+    /// Header filter; messages that fail it are settled for this subscription at publish.
+    pub filter: Option<Filter>,
+    /// Ready consumer sidecars, sorted by name.
+    pub consumers: Vec<PeerEndpoint>,
+    /// Redelivery policy.
+    pub retry: Retry,
+    /// Delivery settings (ack timeout, window).
+    pub delivery: Delivery,
+    /// Effective dead-letter queue: the subscription's, else the queue's.
+    pub dead_letter_queue: Option<String>,
+}
+
+/// A subscription served by the sidecar's pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServedSubscription {
+    /// Subscription name.
+    pub name: String,
+    /// Its queue.
+    pub queue: String,
+    /// Delivery settings.
+    pub delivery: Delivery,
+    /// This pod's share of the subscription's rate limit.
+    pub rate_share: Option<RateLimit>,
+    /// Sidecars that may own the queue's messages and so open Forward streams here.
+    pub owners: Vec<PeerEndpoint>,
+}
+
+/// Queues, subscriptions and sidecars of every namespace, kept by the control plane.
+#[derive(Clone, Debug, Default)]
+pub struct MeshState {
+    queues: BTreeMap<(String, String), Queue>,
+    subscriptions: BTreeMap<(String, String), Subscription>,
+    sidecars: BTreeMap<SidecarKey, SidecarInfo>,
+}
+
+fn key_of(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+// === impl MeshState ===
+
+impl MeshState {
+    /// Adds or replaces a Queue. Invalid queues are kept out of views (the operator reports them).
+    pub fn apply_queue(&mut self, queue: Queue) {
+        self.queues.insert(key_of(&queue.metadata), queue);
+    }
+
+    /// Removes a Queue.
+    pub fn delete_queue(&mut self, namespace: &str, name: &str) {
+        self.queues.remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Adds or replaces a Subscription.
+    pub fn apply_subscription(&mut self, subscription: Subscription) {
+        self.subscriptions
+            .insert(key_of(&subscription.metadata), subscription);
+    }
+
+    /// Removes a Subscription.
+    pub fn delete_subscription(&mut self, namespace: &str, name: &str) {
+        self.subscriptions
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Adds or replaces a sidecar.
+    pub fn apply_sidecar(&mut self, key: SidecarKey, info: SidecarInfo) {
+        self.sidecars.insert(key, info);
+    }
+
+    /// Removes a sidecar.
+    pub fn delete_sidecar(&mut self, key: &SidecarKey) {
+        self.sidecars.remove(key);
+    }
+
+    /// The sidecars known, with what is known of them.
+    pub fn sidecars(&self) -> impl Iterator<Item = (&SidecarKey, &SidecarInfo)> {
+        self.sidecars.iter()
+    }
+
+    fn valid_queues<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Queue> + 'a {
+        self.queues
+            .iter()
+            .filter(move |((ns, _), q)| ns == namespace && q.validate().is_ok())
+            .map(|(_, q)| q)
+    }
+
+    fn valid_subscriptions<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a Subscription> + 'a {
+        self.subscriptions
+            .iter()
+            .filter(move |((ns, _), s)| ns == namespace && s.validate().is_ok())
+            .map(|(_, s)| s)
+    }
+
+    fn queue(&self, namespace: &str, name: &str) -> Option<&Queue> {
+        self.queues
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .filter(|q| q.validate().is_ok())
+    }
+
+    fn ready_sidecars<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = (&'a SidecarKey, &'a SidecarInfo)> + 'a {
+        self.sidecars
+            .iter()
+            .filter(move |(k, info)| k.namespace == namespace && info.ready)
+    }
+
+    /// Whether the sidecar's app may publish to the queue.
+    fn may_publish(queue: &Queue, labels: &BTreeMap<String, String>) -> bool {
+        queue
+            .spec
+            .publishers
+            .as_ref()
+            .is_none_or(|selector| labels_match(selector, labels))
+    }
+
+    /// Dead-letter queues reachable from `queue` (its own and its subscriptions', transitively).
+    fn dead_letter_closure(&self, namespace: &str, start: &str, into: &mut BTreeSet<String>) {
+        let mut pending = vec![start.to_owned()];
+        while let Some(name) = pending.pop() {
+            let Some(queue) = self.queue(namespace, &name) else {
+                continue;
+            };
+            let mut targets: Vec<String> = queue.spec.dead_letter_queue.iter().cloned().collect();
+            targets.extend(
+                self.valid_subscriptions(namespace)
+                    .filter(|s| s.spec.queue == name)
+                    .filter_map(|s| s.spec.dead_letter_queue.clone()),
+            );
+            for target in targets {
+                if self.queue(namespace, &target).is_some() && into.insert(target.clone()) {
+                    pending.push(target);
+                }
+            }
+        }
+    }
+
+    /// Names of the queues whose messages a sidecar with these labels may own: those its app may
+    /// publish to, and the dead-letter queues reachable from them.
+    fn owned_queues(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> (BTreeSet<String>, BTreeSet<String>) {
+        let publishable: BTreeSet<String> = self
+            .valid_queues(namespace)
+            .filter(|q| Self::may_publish(q, labels))
+            .map(|q| q.metadata.name.clone().unwrap_or_default())
+            .collect();
+        let mut all = publishable.clone();
+        for name in &publishable {
+            self.dead_letter_closure(namespace, name, &mut all);
+        }
+        (publishable, all)
+    }
+
+    /// The view for one sidecar, or `None` if the sidecar is unknown.
+    pub fn view_for(&self, key: &SidecarKey) -> Option<MeshView> {
+        let me = self.sidecars.get(key)?;
+        let namespace = key.namespace.as_str();
+        let (publishable, owned) = self.owned_queues(namespace, &me.labels);
+
+        let consumers_of = |subscription: &Subscription| -> Vec<PeerEndpoint> {
+            self.ready_sidecars(namespace)
+                .filter(|(_, info)| labels_match(&subscription.spec.consumers, &info.labels))
+                .map(|(k, info)| PeerEndpoint {
+                    name: k.name.clone(),
+                    peer_address: info.peer_address.clone(),
+                })
+                .collect()
+        };
+
+        let queues = owned
+            .iter()
+            .filter_map(|name| self.queue(namespace, name))
+            .map(|queue| {
+                let name = queue.metadata.name.clone().unwrap_or_default();
+                let routes = self
+                    .valid_subscriptions(namespace)
+                    .filter(|s| s.spec.queue == name)
+                    .map(|s| Route {
+                        subscription: s.metadata.name.clone().unwrap_or_default(),
+                        filter: s.spec.filter.clone(),
+                        consumers: consumers_of(s),
+                        retry: s.spec.retry.clone(),
+                        delivery: s.spec.delivery.clone(),
+                        dead_letter_queue: s
+                            .spec
+                            .dead_letter_queue
+                            .clone()
+                            .or_else(|| queue.spec.dead_letter_queue.clone())
+                            .filter(|dlq| self.queue(namespace, dlq).is_some()),
+                    })
+                    .collect();
+                QueueView {
+                    app_may_publish: publishable.contains(&name),
+                    name,
+                    spec: queue.spec.clone(),
+                    routes,
+                }
+            })
+            .collect();
+
+        let subscriptions = self
+            .valid_subscriptions(namespace)
+            .filter(|s| labels_match(&s.spec.consumers, &me.labels))
+            .filter(|s| self.queue(namespace, &s.spec.queue).is_some())
+            .map(|s| {
+                let consumers = consumers_of(s).len().max(1);
+                let owners = self
+                    .ready_sidecars(namespace)
+                    .filter(|(_, info)| {
+                        self.owned_queues(namespace, &info.labels)
+                            .1
+                            .contains(&s.spec.queue)
+                    })
+                    .map(|(k, info)| PeerEndpoint {
+                        name: k.name.clone(),
+                        peer_address: info.peer_address.clone(),
+                    })
+                    .collect();
+                ServedSubscription {
+                    name: s.metadata.name.clone().unwrap_or_default(),
+                    queue: s.spec.queue.clone(),
+                    delivery: s.spec.delivery.clone(),
+                    rate_share: s
+                        .spec
+                        .rate_limit
+                        .as_ref()
+                        .map(|limit| split_rate(limit, consumers)),
+                    owners,
+                }
+            })
+            .collect();
+
+        let peers = self
+            .ready_sidecars(namespace)
+            .filter(|(k, _)| *k != key)
+            .map(|(k, info)| PeerEndpoint {
+                name: k.name.clone(),
+                peer_address: info.peer_address.clone(),
+            })
+            .collect();
+
+        Some(MeshView {
+            namespace: namespace.to_owned(),
+            queues,
+            subscriptions,
+            peers,
+        })
+    }
+}
+
+/// One consumer pod's share of a subscription-wide rate limit: the rate divided evenly, the burst
+/// divided and rounded up (at least 1), so the whole never exceeds the limit by more than rounding.
+pub fn split_rate(limit: &RateLimit, consumers: usize) -> RateLimit {
+    let n = consumers.max(1) as f64;
+    let burst = (f64::from(limit.burst_or_default()) / n).ceil().max(1.0);
+    RateLimit {
+        messages_per_second: limit.messages_per_second / n,
+        burst: Some(burst as u32),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use qmesh_api::{QueueSpec, SubscriptionSpec};
+
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn selector(pairs: &[(&str, &str)]) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(labels(pairs)),
+            ..Default::default()
+        }
+    }
+
+    fn queue(name: &str, spec: QueueSpec) -> Queue {
+        let mut q = Queue::new(name, spec);
+        q.metadata.namespace = Some("shop".into());
+        q
+    }
+
+    fn subscription(name: &str, queue: &str, app: &str) -> Subscription {
+        let mut s = Subscription::new(
+            name,
+            SubscriptionSpec {
+                queue: queue.into(),
+                consumers: selector(&[("app", app)]),
+                delivery: Default::default(),
+                rate_limit: None,
+                retry: Default::default(),
+                dead_letter_queue: None,
+                filter: None,
+            },
+        );
+        s.metadata.namespace = Some("shop".into());
+        s
+    }
+
+    fn sidecar(mesh: &mut MeshState, name: &str, app: &str, ready: bool) -> SidecarKey {
+        let key = SidecarKey::new("shop", name);
+        mesh.apply_sidecar(
+            key.clone(),
+            SidecarInfo {
+                labels: labels(&[("app", app)]),
+                peer_address: format!("{name}:7000"),
+                ready,
+            },
+        );
+        key
+    }
+
+    /// checkout publishes to orders (dead letters to orders-dlq); billing has two competing pods
+    /// and a rate limit; shipping one pod.
+    fn shop() -> MeshState {
+        let mut mesh = MeshState::default();
+        mesh.apply_queue(queue(
+            "orders",
+            QueueSpec {
+                publishers: Some(selector(&[("app", "checkout")])),
+                dead_letter_queue: Some("orders-dlq".into()),
+                ..Default::default()
+            },
+        ));
+        mesh.apply_queue(queue(
+            "orders-dlq",
+            QueueSpec {
+                publishers: Some(selector(&[("app", "ops")])),
+                ..Default::default()
+            },
+        ));
+        let mut billing = subscription("billing", "orders", "billing");
+        billing.spec.rate_limit = Some(RateLimit {
+            messages_per_second: 100.0,
+            burst: Some(9),
+        });
+        mesh.apply_subscription(billing);
+        mesh.apply_subscription(subscription("shipping", "orders", "shipping"));
+        sidecar(&mut mesh, "checkout-1", "checkout", true);
+        sidecar(&mut mesh, "billing-1", "billing", true);
+        sidecar(&mut mesh, "billing-2", "billing", true);
+        sidecar(&mut mesh, "billing-3", "billing", false);
+        sidecar(&mut mesh, "shipping-1", "shipping", true);
+        mesh
+    }
+
+    #[test]
+    fn publisher_owns_its_queue_and_the_dead_letter_queue_it_needs() {
+        let view = shop()
+            .view_for(&SidecarKey::new("shop", "checkout-1"))
+            .unwrap();
+        let names: Vec<_> = view
+            .queues
+            .iter()
+            .map(|q| (q.name.as_str(), q.app_may_publish))
+            .collect();
+        assert_eq!(names, [("orders", true), ("orders-dlq", false)]);
+        let orders = view.queue("orders").unwrap();
+        let routes: Vec<_> = orders
+            .routes
+            .iter()
+            .map(|r| r.subscription.as_str())
+            .collect();
+        assert_eq!(routes, ["billing", "shipping"]);
+        assert_eq!(
+            orders.routes[0].dead_letter_queue.as_deref(),
+            Some("orders-dlq")
+        );
+        assert!(view.subscriptions.is_empty());
+    }
+
+    #[test]
+    fn routes_list_only_ready_consumers() {
+        let view = shop()
+            .view_for(&SidecarKey::new("shop", "checkout-1"))
+            .unwrap();
+        let billing = &view.queue("orders").unwrap().routes[0];
+        let consumers: Vec<_> = billing.consumers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(consumers, ["billing-1", "billing-2"]);
+    }
+
+    #[test]
+    fn consumer_serves_its_subscription_with_a_share_of_the_rate_and_knows_the_owners() {
+        let view = shop()
+            .view_for(&SidecarKey::new("shop", "billing-1"))
+            .unwrap();
+        assert_eq!(view.subscriptions.len(), 1);
+        let served = &view.subscriptions[0];
+        assert_eq!(
+            (served.name.as_str(), served.queue.as_str()),
+            ("billing", "orders")
+        );
+        let share = served.rate_share.as_ref().unwrap();
+        assert_eq!(share.messages_per_second, 50.0);
+        assert_eq!(share.burst, Some(5));
+        let owners: Vec<_> = served.owners.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(owners, ["checkout-1"]);
+        // billing pods may publish nowhere: the queue selects checkout pods only.
+        assert!(view.queues.is_empty());
+    }
+
+    #[test]
+    fn queue_without_publisher_selector_is_open_to_every_sidecar_of_its_namespace() {
+        let mut mesh = shop();
+        mesh.apply_queue(queue("events", QueueSpec::default()));
+        let view = mesh
+            .view_for(&SidecarKey::new("shop", "shipping-1"))
+            .unwrap();
+        assert!(view.queue("events").is_some_and(|q| q.app_may_publish));
+        let mut other = mesh.clone();
+        sidecar(&mut other, "x", "checkout", true);
+        let key = SidecarKey::new("elsewhere", "y");
+        other.apply_sidecar(
+            key.clone(),
+            SidecarInfo {
+                labels: labels(&[("app", "checkout")]),
+                peer_address: "y:1".into(),
+                ready: true,
+            },
+        );
+        assert!(
+            other.view_for(&key).unwrap().queues.is_empty(),
+            "namespaces do not mix"
+        );
+    }
+
+    #[test]
+    fn invalid_specs_and_subscriptions_of_missing_queues_stay_out_of_views() {
+        let mut mesh = shop();
+        let mut broken = subscription("broken", "orders", "shipping");
+        broken.spec.dead_letter_queue = Some("orders".into());
+        mesh.apply_subscription(broken);
+        mesh.apply_subscription(subscription("orphan", "nope", "shipping"));
+        let view = mesh
+            .view_for(&SidecarKey::new("shop", "shipping-1"))
+            .unwrap();
+        let served: Vec<_> = view.subscriptions.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(served, ["shipping"]);
+    }
+
+    #[test]
+    fn views_change_when_pods_come_and_go() {
+        let mut mesh = shop();
+        let key = SidecarKey::new("shop", "checkout-1");
+        let before = mesh.view_for(&key).unwrap();
+        mesh.delete_sidecar(&SidecarKey::new("shop", "billing-2"));
+        let after = mesh.view_for(&key).unwrap();
+        assert_ne!(before, after);
+        assert_eq!(after.queue("orders").unwrap().routes[0].consumers.len(), 1);
+        assert_eq!(mesh.view_for(&key), Some(after), "same state, same view");
+        assert!(mesh.view_for(&SidecarKey::new("shop", "ghost")).is_none());
+    }
+
+    #[test]
+    fn rate_share_never_rounds_burst_to_zero() {
+        let share = split_rate(
+            &RateLimit {
+                messages_per_second: 1.0,
+                burst: Some(1),
+            },
+            3,
+        );
+        assert_eq!(share.burst, Some(1));
+        assert!((share.messages_per_second - 1.0 / 3.0).abs() < 1e-9);
+    }
+}

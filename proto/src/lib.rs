@@ -38,5 +38,7 @@ pub mod qmesh {
     }
 }
 
+pub mod convert;
+
 pub use prost_types;
 pub use qmesh::{control::v1 as control, peer::v1 as peer, v1};

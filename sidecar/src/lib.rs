@@ -1,1 +1,454 @@
-//! The qmesh sidecar broker, as a library so its parts can be tested on their own; `main.rs` runs it.
+//! The qmesh sidecar broker. One runs beside each app pod (or local process):
+//!
+//! ```text
+//!   app ──gRPC/HTTP (127.0.0.1)──▶ api ──▶ owner (log, delivery state) ══Peer/Forward══▶ other sidecars
+//!   app ◀──gRPC/HTTP/push────────── consumer (buffer, leases, credits) ◀══Peer/Forward══ other owners
+//!                                   view ◀── mesh file | control plane;  admin: health, metrics, drain
+//! ```
+//!
+//! [`run`] wires it together; the parts are modules so tests can drive them one at a time.
+
+pub mod admin;
+pub mod api;
+pub mod config;
+pub mod consumer;
+pub mod control;
+pub mod error;
+pub mod metrics;
+pub mod owner;
+pub mod peer;
+pub mod view;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use qmesh_proto::{control as wire, peer as peer_wire, v1};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    config::RunArgs,
+    consumer::Consumers,
+    error::BrokerError,
+    metrics::Metrics,
+    owner::{Limits, Owner, log::OwnerLog},
+    view::{View, ViewRx},
+};
+
+/// A running sidecar's shared parts.
+pub struct Sidecar {
+    /// Owned messages and their delivery.
+    pub owner: Arc<Owner>,
+    /// Deliveries for this pod's apps.
+    pub consumers: Arc<Consumers>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// The current mesh view.
+    pub view: ViewRx,
+    draining: AtomicBool,
+    shutdown: tokio::sync::Notify,
+}
+
+impl Sidecar {
+    /// Publishes an app's message (metrics and latency around [`Owner::publish`]).
+    pub async fn publish(
+        &self,
+        queue: &str,
+        message: v1::Message,
+    ) -> Result<v1::PublishResponse, BrokerError> {
+        let started = Instant::now();
+        let result = self.owner.publish(queue, message).await;
+        match &result {
+            Ok(_) => self
+                .metrics
+                .publish_latency(queue, started.elapsed().as_secs_f64()),
+            Err(e) => self.metrics.publish_error(e.label()),
+        }
+        result
+    }
+
+    /// Whether the sidecar takes traffic: it has a view and is not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::SeqCst) && self.view.borrow().version() > 0
+    }
+
+    /// Starts a graceful shutdown (SIGTERM or `POST /drain`).
+    pub fn begin_shutdown(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            self.owner.drain();
+            self.shutdown.notify_waiters();
+            self.shutdown.notify_one();
+        }
+    }
+
+    /// Refreshes the backlog and in-flight gauges.
+    pub fn refresh_gauges(&self) {
+        for q in self.owner.stats() {
+            for s in q.subscriptions {
+                let labels = metrics::SubLabel {
+                    queue: q.queue.clone(),
+                    subscription: s.subscription,
+                };
+                self.metrics
+                    .backlog
+                    .get_or_create(&labels)
+                    .set(s.backlog as i64);
+            }
+        }
+        for (subscription, queue, n) in self.consumers.in_flight() {
+            let labels = metrics::SubLabel {
+                queue,
+                subscription,
+            };
+            self.metrics.in_flight.get_or_create(&labels).set(n as i64);
+        }
+    }
+
+    /// Stats for the control plane.
+    pub fn stats(&self) -> wire::Stats {
+        let counters = self.consumers.counters();
+        let mut subs: HashMap<String, wire::SubscriptionStats> = HashMap::new();
+        let mut queues = Vec::new();
+        for q in self.owner.stats() {
+            queues.push(wire::QueueStats {
+                queue: q.queue.clone(),
+                backlog_messages: q.backlog_messages,
+                backlog_bytes: q.backlog_bytes,
+                published_total: q.published_total,
+                rejected_total: 0,
+                publish_rate: 0.0,
+            });
+            for s in q.subscriptions {
+                let e = subs.entry(s.subscription.clone()).or_default();
+                e.subscription = s.subscription;
+                e.queue = q.queue.clone();
+                e.backlog = s.backlog;
+                e.dead_lettered_total = s.dead_lettered_total;
+            }
+        }
+        for (name, queue, in_flight) in self.consumers.in_flight() {
+            let e = subs.entry(name.clone()).or_default();
+            e.subscription = name.clone();
+            e.queue = queue;
+            e.in_flight = in_flight as u64;
+            e.consumers = 1;
+            if let Some(c) = counters.get(&name) {
+                e.delivered_total = c.delivered;
+                e.acked_total = c.acked;
+                e.nacked_total = c.nacked;
+            }
+        }
+        wire::Stats {
+            at: Some(std::time::SystemTime::now().into()),
+            queues,
+            subscriptions: subs.into_values().collect(),
+        }
+    }
+
+    /// The same figures as JSON (admin `/v1/stats`).
+    pub fn stats_json(&self) -> serde_json::Value {
+        let stats = self.stats();
+        serde_json::json!({
+            "viewVersion": self.view.borrow().version(),
+            "ready": self.is_ready(),
+            "queues": stats.queues.iter().map(|q| serde_json::json!({
+                "queue": q.queue, "backlog": q.backlog_messages, "backlogBytes": q.backlog_bytes,
+                "published": q.published_total,
+            })).collect::<Vec<_>>(),
+            "subscriptions": stats.subscriptions.iter().map(|s| serde_json::json!({
+                "subscription": s.subscription, "queue": s.queue, "backlog": s.backlog,
+                "inFlight": s.in_flight, "delivered": s.delivered_total, "acked": s.acked_total,
+                "nacked": s.nacked_total, "deadLettered": s.dead_lettered_total,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Addresses a sidecar listens on.
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    /// Peer API.
+    pub peer: SocketAddr,
+    /// App gRPC.
+    pub grpc: SocketAddr,
+    /// App HTTP.
+    pub http: SocketAddr,
+    /// Admin.
+    pub admin: SocketAddr,
+}
+
+fn resolve_addresses(args: &RunArgs) -> anyhow::Result<(Addresses, Option<String>)> {
+    let doc = match (&args.mesh_file, &args.name) {
+        (Some(path), Some(name)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let file = qmesh_core::MeshFile::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            file.sidecar(name).cloned()
+        }
+        _ => None,
+    };
+    let parse = |flag: Option<SocketAddr>,
+                 from_doc: Option<&str>,
+                 default: &str|
+     -> anyhow::Result<SocketAddr> {
+        match (flag, from_doc.filter(|s| !s.is_empty())) {
+            (Some(a), _) => Ok(a),
+            (None, Some(text)) => text
+                .parse()
+                .with_context(|| format!("address {text:?} in the mesh file")),
+            (None, None) => Ok(default.parse()?),
+        }
+    };
+    let spec = doc.as_ref().map(|d| &d.spec);
+    let addresses = Addresses {
+        peer: parse(
+            args.peer_addr,
+            spec.map(|s| s.peer_address.as_str()),
+            "0.0.0.0:7070",
+        )?,
+        grpc: parse(
+            args.grpc_addr,
+            spec.map(|s| s.grpc_address.as_str()),
+            "127.0.0.1:7071",
+        )?,
+        http: parse(
+            args.http_addr,
+            spec.map(|s| s.http_address.as_str()),
+            "127.0.0.1:7072",
+        )?,
+        admin: parse(
+            args.admin_addr,
+            spec.map(|s| s.admin_address.as_str()),
+            "0.0.0.0:7073",
+        )?,
+    };
+    for (what, addr) in [("grpc", addresses.grpc), ("http", addresses.http)] {
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "the app {what} API must listen on loopback only, not {addr}"
+        );
+    }
+    let advertised = args
+        .advertise_peer_addr
+        .clone()
+        .or_else(|| spec.map(|s| s.peer_address.clone()));
+    Ok((addresses, advertised))
+}
+
+/// Runs a sidecar until SIGTERM/SIGINT or `POST /drain`, then drains (bounded by the grace period)
+/// and returns. `disk` is the log for `durability: Disk` queues.
+pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
+    let name = args
+        .name
+        .clone()
+        .context("--name (or POD_NAME) is required")?;
+    let namespace = args.namespace.clone();
+    let (addresses, advertised) = resolve_addresses(&args)?;
+    let peer_address = advertised
+        .or_else(|| {
+            args.pod_ip
+                .as_ref()
+                .map(|ip| format!("{ip}:{}", addresses.peer.port()))
+        })
+        .unwrap_or_else(|| addresses.peer.to_string());
+    let incarnation: u64 = rand::random();
+    let me = peer_wire::SidecarId {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        incarnation,
+    };
+
+    // The view: from the mesh file now, or from the control plane when it answers.
+    let initial = match &args.mesh_file {
+        Some(path) => view::view_from_mesh_file(path, &namespace, &name, 1)?,
+        None => View::default(),
+    };
+    let (view_tx, view_rx) = watch::channel(Arc::new(initial));
+    let (sidecar_tx, sidecar_rx) = watch::channel(None);
+    if let Some(path) = args.mesh_file.clone() {
+        tokio::spawn(view::follow_mesh_file(
+            path,
+            namespace.clone(),
+            name.clone(),
+            view_tx.clone(),
+        ));
+    } else if let Some(endpoint) = args.control_plane.clone() {
+        let labels = args
+            .labels
+            .iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect();
+        let identity = control::Identity {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            peer_address: peer_address.clone(),
+            token_file: args.token_file.clone(),
+            labels,
+            incarnation,
+        };
+        tokio::spawn(control::follow(
+            endpoint,
+            identity,
+            view_tx.clone(),
+            sidecar_rx,
+        ));
+    } else {
+        anyhow::bail!("give either --mesh-file or --control-plane");
+    }
+
+    let metrics = Arc::new(Metrics::default());
+    let memory: Arc<dyn OwnerLog> = Arc::new(owner::log::MemoryLog::default());
+    let limits = Limits {
+        max_bytes: args.max_owned_bytes,
+        max_messages: args.max_owned_messages,
+    };
+    let owner = Owner::start(
+        view_rx.clone(),
+        disk,
+        memory,
+        me.clone(),
+        limits,
+        Arc::clone(&metrics),
+    );
+    let consumers = Consumers::start(view_rx.clone(), Arc::clone(&metrics));
+    let sidecar = Arc::new(Sidecar {
+        owner,
+        consumers: Arc::clone(&consumers),
+        metrics,
+        view: view_rx,
+        draining: AtomicBool::new(false),
+        shutdown: tokio::sync::Notify::new(),
+    });
+    let _ = sidecar_tx.send(Some(Arc::clone(&sidecar)));
+
+    let peer_listener = TcpListener::bind(addresses.peer)
+        .await
+        .with_context(|| format!("binding peer address {}", addresses.peer))?;
+    let grpc_listener = TcpListener::bind(addresses.grpc)
+        .await
+        .with_context(|| format!("binding gRPC address {}", addresses.grpc))?;
+    let http_listener = TcpListener::bind(addresses.http)
+        .await
+        .with_context(|| format!("binding HTTP address {}", addresses.http))?;
+    let admin_listener = TcpListener::bind(addresses.admin)
+        .await
+        .with_context(|| format!("binding admin address {}", addresses.admin))?;
+    tracing::info!(
+        %name, %namespace, peer = %addresses.peer, advertised = %peer_address, grpc = %addresses.grpc,
+        http = %addresses.http, admin = %addresses.admin, "qmesh sidecar listening"
+    );
+
+    let max_message = 64 * 1024 * 1024 + 64 * 1024;
+    let peer_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            qmesh_proto::peer::peer_server::PeerServer::new(peer::PeerService::new(
+                Arc::clone(&consumers),
+                me,
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        )
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+            peer_listener,
+        ));
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            qmesh_proto::v1::broker_server::BrokerServer::new(api::grpc::BrokerService::new(
+                Arc::clone(&sidecar),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        )
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+            grpc_listener,
+        ));
+    let http_server = axum::serve(
+        http_listener,
+        api::http::router(Arc::clone(&sidecar), max_message),
+    );
+    let admin_server = axum::serve(admin_listener, admin::router(Arc::clone(&sidecar)));
+
+    let servers = async {
+        tokio::try_join!(
+            async { peer_server.await.context("peer server") },
+            async { grpc_server.await.context("gRPC server") },
+            async { http_server.await.context("HTTP server") },
+            async { admin_server.await.context("admin server") },
+        )
+    };
+    let signals = {
+        let sidecar = Arc::clone(&sidecar);
+        async move {
+            let notified = sidecar.shutdown.notified();
+            wait_for_signal(notified).await;
+            sidecar.begin_shutdown();
+        }
+    };
+    tokio::select! {
+        result = servers => { result?; }
+        () = signals => {}
+    }
+    drain(&sidecar, args.shutdown_grace).await;
+    Ok(())
+}
+
+async fn wait_for_signal(notified: tokio::sync::futures::Notified<'_>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            notified.await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+            () = notified => tracing::info!("drain requested"),
+        }
+    }
+    #[cfg(not(unix))]
+    notified.await;
+}
+
+/// Waits (bounded by `grace`) until this sidecar owes nothing and its apps hold nothing.
+async fn drain(sidecar: &Sidecar, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    loop {
+        let backlog = sidecar.owner.backlog();
+        let in_flight: usize = sidecar
+            .consumers
+            .in_flight()
+            .iter()
+            .map(|(_, _, n)| n)
+            .sum();
+        if backlog == 0 && in_flight == 0 {
+            tracing::info!("drained: nothing owned, nothing in flight");
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                backlog,
+                in_flight,
+                "grace period over with messages still owned; they stay in the log for the next start"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,4 +1,56 @@
-//! `qmesh-sidecar` — the broker injected beside each app pod (see docs/architecture.md).
-//! Not built yet: this binary exits without doing anything.
+//! `qmesh-sidecar` — the broker injected beside each app pod (see `qmesh_sidecar` for the parts).
 
-fn main() {}
+use std::sync::Arc;
+
+use clap::Parser;
+use qmesh_sidecar::config::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.run.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.run.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Some(Command::Drain { admin_addr }) => drain(admin_addr).await,
+            Some(Command::Run) | None => {
+                std::fs::create_dir_all(&cli.run.data_dir).ok();
+                // The durable log arrives with the storage engine; until then Disk queues are
+                // kept in memory and say so.
+                tracing::warn!(
+                    "disk log not available in this build: Disk queues are held in memory"
+                );
+                let disk = Arc::new(qmesh_sidecar::owner::log::MemoryLog::default());
+                qmesh_sidecar::run(cli.run, disk).await
+            }
+        }
+    })
+}
+
+/// Asks a local sidecar to drain and waits until its admin port stops answering.
+async fn drain(admin: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await?;
+    stream
+        .write_all(format!("POST /drain HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    anyhow::ensure!(
+        response.starts_with("HTTP/1.1 202"),
+        "drain refused: {response}"
+    );
+    while tokio::net::TcpStream::connect(admin).await.is_ok() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! `qmesh.v1.Broker` over gRPC for the app on localhost: unary and pipelined publish, and the
+//! bidi `Subscribe` stream with a window of in-flight deliveries refilled by acks and nacks.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt};
+use qmesh_proto::v1::{
+    self, PublishRequest, PublishResponse, PublishResult, SubscribeRequest, SubscribeResponse,
+    broker_server::Broker, publish_result, subscribe_request, subscribe_response,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{Sidecar, error::BrokerError};
+
+/// Most publishes of one `PublishStream` in progress at once (pipelining depth).
+const PIPELINE: usize = 256;
+
+/// The gRPC app API.
+pub struct BrokerService {
+    sidecar: Arc<Sidecar>,
+}
+
+impl BrokerService {
+    /// The service over a sidecar.
+    pub fn new(sidecar: Arc<Sidecar>) -> Self {
+        Self { sidecar }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Broker for BrokerService {
+    type PublishStreamStream = BoxStream<PublishResult>;
+    type SubscribeStream = ReceiverStream<Result<SubscribeResponse, Status>>;
+
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let PublishRequest { queue, message, .. } = request.into_inner();
+        let message =
+            message.ok_or_else(|| BrokerError::Invalid("publish without a message".into()))?;
+        Ok(Response::new(self.sidecar.publish(&queue, message).await?))
+    }
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let sidecar = Arc::clone(&self.sidecar);
+        let results = request
+            .into_inner()
+            .map(move |item| {
+                let sidecar = Arc::clone(&sidecar);
+                async move {
+                    let request = item?;
+                    let result = match request.message {
+                        None => Err(BrokerError::Invalid("publish without a message".into())),
+                        Some(message) => sidecar.publish(&request.queue, message).await,
+                    };
+                    Ok(PublishResult {
+                        correlation: request.correlation,
+                        result: Some(match result {
+                            Ok(ok) => publish_result::Result::Ok(ok),
+                            Err(e) => publish_result::Result::Error(e.to_proto()),
+                        }),
+                    })
+                }
+            })
+            .buffer_unordered(PIPELINE);
+        Ok(Response::new(Box::pin(results)))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let open = match inbound.message().await? {
+            Some(SubscribeRequest {
+                request: Some(subscribe_request::Request::Open(open)),
+            }) => open,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first request of Subscribe must be open",
+                ));
+            }
+        };
+        let consumers = Arc::clone(&self.sidecar.consumers);
+        let sub = consumers.subscription(&open.subscription)?;
+        let settings = sub.settings();
+        let window = match open.max_in_flight {
+            0 => settings.max_in_flight,
+            n => n.min(settings.max_in_flight),
+        }
+        .max(1);
+        let manual = open.manual_credit;
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(Ok(SubscribeResponse {
+            response: Some(subscribe_response::Response::Subscribed(v1::Subscribed {
+                queue: settings.queue.clone(),
+                max_in_flight: window,
+                ack_timeout: settings.ack_timeout,
+            })),
+        }))
+        .await
+        .map_err(|_| Status::cancelled("client went away"))?;
+        let holder = consumers.new_holder();
+        tokio::spawn(async move {
+            // `credit`: deliveries the client may still receive; refilled by acks/nacks (auto) or
+            // explicit credits (manual).
+            let mut credit = u64::from(window);
+            loop {
+                let wait = if credit > 0 {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::ZERO
+                };
+                tokio::select! {
+                    request = inbound.message() => {
+                        let request = match request {
+                            Ok(Some(r)) => r,
+                            _ => break,
+                        };
+                        match request.request {
+                            Some(subscribe_request::Request::Ack(ack)) => {
+                                let unknown = consumers.settle(&sub, &ack.receipts, None).await;
+                                if !manual { credit += (ack.receipts.len() - unknown.len()) as u64; }
+                            }
+                            Some(subscribe_request::Request::Nack(nack)) => {
+                                let delay = nack.delay.as_ref().map(qmesh_proto::convert::std_duration);
+                                let reason = if nack.reason.is_empty() { "nacked by consumer".to_owned() } else { nack.reason };
+                                let unknown = consumers.settle(&sub, &nack.receipts, Some((delay, reason))).await;
+                                if !manual { credit += (nack.receipts.len() - unknown.len()) as u64; }
+                            }
+                            Some(subscribe_request::Request::Credit(c)) => credit += u64::from(c.credits),
+                            _ => {
+                                let _ = tx.send(Err(Status::invalid_argument("open may only be sent once"))).await;
+                                break;
+                            }
+                        }
+                    }
+                    deliveries = consumers.take(&sub, credit.min(256) as usize, wait, holder), if credit > 0 => {
+                        if deliveries.is_empty() { continue; }
+                        credit -= deliveries.len() as u64;
+                        let response = SubscribeResponse {
+                            response: Some(subscribe_response::Response::Deliveries(v1::Deliveries { deliveries })),
+                        };
+                        if tx.send(Ok(response)).await.is_err() { break; }
+                    }
+                }
+            }
+            consumers
+                .release_holder(&sub, holder, "consumer stream closed")
+                .await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

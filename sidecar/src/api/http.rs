@@ -1,0 +1,240 @@
+//! The HTTP/JSON mirror of the app API, for curl and any language:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /v1/queues/{queue}/messages` (raw body; `qmesh-id`, `qmesh-key`, `qmesh-h-<name>` headers) | `201 {"id", "sequence", "duplicate"}` |
+//! | `GET /v1/subscriptions/{sub}/messages?max=N&wait=5s` | `200 {"messages": [{"id", "payload" (base64), "headers", "key", "attempt", "receipt", "publishTime"}]}` |
+//! | `POST /v1/subscriptions/{sub}/ack` `{"receipts": [...]}` | `200 {"settled": n, "unknown": [...]}` |
+//! | `POST /v1/subscriptions/{sub}/nack` `{"receipts": [...], "delay": "5s", "reason": "..."}` | same |
+//!
+//! Errors are `{"error": {"code", "message"}}` with 404 / 403 / 413 / 429 (+ `Retry-After`) / 400 /
+//! 503 / 507 / 500, the same codes as gRPC.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine;
+use qmesh_proto::v1;
+use serde::{Deserialize, Serialize};
+
+use crate::{Sidecar, consumer::HTTP_HOLDER, error::BrokerError};
+
+/// Longest long-poll wait accepted.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Most messages one poll returns.
+const MAX_BATCH: usize = 1000;
+
+/// The HTTP router. Bodies above `max_body` bytes are refused with 413 before they are read whole.
+pub fn router(sidecar: Arc<Sidecar>, max_body: usize) -> Router {
+    Router::new()
+        .route("/v1/queues/{queue}/messages", post(publish))
+        .route("/v1/subscriptions/{subscription}/messages", get(poll))
+        .route("/v1/subscriptions/{subscription}/ack", post(ack))
+        .route("/v1/subscriptions/{subscription}/nack", post(nack))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(sidecar)
+}
+
+struct ApiError(BrokerError);
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body =
+            serde_json::json!({"error": {"code": self.0.label(), "message": self.0.to_string()}});
+        let mut response = (status, Json(body)).into_response();
+        if let Some(wait) = self.0.retry_after() {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}
+
+#[derive(Serialize)]
+struct Published {
+    id: String,
+    sequence: u64,
+    duplicate: bool,
+}
+
+async fn publish(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
+    let text = |name: &str| -> Result<String, BrokerError> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map(str::to_owned)
+                    .map_err(|_| BrokerError::Invalid(format!("header {name} is not valid text")))
+            })
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    let mut message_headers = HashMap::new();
+    for (name, value) in &headers {
+        if let Some(h) = name.as_str().strip_prefix("qmesh-h-") {
+            let value = value
+                .to_str()
+                .map_err(|_| BrokerError::Invalid(format!("header {name} is not valid text")))?;
+            message_headers.insert(h.to_owned(), value.to_owned());
+        }
+    }
+    for (name, value) in &headers {
+        if let Some(attr) = name.as_str().strip_prefix("ce-")
+            && let Ok(value) = value.to_str()
+        {
+            message_headers.insert(format!("ce-{attr}"), value.to_owned());
+        }
+    }
+    let message = v1::Message {
+        id: text("qmesh-id")?,
+        payload: body,
+        headers: message_headers,
+        key: text("qmesh-key")?,
+        publish_time: None,
+    };
+    let ok = sidecar.publish(&queue, message).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Published {
+            id: ok.id,
+            sequence: ok.sequence,
+            duplicate: ok.duplicate,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct PollQuery {
+    max: Option<usize>,
+    wait: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PolledMessage {
+    id: String,
+    payload: String,
+    headers: HashMap<String, String>,
+    key: String,
+    attempt: u32,
+    receipt: String,
+    publish_time: Option<String>,
+}
+
+async fn poll(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(subscription): Path<String>,
+    Query(query): Query<PollQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sub = sidecar.consumers.subscription(&subscription)?;
+    let max = query.max.unwrap_or(1).clamp(1, MAX_BATCH);
+    let wait = match query.wait.as_deref() {
+        None | Some("") => Duration::ZERO,
+        Some(w) => crate::config::parse_duration(w)
+            .map_err(|e| BrokerError::Invalid(format!("wait: {e}")))?
+            .min(MAX_WAIT),
+    };
+    let deliveries = sidecar.consumers.take(&sub, max, wait, HTTP_HOLDER).await;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let messages: Vec<PolledMessage> = deliveries
+        .into_iter()
+        .map(|d| {
+            let m = d.message.unwrap_or_default();
+            PolledMessage {
+                id: m.id,
+                payload: engine.encode(&m.payload),
+                headers: m.headers,
+                key: m.key,
+                attempt: d.attempt,
+                receipt: d.receipt,
+                publish_time: m.publish_time.map(|t| t.to_string()),
+            }
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "messages": messages })))
+}
+
+#[derive(Deserialize)]
+struct Settle {
+    receipts: Vec<String>,
+    delay: Option<String>,
+    reason: Option<String>,
+}
+
+async fn ack(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(subscription): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    settle(sidecar, subscription, parse_settle(&body)?, false).await
+}
+
+async fn nack(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(subscription): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    settle(sidecar, subscription, parse_settle(&body)?, true).await
+}
+
+/// Parses an ack/nack body whatever its content type (curl's default is form-encoded).
+fn parse_settle(body: &[u8]) -> Result<Settle, BrokerError> {
+    serde_json::from_slice(body).map_err(|e| {
+        BrokerError::Invalid(format!(
+            "body must be JSON like {{\"receipts\": [\"...\"], \"delay\": \"5s\", \"reason\": \"...\"}}: {e}"
+        ))
+    })
+}
+
+async fn settle(
+    sidecar: Arc<Sidecar>,
+    subscription: String,
+    body: Settle,
+    is_nack: bool,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sub = sidecar.consumers.subscription(&subscription)?;
+    if body.receipts.is_empty() {
+        return Err(BrokerError::Invalid("receipts must not be empty".into()).into());
+    }
+    let nack = if is_nack {
+        let delay = body
+            .delay
+            .as_deref()
+            .map(crate::config::parse_duration)
+            .transpose()
+            .map_err(|e| BrokerError::Invalid(format!("delay: {e}")))?;
+        Some((
+            delay,
+            body.reason.unwrap_or_else(|| "nacked by consumer".into()),
+        ))
+    } else {
+        None
+    };
+    let unknown = sidecar.consumers.settle(&sub, &body.receipts, nack).await;
+    Ok(Json(serde_json::json!({
+        "settled": body.receipts.len() - unknown.len(),
+        "unknown": unknown,
+    })))
+}

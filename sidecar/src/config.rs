@@ -1,0 +1,126 @@
+//! Command-line flags (each also read from an environment variable) of `qmesh-sidecar`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// qmesh sidecar broker: persists what its app publishes, forwards it to consumer sidecars against
+/// credits, and hands deliveries to its app over gRPC, HTTP or push.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "qmesh-sidecar", version, about)]
+pub struct Cli {
+    /// What to do; `run` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings of `run`.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Run the broker (the default).
+    Run,
+    /// Ask a running sidecar (on this host) to drain and stop: used as a preStop hook.
+    Drain {
+        /// Admin address of the sidecar.
+        #[arg(long, env = "QMESH_ADMIN_ADDR", default_value = "127.0.0.1:7073")]
+        admin_addr: SocketAddr,
+    },
+}
+
+/// Log output format.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Settings of the broker.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Local mesh file (multi-document YAML of Queues, Subscriptions and Sidecar documents) to take the
+    /// mesh view from instead of a control plane. Reloaded when it changes.
+    #[arg(long, env = "QMESH_MESH_FILE", conflicts_with = "control_plane")]
+    pub mesh_file: Option<PathBuf>,
+
+    /// This sidecar's name: the `Sidecar` document in the mesh file, or the pod name.
+    #[arg(long, env = "POD_NAME")]
+    pub name: Option<String>,
+
+    /// Namespace of the pod (or of the `Sidecar` document).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Control plane to join (`http://host:port`), e.g. the operator's `qmesh-control` service.
+    #[arg(long, env = "QMESH_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+
+    /// File holding the token presented to the control plane (projected service-account token).
+    #[arg(long, env = "QMESH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Labels announced to a local control plane (`k=v,k=v`); ignored on Kubernetes.
+    #[arg(long, env = "QMESH_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+
+    /// Peer API listen address (other sidecars connect here). Default: the mesh file's, else 0.0.0.0:7070.
+    #[arg(long, env = "QMESH_PEER_ADDR")]
+    pub peer_addr: Option<SocketAddr>,
+
+    /// Address other sidecars should dial for this one's Peer API (default: derived from POD_IP or
+    /// the listen address).
+    #[arg(long, env = "QMESH_ADVERTISE_PEER_ADDR")]
+    pub advertise_peer_addr: Option<String>,
+
+    /// IP of the pod, used to derive the advertised peer address.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<String>,
+
+    /// App gRPC API listen address (loopback only). Default: the mesh file's, else 127.0.0.1:7071.
+    #[arg(long, env = "QMESH_GRPC_LISTEN")]
+    pub grpc_addr: Option<SocketAddr>,
+
+    /// App HTTP API listen address (loopback only). Default: the mesh file's, else 127.0.0.1:7072.
+    #[arg(long, env = "QMESH_HTTP_LISTEN")]
+    pub http_addr: Option<SocketAddr>,
+
+    /// Admin listen address: /healthz, /readyz, /metrics, POST /drain. Default: the mesh file's, else
+    /// 0.0.0.0:7073.
+    #[arg(long, env = "QMESH_ADMIN_LISTEN")]
+    pub admin_addr: Option<SocketAddr>,
+
+    /// Directory of the message log (an emptyDir in a pod).
+    #[arg(long, env = "QMESH_DATA_DIR", default_value = "/var/lib/qmesh")]
+    pub data_dir: PathBuf,
+
+    /// How long SIGTERM may take: finishing deliveries to the app and handing over the backlog.
+    #[arg(long, env = "QMESH_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Most bytes of messages this sidecar owns at once, over all queues (publishes beyond get 429).
+    #[arg(long, env = "QMESH_MAX_OWNED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_owned_bytes: u64,
+
+    /// Most messages this sidecar owns at once, over all queues (publishes beyond get 429).
+    #[arg(long, env = "QMESH_MAX_OWNED_MESSAGES", default_value_t = 1_000_000)]
+    pub max_owned_messages: u64,
+
+    /// Log level filter (`info`, `debug`, `qmesh_sidecar=debug,info`, ...).
+    #[arg(long, env = "QMESH_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, env = "QMESH_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    text.parse::<qmesh_api::Duration>()
+        .map(|d| d.get())
+        .map_err(|e| e.to_string())
+}

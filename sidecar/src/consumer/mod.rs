@@ -1,0 +1,643 @@
+//! The consumer side: deliveries that owners forward to this pod, held until this pod's apps take
+//! them (gRPC stream, HTTP long-poll or push), and the credits that let owners send more.
+//!
+//! ```text
+//!   owner ══Forward══▶ deliver() ──▶ buffer ──take()──▶ app (lease with receipt)
+//!         ◀═credits══ pump (window − outstanding, rate-limit tokens)
+//!         ◀═settlements══ settle() ◀── app ack / nack, lease timeout, app stream closed
+//! ```
+//! Per subscription and owner stream, `granted + held ≤ share of maxInFlight`: memory is bounded by
+//! the window, and a slow app slows its owners down (backpressure), never the other way round.
+
+pub mod push;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use governor::DefaultDirectRateLimiter;
+use qmesh_proto::{
+    control,
+    peer::{self, ConsumerFrame, consumer_frame},
+    v1,
+};
+use tokio::sync::{Notify, mpsc};
+
+use crate::{error::BrokerError, metrics::Metrics, view::ViewRx};
+
+/// Frames to an owner stream.
+pub type FrameTx = mpsc::Sender<Result<ConsumerFrame, tonic::Status>>;
+
+/// Who holds a lease.
+pub type Holder = u64;
+/// Leases taken over HTTP: not tied to a connection.
+pub const HTTP_HOLDER: Holder = 0;
+
+struct OwnerStream {
+    owner: String,
+    tx: FrameTx,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Account {
+    granted: u32,
+    held: u32,
+}
+
+struct Held {
+    stream: u64,
+    delivery: peer::PeerDelivery,
+}
+
+struct Lease {
+    stream: u64,
+    holder: Holder,
+    reference: peer::DeliveryRef,
+    queue: String,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct LocalState {
+    buffer: VecDeque<Held>,
+    leases: HashMap<u64, Lease>,
+    accounts: HashMap<u64, Account>,
+}
+
+/// One subscription served by this pod.
+pub struct LocalSub {
+    name: String,
+    settings: Mutex<control::ServedSubscription>,
+    state: Mutex<LocalState>,
+    available: Notify,
+    pump: Notify,
+    limiter: Mutex<Option<(control::RateLimit, Arc<DefaultDirectRateLimiter>)>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl LocalSub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Current settings.
+    pub fn settings(&self) -> control::ServedSubscription {
+        self.settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn window(&self) -> u32 {
+        self.settings().max_in_flight.max(1)
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        self.settings()
+            .ack_timeout
+            .as_ref()
+            .map(qmesh_proto::convert::std_duration)
+            .unwrap_or(Duration::from_secs(30))
+    }
+
+    /// Deliveries handed to apps and not yet settled.
+    pub fn in_flight(&self) -> usize {
+        self.lock().leases.len()
+    }
+}
+
+/// Everything on the consumer side of this sidecar.
+pub struct Consumers {
+    view: ViewRx,
+    subs: Mutex<HashMap<String, Arc<LocalSub>>>,
+    streams: Mutex<HashMap<u64, Arc<OwnerStream>>>,
+    next_stream: AtomicU64,
+    next_receipt: AtomicU64,
+    metrics: Arc<Metrics>,
+    counters: Mutex<HashMap<String, SubCounters>>,
+}
+
+/// Consumer-side totals of one subscription.
+#[derive(Default, Clone, Debug)]
+pub struct SubCounters {
+    /// Handed to apps.
+    pub delivered: u64,
+    /// Acked by apps.
+    pub acked: u64,
+    /// Nacked or timed out.
+    pub nacked: u64,
+}
+
+impl Consumers {
+    /// The consumer side, following the view for served subscriptions.
+    pub fn start(view: ViewRx, metrics: Arc<Metrics>) -> Arc<Self> {
+        let consumers = Arc::new(Self {
+            view,
+            subs: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            next_stream: AtomicU64::new(1),
+            next_receipt: AtomicU64::new(1),
+            metrics,
+            counters: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(Arc::clone(&consumers).follow_view());
+        consumers
+    }
+
+    fn subs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LocalSub>>> {
+        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<OwnerStream>>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A served subscription.
+    pub fn subscription(&self, name: &str) -> Result<Arc<LocalSub>, BrokerError> {
+        self.subs()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownSubscription(name.to_owned()))
+    }
+
+    /// Totals per served subscription.
+    pub fn counters(&self) -> HashMap<String, SubCounters> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// In-flight deliveries per served subscription (with the queue).
+    pub fn in_flight(&self) -> Vec<(String, String, usize)> {
+        self.subs()
+            .values()
+            .map(|s| (s.name.clone(), s.settings().queue, s.in_flight()))
+            .collect()
+    }
+
+    async fn follow_view(self: Arc<Self>) {
+        let mut rx = self.view.clone();
+        loop {
+            let view = rx.borrow_and_update().clone();
+            self.apply_view(&view);
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn apply_view(self: &Arc<Self>, view: &crate::view::View) {
+        {
+            let mut subs = self.subs();
+            let wanted: HashMap<String, control::ServedSubscription> = view
+                .subscriptions()
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect();
+            subs.retain(|name, sub| {
+                let keep = wanted.contains_key(name);
+                if !keep {
+                    for t in sub
+                        .tasks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .drain(..)
+                    {
+                        t.abort();
+                    }
+                }
+                keep
+            });
+            for (name, settings) in wanted {
+                match subs.get(&name) {
+                    Some(sub) => {
+                        *sub.settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
+                        sub.pump.notify_one();
+                    }
+                    None => {
+                        let push = settings.mode() == control::DeliveryMode::Push;
+                        let sub = Arc::new(LocalSub {
+                            name: name.clone(),
+                            settings: Mutex::new(settings),
+                            state: Mutex::new(LocalState::default()),
+                            available: Notify::new(),
+                            pump: Notify::new(),
+                            limiter: Mutex::new(None),
+                            tasks: Mutex::new(Vec::new()),
+                        });
+                        let mut tasks = vec![
+                            tokio::spawn(Arc::clone(self).run_pump(Arc::clone(&sub))),
+                            tokio::spawn(Arc::clone(self).run_sweeper(Arc::clone(&sub))),
+                        ];
+                        if push {
+                            tasks.push(tokio::spawn(push::run(Arc::clone(self), Arc::clone(&sub))));
+                        }
+                        *sub.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+                        subs.insert(name, sub);
+                    }
+                }
+            }
+        }
+    }
+
+    // === owner streams (peer API, server side) ===
+
+    /// Registers a new owner stream; returns its id.
+    pub fn register(&self, owner: String, tx: FrameTx) -> u64 {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.streams()
+            .insert(id, Arc::new(OwnerStream { owner, tx }));
+        for sub in self.subs().values() {
+            sub.pump.notify_one();
+        }
+        id
+    }
+
+    /// Forgets an owner stream: what it sent and no app has settled goes back to the owner by
+    /// the owner's own redelivery (the stream is gone), so it is just dropped here.
+    pub fn unregister(&self, stream: u64) {
+        self.streams().remove(&stream);
+        for sub in self.subs().values() {
+            let mut st = sub.lock();
+            st.buffer.retain(|h| h.stream != stream);
+            st.leases.retain(|_, l| l.stream != stream);
+            st.accounts.remove(&stream);
+            drop(st);
+            sub.pump.notify_one();
+        }
+    }
+
+    /// Deliveries from an owner stream. A delivery without credit is a protocol violation that
+    /// resets the stream (the owner redelivers; nothing is lost).
+    pub fn deliver(&self, stream: u64, batch: peer::DeliveryBatch) -> Result<(), tonic::Status> {
+        let mut refused = Vec::new();
+        for delivery in batch.deliveries {
+            let sub = self.subs().get(&delivery.subscription).cloned();
+            let Some(sub) = sub else {
+                refused.push(peer::PeerNack {
+                    delivery: Some(reference(&delivery)),
+                    delay: None,
+                    reason: format!(
+                        "subscription {} is not served by this pod",
+                        delivery.subscription
+                    ),
+                });
+                continue;
+            };
+            if delivery.message.is_none() {
+                return Err(tonic::Status::invalid_argument(
+                    "delivery without a message",
+                ));
+            }
+            let mut st = sub.lock();
+            let account = st.accounts.entry(stream).or_default();
+            if account.granted == 0 {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "delivery for {} without credit",
+                    delivery.subscription
+                )));
+            }
+            account.granted -= 1;
+            account.held += 1;
+            st.buffer.push_back(Held { stream, delivery });
+            drop(st);
+            sub.available.notify_waiters();
+            sub.available.notify_one();
+        }
+        if !refused.is_empty()
+            && let Some(s) = self.streams().get(&stream).cloned()
+        {
+            let frame = settlements_frame(Vec::new(), refused);
+            let _ = s.tx.try_send(Ok(frame));
+        }
+        Ok(())
+    }
+
+    /// Deliveries an owner took back.
+    pub fn withdraw(&self, stream: u64, withdraw: peer::Withdraw) {
+        for r in withdraw.deliveries {
+            if let Ok(sub) = self.subscription(&r.subscription) {
+                let mut st = sub.lock();
+                let before = st.buffer.len();
+                st.buffer.retain(|h| {
+                    !(h.stream == stream
+                        && h.delivery.sequence == r.sequence
+                        && h.delivery.attempt == r.attempt)
+                });
+                let removed = (before - st.buffer.len()) as u32;
+                if let Some(a) = st.accounts.get_mut(&stream) {
+                    a.held = a.held.saturating_sub(removed);
+                }
+                drop(st);
+                sub.pump.notify_one();
+            }
+        }
+    }
+
+    // === credits ===
+
+    fn limiter(&self, sub: &LocalSub) -> Option<Arc<DefaultDirectRateLimiter>> {
+        let share = sub.settings().rate_share?;
+        let mut slot = sub.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some((current, l)) if *current == share => Some(Arc::clone(l)),
+            _ => {
+                let l = Arc::new(crate::owner::rate_limiter(&share));
+                *slot = Some((share, Arc::clone(&l)));
+                Some(l)
+            }
+        }
+    }
+
+    /// Grants credits to owner streams as room frees up and rate-limit tokens allow.
+    async fn run_pump(self: Arc<Self>, sub: Arc<LocalSub>) {
+        loop {
+            let notified = sub.pump.notified();
+            let limiter = self.limiter(&sub);
+            let room = self.room(&sub);
+            if room == 0 {
+                let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+                continue;
+            }
+            let grants = match &limiter {
+                Some(l) => {
+                    l.until_ready().await;
+                    self.allocate(&sub, 1)
+                }
+                None => self.allocate(&sub, room),
+            };
+            if grants.is_empty() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+                continue;
+            }
+            for (stream, credits) in grants {
+                let tx = self.streams().get(&stream).map(|s| s.tx.clone());
+                let Some(tx) = tx else { continue };
+                let frame = ConsumerFrame {
+                    frame: Some(consumer_frame::Frame::Credit(peer::CreditGrant {
+                        subscription: sub.name.clone(),
+                        credits,
+                    })),
+                };
+                if tx.send(Ok(frame)).await.is_err() {
+                    self.unregister(stream);
+                }
+            }
+        }
+    }
+
+    fn eligible_streams(&self, sub: &LocalSub) -> Vec<u64> {
+        let owners: Vec<String> = sub.settings().owners.into_iter().map(|o| o.name).collect();
+        self.streams()
+            .iter()
+            .filter(|(_, s)| owners.is_empty() || owners.contains(&s.owner))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn room(&self, sub: &LocalSub) -> u32 {
+        let streams = self.eligible_streams(sub);
+        if streams.is_empty() {
+            return 0;
+        }
+        let st = sub.lock();
+        let used: u32 = st.accounts.values().map(|a| a.granted + a.held).sum();
+        sub.window().saturating_sub(used)
+    }
+
+    /// Splits up to `credits` among eligible streams, each up to its share of the window.
+    fn allocate(&self, sub: &LocalSub, credits: u32) -> Vec<(u64, u32)> {
+        let streams = self.eligible_streams(sub);
+        if streams.is_empty() {
+            return Vec::new();
+        }
+        let window = sub.window();
+        let share = window.div_ceil(streams.len() as u32).max(1);
+        let mut st = sub.lock();
+        let used: u32 = st.accounts.values().map(|a| a.granted + a.held).sum();
+        let mut left = credits.min(window.saturating_sub(used));
+        let mut grants = Vec::new();
+        let mut order = streams;
+        order.sort_by_key(|id| st.accounts.get(id).map_or(0, |a| a.granted + a.held));
+        for id in order {
+            if left == 0 {
+                break;
+            }
+            let account = st.accounts.entry(id).or_default();
+            let give = share
+                .saturating_sub(account.granted + account.held)
+                .min(left);
+            if give > 0 {
+                account.granted += give;
+                left -= give;
+                grants.push((id, give));
+            }
+        }
+        grants
+    }
+
+    // === apps ===
+
+    /// Takes up to `max` deliveries for an app, waiting up to `wait` for the first.
+    pub async fn take(
+        &self,
+        sub: &Arc<LocalSub>,
+        max: usize,
+        wait: Duration,
+        holder: Holder,
+    ) -> Vec<v1::Delivery> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = sub.available.notified();
+            let taken = self.take_now(sub, max, holder);
+            if !taken.is_empty() {
+                return taken;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Vec::new();
+            }
+        }
+    }
+
+    /// Takes what is buffered right now.
+    pub fn take_now(&self, sub: &LocalSub, max: usize, holder: Holder) -> Vec<v1::Delivery> {
+        let ack_timeout = sub.ack_timeout();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut st = sub.lock();
+        while out.len() < max {
+            let Some(held) = st.buffer.pop_front() else {
+                break;
+            };
+            let receipt = self.next_receipt.fetch_add(1, Ordering::Relaxed);
+            let d = held.delivery;
+            let message = d.message.unwrap_or_default();
+            let e2e = message
+                .publish_time
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map(|d| d.as_secs_f64());
+            self.metrics
+                .delivered(&d.queue, &d.subscription, d.attempt, e2e);
+            st.leases.insert(
+                receipt,
+                Lease {
+                    stream: held.stream,
+                    holder,
+                    reference: peer::DeliveryRef {
+                        subscription: d.subscription.clone(),
+                        sequence: d.sequence,
+                        attempt: d.attempt,
+                    },
+                    queue: d.queue.clone(),
+                    deadline: now + ack_timeout,
+                },
+            );
+            out.push(v1::Delivery {
+                message: Some(message),
+                attempt: d.attempt,
+                receipt: receipt.to_string(),
+            });
+        }
+        drop(st);
+        if !out.is_empty() {
+            let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+            counters.entry(sub.name.clone()).or_default().delivered += out.len() as u64;
+        }
+        out
+    }
+
+    /// Acks (`nack` = None) or nacks deliveries by receipt. Returns the receipts that were unknown
+    /// (already settled, timed out and redelivered, or never issued).
+    pub async fn settle(
+        &self,
+        sub: &LocalSub,
+        receipts: &[String],
+        nack: Option<(Option<Duration>, String)>,
+    ) -> Vec<String> {
+        let mut unknown = Vec::new();
+        let mut per_stream: HashMap<u64, (Vec<peer::DeliveryRef>, Vec<peer::PeerNack>)> =
+            HashMap::new();
+        {
+            let mut st = sub.lock();
+            for r in receipts {
+                let lease = r.parse::<u64>().ok().and_then(|id| st.leases.remove(&id));
+                let Some(lease) = lease else {
+                    unknown.push(r.clone());
+                    continue;
+                };
+                if let Some(a) = st.accounts.get_mut(&lease.stream) {
+                    a.held = a.held.saturating_sub(1);
+                }
+                let entry = per_stream.entry(lease.stream).or_default();
+                match &nack {
+                    None => entry.0.push(lease.reference),
+                    Some((delay, reason)) => entry.1.push(peer::PeerNack {
+                        delivery: Some(lease.reference),
+                        delay: delay.map(qmesh_proto::convert::duration),
+                        reason: reason.clone(),
+                    }),
+                }
+            }
+        }
+        let settled = receipts.len() - unknown.len();
+        if settled > 0 {
+            let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+            let c = counters.entry(sub.name.clone()).or_default();
+            if nack.is_none() {
+                c.acked += settled as u64
+            } else {
+                c.nacked += settled as u64
+            }
+        }
+        self.send_settlements(per_stream).await;
+        sub.pump.notify_one();
+        unknown
+    }
+
+    async fn send_settlements(
+        &self,
+        per_stream: HashMap<u64, (Vec<peer::DeliveryRef>, Vec<peer::PeerNack>)>,
+    ) {
+        for (stream, (acks, nacks)) in per_stream {
+            let tx = self.streams().get(&stream).map(|s| s.tx.clone());
+            if let Some(tx) = tx {
+                let _ = tx.send(Ok(settlements_frame(acks, nacks))).await;
+            }
+        }
+    }
+
+    /// Returns every lease of an app connection that went away to its owner (counted as a failed
+    /// attempt, so a message that keeps crashing its consumer ends in the dead-letter queue).
+    pub async fn release_holder(&self, sub: &LocalSub, holder: Holder, reason: &str) {
+        let receipts: Vec<String> = sub
+            .lock()
+            .leases
+            .iter()
+            .filter(|(_, l)| l.holder == holder)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        if !receipts.is_empty() {
+            self.settle(
+                sub,
+                &receipts,
+                Some((Some(Duration::ZERO), reason.to_owned())),
+            )
+            .await;
+        }
+    }
+
+    /// Nacks leases whose ack timeout passed.
+    async fn run_sweeper(self: Arc<Self>, sub: Arc<LocalSub>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = Instant::now();
+            let expired: Vec<String> = sub
+                .lock()
+                .leases
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(id, _)| id.to_string())
+                .collect();
+            if !expired.is_empty() {
+                tracing::debug!(subscription = %sub.name, count = expired.len(), "ack timeout");
+                self.settle(&sub, &expired, Some((None, "ack timeout".to_owned())))
+                    .await;
+            }
+        }
+    }
+
+    /// New holder id for an app connection.
+    pub fn new_holder(&self) -> Holder {
+        self.next_receipt.fetch_add(1, Ordering::Relaxed) | (1 << 63)
+    }
+
+    /// The queue of a lease (for metrics), if it is still held.
+    pub fn lease_queue(&self, sub: &LocalSub, receipt: &str) -> Option<String> {
+        let id = receipt.parse::<u64>().ok()?;
+        sub.lock().leases.get(&id).map(|l| l.queue.clone())
+    }
+}
+
+fn reference(d: &peer::PeerDelivery) -> peer::DeliveryRef {
+    peer::DeliveryRef {
+        subscription: d.subscription.clone(),
+        sequence: d.sequence,
+        attempt: d.attempt,
+    }
+}
+
+fn settlements_frame(acks: Vec<peer::DeliveryRef>, nacks: Vec<peer::PeerNack>) -> ConsumerFrame {
+    ConsumerFrame {
+        frame: Some(consumer_frame::Frame::Settlements(peer::Settlements {
+            acks,
+            nacks,
+        })),
+    }
+}

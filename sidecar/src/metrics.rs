@@ -1,0 +1,235 @@
+//! Prometheus metrics of the sidecar, labelled by queue and subscription. Counters are bumped where
+//! things happen; gauges (backlog, in flight) are refreshed from the owner and consumer state when
+//! scraped.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// `queue` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// Queue name.
+    pub queue: String,
+}
+
+/// `queue` + `subscription` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubLabel {
+    /// Queue name.
+    pub queue: String,
+    /// Subscription name.
+    pub subscription: String,
+}
+
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    /// Error kind (`backlog_full`, ...).
+    pub reason: String,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    // 50 µs … ~26 s.
+    prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 20)
+}
+
+fn new_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
+/// All metric families.
+pub struct Metrics {
+    registry: Registry,
+    published: Family<QueueLabel, Counter>,
+    publish_errors: Family<ErrorLabel, Counter>,
+    forwarded: Family<SubLabel, Counter>,
+    acked: Family<SubLabel, Counter>,
+    dead_lettered: Family<SubLabel, Counter>,
+    delivered: Family<SubLabel, Counter>,
+    redelivered: Family<SubLabel, Counter>,
+    /// Owner backlog per subscription (refreshed on scrape).
+    pub backlog: Family<SubLabel, Gauge>,
+    /// Deliveries held by this pod's apps (refreshed on scrape).
+    pub in_flight: Family<SubLabel, Gauge>,
+    publish_latency: Family<QueueLabel, Histogram, fn() -> Histogram>,
+    e2e_latency: Family<SubLabel, Histogram, fn() -> Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("qmesh");
+        let published = Family::default();
+        let publish_errors = Family::default();
+        let forwarded = Family::default();
+        let acked = Family::default();
+        let dead_lettered = Family::default();
+        let delivered = Family::default();
+        let redelivered = Family::default();
+        let backlog = Family::default();
+        let in_flight = Family::default();
+        let publish_latency: Family<QueueLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(new_histogram);
+        let e2e_latency: Family<SubLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(new_histogram);
+        registry.register(
+            "published",
+            "Messages accepted from apps and persisted",
+            published.clone(),
+        );
+        registry.register(
+            "publish_errors",
+            "Publishes refused, by reason",
+            publish_errors.clone(),
+        );
+        registry.register(
+            "forwarded",
+            "Deliveries sent by this owner to consumer sidecars",
+            forwarded.clone(),
+        );
+        registry.register(
+            "acked",
+            "Deliveries acknowledged, as seen by the owner",
+            acked.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Messages moved to a dead-letter queue (or parked)",
+            dead_lettered.clone(),
+        );
+        registry.register(
+            "delivered",
+            "Deliveries handed to this pod's apps",
+            delivered.clone(),
+        );
+        registry.register(
+            "redelivered",
+            "Deliveries to this pod's apps that were not the first attempt",
+            redelivered.clone(),
+        );
+        registry.register(
+            "backlog",
+            "Messages this owner holds that a subscription has not acked",
+            backlog.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Deliveries held by this pod's apps, not yet settled",
+            in_flight.clone(),
+        );
+        registry.register(
+            "publish_latency_seconds",
+            "Time from publish request to durable acknowledgement",
+            publish_latency.clone(),
+        );
+        registry.register(
+            "end_to_end_latency_seconds",
+            "Time from publish to hand-over to a consumer app",
+            e2e_latency.clone(),
+        );
+        Self {
+            registry,
+            published,
+            publish_errors,
+            forwarded,
+            acked,
+            dead_lettered,
+            delivered,
+            redelivered,
+            backlog,
+            in_flight,
+            publish_latency,
+            e2e_latency,
+        }
+    }
+}
+
+fn sub(queue: &str, subscription: &str) -> SubLabel {
+    SubLabel {
+        queue: queue.to_owned(),
+        subscription: subscription.to_owned(),
+    }
+}
+
+impl Metrics {
+    /// A publish was accepted.
+    pub fn published(&self, queue: &str) {
+        self.published
+            .get_or_create(&QueueLabel {
+                queue: queue.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A publish was refused.
+    pub fn publish_error(&self, reason: &str) {
+        self.publish_errors
+            .get_or_create(&ErrorLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Publish-ack latency.
+    pub fn publish_latency(&self, queue: &str, seconds: f64) {
+        self.publish_latency
+            .get_or_create(&QueueLabel {
+                queue: queue.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// A delivery left this owner.
+    pub fn forwarded(&self, queue: &str, subscription: &str) {
+        self.forwarded
+            .get_or_create(&sub(queue, subscription))
+            .inc();
+    }
+
+    /// An ack reached this owner.
+    pub fn acked(&self, queue: &str, subscription: &str) {
+        self.acked.get_or_create(&sub(queue, subscription)).inc();
+    }
+
+    /// A message was dead-lettered.
+    pub fn dead_lettered(&self, queue: &str, subscription: &str) {
+        self.dead_lettered
+            .get_or_create(&sub(queue, subscription))
+            .inc();
+    }
+
+    /// A delivery was handed to an app here; `attempt` > 1 counts as a redelivery.
+    pub fn delivered(
+        &self,
+        queue: &str,
+        subscription: &str,
+        attempt: u32,
+        e2e_seconds: Option<f64>,
+    ) {
+        let labels = sub(queue, subscription);
+        self.delivered.get_or_create(&labels).inc();
+        if attempt > 1 {
+            self.redelivered.get_or_create(&labels).inc();
+        }
+        if let Some(s) = e2e_seconds {
+            self.e2e_latency.get_or_create(&labels).observe(s);
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,76 @@
+//! What the owner persists, behind a small trait: the delivery engine keeps its working state in
+//! memory and writes through this log so that a restart rebuilds exactly the state before it.
+//!
+//! `append` resolves once the message is durable (per the log's fsync policy); settlements are
+//! written in order behind it but not awaited: losing the last settlements in a crash means a
+//! redelivery, never a lost message (at-least-once).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use qmesh_proto::v1;
+
+use crate::error::BrokerError;
+
+/// How a subscription finished with a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A consumer acknowledged it.
+    Acked,
+    /// Moved to the dead-letter queue (or dropped by retention).
+    DeadLettered,
+}
+
+/// A message recovered from the log at start.
+#[derive(Clone, Debug)]
+pub struct Recovered {
+    /// Queue it was published to.
+    pub queue: String,
+    /// Its sequence.
+    pub sequence: u64,
+    /// The message, `publish_time` set.
+    pub message: v1::Message,
+    /// Subscriptions that still owe an ack, with delivery attempts so far.
+    pub pending: Vec<(String, u32)>,
+}
+
+/// The owner's durable record.
+#[tonic::async_trait]
+pub trait OwnerLog: Send + Sync + 'static {
+    /// Persists a new message owed to `pending` subscriptions; returns its sequence once durable.
+    async fn append(
+        &self,
+        queue: &str,
+        message: &v1::Message,
+        pending: &[String],
+    ) -> Result<u64, BrokerError>;
+
+    /// Records that `subscription` is done with `sequence`.
+    fn settle(&self, queue: &str, subscription: &str, sequence: u64, outcome: Outcome);
+
+    /// Records a delivery attempt (so a restart does not reset `maxDeliveries` counting).
+    fn attempted(&self, queue: &str, subscription: &str, sequence: u64, attempts: u32);
+
+    /// Everything unsettled, in sequence order, as of the last start.
+    fn recover(&self) -> Vec<Recovered>;
+}
+
+/// `durability: Memory`: sequences only; nothing survives a restart.
+#[derive(Debug, Default)]
+pub struct MemoryLog {
+    next: AtomicU64,
+}
+
+#[tonic::async_trait]
+impl OwnerLog for MemoryLog {
+    async fn append(&self, _: &str, _: &v1::Message, _: &[String]) -> Result<u64, BrokerError> {
+        Ok(self.next.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    fn settle(&self, _: &str, _: &str, _: u64, _: Outcome) {}
+
+    fn attempted(&self, _: &str, _: &str, _: u64, _: u32) {}
+
+    fn recover(&self) -> Vec<Recovered> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,770 @@
+//! The owner: every message published to this sidecar is persisted here, routed to each
+//! subscription, forwarded to consumer sidecars against their credits, and kept until each
+//! subscription settled it. Retries, backoff, dead-lettering, expiry, overflow and de-duplication
+//! are decided here and nowhere else — one state machine per queue ([`queue::QueueState`]).
+//!
+//! ```text
+//!   app publish ──▶ Owner::publish ──log.append (durable)──▶ QueueState::insert ──wake──▶ queue task
+//!   queue task: tick (retries, timeouts, expiry) ▸ dispatch (credits) ──▶ Links ──▶ consumer sidecars
+//!   Links ──LinkEvent (credit, settlements, lost)──▶ event task ──▶ QueueState::{ack, fail, link_lost}
+//! ```
+
+pub mod links;
+pub mod log;
+pub mod queue;
+
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use governor::{DefaultDirectRateLimiter, Quota, clock::Clock};
+use qmesh_proto::{control, peer, v1};
+use tokio::sync::{Notify, mpsc};
+
+use crate::{
+    error::BrokerError,
+    metrics::Metrics,
+    view::{View, ViewRx},
+};
+use links::{LinkEvent, Links};
+use log::{Outcome, OwnerLog};
+use queue::{DeadLetter, Failure, QueueState};
+
+/// Sidecar-wide bounds on what the owner holds.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most bytes of unsettled messages over all queues.
+    pub max_bytes: u64,
+    /// Most unsettled messages over all queues.
+    pub max_messages: u64,
+}
+
+struct OwnedQueue {
+    state: Mutex<QueueState>,
+    wake: Notify,
+    log: Arc<dyn OwnerLog>,
+    limiter: Mutex<Option<(control::RateLimit, Arc<DefaultDirectRateLimiter>)>>,
+}
+
+impl OwnedQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The owner of this sidecar's messages.
+pub struct Owner {
+    view: ViewRx,
+    disk: Arc<dyn OwnerLog>,
+    memory: Arc<dyn OwnerLog>,
+    queues: RwLock<HashMap<String, Arc<OwnedQueue>>>,
+    links: Arc<Links>,
+    limits: Limits,
+    draining: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+/// Headers set on dead letters.
+pub mod headers {
+    /// Why the message was dead-lettered.
+    pub const REASON: &str = "qmesh-dead-letter-reason";
+    /// Queue it was first published to.
+    pub const ORIGINAL_QUEUE: &str = "qmesh-original-queue";
+    /// Subscription that gave up on it (empty for expiry / overflow).
+    pub const ORIGINAL_SUBSCRIPTION: &str = "qmesh-original-subscription";
+    /// Deliveries attempted.
+    pub const DELIVERY_COUNT: &str = "qmesh-delivery-count";
+    /// The last delivery error.
+    pub const LAST_ERROR: &str = "qmesh-last-error";
+}
+
+impl Owner {
+    /// Starts the owner: recovers what the disk log holds, then runs one task per queue and one for
+    /// link events. `me` identifies this sidecar to peers.
+    pub fn start(
+        view: ViewRx,
+        disk: Arc<dyn OwnerLog>,
+        memory: Arc<dyn OwnerLog>,
+        me: peer::SidecarId,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let (events_tx, events_rx) = mpsc::channel(8192);
+        let owner = Arc::new(Self {
+            view,
+            disk,
+            memory,
+            queues: RwLock::new(HashMap::new()),
+            links: Links::new(me, events_tx),
+            limits,
+            draining: AtomicBool::new(false),
+            metrics,
+        });
+        owner.recover();
+        tokio::spawn(Arc::clone(&owner).run_events(events_rx));
+        tokio::spawn(Arc::clone(&owner).follow_view());
+        owner
+    }
+
+    fn recover(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut count = 0usize;
+        for rec in self.disk.recover() {
+            let view = self.view.borrow().clone();
+            let Some(q) = self.queue_for(&view, &rec.queue) else {
+                tracing::warn!(queue = %rec.queue, sequence = rec.sequence, "recovered message of a queue no longer in the view; kept in the log");
+                continue;
+            };
+            q.lock()
+                .restore(rec.sequence, Arc::new(rec.message), rec.pending, now);
+            count += 1;
+        }
+        if count > 0 {
+            tracing::info!(
+                messages = count,
+                "recovered unsettled messages from the log"
+            );
+        }
+    }
+
+    /// Stops taking publishes (graceful shutdown).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Messages still owed to some subscription, over all queues.
+    pub fn backlog(&self) -> u64 {
+        self.queues()
+            .iter()
+            .map(|q| q.lock().messages.len() as u64)
+            .sum()
+    }
+
+    fn queues(&self) -> Vec<Arc<OwnedQueue>> {
+        self.queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn get_queue(&self, name: &str) -> Option<Arc<OwnedQueue>> {
+        self.queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The owned queue `name`, created (and its task started) on first use.
+    fn queue_for(self: &Arc<Self>, view: &View, name: &str) -> Option<Arc<OwnedQueue>> {
+        if let Some(q) = self.get_queue(name) {
+            return Some(q);
+        }
+        let qv = view.queue(name)?.clone();
+        let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = queues.get(name) {
+            return Some(Arc::clone(q));
+        }
+        let durable = qv
+            .policy
+            .as_ref()
+            .is_none_or(|p| p.durability() != control::Durability::Memory);
+        let q = Arc::new(OwnedQueue {
+            state: Mutex::new(QueueState::new(qv)),
+            wake: Notify::new(),
+            log: if durable {
+                Arc::clone(&self.disk)
+            } else {
+                Arc::clone(&self.memory)
+            },
+            limiter: Mutex::new(None),
+        });
+        queues.insert(name.to_owned(), Arc::clone(&q));
+        tokio::spawn(Arc::clone(self).run_queue(name.to_owned(), Arc::clone(&q)));
+        Some(q)
+    }
+
+    /// Publishes an app's message: checks, de-duplicates, applies retention, persists, routes.
+    pub async fn publish(
+        self: &Arc<Self>,
+        queue: &str,
+        mut message: v1::Message,
+    ) -> Result<v1::PublishResponse, BrokerError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let view = self.view.borrow().clone();
+        let qv = view
+            .queue(queue)
+            .ok_or_else(|| BrokerError::UnknownQueue(queue.to_owned()))?;
+        if !qv.app_may_publish {
+            return Err(BrokerError::NotPublisher(queue.to_owned()));
+        }
+        let q = self
+            .queue_for(&view, queue)
+            .ok_or_else(|| BrokerError::UnknownQueue(queue.to_owned()))?;
+        self.check_rate(
+            queue,
+            &q,
+            qv.policy.as_ref().and_then(|p| p.publish_rate_limit),
+        )?;
+        self.accept(
+            &q,
+            queue,
+            &mut message,
+            qv.policy.clone().unwrap_or_default(),
+        )
+        .await
+    }
+
+    fn check_rate(
+        &self,
+        queue: &str,
+        q: &OwnedQueue,
+        limit: Option<control::RateLimit>,
+    ) -> Result<(), BrokerError> {
+        let Some(limit) = limit else { return Ok(()) };
+        let limiter = {
+            let mut slot = q.limiter.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_ref() {
+                Some((current, l)) if *current == limit => Arc::clone(l),
+                _ => {
+                    let l = Arc::new(rate_limiter(&limit));
+                    *slot = Some((limit, Arc::clone(&l)));
+                    l
+                }
+            }
+        };
+        limiter
+            .check()
+            .map_err(|not_until| BrokerError::RateLimited {
+                queue: queue.to_owned(),
+                retry_after: not_until
+                    .wait_time_from(governor::clock::DefaultClock::default().now()),
+            })
+    }
+
+    /// Persists and routes a message (also used for dead letters, which skip the app checks).
+    async fn accept(
+        self: &Arc<Self>,
+        q: &Arc<OwnedQueue>,
+        queue: &str,
+        message: &mut v1::Message,
+        policy: control::QueuePolicy,
+    ) -> Result<v1::PublishResponse, BrokerError> {
+        let size = queue::message_size(message);
+        if size > policy.max_message_bytes.max(1) {
+            return Err(BrokerError::TooLarge {
+                queue: queue.to_owned(),
+                size: size as usize,
+                limit: policy.max_message_bytes,
+            });
+        }
+        if message.id.is_empty() {
+            message.id = new_id();
+        }
+        message.publish_time = Some(SystemTime::now().into());
+        let now = Instant::now();
+        let pending = {
+            let mut state = q.lock();
+            if let Some(sequence) = state.duplicate_of(&message.id, now) {
+                return Ok(v1::PublishResponse {
+                    id: message.id.clone(),
+                    sequence,
+                    duplicate: true,
+                });
+            }
+            state.routes_for(message)
+        };
+        self.make_room(q, queue, &policy, size).await?;
+        let sequence = q.log.append(queue, message, &pending).await?;
+        let id = message.id.clone();
+        q.lock()
+            .insert(sequence, Arc::new(std::mem::take(message)), pending, now);
+        q.wake.notify_one();
+        self.metrics.published(queue);
+        Ok(v1::PublishResponse {
+            id,
+            sequence,
+            duplicate: false,
+        })
+    }
+
+    /// Applies retention limits before a publish of `size` bytes.
+    async fn make_room(
+        self: &Arc<Self>,
+        q: &Arc<OwnedQueue>,
+        queue: &str,
+        policy: &control::QueuePolicy,
+        size: u64,
+    ) -> Result<(), BrokerError> {
+        let retention = policy.retention.unwrap_or_default();
+        let (total_bytes, total_messages) = self.queues().iter().fold((0, 0), |(b, m), q| {
+            let s = q.lock();
+            (b + s.bytes, m + s.messages.len() as u64)
+        });
+        if total_bytes + size > self.limits.max_bytes
+            || total_messages + 1 > self.limits.max_messages
+        {
+            return Err(BrokerError::BacklogFull {
+                queue: queue.to_owned(),
+                limit: "the sidecar's memory bound (--max-owned-bytes / --max-owned-messages)"
+                    .into(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        loop {
+            let over = {
+                let s = q.lock();
+                let count = s.messages.len() as u64;
+                if retention.max_messages > 0 && count + 1 > retention.max_messages {
+                    Some(format!("maxMessages {}", retention.max_messages))
+                } else if retention.max_bytes > 0 && s.bytes + size > retention.max_bytes {
+                    Some(format!("maxBytes {}", retention.max_bytes))
+                } else {
+                    None
+                }
+            };
+            let Some(limit) = over else { return Ok(()) };
+            match retention.overflow() {
+                control::Overflow::DropOldest | control::Overflow::DeadLetter => {
+                    let oldest = q.lock().oldest();
+                    let Some((sequence, message, _)) = oldest else {
+                        return Ok(());
+                    };
+                    let reason = format!("overflow: {limit} reached");
+                    let target = (retention.overflow() == control::Overflow::DeadLetter)
+                        .then(|| policy.dead_letter_queue.clone())
+                        .filter(|t| !t.is_empty());
+                    self.evict(q, queue, sequence, message, &reason, target)
+                        .await;
+                }
+                control::Overflow::Reject | control::Overflow::Unspecified => {
+                    return Err(BrokerError::BacklogFull {
+                        queue: queue.to_owned(),
+                        limit,
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Takes a message away from every subscription (overflow, expiry), dead-lettering it if a
+    /// target is given.
+    async fn evict(
+        self: &Arc<Self>,
+        q: &Arc<OwnedQueue>,
+        queue: &str,
+        sequence: u64,
+        message: Arc<v1::Message>,
+        reason: &str,
+        target: Option<String>,
+    ) {
+        let owed = q.lock().evict(sequence);
+        for (sub, _) in &owed {
+            q.log.settle(queue, sub, sequence, Outcome::DeadLettered);
+            self.metrics.dead_lettered(queue, sub);
+        }
+        if let Some(target) = target {
+            let dl = DeadLetter {
+                subscription: String::new(),
+                sequence,
+                message,
+                attempts: owed.iter().map(|(_, a)| *a).max().unwrap_or(0),
+                reason: reason.to_owned(),
+                last_error: String::new(),
+                target: Some(target),
+            };
+            if let Err(error) = self.republish_dead_letter(queue, &dl).await {
+                tracing::error!(%error, queue, sequence, "could not dead-letter an evicted message; it is dropped");
+            }
+        } else {
+            tracing::warn!(queue, sequence, reason, "message dropped by retention");
+        }
+    }
+
+    async fn republish_dead_letter(
+        self: &Arc<Self>,
+        queue: &str,
+        dl: &DeadLetter,
+    ) -> Result<(), BrokerError> {
+        let target = dl.target.clone().unwrap_or_default();
+        let view = self.view.borrow().clone();
+        let tq = self
+            .queue_for(&view, &target)
+            .ok_or_else(|| BrokerError::UnknownQueue(target.clone()))?;
+        let policy = view
+            .queue(&target)
+            .and_then(|q| q.policy.clone())
+            .unwrap_or_default();
+        let mut message = (*dl.message).clone();
+        message
+            .headers
+            .insert(headers::REASON.into(), dl.reason.clone());
+        message
+            .headers
+            .insert(headers::ORIGINAL_QUEUE.into(), queue.to_owned());
+        message.headers.insert(
+            headers::ORIGINAL_SUBSCRIPTION.into(),
+            dl.subscription.clone(),
+        );
+        message
+            .headers
+            .insert(headers::DELIVERY_COUNT.into(), dl.attempts.to_string());
+        message
+            .headers
+            .insert(headers::LAST_ERROR.into(), dl.last_error.clone());
+        // The dead-letter copy is a new message of its queue: a fresh id keeps dedup windows apart;
+        // the original id stays visible.
+        message
+            .headers
+            .insert("qmesh-original-id".into(), message.id.clone());
+        message.id = new_id();
+        Box::pin(self.accept(&tq, &target, &mut message, policy))
+            .await
+            .map(|_| ())
+    }
+
+    async fn dead_letter(self: &Arc<Self>, q: &Arc<OwnedQueue>, queue: &str, dl: DeadLetter) {
+        self.metrics.dead_lettered(queue, &dl.subscription);
+        if dl.target.is_none() {
+            tracing::warn!(queue, subscription = %dl.subscription, sequence = dl.sequence, "delivery attempts exhausted and no dead-letter queue: message kept (parked) and counted");
+            return;
+        }
+        match self.republish_dead_letter(queue, &dl).await {
+            Ok(()) => {
+                q.lock().settle_dead(&dl.subscription, dl.sequence);
+                q.log
+                    .settle(queue, &dl.subscription, dl.sequence, Outcome::DeadLettered);
+            }
+            Err(error) => {
+                tracing::warn!(%error, queue, subscription = %dl.subscription, sequence = dl.sequence, "dead-letter queue refused the message; kept (parked)");
+                if let Some(s) = q.lock().subs.get_mut(&dl.subscription) {
+                    s.parked.insert(dl.sequence);
+                }
+            }
+        }
+    }
+
+    async fn run_queue(self: Arc<Self>, name: String, q: Arc<OwnedQueue>) {
+        let mut last_expiry_check = Instant::now();
+        loop {
+            let now = Instant::now();
+            let mut dead = Vec::new();
+            let (outgoing, next) = {
+                let mut state = q.lock();
+                let (timed_out, next) = state.tick(now);
+                for (sub, seq, attempt) in timed_out {
+                    if let Some(dl) = state.fail(
+                        &sub,
+                        seq,
+                        attempt,
+                        Failure::counted("ack timeout", None),
+                        now,
+                        rand::random(),
+                    ) {
+                        dead.push(dl);
+                    }
+                }
+                let links = &self.links;
+                let links_for = |route: &control::Route| -> Vec<u64> {
+                    route
+                        .consumers
+                        .iter()
+                        .filter_map(|c| links.connection_to(&c.peer_address))
+                        .collect()
+                };
+                let mut take = |link: u64, sub: &str| links.take_credit(link, sub);
+                (state.dispatch(now, &links_for, &mut take), next)
+            };
+            if !outgoing.is_empty() {
+                self.send(&q, &name, outgoing);
+            }
+            for dl in dead {
+                self.dead_letter(&q, &name, dl).await;
+            }
+            if now.duration_since(last_expiry_check) >= Duration::from_secs(1) {
+                last_expiry_check = now;
+                self.expire(&q, &name).await;
+            }
+            let wait = next.map_or(Duration::from_secs(1), |n| {
+                n.saturating_duration_since(Instant::now())
+            });
+            let _ = tokio::time::timeout(wait.min(Duration::from_secs(1)), q.wake.notified()).await;
+        }
+    }
+
+    async fn expire(self: &Arc<Self>, q: &Arc<OwnedQueue>, queue: &str) {
+        let policy = q.lock().policy();
+        let Some(max_age) = policy.retention.as_ref().and_then(|r| r.max_age) else {
+            return;
+        };
+        let max_age = qmesh_proto::convert::std_duration(&max_age);
+        let expired = q.lock().expired(Instant::now(), max_age);
+        let target = Some(policy.dead_letter_queue.clone()).filter(|t| !t.is_empty());
+        for (sequence, message, _) in expired {
+            let reason = format!(
+                "expired: older than maxAge {}",
+                qmesh_api::Duration(max_age)
+            );
+            if target.is_none() {
+                // Never silently lost: without a dead-letter queue an expired message stays owed and
+                // is reported in the log (and counted as backlog).
+                continue;
+            }
+            self.evict(q, queue, sequence, message, &reason, target.clone())
+                .await;
+        }
+    }
+
+    fn send(&self, q: &OwnedQueue, queue: &str, outgoing: Vec<queue::Outgoing>) {
+        let mut by_link: HashMap<u64, Vec<(peer::PeerDelivery, String, u64, u32)>> = HashMap::new();
+        let timeouts: HashMap<String, prost_types::Duration> = q
+            .lock()
+            .view
+            .routes
+            .iter()
+            .filter_map(|r| r.ack_timeout.map(|t| (r.subscription.clone(), t)))
+            .collect();
+        for o in outgoing {
+            self.metrics.forwarded(queue, &o.subscription);
+            let delivery = peer::PeerDelivery {
+                subscription: o.subscription.clone(),
+                queue: queue.to_owned(),
+                sequence: o.sequence,
+                attempt: o.attempt,
+                message: Some((*o.message).clone()),
+                ack_timeout: timeouts.get(&o.subscription).copied(),
+            };
+            by_link.entry(o.link).or_default().push((
+                delivery,
+                o.subscription,
+                o.sequence,
+                o.attempt,
+            ));
+        }
+        for (link, items) in by_link {
+            let deliveries: Vec<peer::PeerDelivery> =
+                items.iter().map(|(d, ..)| d.clone()).collect();
+            if !self.links.send(link, deliveries) {
+                let mut state = q.lock();
+                for (_, sub, seq, attempt) in items {
+                    self.links.return_credit(link, &sub);
+                    state.fail(
+                        &sub,
+                        seq,
+                        attempt,
+                        Failure::uncounted("peer link unavailable"),
+                        Instant::now(),
+                        0.0,
+                    );
+                }
+                q.wake.notify_one();
+            }
+        }
+    }
+
+    async fn run_events(self: Arc<Self>, mut events: mpsc::Receiver<LinkEvent>) {
+        while let Some(event) = events.recv().await {
+            match event {
+                LinkEvent::Credit { subscription } => {
+                    let view = self.view.borrow().clone();
+                    if let Some(q) = view
+                        .queue_of_route(&subscription)
+                        .and_then(|n| self.get_queue(n))
+                    {
+                        q.wake.notify_one();
+                    }
+                }
+                LinkEvent::Settlements {
+                    link: _,
+                    settlements,
+                } => self.settle(settlements).await,
+                LinkEvent::Lost { link } => {
+                    for q in self.queues() {
+                        let mut state = q.lock();
+                        for (sub, seq, attempt) in state.link_lost(link) {
+                            state.fail(
+                                &sub,
+                                seq,
+                                attempt,
+                                Failure::uncounted("peer link lost"),
+                                Instant::now(),
+                                0.0,
+                            );
+                        }
+                        drop(state);
+                        q.wake.notify_one();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn settle(self: &Arc<Self>, settlements: peer::Settlements) {
+        let view = self.view.borrow().clone();
+        let now = Instant::now();
+        let mut touched: HashMap<String, Arc<OwnedQueue>> = HashMap::new();
+        let mut dead = Vec::new();
+        for ack in settlements.acks {
+            let Some(name) = view.queue_of_route(&ack.subscription) else {
+                continue;
+            };
+            let Some(q) = self.get_queue(name) else {
+                continue;
+            };
+            if q.lock().ack(&ack.subscription, ack.sequence, ack.attempt) {
+                q.log
+                    .settle(name, &ack.subscription, ack.sequence, Outcome::Acked);
+                self.metrics.acked(name, &ack.subscription);
+            }
+            touched.insert(name.to_owned(), q);
+        }
+        for nack in settlements.nacks {
+            let Some(r) = nack.delivery else { continue };
+            let Some(name) = view.queue_of_route(&r.subscription) else {
+                continue;
+            };
+            let Some(q) = self.get_queue(name) else {
+                continue;
+            };
+            let delay = nack.delay.as_ref().map(qmesh_proto::convert::std_duration);
+            let outcome = q.lock().fail(
+                &r.subscription,
+                r.sequence,
+                r.attempt,
+                Failure::counted(&nack.reason, delay),
+                now,
+                rand::random(),
+            );
+            q.log
+                .attempted(name, &r.subscription, r.sequence, r.attempt);
+            if let Some(dl) = outcome {
+                dead.push((Arc::clone(&q), name.to_owned(), dl));
+            }
+            touched.insert(name.to_owned(), q);
+        }
+        for (q, name, dl) in dead {
+            self.dead_letter(&q, &name, dl).await;
+        }
+        for q in touched.values() {
+            q.wake.notify_one();
+        }
+    }
+
+    async fn follow_view(self: Arc<Self>) {
+        let mut rx = self.view.clone();
+        loop {
+            let view = rx.borrow_and_update().clone();
+            let mut wanted = HashSet::new();
+            for qv in view.queues() {
+                for r in &qv.routes {
+                    wanted.extend(r.consumers.iter().map(|c| c.peer_address.clone()));
+                }
+                if let Some(q) = self.get_queue(&qv.name) {
+                    let settled = q.lock().update_view(qv.clone());
+                    for (sub, seq) in settled {
+                        q.log.settle(&qv.name, &sub, seq, Outcome::Acked);
+                    }
+                    q.wake.notify_one();
+                }
+            }
+            self.links.retain(&wanted);
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Per-queue and per-subscription figures for stats and metrics.
+    pub fn stats(&self) -> Vec<QueueFigures> {
+        self.queues()
+            .iter()
+            .map(|q| {
+                let s = q.lock();
+                QueueFigures {
+                    queue: s.name.clone(),
+                    backlog_messages: s.messages.len() as u64,
+                    backlog_bytes: s.bytes,
+                    published_total: s.published_total,
+                    subscriptions: s
+                        .subs
+                        .iter()
+                        .map(|(name, sub)| SubFigures {
+                            subscription: name.clone(),
+                            backlog: sub.backlog() as u64,
+                            in_flight: sub.in_flight.len() as u64,
+                            dead_lettered_total: sub.dead_lettered_total,
+                            parked: sub.parked.len() as u64,
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Owner-side figures of one queue.
+#[derive(Debug, Clone)]
+pub struct QueueFigures {
+    /// Queue name.
+    pub queue: String,
+    /// Unsettled messages.
+    pub backlog_messages: u64,
+    /// Their bytes.
+    pub backlog_bytes: u64,
+    /// Accepted publishes since start.
+    pub published_total: u64,
+    /// Per subscription.
+    pub subscriptions: Vec<SubFigures>,
+}
+
+/// Owner-side figures of one subscription.
+#[derive(Debug, Clone)]
+pub struct SubFigures {
+    /// Subscription name.
+    pub subscription: String,
+    /// Messages it still owes here.
+    pub backlog: u64,
+    /// Deliveries out.
+    pub in_flight: u64,
+    /// Dead-lettered since start.
+    pub dead_lettered_total: u64,
+    /// Exhausted without a dead-letter queue, kept.
+    pub parked: u64,
+}
+
+/// A token bucket for a rate limit (rates below one per second allowed).
+pub fn rate_limiter(limit: &control::RateLimit) -> DefaultDirectRateLimiter {
+    let per_second = limit.messages_per_second.max(0.001);
+    let period = Duration::from_secs_f64(1.0 / per_second).max(Duration::from_nanos(1));
+    let burst = NonZeroU32::new(limit.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst);
+    DefaultDirectRateLimiter::direct(quota)
+}
+
+/// A unique, time-ordered message id (48-bit milliseconds + 80 random bits, Crockford base32 like a
+/// ULID).
+pub fn new_id() -> String {
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let value: u128 = (ms << 80) | (rand::random::<u128>() >> 48);
+    (0..26)
+        .rev()
+        .map(|i| ALPHABET[((value >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}

@@ -1,0 +1,698 @@
+//! One owned queue's delivery state machine: which subscriptions still owe an ack for each message,
+//! what is ready, in flight (to which consumer sidecar, which attempt, until when) or waiting out a
+//! backoff, and which ordering keys are busy. Pure data and decisions; no I/O — the owner task
+//! around it sends what it decides.
+//!
+//! ```text
+//!   publish ──▶ ready ──dispatch (credit)──▶ in flight ──ack──▶ settled
+//!                 ▲                              │ nack / timeout / link lost
+//!                 └──── waiting (backoff) ◀──────┘──(attempts ≥ max)──▶ dead letter
+//! ```
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use qmesh_proto::{control, v1};
+
+/// One unsettled message.
+#[derive(Debug)]
+pub struct Entry {
+    /// The message (shared with in-flight deliveries).
+    pub message: Arc<v1::Message>,
+    /// Payload + header bytes, for retention accounting.
+    pub size: u64,
+    /// Subscriptions that still owe an ack.
+    pub pending: HashSet<String>,
+    /// When the owner accepted it.
+    pub accepted: Instant,
+}
+
+/// A delivery on its way to, or held by, a consumer sidecar.
+#[derive(Debug, Clone, Copy)]
+pub struct InFlight {
+    /// Attempt number of this delivery.
+    pub attempt: u32,
+    /// The peer link it went out on.
+    pub link: u64,
+    /// Redeliver if not settled by then.
+    pub deadline: Instant,
+}
+
+/// Per-subscription delivery state.
+#[derive(Debug, Default)]
+pub struct SubState {
+    /// Sequences ready for delivery, in order.
+    pub ready: BTreeSet<u64>,
+    /// Sequences waiting out a backoff.
+    pub waiting: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Deliveries not yet settled.
+    pub in_flight: HashMap<u64, InFlight>,
+    /// Attempts so far per unsettled sequence.
+    pub attempts: HashMap<u64, u32>,
+    /// Last failure reason per sequence (for dead-letter headers).
+    pub last_error: HashMap<u64, String>,
+    /// Exhausted with no dead-letter queue: kept and counted, never silently dropped.
+    pub parked: BTreeSet<u64>,
+    /// Ordering keys with a message in flight or waiting (ordering: Key only).
+    pub busy_keys: HashMap<String, u32>,
+    /// Totals.
+    pub delivered_total: u64,
+    /// Totals.
+    pub acked_total: u64,
+    /// Totals.
+    pub redelivered_total: u64,
+    /// Totals.
+    pub dead_lettered_total: u64,
+}
+
+impl SubState {
+    /// Messages this subscription still owes (ready, waiting, in flight, parked).
+    pub fn backlog(&self) -> usize {
+        self.ready.len() + self.waiting.len() + self.in_flight.len() + self.parked.len()
+    }
+
+    fn busy(&mut self, key: &str) {
+        if !key.is_empty() {
+            *self.busy_keys.entry(key.to_owned()).or_default() += 1;
+        }
+    }
+
+    fn free(&mut self, key: &str) {
+        if key.is_empty() {
+            return;
+        }
+        if let Some(n) = self.busy_keys.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.busy_keys.remove(key);
+            }
+        }
+    }
+}
+
+/// What to do with a message that a subscription gave up on.
+#[derive(Debug)]
+pub struct DeadLetter {
+    /// The subscription.
+    pub subscription: String,
+    /// Sequence in this queue.
+    pub sequence: u64,
+    /// The message.
+    pub message: Arc<v1::Message>,
+    /// Deliveries attempted.
+    pub attempts: u32,
+    /// Why (`max deliveries reached`, `expired`, `overflow`).
+    pub reason: String,
+    /// Last delivery error.
+    pub last_error: String,
+    /// Dead-letter queue, if any.
+    pub target: Option<String>,
+}
+
+/// Why a delivery failed, and whether the attempt counts towards `maxDeliveries`.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure<'a> {
+    /// Reason (kept as `qmesh-last-error`).
+    pub reason: &'a str,
+    /// Requested delay before redelivery; `None` = the subscription's backoff.
+    pub delay: Option<Duration>,
+    /// False when the consumer never got to act (link lost): redelivered at once, not counted.
+    pub counted: bool,
+}
+
+impl<'a> Failure<'a> {
+    /// A failed attempt that counts.
+    pub fn counted(reason: &'a str, delay: Option<Duration>) -> Self {
+        Self {
+            reason,
+            delay,
+            counted: true,
+        }
+    }
+
+    /// A delivery that never reached a consumer.
+    pub fn uncounted(reason: &'a str) -> Self {
+        Self {
+            reason,
+            delay: None,
+            counted: false,
+        }
+    }
+}
+
+/// A delivery decided by [`QueueState::dispatch`].
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Link to send on.
+    pub link: u64,
+    /// The delivery.
+    pub subscription: String,
+    /// Sequence.
+    pub sequence: u64,
+    /// Attempt.
+    pub attempt: u32,
+    /// Message.
+    pub message: Arc<v1::Message>,
+}
+
+/// All state of one owned queue.
+#[derive(Debug)]
+pub struct QueueState {
+    /// Queue name.
+    pub name: String,
+    /// Policies and routes from the current view.
+    pub view: control::QueueView,
+    /// Unsettled messages by sequence.
+    pub messages: BTreeMap<u64, Entry>,
+    /// Per subscription (route) state.
+    pub subs: HashMap<String, SubState>,
+    /// Bytes of unsettled messages.
+    pub bytes: u64,
+    /// Message ids seen inside the dedup window: id → (sequence, seen at).
+    pub dedup: HashMap<String, (u64, Instant)>,
+    dedup_order: VecDeque<(Instant, String)>,
+    /// Published total.
+    pub published_total: u64,
+}
+
+/// Upper bound on remembered ids for de-duplication (oldest forgotten first).
+pub const DEDUP_CAPACITY: usize = 1_000_000;
+
+impl QueueState {
+    /// Empty state for a queue.
+    pub fn new(view: control::QueueView) -> Self {
+        let subs = view
+            .routes
+            .iter()
+            .map(|r| (r.subscription.clone(), SubState::default()))
+            .collect();
+        Self {
+            name: view.name.clone(),
+            view,
+            messages: BTreeMap::new(),
+            subs,
+            bytes: 0,
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            published_total: 0,
+        }
+    }
+
+    /// The queue's policy (defaults if absent).
+    pub fn policy(&self) -> control::QueuePolicy {
+        self.view.policy.clone().unwrap_or_default()
+    }
+
+    fn ordered(&self) -> bool {
+        self.view
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.ordering() == control::Ordering::Key)
+    }
+
+    fn route(&self, subscription: &str) -> Option<&control::Route> {
+        self.view
+            .routes
+            .iter()
+            .find(|r| r.subscription == subscription)
+    }
+
+    /// Applies a new view of the queue: new routes start empty (they see new messages only);
+    /// removed routes settle what they owed.
+    pub fn update_view(&mut self, view: control::QueueView) -> Vec<(String, u64)> {
+        let mut settled = Vec::new();
+        let keep: HashSet<String> = view.routes.iter().map(|r| r.subscription.clone()).collect();
+        let gone: Vec<String> = self
+            .subs
+            .keys()
+            .filter(|s| !keep.contains(*s))
+            .cloned()
+            .collect();
+        for sub in gone {
+            self.subs.remove(&sub);
+            for (seq, entry) in self.messages.iter_mut() {
+                if entry.pending.remove(&sub) {
+                    settled.push((sub.clone(), *seq));
+                }
+            }
+        }
+        for sub in keep {
+            self.subs.entry(sub).or_default();
+        }
+        self.view = view;
+        self.collect_settled();
+        settled
+    }
+
+    /// Subscriptions a message with these headers must reach (after each route's filter).
+    pub fn routes_for(&self, message: &v1::Message) -> Vec<String> {
+        self.view
+            .routes
+            .iter()
+            .filter(|r| {
+                r.filter
+                    .iter()
+                    .all(|(k, v)| message.headers.get(k) == Some(v))
+            })
+            .map(|r| r.subscription.clone())
+            .collect()
+    }
+
+    /// A previous publish of this id inside the window, if any.
+    pub fn duplicate_of(&mut self, id: &str, now: Instant) -> Option<u64> {
+        let window = self
+            .policy()
+            .dedup_window
+            .map(|d| qmesh_proto::convert::std_duration(&d))?;
+        while let Some((at, old)) = self.dedup_order.front() {
+            if now.duration_since(*at) <= window && self.dedup_order.len() <= DEDUP_CAPACITY {
+                break;
+            }
+            if self.dedup.get(old).is_some_and(|(_, seen)| seen == at) {
+                self.dedup.remove(old);
+            }
+            self.dedup_order.pop_front();
+        }
+        self.dedup.get(id).map(|(seq, _)| *seq)
+    }
+
+    /// Inserts a durable message owed to `pending`.
+    pub fn insert(
+        &mut self,
+        sequence: u64,
+        message: Arc<v1::Message>,
+        pending: Vec<String>,
+        now: Instant,
+    ) {
+        let size = message_size(&message);
+        if self.policy().dedup_window.is_some() && !message.id.is_empty() {
+            self.dedup.insert(message.id.clone(), (sequence, now));
+            self.dedup_order.push_back((now, message.id.clone()));
+        }
+        self.published_total += 1;
+        if pending.is_empty() {
+            return;
+        }
+        for sub in &pending {
+            if let Some(state) = self.subs.get_mut(sub) {
+                state.ready.insert(sequence);
+            }
+        }
+        self.bytes += size;
+        self.messages.insert(
+            sequence,
+            Entry {
+                message,
+                size,
+                pending: pending.into_iter().collect(),
+                accepted: now,
+            },
+        );
+    }
+
+    /// Re-inserts a recovered message with its attempt counts.
+    pub fn restore(
+        &mut self,
+        sequence: u64,
+        message: Arc<v1::Message>,
+        pending: Vec<(String, u32)>,
+        now: Instant,
+    ) {
+        let subs: Vec<String> = pending.iter().map(|(s, _)| s.clone()).collect();
+        self.insert(sequence, message, subs, now);
+        self.published_total -= 1;
+        for (sub, attempts) in pending {
+            if let Some(state) = self.subs.get_mut(&sub)
+                && attempts > 0
+            {
+                state.attempts.insert(sequence, attempts);
+            }
+        }
+    }
+
+    /// Decides deliveries: for each subscription, ready messages in order go to links with credit
+    /// (`take_credit(link, subscription)` consumes one). Ordering keys in flight are skipped.
+    pub fn dispatch(
+        &mut self,
+        now: Instant,
+        links_for: &dyn Fn(&control::Route) -> Vec<u64>,
+        take_credit: &mut dyn FnMut(u64, &str) -> bool,
+    ) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let ordered = self.ordered();
+        let routes: Vec<control::Route> = self.view.routes.clone();
+        for route in &routes {
+            let Some(state) = self.subs.get_mut(&route.subscription) else {
+                continue;
+            };
+            if state.ready.is_empty() {
+                continue;
+            }
+            let links = links_for(route);
+            if links.is_empty() {
+                continue;
+            }
+            let ack_timeout = route
+                .ack_timeout
+                .as_ref()
+                .map(qmesh_proto::convert::std_duration)
+                .unwrap_or(Duration::from_secs(30));
+            let mut next_link = 0usize;
+            let mut skipped_keys: HashSet<String> = HashSet::new();
+            let mut taken = Vec::new();
+            let mut scanned = 0usize;
+            for &seq in state.ready.iter() {
+                scanned += 1;
+                if scanned > 4096 {
+                    break;
+                }
+                let Some(entry) = self.messages.get(&seq) else {
+                    continue;
+                };
+                let key = &entry.message.key;
+                if ordered
+                    && !key.is_empty()
+                    && (state.busy_keys.contains_key(key) || skipped_keys.contains(key))
+                {
+                    skipped_keys.insert(key.clone());
+                    continue;
+                }
+                // Find a link with credit, round-robin from where the last one left off.
+                let mut chosen = None;
+                for i in 0..links.len() {
+                    let link = links[(next_link + i) % links.len()];
+                    if take_credit(link, &route.subscription) {
+                        chosen = Some(link);
+                        next_link = (next_link + i + 1) % links.len();
+                        break;
+                    }
+                }
+                let Some(link) = chosen else { break };
+                let attempt = state.attempts.get(&seq).copied().unwrap_or(0) + 1;
+                taken.push((seq, link, attempt, Arc::clone(&entry.message)));
+                if ordered && !key.is_empty() {
+                    skipped_keys.insert(key.clone());
+                }
+            }
+            for (seq, link, attempt, message) in taken {
+                state.ready.remove(&seq);
+                state.attempts.insert(seq, attempt);
+                state.in_flight.insert(
+                    seq,
+                    InFlight {
+                        attempt,
+                        link,
+                        deadline: now + ack_timeout + Duration::from_secs(5),
+                    },
+                );
+                if ordered {
+                    state.busy(&message.key);
+                }
+                state.delivered_total += 1;
+                if attempt > 1 {
+                    state.redelivered_total += 1;
+                }
+                out.push(Outgoing {
+                    link,
+                    subscription: route.subscription.clone(),
+                    sequence: seq,
+                    attempt,
+                    message,
+                });
+            }
+        }
+        out
+    }
+
+    /// An ack for one delivery attempt. Returns whether it settled the message for the subscription.
+    pub fn ack(&mut self, subscription: &str, sequence: u64, attempt: u32) -> bool {
+        let ordered = self.ordered();
+        let Some(state) = self.subs.get_mut(subscription) else {
+            return false;
+        };
+        match state.in_flight.get(&sequence) {
+            Some(f) if f.attempt == attempt => {}
+            _ => return false,
+        }
+        state.in_flight.remove(&sequence);
+        state.attempts.remove(&sequence);
+        state.last_error.remove(&sequence);
+        state.acked_total += 1;
+        if let Some(entry) = self.messages.get_mut(&sequence) {
+            if ordered {
+                let key = entry.message.key.clone();
+                state.free(&key);
+            }
+            entry.pending.remove(subscription);
+        }
+        self.settle_if_done(sequence);
+        true
+    }
+
+    /// A failed delivery (nack, timeout): schedule a redelivery after `delay`, or give up when the
+    /// subscription's `maxDeliveries` is reached. `counted` false means the attempt does not count
+    /// (the link was lost before the consumer could act).
+    pub fn fail(
+        &mut self,
+        subscription: &str,
+        sequence: u64,
+        attempt: u32,
+        failure: Failure<'_>,
+        now: Instant,
+        unit_random: f64,
+    ) -> Option<DeadLetter> {
+        let Failure {
+            reason,
+            delay,
+            counted,
+        } = failure;
+        let ordered = self.ordered();
+        let route = self.route(subscription)?.clone();
+        let state = self.subs.get_mut(subscription)?;
+        match state.in_flight.get(&sequence) {
+            Some(f) if f.attempt == attempt => {}
+            _ => return None,
+        }
+        state.in_flight.remove(&sequence);
+        let entry = self.messages.get(&sequence)?;
+        let key = entry.message.key.clone();
+        if !counted {
+            let n = state.attempts.entry(sequence).or_default();
+            *n = n.saturating_sub(1);
+        }
+        state.last_error.insert(sequence, reason.to_owned());
+        let attempts = state.attempts.get(&sequence).copied().unwrap_or(0);
+        let retry = route.retry.unwrap_or_default();
+        let max = retry.max_deliveries.max(1);
+        if counted && attempts >= max {
+            if ordered {
+                state.free(&key);
+            }
+            let target =
+                (!route.dead_letter_queue.is_empty()).then(|| route.dead_letter_queue.clone());
+            if target.is_none() {
+                state.parked.insert(sequence);
+            }
+            state.dead_lettered_total += 1;
+            return Some(DeadLetter {
+                subscription: subscription.to_owned(),
+                sequence,
+                message: Arc::clone(&entry.message),
+                attempts,
+                reason: format!("max deliveries ({max}) reached"),
+                last_error: reason.to_owned(),
+                target,
+            });
+        }
+        let wait = match (counted, delay) {
+            (false, _) => Duration::ZERO,
+            (true, Some(d)) => d,
+            (true, None) => {
+                let backoff = qmesh_api::Backoff {
+                    initial: qmesh_api::Duration(
+                        retry
+                            .initial_backoff
+                            .as_ref()
+                            .map(qmesh_proto::convert::std_duration)
+                            .unwrap_or(Duration::from_secs(1)),
+                    ),
+                    max: qmesh_api::Duration(
+                        retry
+                            .max_backoff
+                            .as_ref()
+                            .map(qmesh_proto::convert::std_duration)
+                            .unwrap_or(Duration::from_secs(60)),
+                    ),
+                    multiplier: retry.multiplier.max(1),
+                };
+                qmesh_core::backoff::jittered_delay(&backoff, attempts.max(1), unit_random)
+            }
+        };
+        if wait.is_zero() {
+            if ordered {
+                state.free(&key);
+            }
+            state.ready.insert(sequence);
+        } else {
+            // The key stays busy while waiting, so later messages of the key keep their order.
+            state.waiting.push(Reverse((now + wait, sequence)));
+        }
+        None
+    }
+
+    /// Settles a dead-lettered (or dropped) message for a subscription.
+    pub fn settle_dead(&mut self, subscription: &str, sequence: u64) {
+        if let Some(state) = self.subs.get_mut(subscription) {
+            state.parked.remove(&sequence);
+            state.attempts.remove(&sequence);
+            state.last_error.remove(&sequence);
+        }
+        if let Some(entry) = self.messages.get_mut(&sequence) {
+            entry.pending.remove(subscription);
+        }
+        self.settle_if_done(sequence);
+    }
+
+    /// Moves due retries to ready, and in-flight deliveries past their deadline back to ready
+    /// (counted as a failed attempt). Returns expired in-flight deliveries and the next wake-up.
+    pub fn tick(&mut self, now: Instant) -> (Vec<(String, u64, u32)>, Option<Instant>) {
+        let ordered = self.ordered();
+        let mut timed_out = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (name, state) in self.subs.iter_mut() {
+            while let Some(Reverse((due, seq))) = state.waiting.peek().copied() {
+                if due > now {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                    break;
+                }
+                state.waiting.pop();
+                if let Some(entry) = self.messages.get(&seq) {
+                    if ordered {
+                        let key = entry.message.key.clone();
+                        state.free(&key);
+                    }
+                    state.ready.insert(seq);
+                }
+            }
+            for (seq, f) in state.in_flight.iter() {
+                if f.deadline <= now {
+                    timed_out.push((name.clone(), *seq, f.attempt));
+                } else {
+                    next = Some(next.map_or(f.deadline, |n| n.min(f.deadline)));
+                }
+            }
+        }
+        (timed_out, next)
+    }
+
+    /// Deliveries that went out on a lost link go back to ready, uncounted.
+    pub fn link_lost(&mut self, link: u64) -> Vec<(String, u64, u32)> {
+        self.subs
+            .iter()
+            .flat_map(|(name, state)| {
+                state
+                    .in_flight
+                    .iter()
+                    .filter(|(_, f)| f.link == link)
+                    .map(|(seq, f)| (name.clone(), *seq, f.attempt))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Oldest unsettled message, for overflow handling.
+    pub fn oldest(&self) -> Option<(u64, Arc<v1::Message>, Vec<String>)> {
+        self.messages.iter().next().map(|(seq, e)| {
+            (
+                *seq,
+                Arc::clone(&e.message),
+                e.pending.iter().cloned().collect(),
+            )
+        })
+    }
+
+    /// Messages older than `max_age`, with the subscriptions that still owe them.
+    pub fn expired(
+        &self,
+        now: Instant,
+        max_age: Duration,
+    ) -> Vec<(u64, Arc<v1::Message>, Vec<String>)> {
+        self.messages
+            .iter()
+            .take_while(|(_, e)| now.duration_since(e.accepted) >= max_age)
+            .map(|(seq, e)| {
+                (
+                    *seq,
+                    Arc::clone(&e.message),
+                    e.pending.iter().cloned().collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Removes a message from every subscription's bookkeeping (overflow, expiry) — the caller
+    /// dead-letters or counts it.
+    pub fn evict(&mut self, sequence: u64) -> Vec<(String, u32)> {
+        let ordered = self.ordered();
+        let Some(entry) = self.messages.get(&sequence) else {
+            return Vec::new();
+        };
+        let key = entry.message.key.clone();
+        let subs: Vec<String> = entry.pending.iter().cloned().collect();
+        let mut owed = Vec::new();
+        for sub in subs {
+            if let Some(state) = self.subs.get_mut(&sub) {
+                let was_busy = state.in_flight.remove(&sequence).is_some()
+                    || state.waiting.iter().any(|Reverse((_, s))| *s == sequence);
+                state.ready.remove(&sequence);
+                state.waiting.retain(|Reverse((_, s))| *s != sequence);
+                state.parked.remove(&sequence);
+                if ordered && was_busy {
+                    state.free(&key);
+                }
+                owed.push((sub.clone(), state.attempts.remove(&sequence).unwrap_or(0)));
+                state.last_error.remove(&sequence);
+                state.dead_lettered_total += 1;
+            }
+        }
+        if let Some(entry) = self.messages.remove(&sequence) {
+            self.bytes -= entry.size;
+        }
+        owed
+    }
+
+    fn settle_if_done(&mut self, sequence: u64) {
+        if self
+            .messages
+            .get(&sequence)
+            .is_some_and(|e| e.pending.is_empty())
+            && let Some(entry) = self.messages.remove(&sequence)
+        {
+            self.bytes -= entry.size;
+        }
+    }
+
+    fn collect_settled(&mut self) {
+        let done: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|(_, e)| e.pending.is_empty())
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in done {
+            if let Some(entry) = self.messages.remove(&seq) {
+                self.bytes -= entry.size;
+            }
+        }
+    }
+}
+
+/// Bytes a message counts for: payload, headers, id and key.
+pub fn message_size(message: &v1::Message) -> u64 {
+    let headers: usize = message.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (message.payload.len() + headers + message.id.len() + message.key.len()) as u64
+}

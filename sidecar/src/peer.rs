@@ -1,0 +1,119 @@
+//! The Peer API as served by this sidecar: `Forward` streams opened by owners (the consumer side
+//! of forwarding). A peer that breaks the protocol — no `hello` first, deliveries without credit,
+//! frames that do not decode — gets its stream reset with a logged reason; what it had sent is
+//! redelivered by the owner, so nothing is lost.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+use qmesh_proto::peer::{
+    self, ConsumerFrame, HandOverAck, HandOverBatch, OwnerFrame, ReplicateAck, ReplicateFrame,
+    consumer_frame, owner_frame, peer_server::Peer,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::consumer::Consumers;
+
+/// Bound on frames queued towards one owner.
+const OUTBOUND: usize = 1024;
+
+/// The Peer service.
+pub struct PeerService {
+    consumers: Arc<Consumers>,
+    me: peer::SidecarId,
+}
+
+impl PeerService {
+    /// The service for this sidecar.
+    pub fn new(consumers: Arc<Consumers>, me: peer::SidecarId) -> Self {
+        Self { consumers, me }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type ForwardStream = ReceiverStream<Result<ConsumerFrame, Status>>;
+    type ReplicateStream = BoxStream<ReplicateAck>;
+    type HandOverStream = BoxStream<HandOverAck>;
+
+    async fn forward(
+        &self,
+        request: Request<Streaming<OwnerFrame>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        let remote = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let owner = match inbound.message().await? {
+            Some(OwnerFrame {
+                frame: Some(owner_frame::Frame::Hello(hello)),
+            }) => hello
+                .owner
+                .ok_or_else(|| Status::invalid_argument("hello without owner"))?,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first frame of Forward must be hello",
+                ));
+            }
+        };
+        let (tx, rx) = mpsc::channel(OUTBOUND);
+        tx.send(Ok(ConsumerFrame {
+            frame: Some(consumer_frame::Frame::Welcome(peer::Welcome {
+                consumer: Some(self.me.clone()),
+                protocol_revision: 1,
+            })),
+        }))
+        .await
+        .map_err(|_| Status::internal("stream closed"))?;
+        let stream = self.consumers.register(owner.name.clone(), tx.clone());
+        tracing::info!(owner = %owner.name, stream, ?remote, "owner stream opened");
+        let consumers = Arc::clone(&self.consumers);
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(OwnerFrame {
+                        frame: Some(owner_frame::Frame::Deliveries(batch)),
+                    })) => {
+                        if let Err(status) = consumers.deliver(stream, batch) {
+                            let _ = tx.send(Err(status.clone())).await;
+                            break format!("protocol violation: {}", status.message());
+                        }
+                    }
+                    Ok(Some(OwnerFrame {
+                        frame: Some(owner_frame::Frame::Withdraw(w)),
+                    })) => consumers.withdraw(stream, w),
+                    Ok(Some(_)) => {
+                        let status = Status::invalid_argument("unexpected frame after hello");
+                        let _ = tx.send(Err(status)).await;
+                        break "protocol violation: unexpected frame".to_owned();
+                    }
+                    Ok(None) => break "closed by owner".to_owned(),
+                    Err(status) => break format!("stream error: {}", status.message()),
+                }
+            };
+            consumers.unregister(stream);
+            tracing::info!(owner = %owner.name, stream, %reason, "owner stream closed");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn replicate(
+        &self,
+        _: Request<Streaming<ReplicateFrame>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        Err(Status::unimplemented(
+            "publishAck: Replicated is not supported by this sidecar version yet",
+        ))
+    }
+
+    async fn hand_over(
+        &self,
+        _: Request<Streaming<HandOverBatch>>,
+    ) -> Result<Response<Self::HandOverStream>, Status> {
+        Err(Status::unimplemented(
+            "ownership hand-over is not supported by this sidecar version yet",
+        ))
+    }
+}

@@ -59,6 +59,8 @@ pub struct MeshView {
     pub subscriptions: Vec<ServedSubscription>,
     /// Other ready sidecars of the namespace (replication and hand-over candidates).
     pub peers: Vec<PeerEndpoint>,
+    /// The namespace's valid queues this sidecar may not publish to (for a clear 403).
+    pub other_queues: Vec<String>,
 }
 
 impl MeshView {
@@ -345,11 +347,18 @@ impl MeshState {
             })
             .collect();
 
+        let other_queues = self
+            .valid_queues(namespace)
+            .filter_map(|q| q.metadata.name.clone())
+            .filter(|name| !publishable.contains(name))
+            .collect();
+
         Some(MeshView {
             namespace: namespace.to_owned(),
             queues,
             subscriptions,
             peers,
+            other_queues,
         })
     }
 }

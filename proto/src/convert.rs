@@ -36,6 +36,7 @@ pub fn mesh_view(
         subscriptions: view.subscriptions.iter().map(served_subscription).collect(),
         peers: view.peers.iter().map(peer).collect(),
         computed_at: Some(computed_at.into()),
+        other_queues: view.other_queues.clone(),
     }
 }
 

@@ -72,6 +72,11 @@ impl View {
         self.queues.get(name).map(|&i| &self.wire.queues[i])
     }
 
+    /// Whether the namespace has a queue of this name that this sidecar may not publish to.
+    pub fn is_foreign_queue(&self, name: &str) -> bool {
+        self.wire.other_queues.iter().any(|q| q == name)
+    }
+
     /// Queues this sidecar may own messages of.
     pub fn queues(&self) -> &[control::QueueView] {
         &self.wire.queues

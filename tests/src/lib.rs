@@ -6,9 +6,12 @@
 //! With `USE_EXISTING_CLUSTER=true` it uses the cluster of `$KUBECONFIG` instead.
 
 mod apiserver;
+pub mod http;
+pub mod mesh;
 mod process;
 
 pub use apiserver::KubeApiServer;
+pub use mesh::{Mesh, MeshBuilder, SidecarProcess};
 pub use process::{free_port, wait_for};
 
 /// The repository root, for tests that read `crds/`, `examples/` or `charts/`.

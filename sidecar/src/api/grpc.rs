@@ -109,6 +109,7 @@ impl Broker for BrokerService {
         .await
         .map_err(|_| Status::cancelled("client went away"))?;
         let holder = consumers.new_holder();
+        consumers.app_joined(&sub);
         tokio::spawn(async move {
             // `credit`: deliveries the client may still receive; refilled by acks/nacks (auto) or
             // explicit credits (manual).

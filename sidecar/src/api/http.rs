@@ -156,6 +156,7 @@ async fn poll(
             .map_err(|e| BrokerError::Invalid(format!("wait: {e}")))?
             .min(MAX_WAIT),
     };
+    sidecar.consumers.polled(&sub);
     let deliveries = sidecar.consumers.take(&sub, max, wait, HTTP_HOLDER).await;
     let engine = base64::engine::general_purpose::STANDARD;
     let messages: Vec<PolledMessage> = deliveries

@@ -78,9 +78,32 @@ pub struct LocalSub {
     pump: Notify,
     limiter: Mutex<Option<(control::RateLimit, Arc<DefaultDirectRateLimiter>)>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// App connections consuming now (gRPC streams, the push worker).
+    apps: std::sync::atomic::AtomicUsize,
+    /// Last HTTP poll: an HTTP consumer counts as present for a while after each poll.
+    last_poll: Mutex<Option<Instant>>,
 }
 
+/// How long after its last poll an HTTP consumer still counts as present.
+pub const HTTP_PRESENCE: Duration = Duration::from_secs(30);
+
 impl LocalSub {
+    /// Whether an app is consuming: credits are granted only then, so owners do not park messages
+    /// in a pod whose app is not taking them.
+    pub fn has_consumer(&self) -> bool {
+        self.apps.load(Ordering::SeqCst) > 0
+            || self
+                .last_poll
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t.elapsed() < HTTP_PRESENCE)
+    }
+
+    /// Number of app connections consuming now.
+    pub fn consumers(&self) -> usize {
+        self.apps.load(Ordering::SeqCst)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -230,6 +253,8 @@ impl Consumers {
                             pump: Notify::new(),
                             limiter: Mutex::new(None),
                             tasks: Mutex::new(Vec::new()),
+                            apps: std::sync::atomic::AtomicUsize::new(0),
+                            last_poll: Mutex::new(None),
                         });
                         let mut tasks = vec![
                             tokio::spawn(Arc::clone(self).run_pump(Arc::clone(&sub))),
@@ -280,14 +305,11 @@ impl Consumers {
         for delivery in batch.deliveries {
             let sub = self.subs().get(&delivery.subscription).cloned();
             let Some(sub) = sub else {
-                refused.push(peer::PeerNack {
-                    delivery: Some(reference(&delivery)),
-                    delay: None,
-                    reason: format!(
-                        "subscription {} is not served by this pod",
-                        delivery.subscription
-                    ),
-                });
+                let reason = format!(
+                    "subscription {} is not served by this pod",
+                    delivery.subscription
+                );
+                refused.push(undelivered(&delivery, &reason));
                 continue;
             };
             if delivery.message.is_none() {
@@ -295,6 +317,7 @@ impl Consumers {
                     "delivery without a message",
                 ));
             }
+            let present = sub.has_consumer();
             let mut st = sub.lock();
             let account = st.accounts.entry(stream).or_default();
             if account.granted == 0 {
@@ -304,6 +327,11 @@ impl Consumers {
                 )));
             }
             account.granted -= 1;
+            if !present {
+                drop(st);
+                refused.push(undelivered(&delivery, "no consumer app in this pod"));
+                continue;
+            }
             account.held += 1;
             st.buffer.push_back(Held { stream, delivery });
             drop(st);
@@ -402,6 +430,9 @@ impl Consumers {
     }
 
     fn room(&self, sub: &LocalSub) -> u32 {
+        if !sub.has_consumer() {
+            return 0;
+        }
         let streams = self.eligible_streams(sub);
         if streams.is_empty() {
             return 0;
@@ -542,6 +573,7 @@ impl Consumers {
                         delivery: Some(lease.reference),
                         delay: delay.map(qmesh_proto::convert::duration),
                         reason: reason.clone(),
+                        undelivered: false,
                     }),
                 }
             }
@@ -593,6 +625,55 @@ impl Consumers {
         }
     }
 
+    /// Hands buffered deliveries back to their owners uncounted (no app took them).
+    pub async fn return_buffered(&self, sub: &LocalSub, reason: &str) {
+        let held: Vec<Held> = {
+            let mut st = sub.lock();
+            let held: Vec<Held> = st.buffer.drain(..).collect();
+            for h in &held {
+                if let Some(a) = st.accounts.get_mut(&h.stream) {
+                    a.held = a.held.saturating_sub(1);
+                }
+            }
+            held
+        };
+        if held.is_empty() {
+            return;
+        }
+        let mut per_stream: HashMap<u64, (Vec<peer::DeliveryRef>, Vec<peer::PeerNack>)> =
+            HashMap::new();
+        for h in held {
+            per_stream
+                .entry(h.stream)
+                .or_default()
+                .1
+                .push(undelivered(&h.delivery, reason));
+        }
+        self.send_settlements(per_stream).await;
+    }
+
+    /// An app connection starts consuming `sub`.
+    pub fn app_joined(&self, sub: &LocalSub) {
+        sub.apps.fetch_add(1, Ordering::SeqCst);
+        sub.pump.notify_one();
+    }
+
+    /// An app connection stopped consuming `sub`.
+    pub async fn app_left(&self, sub: &LocalSub) {
+        if sub.apps.fetch_sub(1, Ordering::SeqCst) == 1 && !sub.has_consumer() {
+            self.return_buffered(sub, "last consumer app left").await;
+        }
+    }
+
+    /// An HTTP consumer polled `sub`.
+    pub fn polled(&self, sub: &LocalSub) {
+        let was_present = sub.has_consumer();
+        *sub.last_poll.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        if !was_present {
+            sub.pump.notify_one();
+        }
+    }
+
     /// Nacks leases whose ack timeout passed.
     async fn run_sweeper(self: Arc<Self>, sub: Arc<LocalSub>) {
         loop {
@@ -610,6 +691,10 @@ impl Consumers {
                 self.settle(&sub, &expired, Some((None, "ack timeout".to_owned())))
                     .await;
             }
+            if !sub.has_consumer() {
+                self.return_buffered(&sub, "no consumer app in this pod")
+                    .await;
+            }
         }
     }
 
@@ -622,6 +707,15 @@ impl Consumers {
     pub fn lease_queue(&self, sub: &LocalSub, receipt: &str) -> Option<String> {
         let id = receipt.parse::<u64>().ok()?;
         sub.lock().leases.get(&id).map(|l| l.queue.clone())
+    }
+}
+
+fn undelivered(d: &peer::PeerDelivery, reason: &str) -> peer::PeerNack {
+    peer::PeerNack {
+        delivery: Some(reference(d)),
+        delay: None,
+        reason: reason.to_owned(),
+        undelivered: true,
     }
 }
 

@@ -18,6 +18,8 @@ pub async fn run(consumers: Arc<Consumers>, sub: Arc<LocalSub>) {
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
     let holder = consumers.new_holder();
+    // The push endpoint is the consumer: it is present for as long as the subscription is pushed.
+    consumers.app_joined(&sub);
     loop {
         let window = sub.window() as usize;
         let deliveries = consumers

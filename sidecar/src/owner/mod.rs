@@ -202,9 +202,13 @@ impl Owner {
             return Err(BrokerError::ShuttingDown);
         }
         let view = self.view.borrow().clone();
-        let qv = view
-            .queue(queue)
-            .ok_or_else(|| BrokerError::UnknownQueue(queue.to_owned()))?;
+        let qv = view.queue(queue).ok_or_else(|| {
+            if view.is_foreign_queue(queue) {
+                BrokerError::NotPublisher(queue.to_owned())
+            } else {
+                BrokerError::UnknownQueue(queue.to_owned())
+            }
+        })?;
         if !qv.app_may_publish {
             return Err(BrokerError::NotPublisher(queue.to_owned()));
         }
@@ -642,7 +646,11 @@ impl Owner {
                 &r.subscription,
                 r.sequence,
                 r.attempt,
-                Failure::counted(&nack.reason, delay),
+                if nack.undelivered {
+                    Failure::uncounted(&nack.reason)
+                } else {
+                    Failure::counted(&nack.reason, delay)
+                },
                 now,
                 rand::random(),
             );

@@ -1,0 +1,241 @@
+//! Clients used by the mesh tests: publishers and consumers over the real gRPC app API, recording
+//! every message so tests can count them.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use qmesh_proto::v1::{
+    self, Ack, Nack, Open, PublishRequest, SubscribeRequest, broker_client::BrokerClient,
+    publish_result, subscribe_request, subscribe_response,
+};
+use qmesh_tests::{MeshBuilder, wait_for};
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+
+/// The sidecar binary built by cargo for these tests.
+pub const SIDECAR: &str = env!("CARGO_BIN_EXE_qmesh-sidecar");
+
+/// A mesh builder for the sidecar binary.
+pub fn mesh() -> MeshBuilder {
+    MeshBuilder::new()
+}
+
+/// A gRPC client of a sidecar's app API.
+pub async fn client(url: &str) -> BrokerClient<tonic::transport::Channel> {
+    BrokerClient::connect(url.to_owned()).await.unwrap()
+}
+
+/// A message to publish.
+pub fn message(id: &str, key: &str, payload: &str) -> v1::Message {
+    v1::Message {
+        id: id.to_owned(),
+        payload: payload.as_bytes().to_vec().into(),
+        headers: HashMap::new(),
+        key: key.to_owned(),
+        publish_time: None,
+    }
+}
+
+/// Publishes pipelined over `PublishStream`; returns each result in request order.
+pub async fn publish_all(
+    url: &str,
+    queue: &str,
+    messages: Vec<v1::Message>,
+) -> Vec<Result<v1::PublishResponse, v1::Error>> {
+    let mut client = client(url).await;
+    let n = messages.len();
+    let requests: Vec<PublishRequest> = messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| PublishRequest {
+            queue: queue.to_owned(),
+            message: Some(m),
+            correlation: i as u64,
+        })
+        .collect();
+    let mut results: Vec<Option<Result<v1::PublishResponse, v1::Error>>> = vec![None; n];
+    let mut stream = client
+        .publish_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(r) = stream.next().await {
+        let r = r.unwrap();
+        results[r.correlation as usize] = Some(match r.result.unwrap() {
+            publish_result::Result::Ok(ok) => Ok(ok),
+            publish_result::Result::Error(e) => Err(e),
+        });
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every publish answered"))
+        .collect()
+}
+
+/// One delivery as a consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Which consumer got it.
+    pub consumer: String,
+    /// Message id.
+    pub id: String,
+    /// Ordering key.
+    pub key: String,
+    /// Payload as text.
+    pub payload: String,
+    /// Headers.
+    pub headers: HashMap<String, String>,
+    /// Attempt.
+    pub attempt: u32,
+}
+
+/// What a consumer does with a delivery.
+#[derive(Clone, Copy, Debug)]
+pub enum Verdict {
+    /// Ack.
+    Ack,
+    /// Nack with this reason.
+    Nack(&'static str),
+    /// Neither: keep it (a stuck consumer).
+    Hold,
+}
+
+/// A consumer app on a `Subscribe` stream that records what it gets.
+pub struct Consumer {
+    /// Everything received, in order.
+    pub received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Consumer {
+    /// Subscribes at `url` to `subscription`; `verdict` decides per delivery.
+    pub async fn start(
+        name: &str,
+        url: &str,
+        subscription: &str,
+        max_in_flight: u32,
+        verdict: impl Fn(&Received) -> Verdict + Send + 'static,
+    ) -> Self {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let mut client = client(url).await;
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(SubscribeRequest {
+            request: Some(subscribe_request::Request::Open(Open {
+                subscription: subscription.to_owned(),
+                max_in_flight,
+                manual_credit: false,
+            })),
+        })
+        .await
+        .unwrap();
+        let mut inbound = client
+            .subscribe(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        match inbound.next().await {
+            Some(Ok(v1::SubscribeResponse {
+                response: Some(subscribe_response::Response::Subscribed(_)),
+            })) => {}
+            other => panic!("not subscribed: {other:?}"),
+        }
+        let name = name.to_owned();
+        let log = Arc::clone(&received);
+        let task = tokio::spawn(async move {
+            while let Some(Ok(response)) = inbound.next().await {
+                let Some(subscribe_response::Response::Deliveries(batch)) = response.response
+                else {
+                    continue;
+                };
+                let mut acks = Vec::new();
+                for d in batch.deliveries {
+                    let m = d.message.unwrap_or_default();
+                    let r = Received {
+                        consumer: name.clone(),
+                        id: m.id,
+                        key: m.key,
+                        payload: String::from_utf8_lossy(&m.payload).into_owned(),
+                        headers: m.headers,
+                        attempt: d.attempt,
+                    };
+                    let v = verdict(&r);
+                    log.lock().unwrap().push(r);
+                    match v {
+                        Verdict::Ack => acks.push(d.receipt),
+                        Verdict::Hold => {}
+                        Verdict::Nack(reason) => {
+                            let nack = Nack {
+                                receipts: vec![d.receipt],
+                                delay: None,
+                                reason: reason.into(),
+                            };
+                            let req = SubscribeRequest {
+                                request: Some(subscribe_request::Request::Nack(nack)),
+                            };
+                            if tx.send(req).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                if !acks.is_empty() {
+                    let req = SubscribeRequest {
+                        request: Some(subscribe_request::Request::Ack(Ack { receipts: acks })),
+                    };
+                    if tx.send(req).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self { received, task }
+    }
+
+    /// Ids received so far (with repeats).
+    pub fn ids(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    /// Number of deliveries so far.
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// Stops consuming (closing the stream).
+    pub fn stop(self) -> Vec<Received> {
+        self.task.abort();
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// Waits until `check` holds, up to `secs` seconds.
+pub async fn until(what: &str, secs: u64, check: impl Fn() -> bool) {
+    wait_for(what, Duration::from_secs(secs), || {
+        let ok = check();
+        async move { ok.then_some(()) }
+    })
+    .await
+    .unwrap();
+}
+
+/// Distinct ids and duplicate count of a set of deliveries (first attempts and redeliveries).
+pub fn tally(ids: impl IntoIterator<Item = String>) -> (std::collections::HashSet<String>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut dups = 0;
+    for id in ids {
+        if !seen.insert(id) {
+            dups += 1;
+        }
+    }
+    (seen, dups)
+}

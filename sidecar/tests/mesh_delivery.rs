@@ -1,0 +1,567 @@
+//! Real `qmesh-sidecar` processes on loopback, started from a mesh file: every test counts every
+//! message and reports duplicates.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use qmesh_tests::http;
+
+const SHOP: &str = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: orders}
+spec:
+  publishers: {matchLabels: {app: checkout}}
+  deadLetterQueue: orders-dlq
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: orders-dlq}
+spec: {}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: billing}
+spec:
+  queue: orders
+  consumers: {matchLabels: {app: billing}}
+  delivery: {maxInFlight: 16}
+  retry: {maxDeliveries: 3, backoff: {initial: 50ms, max: 200ms}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: shipping}
+spec:
+  queue: orders
+  consumers: {matchLabels: {app: shipping}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: dlq-audit}
+spec:
+  queue: orders-dlq
+  consumers: {matchLabels: {app: shipping}}
+"#;
+
+async fn shop() -> qmesh_tests::Mesh {
+    mesh()
+        .manifests(SHOP)
+        .sidecar("checkout", &[("app", "checkout")])
+        .sidecar("billing-1", &[("app", "billing")])
+        .sidecar("billing-2", &[("app", "billing")])
+        .sidecar("shipping", &[("app", "shipping")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap()
+}
+
+fn messages(n: usize, prefix: &str) -> Vec<qmesh_proto::v1::Message> {
+    (0..n)
+        .map(|i| message(&format!("{prefix}-{i}"), "", &format!("order {i}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_reaches_every_subscription_and_competing_consumers_share_the_load() {
+    let mesh = shop().await;
+    let b1 = Consumer::start(
+        "b1",
+        &mesh.sidecar("billing-1").grpc_url(),
+        "billing",
+        8,
+        |_| Verdict::Ack,
+    )
+    .await;
+    let b2 = Consumer::start(
+        "b2",
+        &mesh.sidecar("billing-2").grpc_url(),
+        "billing",
+        8,
+        |_| Verdict::Ack,
+    )
+    .await;
+    let ship = Consumer::start(
+        "s",
+        &mesh.sidecar("shipping").grpc_url(),
+        "shipping",
+        32,
+        |_| Verdict::Ack,
+    )
+    .await;
+
+    let n = 600;
+    let results = publish_all(
+        &mesh.sidecar("checkout").grpc_url(),
+        "orders",
+        messages(n, "o"),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok), "every publish accepted");
+
+    until("shipping to get every order", 30, || ship.count() >= n).await;
+    until("billing to get every order", 30, || {
+        b1.count() + b2.count() >= n
+    })
+    .await;
+    let (shipping, dup_s) = tally(ship.ids());
+    let (billing, dup_b) = tally(b1.ids().into_iter().chain(b2.ids()));
+    println!(
+        "published {n}: shipping got {} distinct ({dup_s} duplicates), billing {} distinct \
+         ({dup_b} duplicates) split {} / {}",
+        shipping.len(),
+        billing.len(),
+        b1.count(),
+        b2.count()
+    );
+    assert_eq!(shipping.len(), n);
+    assert_eq!(billing.len(), n);
+    assert_eq!(dup_s + dup_b, 0, "no redelivery without a failure");
+    // Each competing consumer gets a fair part.
+    assert!(
+        b1.count() >= n / 4 && b2.count() >= n / 4,
+        "split {} / {}",
+        b1.count(),
+        b2.count()
+    );
+
+    // Everything settled at the owner.
+    let stats = http::request("GET", mesh.sidecar("checkout").admin, "/v1/stats", &[], b"")
+        .await
+        .unwrap();
+    let stats = stats.json().unwrap();
+    until_backlog_zero(&mesh).await;
+    assert_eq!(stats["queues"][0]["published"], n as u64);
+}
+
+async fn until_backlog_zero(mesh: &qmesh_tests::Mesh) {
+    let admin = mesh.sidecar("checkout").admin;
+    qmesh_tests::wait_for(
+        "owner backlog to drain",
+        Duration::from_secs(20),
+        || async move {
+            let s = http::request("GET", admin, "/v1/stats", &[], b"")
+                .await
+                .ok()?
+                .json()
+                .ok()?;
+            let backlog: u64 = s["queues"]
+                .as_array()?
+                .iter()
+                .filter_map(|q| q["backlog"].as_u64())
+                .sum();
+            (backlog == 0).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        let stats = std::process::Command::new("curl")
+            .arg(format!("http://{admin}/v1/stats"))
+            .output()
+            .unwrap();
+        panic!("{e}: {}", String::from_utf8_lossy(&stats.stdout))
+    });
+}
+
+/// Waits until the owner holds nothing more for `subscription`.
+async fn until_settled(mesh: &qmesh_tests::Mesh, subscription: &str) {
+    let admin = mesh.sidecar("checkout").admin;
+    qmesh_tests::wait_for(
+        "subscription backlog to drain",
+        Duration::from_secs(20),
+        || async move {
+            let s = http::request("GET", admin, "/v1/stats", &[], b"")
+                .await
+                .ok()?
+                .json()
+                .ok()?;
+            let backlog: u64 = s["subscriptions"]
+                .as_array()?
+                .iter()
+                .filter(|x| x["subscription"] == subscription)
+                .filter_map(|x| x["backlog"].as_u64())
+                .sum();
+            (backlog == 0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_nacked_max_deliveries_times_reaches_the_dead_letter_queue_with_headers() {
+    let mesh = shop().await;
+    let poison = |r: &Received| {
+        if r.payload == "poison" {
+            Verdict::Nack("cannot parse order")
+        } else {
+            Verdict::Ack
+        }
+    };
+    let billing = Consumer::start(
+        "b1",
+        &mesh.sidecar("billing-1").grpc_url(),
+        "billing",
+        8,
+        poison,
+    )
+    .await;
+    let audit = Consumer::start(
+        "a",
+        &mesh.sidecar("shipping").grpc_url(),
+        "dlq-audit",
+        8,
+        |_| Verdict::Ack,
+    )
+    .await;
+    let mut batch = messages(20, "ok");
+    batch.push(message("bad-1", "", "poison"));
+    let results = publish_all(&mesh.sidecar("checkout").grpc_url(), "orders", batch).await;
+    assert!(results.iter().all(Result::is_ok));
+
+    until("the poison message in the dead-letter queue", 30, || {
+        audit.count() >= 1
+    })
+    .await;
+    let dead = audit.received.lock().unwrap()[0].clone();
+    assert_eq!(dead.payload, "poison");
+    assert_eq!(dead.headers["qmesh-original-queue"], "orders");
+    assert_eq!(dead.headers["qmesh-original-subscription"], "billing");
+    assert_eq!(dead.headers["qmesh-delivery-count"], "3");
+    assert_eq!(dead.headers["qmesh-last-error"], "cannot parse order");
+    assert!(dead.headers["qmesh-dead-letter-reason"].contains("max deliveries"));
+    assert_eq!(dead.headers["qmesh-original-id"], "bad-1");
+    let attempts: Vec<u32> = billing
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.id == "bad-1")
+        .map(|r| r.attempt)
+        .collect();
+    assert_eq!(
+        attempts,
+        [1, 2, 3],
+        "delivered exactly maxDeliveries times, attempts counted"
+    );
+    until("the good orders", 10, || billing.count() >= 23).await;
+    until_settled(&mesh, "billing").await;
+    until_settled(&mesh, "dlq-audit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_consumer_sidecar_mid_stream_loses_nothing() {
+    let mut mesh = shop().await;
+    let slow = |_: &Received| {
+        std::thread::sleep(Duration::from_millis(2));
+        Verdict::Ack
+    };
+    let b1 = Consumer::start(
+        "b1",
+        &mesh.sidecar("billing-1").grpc_url(),
+        "billing",
+        8,
+        slow,
+    )
+    .await;
+    let b2 = Consumer::start(
+        "b2",
+        &mesh.sidecar("billing-2").grpc_url(),
+        "billing",
+        8,
+        slow,
+    )
+    .await;
+    let n = 1000;
+    let publisher = {
+        let url = mesh.sidecar("checkout").grpc_url();
+        tokio::spawn(async move { publish_all(&url, "orders", messages(n, "k")).await })
+    };
+    until("some deliveries to billing-2", 20, || b2.count() >= 50).await;
+    mesh.sidecar_mut("billing-2").kill9();
+    let before_kill = b2.stop();
+    let results = publisher.await.unwrap();
+    assert!(results.iter().all(Result::is_ok));
+    until("billing-1 to take over the rest", 60, || {
+        let (ids, _) = tally(
+            b1.ids()
+                .into_iter()
+                .chain(before_kill.iter().map(|r| r.id.clone())),
+        );
+        ids.len() >= n
+    })
+    .await;
+    let (ids, dups) = tally(
+        b1.ids()
+            .into_iter()
+            .chain(before_kill.iter().map(|r| r.id.clone())),
+    );
+    println!(
+        "published {n}: billing-2 got {} before kill -9, billing-1 {}; {} distinct, {dups} duplicates",
+        before_kill.len(),
+        b1.count(),
+        ids.len()
+    );
+    assert_eq!(ids.len(), n, "nothing lost");
+    assert!(
+        dups <= 16,
+        "duplicates bounded by the killed consumer's window: {dups}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_subscription_is_delivered_at_its_rate() {
+    let yaml = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: jobs}
+spec: {}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: workers}
+spec:
+  queue: jobs
+  consumers: {matchLabels: {app: worker}}
+  rateLimit: {messagesPerSecond: 50, burst: 1}
+"#;
+    let mesh = mesh()
+        .manifests(yaml)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("worker-1", &[("app", "worker")])
+        .sidecar("worker-2", &[("app", "worker")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let w1 = Consumer::start(
+        "w1",
+        &mesh.sidecar("worker-1").grpc_url(),
+        "workers",
+        32,
+        |_| Verdict::Ack,
+    )
+    .await;
+    let w2 = Consumer::start(
+        "w2",
+        &mesh.sidecar("worker-2").grpc_url(),
+        "workers",
+        32,
+        |_| Verdict::Ack,
+    )
+    .await;
+    let results = publish_all(
+        &mesh.sidecar("producer").grpc_url(),
+        "jobs",
+        messages(2000, "j"),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+    // Measure over 10 s after the first second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = (Instant::now(), w1.count() + w2.count());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let delivered = w1.count() + w2.count() - start.1;
+    let rate = delivered as f64 / start.0.elapsed().as_secs_f64();
+    println!("rate limit 50/s split over 2 consumers: measured {rate:.1} msgs/s over 10 s");
+    assert!(
+        (45.0..=55.0).contains(&rate),
+        "rate {rate:.1} not within 50 ±10%"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_fills_retention_and_publishes_get_429_while_memory_stays_bounded() {
+    let yaml = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: events}
+spec:
+  retention: {maxMessages: 200, overflow: Reject}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: slow}
+spec:
+  queue: events
+  consumers: {matchLabels: {app: slow}}
+  delivery: {maxInFlight: 4}
+"#;
+    let mesh = mesh()
+        .manifests(yaml)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("slow", &[("app", "slow")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    // The consumer never acks: its window fills, then the owner's retention.
+    let _stuck = Consumer::start("stuck", &mesh.sidecar("slow").grpc_url(), "slow", 4, |_| {
+        Verdict::Hold
+    })
+    .await;
+    let payload = vec![b'x'; 4096];
+    let producer = mesh.sidecar("producer");
+    let mut accepted = 0;
+    let mut refused = None;
+    for i in 0..400 {
+        let r = http::request(
+            "POST",
+            producer.http,
+            "/v1/queues/events/messages",
+            &[("qmesh-id", &format!("e{i}"))],
+            &payload,
+        )
+        .await
+        .unwrap();
+        match r.status {
+            201 => accepted += 1,
+            429 => {
+                refused = Some(r);
+                break;
+            }
+            other => panic!(
+                "unexpected status {other}: {}",
+                String::from_utf8_lossy(&r.body)
+            ),
+        }
+    }
+    let refused = refused.expect("publishes refused once retention is full");
+    assert_eq!(accepted, 200, "exactly maxMessages accepted");
+    assert!(refused.header("retry-after").is_some());
+    let body = refused.json().unwrap();
+    assert_eq!(body["error"]["code"], "backlog_full");
+    let rss: HashMap<&str, u64> = ["producer", "slow"]
+        .iter()
+        .map(|n| (*n, mesh.sidecar(n).rss_bytes().unwrap()))
+        .collect();
+    println!(
+        "retention full after {accepted} publishes; RSS producer {} KiB, consumer {} KiB",
+        rss["producer"] / 1024,
+        rss["slow"] / 1024
+    );
+    for (name, bytes) in rss {
+        assert!(bytes < 64 * 1024 * 1024, "{name} RSS {bytes} bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_api_publishes_polls_acks_and_explains_errors() {
+    let mesh = shop().await;
+    let checkout = mesh.sidecar("checkout");
+    let ok = http::request(
+        "POST",
+        checkout.http,
+        "/v1/queues/orders/messages",
+        &[
+            ("qmesh-id", "h-1"),
+            ("qmesh-key", "customer-7"),
+            ("qmesh-h-region", "eu"),
+        ],
+        b"{\"total\": 12}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status, 201, "{}", String::from_utf8_lossy(&ok.body));
+    assert_eq!(ok.json().unwrap()["id"], "h-1");
+    let dup = http::request(
+        "POST",
+        checkout.http,
+        "/v1/queues/orders/messages",
+        &[("qmesh-id", "h-1")],
+        b"x",
+    )
+    .await
+    .unwrap();
+    assert_eq!(dup.status, 201);
+
+    for (addr, path, status, code) in [
+        (
+            checkout.http,
+            "/v1/queues/nope/messages",
+            404,
+            "unknown_queue",
+        ),
+        (
+            mesh.sidecar("billing-1").http,
+            "/v1/queues/orders/messages",
+            403,
+            "permission_denied",
+        ),
+    ] {
+        let r = http::request("POST", addr, path, &[], b"x").await.unwrap();
+        assert_eq!(r.status, status);
+        assert_eq!(r.json().unwrap()["error"]["code"], code);
+    }
+    let big = vec![0u8; 2 * 1024 * 1024];
+    let r = http::request(
+        "POST",
+        checkout.http,
+        "/v1/queues/orders/messages",
+        &[],
+        &big,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json().unwrap()["error"]["code"], "message_too_large");
+
+    let billing = mesh.sidecar("billing-1").http;
+    let polled = http::request(
+        "GET",
+        billing,
+        "/v1/subscriptions/billing/messages?max=10&wait=5s",
+        &[],
+        b"",
+    )
+    .await
+    .unwrap()
+    .json()
+    .unwrap();
+    let m = &polled["messages"][0];
+    assert_eq!(m["id"], "h-1");
+    assert_eq!(m["key"], "customer-7");
+    assert_eq!(m["headers"]["region"], "eu");
+    assert_eq!(m["payload"], "eyJ0b3RhbCI6IDEyfQ==");
+    let receipt = m["receipt"].as_str().unwrap();
+    let body = format!("{{\"receipts\": [\"{receipt}\"]}}");
+    let acked = http::request(
+        "POST",
+        billing,
+        "/v1/subscriptions/billing/ack",
+        &[],
+        body.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(acked.json().unwrap()["settled"], 1);
+    let again = http::request(
+        "POST",
+        billing,
+        "/v1/subscriptions/billing/ack",
+        &[],
+        body.as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.json().unwrap()["unknown"][0], receipt);
+    let bad = http::request(
+        "POST",
+        billing,
+        "/v1/subscriptions/billing/ack",
+        &[],
+        b"not json",
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad.status, 400);
+    let unknown = http::request("GET", billing, "/v1/subscriptions/nope/messages", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(unknown.status, 404);
+}

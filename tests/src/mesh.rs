@@ -1,0 +1,251 @@
+//! Local meshes of real `qmesh-sidecar` processes for tests: a mesh file written from the Queues and
+//! Subscriptions a test gives plus one `Sidecar` document per process, each on its own free
+//! loopback ports, started, killed (`SIGKILL`), stopped (`SIGTERM`) and restarted on demand.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::Context;
+use tempfile::TempDir;
+
+use crate::process::{ChildGuard, free_port, wait_for};
+
+/// Builds a [`Mesh`].
+#[derive(Default)]
+pub struct MeshBuilder {
+    manifests: String,
+    sidecars: Vec<(String, Vec<(String, String)>)>,
+    args: Vec<String>,
+}
+
+impl MeshBuilder {
+    /// An empty mesh.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds Queue / Subscription manifests (multi-document YAML).
+    pub fn manifests(mut self, yaml: &str) -> Self {
+        if !self.manifests.is_empty() {
+            self.manifests.push_str("\n---\n");
+        }
+        self.manifests.push_str(yaml.trim());
+        self
+    }
+
+    /// Adds a sidecar with these labels.
+    pub fn sidecar(mut self, name: &str, labels: &[(&str, &str)]) -> Self {
+        self.sidecars.push((
+            name.to_owned(),
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        self
+    }
+
+    /// Extra flags for every sidecar.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_owned());
+        self
+    }
+
+    /// Writes the mesh file and starts every sidecar from `binary`, waiting until all are ready.
+    pub async fn start(self, binary: &Path) -> anyhow::Result<Mesh> {
+        let dir = tempfile::Builder::new().prefix("qmesh-mesh-").tempdir()?;
+        let mut text = self.manifests.clone();
+        let mut sidecars = BTreeMap::new();
+        for (name, labels) in &self.sidecars {
+            let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+            let s = SidecarProcess {
+                name: name.clone(),
+                peer: addr(free_port()?),
+                grpc: addr(free_port()?),
+                http: addr(free_port()?),
+                admin: addr(free_port()?),
+                data_dir: dir.path().join(name),
+                mesh_file: dir.path().join("mesh.yaml"),
+                binary: binary.to_path_buf(),
+                args: self.args.clone(),
+                child: None,
+                log: dir.path().join(format!("{name}.log")),
+            };
+            let labels: String = labels
+                .iter()
+                .map(|(k, v)| format!("{k}: {v:?}, "))
+                .collect();
+            write!(
+                text,
+                "\n---\napiVersion: qmesh.io/v1alpha1\nkind: Sidecar\nmetadata: {{name: {name}, labels: {{{}}}}}\n\
+                 spec: {{peerAddress: \"{}\", grpcAddress: \"{}\", httpAddress: \"{}\", adminAddress: \"{}\"}}\n",
+                labels.trim_end_matches(", "),
+                s.peer,
+                s.grpc,
+                s.http,
+                s.admin
+            )?;
+            sidecars.insert(name.clone(), s);
+        }
+        std::fs::write(dir.path().join("mesh.yaml"), text)?;
+        let mut mesh = Mesh {
+            _dir: dir,
+            sidecars,
+        };
+        for s in mesh.sidecars.values_mut() {
+            s.spawn()?;
+        }
+        for s in mesh.sidecars.values_mut() {
+            s.wait_ready().await?;
+        }
+        Ok(mesh)
+    }
+}
+
+/// A running local mesh; every process is killed when it is dropped.
+pub struct Mesh {
+    _dir: TempDir,
+    sidecars: BTreeMap<String, SidecarProcess>,
+}
+
+impl Mesh {
+    /// The sidecar of this name.
+    pub fn sidecar(&self, name: &str) -> &SidecarProcess {
+        &self.sidecars[name]
+    }
+
+    /// The sidecar of this name, to kill or restart it.
+    pub fn sidecar_mut(&mut self, name: &str) -> &mut SidecarProcess {
+        self.sidecars.get_mut(name).expect("a sidecar of that name")
+    }
+}
+
+/// One sidecar process of a mesh.
+pub struct SidecarProcess {
+    /// Its name (the `Sidecar` document).
+    pub name: String,
+    /// Peer API address.
+    pub peer: SocketAddr,
+    /// App gRPC address.
+    pub grpc: SocketAddr,
+    /// App HTTP address.
+    pub http: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Its data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    mesh_file: PathBuf,
+    binary: PathBuf,
+    args: Vec<String>,
+    child: Option<ChildGuard>,
+    log: PathBuf,
+}
+
+impl SidecarProcess {
+    /// `http://` URL of the app gRPC API.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--mesh-file")
+            .arg(&self.mesh_file)
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--log-level", "info,qmesh_sidecar=debug"])
+            .args(&self.args);
+        // Append, so a restart keeps the earlier incarnation's log for diagnosis.
+        self.child = Some(ChildGuard::spawn_appending(
+            "qmesh-sidecar",
+            command,
+            self.log.clone(),
+        )?);
+        Ok(())
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let admin = self.admin;
+        let result = wait_for(
+            "sidecar readiness",
+            Duration::from_secs(20),
+            || async move {
+                crate::http::request("GET", admin, "/readyz", &[], b"")
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+            },
+        )
+        .await;
+        result.with_context(|| {
+            format!(
+                "{} did not become ready; log:\n{}",
+                self.name,
+                self.log_tail()
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill9(&mut self) {
+        self.child.take();
+    }
+
+    /// Sends SIGTERM (graceful shutdown).
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(ChildGuard::id)
+            .context("not running")?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let child = self.child.as_mut().context("not running")?;
+        let code = wait_for("sidecar exit", timeout, || {
+            let status = child.try_status();
+            async move { status }
+        })
+        .await?;
+        self.child = None;
+        Ok(code)
+    }
+
+    /// Starts the process again on the same data directory and waits until ready.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.child.take();
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    /// Resident set size of the process, from /proc.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}

@@ -1,4 +1,61 @@
-//! `qmesh` — the command line (see docs/architecture.md). Not built yet: this binary exits without
-//! doing anything.
+//! `qmesh` — the command line: a one-command demo of a local mesh, and publish/subscribe against a
+//! sidecar. Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 refused by the broker.
 
-fn main() {}
+mod client;
+mod demo;
+mod local;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// qmesh: a message queue that lives in your cluster as a mesh of sidecar brokers.
+#[derive(Parser, Debug)]
+#[command(name = "qmesh", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a local mesh with no cluster: sidecar processes, a fan-out queue, competing rate-limited
+    /// consumers and a poison message that ends in the dead-letter queue; prints a summary.
+    Demo(demo::DemoArgs),
+    /// Publish messages to a queue through a sidecar.
+    Pub(client::PubArgs),
+    /// Consume messages of a subscription through a sidecar.
+    Sub(client::SubArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Pub(args) => client::publish(args).await,
+            Command::Sub(args) => client::subscribe(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            if error.downcast_ref::<client::Refused>().is_some() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Local sidecar processes for `qmesh demo` (and later `qmesh dev` / `qmesh run`): finds the
+//! `qmesh-sidecar` binary, writes `Sidecar` documents on free loopback ports into a mesh file, starts
+//! the processes and stops them (SIGTERM, then kill) when dropped.
+
+use std::{
+    fmt::Write as _,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+/// Finds `qmesh-sidecar`: `$QMESH_SIDECAR_BIN`, next to this executable, or on `PATH`.
+pub fn sidecar_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("QMESH_SIDECAR_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    if let Ok(me) = std::env::current_exe()
+        && let Some(dir) = me.parent()
+    {
+        let candidate = dir.join("qmesh-sidecar");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let candidate = dir.join("qmesh-sidecar");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "qmesh-sidecar not found next to qmesh or on PATH: build it with \
+         `cargo build --release --bin qmesh-sidecar` (or set QMESH_SIDECAR_BIN)"
+    )
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Addresses of one local sidecar.
+#[derive(Clone, Debug)]
+pub struct LocalSidecar {
+    /// Its name.
+    pub name: String,
+    /// App gRPC API.
+    pub grpc: SocketAddr,
+    /// Admin port.
+    pub admin: SocketAddr,
+}
+
+/// A running local mesh.
+pub struct LocalMesh {
+    dir: tempfile::TempDir,
+    /// The sidecars, in the order given.
+    pub sidecars: Vec<LocalSidecar>,
+    children: Vec<Child>,
+}
+
+impl LocalMesh {
+    /// Writes `manifests` plus one `Sidecar` document per `(name, labels)` and starts them all.
+    pub fn start(
+        binary: &Path,
+        manifests: &str,
+        sidecars: &[(&str, &[(&str, &str)])],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("qmesh-local-").tempdir()?;
+        let mut text = manifests.trim().to_owned();
+        let mut local = Vec::new();
+        for (name, labels) in sidecars {
+            let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+            let (peer, grpc, http, admin) = (
+                addr(free_port()?),
+                addr(free_port()?),
+                addr(free_port()?),
+                addr(free_port()?),
+            );
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+            write!(
+                text,
+                "\n---\napiVersion: qmesh.io/v1alpha1\nkind: Sidecar\nmetadata: {{name: {name}, labels: {{{}}}}}\n\
+                 spec: {{peerAddress: \"{peer}\", grpcAddress: \"{grpc}\", httpAddress: \"{http}\", adminAddress: \"{admin}\"}}\n",
+                labels.join(", ")
+            )?;
+            local.push(LocalSidecar {
+                name: (*name).to_owned(),
+                grpc,
+                admin,
+            });
+        }
+        let mesh_file = dir.path().join("mesh.yaml");
+        std::fs::write(&mesh_file, text)?;
+        let mut children = Vec::new();
+        for s in &local {
+            let log = std::fs::File::create(dir.path().join(format!("{}.log", s.name)))?;
+            let child = Command::new(binary)
+                .arg("--mesh-file")
+                .arg(&mesh_file)
+                .args(["--name", &s.name, "--data-dir"])
+                .arg(dir.path().join(&s.name))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", binary.display()))?;
+            children.push(child);
+        }
+        Ok(Self {
+            dir,
+            sidecars: local,
+            children,
+        })
+    }
+
+    /// Waits until every sidecar answers `/readyz`.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.sidecars.len() {
+            loop {
+                if let Some(status) = self.children[i].try_wait()? {
+                    bail!(
+                        "sidecar {} exited ({status}):\n{}",
+                        self.sidecars[i].name,
+                        self.log(&self.sidecars[i].name)
+                    );
+                }
+                if ready(self.sidecars[i].admin).await {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("sidecar {} not ready in {timeout:?}", self.sidecars[i].name);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sidecar of this name.
+    pub fn sidecar(&self, name: &str) -> &LocalSidecar {
+        self.sidecars
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or(&self.sidecars[0])
+    }
+
+    /// The last lines of a sidecar's log.
+    pub fn log(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+async fn ready(admin: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else {
+        return false;
+    };
+    let request = format!("GET /readyz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    response.starts_with("HTTP/1.1 200")
+}
+
+impl Drop for LocalMesh {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for child in &mut self.children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -97,6 +97,15 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_DATA_DIR", default_value = "/var/lib/qmesh")]
     pub data_dir: PathBuf,
 
+    /// Durability of the disk log: `always` (fsync before acknowledging a publish), `never`, or
+    /// `interval:<duration>` (acknowledge after the write, fsync at most that often).
+    #[arg(long, env = "QMESH_FSYNC", default_value = "always")]
+    pub fsync: crate::store::FsyncPolicy,
+
+    /// Size at which a log segment is rolled.
+    #[arg(long, env = "QMESH_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub segment_bytes: u64,
+
     /// How long SIGTERM may take: finishing deliveries to the app and handing over the backlog.
     #[arg(long, env = "QMESH_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

@@ -17,6 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod owner;
 pub mod peer;
+pub mod store;
 pub mod view;
 
 use std::{

@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use qmesh_sidecar::config::{Cli, Command, LogFormat};
+use qmesh_sidecar::{
+    config::{Cli, Command, LogFormat},
+    store::{DiskLog, StoreConfig},
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -23,14 +26,16 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Some(Command::Drain { admin_addr }) => drain(admin_addr).await,
             Some(Command::Run) | None => {
-                std::fs::create_dir_all(&cli.run.data_dir).ok();
-                // The durable log arrives with the storage engine; until then Disk queues are
-                // kept in memory and say so.
-                tracing::warn!(
-                    "disk log not available in this build: Disk queues are held in memory"
-                );
-                let disk = Arc::new(qmesh_sidecar::owner::log::MemoryLog::default());
-                qmesh_sidecar::run(cli.run, disk).await
+                let mut config = StoreConfig::new(cli.run.data_dir.join("log"));
+                config.fsync = cli.run.fsync;
+                config.segment_bytes = cli.run.segment_bytes;
+                let disk = DiskLog::open(config).map_err(|e| {
+                    anyhow::anyhow!(
+                        "opening the message log in {}: {e}",
+                        cli.run.data_dir.display()
+                    )
+                })?;
+                qmesh_sidecar::run(cli.run, Arc::new(disk)).await
             }
         }
     })

@@ -68,6 +68,7 @@ pub struct Owner {
     limits: Limits,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
+    recovered: Mutex<HashMap<String, Vec<log::Recovered>>>,
 }
 
 /// Headers set on dead letters.
@@ -105,6 +106,7 @@ impl Owner {
             limits,
             draining: AtomicBool::new(false),
             metrics,
+            recovered: Mutex::new(HashMap::new()),
         });
         owner.recover();
         tokio::spawn(Arc::clone(&owner).run_events(events_rx));
@@ -112,25 +114,55 @@ impl Owner {
         owner
     }
 
+    /// Takes what the disk log recovered; each queue's messages are restored when the queue
+    /// appears in the view (at once from a mesh file, after the first view from a control plane).
     fn recover(self: &Arc<Self>) {
-        let now = Instant::now();
-        let mut count = 0usize;
+        let mut recovered = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
         for rec in self.disk.recover() {
-            let view = self.view.borrow().clone();
-            let Some(q) = self.queue_for(&view, &rec.queue) else {
-                tracing::warn!(queue = %rec.queue, sequence = rec.sequence, "recovered message of a queue no longer in the view; kept in the log");
-                continue;
-            };
-            q.lock()
-                .restore(rec.sequence, Arc::new(rec.message), rec.pending, now);
-            count += 1;
+            recovered.entry(rec.queue.clone()).or_default().push(rec);
         }
+        let count: usize = recovered.values().map(Vec::len).sum();
         if count > 0 {
             tracing::info!(
                 messages = count,
+                queues = recovered.len(),
                 "recovered unsettled messages from the log"
             );
         }
+    }
+
+    fn restore_recovered(&self, name: &str, q: &OwnedQueue) {
+        let Some(records) = self
+            .recovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let mut state = q.lock();
+        let routes: HashSet<String> = state
+            .view
+            .routes
+            .iter()
+            .map(|r| r.subscription.clone())
+            .collect();
+        for rec in records {
+            let (keep, gone): (Vec<_>, Vec<_>) = rec
+                .pending
+                .into_iter()
+                .partition(|(s, _)| routes.contains(s));
+            for (sub, _) in gone {
+                // The subscription was deleted while this sidecar was down: nothing owes it.
+                q.log.settle(name, &sub, rec.sequence, Outcome::Acked);
+            }
+            if !keep.is_empty() {
+                state.restore(rec.sequence, Arc::new(rec.message), keep, now);
+            }
+        }
+        drop(state);
+        q.wake.notify_one();
     }
 
     /// Stops taking publishes (graceful shutdown).
@@ -188,6 +220,8 @@ impl Owner {
             limiter: Mutex::new(None),
         });
         queues.insert(name.to_owned(), Arc::clone(&q));
+        drop(queues);
+        self.restore_recovered(name, &q);
         tokio::spawn(Arc::clone(self).run_queue(name.to_owned(), Arc::clone(&q)));
         Some(q)
     }
@@ -673,6 +707,16 @@ impl Owner {
         let mut rx = self.view.clone();
         loop {
             let view = rx.borrow_and_update().clone();
+            let waiting: Vec<String> = self
+                .recovered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            for name in waiting {
+                let _ = self.queue_for(&view, &name);
+            }
             let mut wanted = HashSet::new();
             for qv in view.queues() {
                 for r in &qv.routes {

@@ -1,0 +1,802 @@
+//! [`DiskLog`]: segment files, group commit, replay, garbage collection and compaction.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    fs::{self, File, OpenOptions},
+    io::{Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use qmesh_proto::v1;
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::{self, Body};
+use crate::{
+    error::BrokerError,
+    owner::log::{Outcome, OwnerLog, Recovered},
+};
+
+/// When appends are made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// fsync before acknowledging (the default for `durability: Disk`).
+    Always,
+    /// Acknowledge after the write; fsync at most this often.
+    Interval(Duration),
+    /// Never fsync (the OS flushes when it likes).
+    Never,
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" | "Always" => Ok(Self::Always),
+            "never" | "Never" => Ok(Self::Never),
+            other => other
+                .strip_prefix("interval:")
+                .and_then(|d| d.parse::<qmesh_api::Duration>().ok())
+                .map(|d| Self::Interval(d.get()))
+                .ok_or_else(|| {
+                    format!(
+                        "{other:?}: use always, never or interval:<duration> (e.g. interval:5ms)"
+                    )
+                }),
+        }
+    }
+}
+
+/// Settings of the log.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Directory of the segment files.
+    pub dir: PathBuf,
+    /// A segment is rolled once it reaches this size.
+    pub segment_bytes: u64,
+    /// Durability of appends.
+    pub fsync: FsyncPolicy,
+    /// Most bytes written in one batch.
+    pub max_batch_bytes: usize,
+    /// Appends waiting for the writer at most (backpressure beyond).
+    pub queue_depth: usize,
+    /// Compact (copy live messages of the oldest segment forward) once there are more segments.
+    pub max_segments: usize,
+}
+
+impl StoreConfig {
+    /// Defaults for a data directory.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            segment_bytes: 64 * 1024 * 1024,
+            fsync: FsyncPolicy::Always,
+            max_batch_bytes: 4 * 1024 * 1024,
+            queue_depth: 4096,
+            max_segments: 8,
+        }
+    }
+}
+
+/// Counters of the log (exposed as metrics and used by the benchmark).
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Appends made durable.
+    pub appends: AtomicU64,
+    /// Batches written.
+    pub batches: AtomicU64,
+    /// fsync calls.
+    pub fsyncs: AtomicU64,
+    /// Bytes written.
+    pub bytes: AtomicU64,
+    /// Records replayed at start.
+    pub recovered_records: AtomicU64,
+    /// Bytes dropped at start (torn tail, corruption, foreign files).
+    pub dropped_bytes: AtomicU64,
+    /// Failed writes or fsyncs.
+    pub write_errors: AtomicU64,
+    /// Segments deleted by garbage collection.
+    pub segments_deleted: AtomicU64,
+    /// Live messages copied forward by compaction.
+    pub relocated: AtomicU64,
+}
+
+enum Op {
+    Append {
+        queue: String,
+        message: v1::Message,
+        pending: Vec<String>,
+        reply: oneshot::Sender<Result<u64, BrokerError>>,
+    },
+    Wake,
+}
+
+/// The disk implementation of [`OwnerLog`].
+pub struct DiskLog {
+    tx: mpsc::Sender<Op>,
+    side: Arc<Mutex<Vec<Body>>>,
+    recovered: Mutex<Vec<Recovered>>,
+    stats: Arc<StoreStats>,
+}
+
+impl std::fmt::Debug for DiskLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskLog").finish_non_exhaustive()
+    }
+}
+
+impl DiskLog {
+    /// Opens (replaying) or creates the log in `config.dir`, and starts its writer thread.
+    pub fn open(config: StoreConfig) -> std::io::Result<Self> {
+        fs::create_dir_all(&config.dir)?;
+        let stats = Arc::new(StoreStats::default());
+        let (writer, recovered) = Writer::open(config.clone(), Arc::clone(&stats))?;
+        let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
+        let side = Arc::new(Mutex::new(Vec::new()));
+        let writer_side = Arc::clone(&side);
+        std::thread::Builder::new()
+            .name("qmesh-log-writer".into())
+            .spawn(move || writer.run(rx, writer_side))?;
+        if let FsyncPolicy::Interval(every) = config.fsync {
+            let tick = tx.clone();
+            std::thread::Builder::new()
+                .name("qmesh-log-fsync".into())
+                .spawn(move || {
+                    while !tick.is_closed() {
+                        std::thread::sleep(every);
+                        let _ = tick.try_send(Op::Wake);
+                    }
+                })?;
+        }
+        Ok(Self {
+            tx,
+            side,
+            recovered: Mutex::new(recovered),
+            stats,
+        })
+    }
+
+    /// The log's counters.
+    pub fn stats(&self) -> Arc<StoreStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn side(&self, body: Body) {
+        self.side
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(body);
+        let _ = self.tx.try_send(Op::Wake);
+    }
+}
+
+#[tonic::async_trait]
+impl OwnerLog for DiskLog {
+    async fn append(
+        &self,
+        queue: &str,
+        message: &v1::Message,
+        pending: &[String],
+    ) -> Result<u64, BrokerError> {
+        let (reply, answer) = oneshot::channel();
+        let op = Op::Append {
+            queue: queue.to_owned(),
+            message: message.clone(),
+            pending: pending.to_vec(),
+            reply,
+        };
+        self.tx
+            .send(op)
+            .await
+            .map_err(|_| BrokerError::Storage("the log writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| BrokerError::Storage("the log writer stopped".into()))?
+    }
+
+    fn settle(&self, queue: &str, subscription: &str, sequence: u64, outcome: Outcome) {
+        self.side(Body::Settle {
+            queue: queue.to_owned(),
+            subscription: subscription.to_owned(),
+            target: sequence,
+            outcome: u8::from(outcome == Outcome::DeadLettered),
+        });
+    }
+
+    fn attempted(&self, queue: &str, subscription: &str, sequence: u64, attempts: u32) {
+        self.side(Body::Attempt {
+            queue: queue.to_owned(),
+            subscription: subscription.to_owned(),
+            target: sequence,
+            attempts,
+        });
+    }
+
+    fn recover(&self) -> Vec<Recovered> {
+        std::mem::take(&mut *self.recovered.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+// === impl Writer ===
+
+/// Where a live message is, and who still owes it.
+struct Live {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    queue: String,
+    pending: Vec<(String, u32)>,
+}
+
+struct Segment {
+    id: u64,
+    live: u64,
+}
+
+struct Writer {
+    config: StoreConfig,
+    stats: Arc<StoreStats>,
+    segments: VecDeque<Segment>,
+    active: File,
+    active_size: u64,
+    live: HashMap<u64, Live>,
+    next_seq: u64,
+    last_fsync: Instant,
+    dirty: bool,
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.log"))
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+impl Writer {
+    /// Replays every segment, then starts a fresh active segment.
+    fn open(
+        config: StoreConfig,
+        stats: Arc<StoreStats>,
+    ) -> std::io::Result<(Self, Vec<Recovered>)> {
+        let dir = config.dir.clone();
+        let mut ids: Vec<u64> = Vec::new();
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match name
+                .strip_suffix(".log")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                Some(id) => ids.push(id),
+                None if name.ends_with(".dropped") => {}
+                None => tracing::warn!(file = %name, "ignoring a file that is not a log segment"),
+            }
+        }
+        ids.sort_unstable();
+        let mut segments: VecDeque<Segment> = VecDeque::new();
+        let mut live: HashMap<u64, Live> = HashMap::new();
+        let mut messages: BTreeMap<u64, v1::Message> = BTreeMap::new();
+        let mut next_seq = 1;
+        let mut stop_after: Option<usize> = None;
+        for (index, &id) in ids.iter().enumerate() {
+            let path = segment_path(&dir, id);
+            let mut bytes = Vec::new();
+            File::open(&path)?.read_to_end(&mut bytes)?;
+            let mut pos = 0usize;
+            let mut segment = Segment { id, live: 0 };
+            while pos < bytes.len() {
+                match record::decode(&bytes[pos..]) {
+                    Ok((seq, body, used)) => {
+                        next_seq = next_seq.max(seq + 1);
+                        stats.recovered_records.fetch_add(1, Ordering::Relaxed);
+                        apply(
+                            &mut live,
+                            &mut segments,
+                            &mut segment,
+                            &mut messages,
+                            seq,
+                            body,
+                            pos as u64,
+                            used as u32,
+                        );
+                        pos += used;
+                    }
+                    Err(error) => {
+                        let dropped = (bytes.len() - pos) as u64;
+                        stats.dropped_bytes.fetch_add(dropped, Ordering::Relaxed);
+                        tracing::warn!(
+                            segment = %path.display(), offset = pos, dropped_bytes = dropped, ?error,
+                            "log replay stopped at a torn or corrupt record; truncating there and keeping everything before"
+                        );
+                        let f = OpenOptions::new().write(true).open(&path)?;
+                        f.set_len(pos as u64)?;
+                        f.sync_all()?;
+                        stop_after = Some(index);
+                        break;
+                    }
+                }
+            }
+            segments.push_back(segment);
+            if stop_after.is_some() {
+                break;
+            }
+        }
+        if let Some(index) = stop_after {
+            for &id in &ids[index + 1..] {
+                let path = segment_path(&dir, id);
+                let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                stats.dropped_bytes.fetch_add(size, Ordering::Relaxed);
+                tracing::warn!(segment = %path.display(), "segment after a corrupt record set aside as .dropped");
+                let _ = fs::rename(&path, path.with_extension("log.dropped"));
+            }
+        }
+        let recovered: Vec<Recovered> = live
+            .iter()
+            .filter_map(|(seq, l)| {
+                messages.get(seq).map(|m| {
+                    let r = Recovered {
+                        queue: l.queue.clone(),
+                        sequence: *seq,
+                        message: m.clone(),
+                        pending: l.pending.clone(),
+                    };
+                    (*seq, r)
+                })
+            })
+            .collect::<BTreeMap<u64, Recovered>>()
+            .into_values()
+            .collect();
+        let new_id = segments.back().map_or(1, |s| s.id + 1);
+        let active = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&dir, new_id))?;
+        sync_dir(&dir);
+        segments.push_back(Segment {
+            id: new_id,
+            live: 0,
+        });
+        let mut writer = Self {
+            config,
+            stats,
+            segments,
+            active,
+            active_size: 0,
+            live,
+            next_seq,
+            last_fsync: Instant::now(),
+            dirty: false,
+        };
+        writer.collect_garbage();
+        Ok((writer, recovered))
+    }
+
+    fn active_id(&self) -> u64 {
+        self.segments.back().map_or(0, |s| s.id)
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Op>, side: Arc<Mutex<Vec<Body>>>) {
+        let mut buf = Vec::with_capacity(self.config.max_batch_bytes);
+        while let Some(first) = rx.blocking_recv() {
+            let mut ops = vec![first];
+            let mut bytes = 0usize;
+            while bytes < self.config.max_batch_bytes {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        if let Op::Append { message, .. } = &op {
+                            bytes += message.payload.len() + 64;
+                        }
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let side_records = std::mem::take(&mut *side.lock().unwrap_or_else(|e| e.into_inner()));
+            self.write_batch(ops, side_records, &side, &mut buf);
+        }
+        let _ = self.active.sync_data();
+    }
+
+    fn write_batch(
+        &mut self,
+        ops: Vec<Op>,
+        side_records: Vec<Body>,
+        side: &Mutex<Vec<Body>>,
+        buf: &mut Vec<u8>,
+    ) {
+        buf.clear();
+        let start_size = self.active_size;
+        let mut replies = Vec::new();
+        let mut placed = Vec::new();
+        for op in ops {
+            if let Op::Append {
+                queue,
+                message,
+                pending,
+                reply,
+            } = op
+            {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let offset = start_size + buf.len() as u64;
+                let body = Body::Message {
+                    queue: queue.clone(),
+                    message,
+                    pending: pending.clone(),
+                };
+                record::encode(seq, &body, buf);
+                let len = (start_size + buf.len() as u64 - offset) as u32;
+                placed.push((seq, offset, len, queue, pending));
+                replies.push((seq, reply));
+            }
+        }
+        let mut side_applied = Vec::new();
+        for body in side_records {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            record::encode(seq, &body, buf);
+            side_applied.push(body);
+        }
+        if buf.is_empty() {
+            self.maybe_interval_fsync();
+            return;
+        }
+        let must_sync = !replies.is_empty() && self.config.fsync == FsyncPolicy::Always;
+        let result = self
+            .active
+            .write_all(buf)
+            .and_then(|()| if must_sync { self.sync() } else { Ok(()) });
+        if let Err(error) = result {
+            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "log write failed; failing this batch's appends");
+            // Nothing of this batch may resurface after a restart: cut it off again.
+            if self.active.set_len(start_size).is_err()
+                || self.active.seek(SeekFrom::End(0)).is_err()
+            {
+                self.roll();
+            }
+            side.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(side_applied);
+            let message = format!("could not persist the message: {error}");
+            for (_, reply) in replies {
+                let _ = reply.send(Err(BrokerError::Storage(message.clone())));
+            }
+            return;
+        }
+        self.active_size += buf.len() as u64;
+        self.dirty = !must_sync;
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats
+            .appends
+            .fetch_add(replies.len() as u64, Ordering::Relaxed);
+        let active = self.active_id();
+        for (seq, offset, len, queue, pending) in placed {
+            if pending.is_empty() {
+                continue;
+            }
+            self.live.insert(
+                seq,
+                Live {
+                    segment: active,
+                    offset,
+                    len,
+                    queue,
+                    pending: pending.into_iter().map(|p| (p, 0)).collect(),
+                },
+            );
+            if let Some(s) = self.segments.back_mut() {
+                s.live += 1;
+            }
+        }
+        for body in side_applied {
+            self.apply_side(body);
+        }
+        for (seq, reply) in replies {
+            let _ = reply.send(Ok(seq));
+        }
+        self.maybe_interval_fsync();
+        if self.active_size >= self.config.segment_bytes {
+            self.roll();
+        }
+        self.collect_garbage();
+        self.compact();
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.last_fsync = Instant::now();
+        self.active.sync_data()
+    }
+
+    fn maybe_interval_fsync(&mut self) {
+        if let FsyncPolicy::Interval(every) = self.config.fsync
+            && self.dirty
+            && self.last_fsync.elapsed() >= every
+        {
+            if let Err(error) = self.sync() {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "periodic fsync failed");
+            }
+            self.dirty = false;
+        }
+    }
+
+    fn apply_side(&mut self, body: Body) {
+        match body {
+            Body::Settle {
+                subscription,
+                target,
+                ..
+            } => {
+                let Some(l) = self.live.get_mut(&target) else {
+                    return;
+                };
+                l.pending.retain(|(s, _)| *s != subscription);
+                if l.pending.is_empty() {
+                    let segment = l.segment;
+                    self.live.remove(&target);
+                    if let Some(s) = self.segments.iter_mut().find(|s| s.id == segment) {
+                        s.live = s.live.saturating_sub(1);
+                    }
+                }
+            }
+            Body::Attempt {
+                subscription,
+                target,
+                attempts,
+                ..
+            } => {
+                if let Some(l) = self.live.get_mut(&target)
+                    && let Some(p) = l.pending.iter_mut().find(|(s, _)| *s == subscription)
+                {
+                    p.1 = attempts;
+                }
+            }
+            Body::Message { .. } | Body::Relocated { .. } => {}
+        }
+    }
+
+    /// Starts a new active segment.
+    fn roll(&mut self) {
+        let _ = self.active.sync_data();
+        let id = self.active_id() + 1;
+        match OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&self.config.dir, id))
+        {
+            Ok(file) => {
+                sync_dir(&self.config.dir);
+                self.active = file;
+                self.active_size = 0;
+                self.segments.push_back(Segment { id, live: 0 });
+            }
+            Err(error) => {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "could not roll the log segment; continuing in the current one");
+            }
+        }
+    }
+
+    /// Deletes the oldest segments while everything in them is settled. Only from the front: a
+    /// later segment may hold the settle records of messages in an earlier one.
+    fn collect_garbage(&mut self) {
+        while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.live == 0) {
+            let Some(s) = self.segments.pop_front() else {
+                break;
+            };
+            let path = segment_path(&self.config.dir, s.id);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    self.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, segment = %path.display(), "could not delete a settled segment");
+                    self.segments.push_front(s);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Copies the live messages of the oldest segment forward once there are too many segments,
+    /// so replay time stays bounded however long a few messages stay unsettled.
+    fn compact(&mut self) {
+        if self.segments.len() <= self.config.max_segments.max(2) {
+            return;
+        }
+        let Some(head) = self.segments.front().map(|s| s.id) else {
+            return;
+        };
+        let mut moving: Vec<(u64, u64, u32)> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.segment == head)
+            .map(|(seq, l)| (*seq, l.offset, l.len))
+            .collect();
+        moving.sort_unstable();
+        let Ok(mut file) = File::open(segment_path(&self.config.dir, head)) else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut placed = Vec::new();
+        for (seq, offset, len) in moving {
+            let mut raw = vec![0u8; len as usize];
+            if file
+                .seek(SeekFrom::Start(offset))
+                .and_then(|_| file.read_exact(&mut raw))
+                .is_err()
+            {
+                return;
+            }
+            let Ok((_, Body::Message { message, .. } | Body::Relocated { message, .. }, _)) =
+                record::decode(&raw)
+            else {
+                return;
+            };
+            let Some(l) = self.live.get(&seq) else {
+                continue;
+            };
+            let new_seq = self.next_seq;
+            self.next_seq += 1;
+            let at = self.active_size + buf.len() as u64;
+            record::encode(
+                new_seq,
+                &Body::Relocated {
+                    queue: l.queue.clone(),
+                    message,
+                    pending: l.pending.clone(),
+                    target: seq,
+                },
+                &mut buf,
+            );
+            placed.push((seq, at, (self.active_size + buf.len() as u64 - at) as u32));
+        }
+        if self
+            .active
+            .write_all(&buf)
+            .and_then(|()| self.sync())
+            .is_err()
+        {
+            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            let _ = self.active.set_len(self.active_size);
+            return;
+        }
+        self.active_size += buf.len() as u64;
+        let active = self.active_id();
+        let moved = placed.len() as u64;
+        for (seq, offset, len) in placed {
+            if let Some(l) = self.live.get_mut(&seq) {
+                *l = Live {
+                    segment: active,
+                    offset,
+                    len,
+                    queue: std::mem::take(&mut l.queue),
+                    pending: std::mem::take(&mut l.pending),
+                };
+            }
+        }
+        if let Some(s) = self.segments.back_mut() {
+            s.live += moved;
+        }
+        if let Some(s) = self.segments.front_mut() {
+            s.live = 0;
+        }
+        self.stats.relocated.fetch_add(moved, Ordering::Relaxed);
+        tracing::info!(segment = head, moved, "compacted the oldest log segment");
+        self.collect_garbage();
+    }
+}
+
+/// Applies one replayed record to the index.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    live: &mut HashMap<u64, Live>,
+    earlier: &mut VecDeque<Segment>,
+    current: &mut Segment,
+    messages: &mut BTreeMap<u64, v1::Message>,
+    seq: u64,
+    body: Body,
+    offset: u64,
+    len: u32,
+) {
+    let mut release = |segment: u64| {
+        if let Some(s) = earlier.iter_mut().find(|s| s.id == segment) {
+            s.live = s.live.saturating_sub(1);
+        }
+    };
+    match body {
+        Body::Message {
+            queue,
+            message,
+            pending,
+        } => {
+            if pending.is_empty() {
+                return;
+            }
+            live.insert(
+                seq,
+                Live {
+                    segment: current.id,
+                    offset,
+                    len,
+                    queue,
+                    pending: pending.into_iter().map(|p| (p, 0)).collect(),
+                },
+            );
+            messages.insert(seq, message);
+            current.live += 1;
+        }
+        Body::Relocated {
+            queue,
+            message,
+            pending,
+            target,
+        } => {
+            if let Some(old) = live.remove(&target) {
+                if old.segment == current.id {
+                    current.live = current.live.saturating_sub(1);
+                } else {
+                    release(old.segment);
+                }
+            }
+            live.insert(
+                target,
+                Live {
+                    segment: current.id,
+                    offset,
+                    len,
+                    queue,
+                    pending,
+                },
+            );
+            messages.insert(target, message);
+            current.live += 1;
+        }
+        Body::Settle {
+            subscription,
+            target,
+            ..
+        } => {
+            let Some(l) = live.get_mut(&target) else {
+                return;
+            };
+            l.pending.retain(|(s, _)| *s != subscription);
+            if l.pending.is_empty() {
+                let segment = l.segment;
+                live.remove(&target);
+                messages.remove(&target);
+                if segment == current.id {
+                    current.live = current.live.saturating_sub(1);
+                } else {
+                    release(segment);
+                }
+            }
+        }
+        Body::Attempt {
+            subscription,
+            target,
+            attempts,
+            ..
+        } => {
+            if let Some(l) = live.get_mut(&target)
+                && let Some(p) = l.pending.iter_mut().find(|(s, _)| *s == subscription)
+            {
+                p.1 = attempts;
+            }
+        }
+    }
+}

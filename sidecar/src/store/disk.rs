@@ -107,6 +107,7 @@ pub struct StoreStats {
     pub relocated: AtomicU64,
 }
 
+#[allow(clippy::large_enum_variant)] // appends are the common case; boxing them would add an allocation each
 enum Op {
     Append {
         queue: String,

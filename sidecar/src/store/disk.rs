@@ -116,6 +116,7 @@ enum Op {
         reply: oneshot::Sender<Result<u64, BrokerError>>,
     },
     Wake,
+    Flush(oneshot::Sender<std::io::Result<()>>),
 }
 
 /// The disk implementation of [`OwnerLog`].
@@ -166,6 +167,19 @@ impl DiskLog {
     /// The log's counters.
     pub fn stats(&self) -> Arc<StoreStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Writes every pending settle/attempt record and fsyncs: once this returns, everything
+    /// recorded before is durable.
+    pub async fn flush(&self) -> std::io::Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Op::Flush(reply))
+            .await
+            .map_err(|_| std::io::Error::other("the log writer stopped"))?;
+        answer
+            .await
+            .map_err(|_| std::io::Error::other("the log writer stopped"))?
     }
 
     fn side(&self, body: Body) {
@@ -408,6 +422,37 @@ impl Writer {
     }
 
     fn write_batch(
+        &mut self,
+        mut ops: Vec<Op>,
+        side_records: Vec<Body>,
+        side: &Mutex<Vec<Body>>,
+        buf: &mut Vec<u8>,
+    ) {
+        let mut flushes = Vec::new();
+        for op in &mut ops {
+            if matches!(op, Op::Flush(_))
+                && let Op::Flush(reply) = std::mem::replace(op, Op::Wake)
+            {
+                flushes.push(reply);
+            }
+        }
+        self.write_records(ops, side_records, side, buf);
+        if !flushes.is_empty() {
+            let result = self.sync();
+            if result.is_ok() {
+                self.dirty = false;
+            }
+            for reply in flushes {
+                let answer = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    fn write_records(
         &mut self,
         ops: Vec<Op>,
         side_records: Vec<Body>,

@@ -510,6 +510,13 @@ impl Writer {
             {
                 self.roll();
             }
+            // The settlements are known even if not yet durable: apply them to the index so that
+            // fully settled head segments can be deleted — which is what frees a full disk — and
+            // keep them queued to be written once there is room (applying twice is harmless).
+            for body in &side_applied {
+                self.apply_side(body.clone());
+            }
+            self.collect_garbage();
             side.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(side_applied);

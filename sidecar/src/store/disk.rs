@@ -392,6 +392,7 @@ impl Writer {
             dirty: false,
         };
         writer.collect_garbage();
+        writer.compact();
         Ok((writer, recovered))
     }
 
@@ -668,9 +669,16 @@ impl Writer {
     /// Copies the live messages of the oldest segment forward once there are too many segments,
     /// so replay time stays bounded however long a few messages stay unsettled.
     fn compact(&mut self) {
-        if self.segments.len() <= self.config.max_segments.max(2) {
-            return;
+        while self.segments.len() > self.config.max_segments.max(2) {
+            let before = self.segments.len();
+            self.compact_head();
+            if self.segments.len() >= before {
+                break;
+            }
         }
+    }
+
+    fn compact_head(&mut self) {
         let Some(head) = self.segments.front().map(|s| s.id) else {
             return;
         };

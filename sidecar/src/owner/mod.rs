@@ -109,6 +109,18 @@ impl Owner {
             recovered: Mutex::new(HashMap::new()),
         });
         owner.recover();
+        // Queues already in the view get their messages back before the sidecar reports ready.
+        let view = owner.view.borrow().clone();
+        let waiting: Vec<String> = owner
+            .recovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for name in waiting {
+            let _ = owner.queue_for(&view, &name);
+        }
         tokio::spawn(Arc::clone(&owner).run_events(events_rx));
         tokio::spawn(Arc::clone(&owner).follow_view());
         owner

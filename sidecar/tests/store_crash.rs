@@ -52,11 +52,11 @@ fn crash_child() {
             tasks.push(tokio::spawn(async move {
                 for i in 0.. {
                     let id = format!("{start}-{worker}-{i}");
-                    let message = v1::Message {
+                    let message = std::sync::Arc::new(v1::Message {
                         id: id.clone(),
                         payload: vec![b'p'; 200].into(),
                         ..Default::default()
-                    };
+                    });
                     let seq = log.append("q", &message, &["s".to_owned()]).await.unwrap();
                     writeln!(out.lock().unwrap(), "A {seq} {id}").unwrap();
                     if i % 3 == 0 {

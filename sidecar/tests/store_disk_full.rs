@@ -45,12 +45,12 @@ fn config(dir: &std::path::Path) -> StoreConfig {
     c
 }
 
-fn message(i: usize) -> v1::Message {
-    v1::Message {
+fn message(i: usize) -> std::sync::Arc<v1::Message> {
+    std::sync::Arc::new(v1::Message {
         id: format!("m{i}"),
         payload: vec![b'x'; 8 * 1024].into(),
         ..Default::default()
-    }
+    })
 }
 
 #[tokio::test]

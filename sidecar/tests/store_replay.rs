@@ -72,11 +72,11 @@ async fn run(ops: Vec<Op>) {
                     .filter(|(i, _)| subs & (1 << i) != 0)
                     .map(|(_, s)| s.to_string())
                     .collect();
-                let message = v1::Message {
+                let message = std::sync::Arc::new(v1::Message {
                     id: id.clone(),
                     payload: vec![1u8; size].into(),
                     ..Default::default()
-                };
+                });
                 let seq = log.append(&queue, &message, &pending).await.unwrap();
                 model.insert(
                     seq,
@@ -145,11 +145,11 @@ async fn garbage_truncated_and_foreign_files_never_panic_and_keep_what_is_before
     {
         let log = DiskLog::open(config(dir.path())).unwrap();
         for i in 0..5 {
-            let m = v1::Message {
+            let m = std::sync::Arc::new(v1::Message {
                 id: format!("m{i}"),
                 payload: vec![0u8; 10].into(),
                 ..Default::default()
-            };
+            });
             log.append("q", &m, &["a".to_owned()]).await.unwrap();
         }
         log.flush().await.unwrap();

@@ -5,7 +5,10 @@
 //! written in order behind it but not awaited: losing the last settlements in a crash means a
 //! redelivery, never a lost message (at-least-once).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use qmesh_proto::v1;
 
@@ -40,7 +43,7 @@ pub trait OwnerLog: Send + Sync + 'static {
     async fn append(
         &self,
         queue: &str,
-        message: &v1::Message,
+        message: &Arc<v1::Message>,
         pending: &[String],
     ) -> Result<u64, BrokerError>;
 
@@ -62,7 +65,12 @@ pub struct MemoryLog {
 
 #[tonic::async_trait]
 impl OwnerLog for MemoryLog {
-    async fn append(&self, _: &str, _: &v1::Message, _: &[String]) -> Result<u64, BrokerError> {
+    async fn append(
+        &self,
+        _: &str,
+        _: &Arc<v1::Message>,
+        _: &[String],
+    ) -> Result<u64, BrokerError> {
         Ok(self.next.fetch_add(1, Ordering::Relaxed) + 1)
     }
 

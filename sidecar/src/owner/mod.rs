@@ -335,10 +335,10 @@ impl Owner {
             state.routes_for(message)
         };
         self.make_room(q, queue, &policy, size).await?;
-        let sequence = q.log.append(queue, message, &pending).await?;
         let id = message.id.clone();
-        q.lock()
-            .insert(sequence, Arc::new(std::mem::take(message)), pending, now);
+        let message = Arc::new(std::mem::take(message));
+        let sequence = q.log.append(queue, &message, &pending).await?;
+        q.lock().insert(sequence, message, pending, now);
         q.wake.notify_one();
         self.metrics.published(queue);
         Ok(v1::PublishResponse {

@@ -107,11 +107,10 @@ pub struct StoreStats {
     pub relocated: AtomicU64,
 }
 
-#[allow(clippy::large_enum_variant)] // appends are the common case; boxing them would add an allocation each
 enum Op {
     Append {
         queue: String,
-        message: v1::Message,
+        message: Arc<v1::Message>,
         pending: Vec<String>,
         reply: oneshot::Sender<Result<u64, BrokerError>>,
     },
@@ -196,13 +195,13 @@ impl OwnerLog for DiskLog {
     async fn append(
         &self,
         queue: &str,
-        message: &v1::Message,
+        message: &Arc<v1::Message>,
         pending: &[String],
     ) -> Result<u64, BrokerError> {
         let (reply, answer) = oneshot::channel();
         let op = Op::Append {
             queue: queue.to_owned(),
-            message: message.clone(),
+            message: Arc::clone(message),
             pending: pending.to_vec(),
             reply,
         };
@@ -245,8 +244,26 @@ struct Live {
     segment: u64,
     offset: u64,
     len: u32,
-    queue: String,
-    pending: Vec<(String, u32)>,
+    queue: Name,
+    pending: Vec<(Name, u32)>,
+}
+
+/// Queue and subscription names, shared by every index entry that mentions them.
+type Name = Arc<str>;
+
+/// Interns names so the index does not allocate per message.
+#[derive(Default)]
+struct Names(std::collections::HashSet<Name>);
+
+impl Names {
+    fn get(&mut self, name: &str) -> Name {
+        if let Some(n) = self.0.get(name) {
+            return Arc::clone(n);
+        }
+        let n: Name = Arc::from(name);
+        self.0.insert(Arc::clone(&n));
+        n
+    }
 }
 
 struct Segment {
@@ -261,6 +278,7 @@ struct Writer {
     active: File,
     active_size: u64,
     live: HashMap<u64, Live>,
+    names: Names,
     next_seq: u64,
     last_fsync: Instant,
     dirty: bool,
@@ -359,10 +377,10 @@ impl Writer {
             .filter_map(|(seq, l)| {
                 messages.get(seq).map(|m| {
                     let r = Recovered {
-                        queue: l.queue.clone(),
+                        queue: l.queue.to_string(),
                         sequence: *seq,
                         message: m.clone(),
-                        pending: l.pending.clone(),
+                        pending: l.pending.iter().map(|(s, a)| (s.to_string(), *a)).collect(),
                     };
                     (*seq, r)
                 })
@@ -387,6 +405,7 @@ impl Writer {
             active,
             active_size: 0,
             live,
+            names: Names::default(),
             next_seq,
             last_fsync: Instant::now(),
             dirty: false,
@@ -475,12 +494,7 @@ impl Writer {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let offset = start_size + buf.len() as u64;
-                let body = Body::Message {
-                    queue: queue.clone(),
-                    message,
-                    pending: pending.clone(),
-                };
-                record::encode(seq, &body, buf);
+                record::encode_message(seq, &queue, &message, &pending, buf);
                 let len = (start_size + buf.len() as u64 - offset) as u32;
                 placed.push((seq, offset, len, queue, pending));
                 replies.push((seq, reply));
@@ -547,8 +561,8 @@ impl Writer {
                     segment: active,
                     offset,
                     len,
-                    queue,
-                    pending: pending.into_iter().map(|p| (p, 0)).collect(),
+                    queue: self.names.get(&queue),
+                    pending: pending.iter().map(|p| (self.names.get(p), 0)).collect(),
                 },
             );
             if let Some(s) = self.segments.back_mut() {
@@ -598,7 +612,7 @@ impl Writer {
                 let Some(l) = self.live.get_mut(&target) else {
                     return;
                 };
-                l.pending.retain(|(s, _)| *s != subscription);
+                l.pending.retain(|(s, _)| **s != *subscription);
                 if l.pending.is_empty() {
                     let segment = l.segment;
                     self.live.remove(&target);
@@ -614,7 +628,7 @@ impl Writer {
                 ..
             } => {
                 if let Some(l) = self.live.get_mut(&target)
-                    && let Some(p) = l.pending.iter_mut().find(|(s, _)| *s == subscription)
+                    && let Some(p) = l.pending.iter_mut().find(|(s, _)| **s == *subscription)
                 {
                     p.1 = attempts;
                 }
@@ -717,9 +731,9 @@ impl Writer {
             record::encode(
                 new_seq,
                 &Body::Relocated {
-                    queue: l.queue.clone(),
+                    queue: l.queue.to_string(),
                     message,
-                    pending: l.pending.clone(),
+                    pending: l.pending.iter().map(|(s, a)| (s.to_string(), *a)).collect(),
                     target: seq,
                 },
                 &mut buf,
@@ -745,7 +759,7 @@ impl Writer {
                     segment: active,
                     offset,
                     len,
-                    queue: std::mem::take(&mut l.queue),
+                    queue: Arc::clone(&l.queue),
                     pending: std::mem::take(&mut l.pending),
                 };
             }
@@ -794,8 +808,8 @@ fn apply(
                     segment: current.id,
                     offset,
                     len,
-                    queue,
-                    pending: pending.into_iter().map(|p| (p, 0)).collect(),
+                    queue: Arc::from(queue),
+                    pending: pending.into_iter().map(|p| (Name::from(p), 0)).collect(),
                 },
             );
             messages.insert(seq, message);
@@ -820,8 +834,11 @@ fn apply(
                     segment: current.id,
                     offset,
                     len,
-                    queue,
-                    pending,
+                    queue: Arc::from(queue),
+                    pending: pending
+                        .into_iter()
+                        .map(|(p, a)| (Name::from(p), a))
+                        .collect(),
                 },
             );
             messages.insert(target, message);
@@ -835,7 +852,7 @@ fn apply(
             let Some(l) = live.get_mut(&target) else {
                 return;
             };
-            l.pending.retain(|(s, _)| *s != subscription);
+            l.pending.retain(|(s, _)| **s != *subscription);
             if l.pending.is_empty() {
                 let segment = l.segment;
                 live.remove(&target);
@@ -854,7 +871,7 @@ fn apply(
             ..
         } => {
             if let Some(l) = live.get_mut(&target)
-                && let Some(p) = l.pending.iter_mut().find(|(s, _)| *s == subscription)
+                && let Some(p) = l.pending.iter_mut().find(|(s, _)| **s == *subscription)
             {
                 p.1 = attempts;
             }

@@ -79,24 +79,37 @@ pub enum DecodeError {
     Corrupt(&'static str),
 }
 
-/// Appends the framed record to `out`.
-pub fn encode(seq: u64, body: &Body, out: &mut Vec<u8>) {
+/// Appends a framed message record to `out` without building a [`Body`] (the append hot path).
+pub fn encode_message<S: AsRef<str>>(
+    seq: u64,
+    queue: &str,
+    message: &v1::Message,
+    pending: &[S],
+    out: &mut Vec<u8>,
+) {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER]);
     out.extend_from_slice(&seq.to_le_bytes());
+    out.push(KIND_MESSAGE);
+    put_str(out, queue);
+    put_message(out, message);
+    put_u32(out, pending.len() as u32);
+    for p in pending {
+        put_str(out, p.as_ref());
+    }
+    seal(start, out);
+}
+
+/// Appends the framed record to `out`.
+pub fn encode(seq: u64, body: &Body, out: &mut Vec<u8>) {
+    let start = out.len();
     match body {
         Body::Message {
             queue,
             message,
             pending,
         } => {
-            out.push(KIND_MESSAGE);
-            put_str(out, queue);
-            put_message(out, message);
-            put_u32(out, pending.len() as u32);
-            for p in pending {
-                put_str(out, p);
-            }
+            return encode_message(seq, queue, message, pending, out);
         }
         Body::Settle {
             queue,
@@ -104,6 +117,8 @@ pub fn encode(seq: u64, body: &Body, out: &mut Vec<u8>) {
             target,
             outcome,
         } => {
+            out.extend_from_slice(&[0u8; HEADER]);
+            out.extend_from_slice(&seq.to_le_bytes());
             out.push(KIND_SETTLE);
             put_str(out, queue);
             put_str(out, subscription);
@@ -116,6 +131,8 @@ pub fn encode(seq: u64, body: &Body, out: &mut Vec<u8>) {
             target,
             attempts,
         } => {
+            out.extend_from_slice(&[0u8; HEADER]);
+            out.extend_from_slice(&seq.to_le_bytes());
             out.push(KIND_ATTEMPT);
             put_str(out, queue);
             put_str(out, subscription);
@@ -128,6 +145,8 @@ pub fn encode(seq: u64, body: &Body, out: &mut Vec<u8>) {
             pending,
             target,
         } => {
+            out.extend_from_slice(&[0u8; HEADER]);
+            out.extend_from_slice(&seq.to_le_bytes());
             out.push(KIND_RELOCATED);
             put_str(out, queue);
             put_message(out, message);
@@ -139,6 +158,11 @@ pub fn encode(seq: u64, body: &Body, out: &mut Vec<u8>) {
             out.extend_from_slice(&target.to_le_bytes());
         }
     }
+    seal(start, out);
+}
+
+/// Fills in the length and checksum of the record that starts at `start`.
+fn seal(start: usize, out: &mut [u8]) {
     let len = (out.len() - start - HEADER) as u32;
     let crc = crc32c::crc32c(&out[start + HEADER..]);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());

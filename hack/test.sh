@@ -17,7 +17,7 @@ command -v cargo >/dev/null || {
 
 step "Debian packages"
 need=()
-for pkg in openssl ca-certificates python3 python3-pip unzip util-linux; do
+for pkg in openssl ca-certificates python3 python3-pip python3-venv unzip util-linux curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [[ ${#need[@]} -gt 0 ]]; then
@@ -29,6 +29,15 @@ step "Kubernetes test binaries"
 KUBEBUILDER_ASSETS=$(hack/k8s-test-env.sh)
 export KUBEBUILDER_ASSETS
 echo "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS" >&2
+
+step "Python packages for the example client (venv)"
+CACHE_DIR="${QMESH_CACHE_DIR:-$HOME/.cache/qmesh}"
+VENV="$CACHE_DIR/venv"
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import grpc, grpc_tools" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet -r examples/python/requirements.txt
+fi
+export QMESH_PYTHON="$VENV/bin/python"
 
 # Keep CI's builds warm between runs on the same machine.
 if [[ "${CI:-}" == "true" && -z "${CARGO_TARGET_DIR:-}" ]]; then

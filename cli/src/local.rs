@@ -139,6 +139,12 @@ impl LocalMesh {
         Ok(())
     }
 
+    /// Process id of the sidecar of this name.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        let i = self.sidecars.iter().position(|s| s.name == name)?;
+        Some(self.children[i].id())
+    }
+
     /// The sidecar of this name.
     pub fn sidecar(&self, name: &str) -> &LocalSidecar {
         self.sidecars

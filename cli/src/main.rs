@@ -1,6 +1,7 @@
 //! `qmesh` — the command line: a one-command demo of a local mesh, and publish/subscribe against a
 //! sidecar. Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 refused by the broker.
 
+mod bench;
 mod client;
 mod demo;
 mod local;
@@ -26,6 +27,8 @@ enum Command {
     Pub(client::PubArgs),
     /// Consume messages of a subscription through a sidecar.
     Sub(client::SubArgs),
+    /// Measure throughput and latency through real sidecars (or a bare gRPC baseline).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Pub(args) => client::publish(args).await,
             Command::Sub(args) => client::subscribe(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

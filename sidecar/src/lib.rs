@@ -361,9 +361,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         )
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-            peer_listener,
-        ));
+        .serve_with_incoming(incoming(peer_listener));
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
@@ -373,9 +371,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         )
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-            grpc_listener,
-        ));
+        .serve_with_incoming(incoming(grpc_listener));
     let http_server = axum::serve(
         http_listener,
         api::http::router(Arc::clone(&sidecar), max_message),
@@ -404,6 +400,20 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     }
     drain(&sidecar, args.shutdown_grace).await;
     Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off: small gRPC frames (acks, credits, publish
+/// answers) must not wait for a delayed ACK.
+fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+        if let Ok(s) = &stream {
+            let _ = s.set_nodelay(true);
+        }
+        stream
+    })
 }
 
 async fn wait_for_signal(notified: tokio::sync::futures::Notified<'_>) {

@@ -289,10 +289,11 @@ impl Session {
         tracing::Instrument::instrument(result, span).await;
     }
 
-    /// Authenticates, then waits (briefly) for the index to know the pod.
+    /// Waits (briefly) for the index to be complete and to know the pod, then authenticates.
     async fn admit(&self, hello: &Hello, key: &SidecarKey) -> Result<(), String> {
         let mut changes = self.index.subscribe_changes();
         let known = async {
+            self.index.wait_synced().await;
             loop {
                 changes.borrow_and_update();
                 if self.index.sidecar(key).is_some() {

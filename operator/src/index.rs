@@ -146,6 +146,7 @@ pub struct Index {
     changes: watch::Sender<u64>,
     queue_triggers: broadcast::Sender<ObjectRef<Queue>>,
     subscription_triggers: broadcast::Sender<ObjectRef<Subscription>>,
+    synced: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Index {
@@ -175,12 +176,26 @@ impl Index {
         let (changes, _) = watch::channel(0);
         let (queue_triggers, _) = broadcast::channel(1024);
         let (subscription_triggers, _) = broadcast::channel(1024);
+        let (synced, _) = watch::channel(false);
         Self {
             inner: Mutex::new(Inner::default()),
             changes,
             queue_triggers,
             subscription_triggers,
+            synced,
         }
+    }
+
+    /// Marks the index complete: every kind has been listed once.
+    pub fn mark_synced(&self) {
+        self.synced.send_replace(true);
+    }
+
+    /// Waits until every kind has been listed once (views computed earlier would be partial).
+    pub async fn wait_synced(&self) {
+        let mut synced = self.synced.subscribe();
+        // The sender lives as long as the index, so this only ends when synced.
+        let _ = synced.wait_for(|s| *s).await;
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

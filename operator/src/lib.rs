@@ -167,6 +167,11 @@ async fn lead(
             return;
         }
         metrics.leader.set(1);
+        // Reconciling from a partial index would report missing queues and release finalizers.
+        tokio::select! {
+            () = index.wait_synced() => {}
+            () = shutdown.cancelled() => return,
+        }
         tracing::info!("leading: starting the controllers");
         let ctx = Arc::new(Context::new(
             client.clone(),

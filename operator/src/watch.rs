@@ -79,9 +79,12 @@ pub async fn run(
     let synced_tx = Arc::new(synced_tx);
     let ready = {
         let mut rx = synced_rx;
+        let index = index.clone();
         async move {
             if rx.wait_for(|n| *n >= 3).await.is_ok() {
+                index.mark_synced();
                 metrics.set_ready();
+                tracing::info!("indexes synced");
             }
             future::pending::<()>().await;
         }

@@ -109,7 +109,9 @@ async fn a_sidecar_gets_fresh_views_within_a_second_and_its_stats_reach_status()
     let server = KubeApiServer::start().await.unwrap();
     install_crds(&server).await;
     let client = server.client();
-    let operator = Operator::start(client.clone(), "operator-0", true);
+    let operator = Operator::start(client.clone(), "operator-0", |c| {
+        c.insecure_skip_sidecar_auth = true;
+    });
     mesh(&client).await;
     create_pod(&client, &sidecar_pod("shop-1", "shop")).await;
     set_pod_ready(&client, "shop-1", "127.0.0.3", true).await;
@@ -255,7 +257,7 @@ async fn sidecar_tokens_are_checked_with_token_review() {
     let server = KubeApiServer::start().await.unwrap();
     install_crds(&server).await;
     let client = server.client();
-    let operator = Operator::start(client.clone(), "operator-0", false);
+    let operator = Operator::start(client.clone(), "operator-0", |_| {});
     mesh(&client).await;
     let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
     let account: ServiceAccount =

@@ -6,6 +6,9 @@
 
 mod operator_support;
 
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
@@ -14,12 +17,17 @@ use operator_support::*;
 use qmesh_api::{Queue, Subscription};
 use qmesh_tests::{KubeApiServer, wait_for};
 
+/// Short, so the test also sees a blocked deletion given up on.
+const GRACE: Duration = Duration::from_secs(6);
+
 #[tokio::test]
 async fn statuses_events_and_guarded_deletion_follow_specs_and_pods() {
     let server = KubeApiServer::start().await.unwrap();
     install_crds(&server).await;
     let client = server.client();
-    let operator = Operator::start(client.clone(), "operator-0", true);
+    let operator = Operator::start(client.clone(), "operator-0", |c| {
+        c.deletion_grace = GRACE;
+    });
     let queues: Api<Queue> = Api::default_namespaced(client.clone());
     let subs: Api<Subscription> = Api::default_namespaced(client.clone());
     let pp = PostParams::default();
@@ -154,6 +162,85 @@ async fn statuses_events_and_guarded_deletion_follow_specs_and_pods() {
         let queues = queues.clone();
         async move {
             match queues.get_opt("orders").await {
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    // A deletion blocked for longer than the grace goes ahead anyway, and says so.
+    queues
+        .create(&pp, &queue("stubborn", serde_json::json!({})))
+        .await
+        .unwrap();
+    subs.create(&pp, &subscription("clinging", "stubborn", "worker"))
+        .await
+        .unwrap();
+    wait_queue(&client, "stubborn", "Ready", |q| {
+        queue_ready(q).is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+    queues
+        .delete("stubborn", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_queue(&client, "stubborn", "DeletionBlocked", |q| {
+        queue_ready(q) == Some(("False".into(), "DeletionBlocked".into()))
+    })
+    .await;
+    let note = wait_event(&client, "stubborn", "DeletionForced").await;
+    assert!(note.contains("clinging"), "{note}");
+    wait_for("queue stubborn to be gone", DEADLINE, || {
+        let queues = queues.clone();
+        async move {
+            match queues.get_opt("stubborn").await {
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    // In a namespace being deleted, the finalizer lets go even though a subscription remains.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let doomed: Namespace =
+        serde_json::from_value(serde_json::json!({ "metadata": { "name": "doomed" } })).unwrap();
+    namespaces.create(&pp, &doomed).await.unwrap();
+    let doomed_queues: Api<Queue> = Api::namespaced(client.clone(), "doomed");
+    let doomed_subs: Api<Subscription> = Api::namespaced(client.clone(), "doomed");
+    doomed_queues
+        .create(&pp, &queue("jobs", serde_json::json!({})))
+        .await
+        .unwrap();
+    doomed_subs
+        .create(&pp, &subscription("workers", "jobs", "worker"))
+        .await
+        .unwrap();
+    wait_for("the finalizer on doomed/jobs", DEADLINE, || {
+        let api = doomed_queues.clone();
+        async move {
+            let q = api.get_opt("jobs").await.ok()??;
+            q.metadata.finalizers.filter(|f| !f.is_empty())
+        }
+    })
+    .await
+    .unwrap();
+    namespaces
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    // No namespace controller runs here, so delete the queue the way it would.
+    doomed_queues
+        .delete("jobs", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("doomed/jobs to be gone", DEADLINE, || {
+        let api = doomed_queues.clone();
+        async move {
+            match api.get_opt("jobs").await {
                 Ok(None) => Some(()),
                 _ => None,
             }

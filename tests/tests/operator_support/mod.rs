@@ -64,13 +64,13 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts a replica named `identity` in namespace `default`.
-    pub fn start(client: Client, identity: &str, insecure: bool) -> Self {
+    /// Starts a replica named `identity` in namespace `default`, its config adjusted by `configure`.
+    pub fn start(client: Client, identity: &str, configure: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::new("default", identity);
         config.control_addr = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
         config.metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
         config.lease_duration = Duration::from_secs(4);
-        config.insecure_skip_sidecar_auth = insecure;
+        configure(&mut config);
         let shutdown = CancellationToken::new();
         let (control_addr, metrics_addr) = (config.control_addr, config.metrics_addr);
         let task = tokio::spawn({

@@ -58,6 +58,9 @@ pub const FINALIZER: &str = "qmesh.io/finalizer";
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = "qmesh-operator";
 
+/// Longest a status write may take before the reconciliation fails (and is retried).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a reconciliation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,6 +70,9 @@ pub enum Error {
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),
+    /// A status write did not finish within its timeout.
+    #[error("status write timed out")]
+    Timeout,
     /// The object has no namespace (the CRDs are namespaced, so this is a bug).
     #[error("object has no namespace")]
     NoNamespace,
@@ -91,6 +97,7 @@ impl Error {
                 }
                 _ => "finalizer",
             },
+            Self::Timeout => "timeout",
             Self::NoNamespace => "no_namespace",
             Self::DeletionBlocked { .. } => "deletion_blocked",
         }
@@ -188,13 +195,13 @@ where
         "kind": K::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(&patch);
+    let write = api.patch_status(name, &params, &patch);
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .map_err(|_| Error::Timeout)?
+        .map_err(Error::Kube)?;
     Ok(())
 }
 

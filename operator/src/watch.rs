@@ -135,7 +135,12 @@ async fn watch_kind<K: Indexed>(api: Api<K>, index: Arc<Index>, synced: Arc<watc
                 tracing::debug!(kind = K::KIND, "index synced");
             }
             Err(error) => {
-                tracing::warn!(%error, kind = K::KIND, "watch failed; retrying");
+                let hint = if K::KIND == "Pod" {
+                    ""
+                } else {
+                    " (are the qmesh CRDs installed?)"
+                };
+                tracing::warn!(%error, kind = K::KIND, "watch failed{hint}; retrying");
             }
         }
     }

@@ -262,5 +262,31 @@ async fn statuses_events_and_guarded_deletion_follow_specs_and_pods() {
             .unwrap()
             .contains(" 200 ")
     );
+
+    // A standby replica serves but does not reconcile; when the leader stops it takes over.
+    let standby = Operator::start(client.clone(), "operator-1", |c| {
+        c.deletion_grace = GRACE;
+    });
+    wait_for("the standby to be ready", DEADLINE, || async {
+        standby
+            .http_get("/readyz")
+            .await
+            .filter(|r| r.contains(" 200 "))
+    })
+    .await
+    .unwrap();
+    let metrics = standby.http_get("/metrics").await.unwrap();
+    assert!(metrics.contains("qmesh_operator_leader 0"), "{metrics}");
     operator.stop().await;
+    queues
+        .create(&pp, &queue("after-failover", serde_json::json!({})))
+        .await
+        .unwrap();
+    wait_queue(&client, "after-failover", "Ready", |q| {
+        queue_ready(q) == Some(("True".into(), "Ready".into()))
+    })
+    .await;
+    let metrics = standby.http_get("/metrics").await.unwrap();
+    assert!(metrics.contains("qmesh_operator_leader 1"), "{metrics}");
+    standby.stop().await;
 }

@@ -109,6 +109,15 @@ async fn statuses_events_and_guarded_deletion_follow_specs_and_pods() {
     })
     .await;
     wait_event(&client, "lost", "QueueNotFound").await;
+    // Its queue appearing re-reconciles it (no consumer is ready now).
+    queues
+        .create(&pp, &queue("nowhere", serde_json::json!({})))
+        .await
+        .unwrap();
+    wait_subscription(&client, "lost", "NoConsumers once its queue exists", |s| {
+        subscription_ready(s) == Some(("False".into(), "NoConsumers".into()))
+    })
+    .await;
 
     // A spec the schema accepts but the rules refuse: Invalid plus an Event; fixing it (a new
     // generation) makes it Ready with the new observedGeneration.

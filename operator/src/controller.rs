@@ -152,10 +152,15 @@ impl Context {
     }
 
     fn wrote(&self, kind: &'static str, ns: &str, name: &str) {
-        self.last_write
+        let mut last = self
+            .last_write
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((kind, ns.to_owned(), name.to_owned()), Instant::now());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Entries older than the interval no longer delay anything (and may be of deleted objects).
+        let interval = self.config.status_interval;
+        last.retain(|_, at| at.elapsed() < interval);
+        last.insert((kind, ns.to_owned(), name.to_owned()), Instant::now());
+        drop(last);
         self.metrics.status_written(kind);
     }
 

@@ -1,0 +1,308 @@
+//! The control plane against a real kube-apiserver: a tonic client joins as a sidecar pod, gets its
+//! view, a new one within a second of a relevant change and none for irrelevant ones; its stats
+//! reach the Queue and Subscription status; tokens are checked with real TokenReviews.
+
+#![allow(clippy::unwrap_used)]
+
+mod operator_support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Pod, ServiceAccount},
+};
+use kube::{Api, Client, api::PostParams};
+use operator_support::*;
+use qmesh_api::{Queue, Subscription};
+use qmesh_proto::control::{
+    ControlUpdate, Hello, MeshView, QueueStats, SidecarReport, Stats, SubscriptionStats,
+    control_client::ControlClient, control_update::Update, sidecar_report::Report,
+};
+use qmesh_tests::KubeApiServer;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+struct Sidecar {
+    reports: mpsc::Sender<SidecarReport>,
+    updates: Streaming<ControlUpdate>,
+}
+
+impl Sidecar {
+    async fn join(operator: &Operator, name: &str, token: &str) -> Self {
+        let mut client = ControlClient::connect(format!("http://{}", operator.control_addr))
+            .await
+            .unwrap();
+        let (reports, rx) = mpsc::channel(16);
+        reports
+            .send(SidecarReport {
+                report: Some(Report::Hello(Hello {
+                    namespace: "default".into(),
+                    name: name.into(),
+                    token: token.into(),
+                    version: "test".into(),
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+        let updates = client
+            .join(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { reports, updates }
+    }
+
+    async fn next(&mut self, within: Duration) -> Option<Update> {
+        tokio::time::timeout(within, self.updates.message())
+            .await
+            .ok()
+            .map(|m| m.unwrap().unwrap().update.unwrap())
+    }
+
+    async fn view(&mut self, within: Duration) -> MeshView {
+        match self.next(within).await {
+            Some(Update::View(view)) => view,
+            other => panic!("expected a view within {within:?}, got {other:?}"),
+        }
+    }
+
+    async fn rejection(&mut self) -> String {
+        match self.next(DEADLINE).await {
+            Some(Update::Rejected(r)) => r.reason,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+}
+
+fn consumers_of(view: &MeshView, queue: &str, subscription: &str) -> Vec<(String, String)> {
+    let q = view.queues.iter().find(|q| q.name == queue).unwrap();
+    let route = q
+        .routes
+        .iter()
+        .find(|r| r.subscription == subscription)
+        .unwrap();
+    route
+        .consumers
+        .iter()
+        .map(|c| (c.name.clone(), c.peer_address.clone()))
+        .collect()
+}
+
+async fn mesh(client: &Client) {
+    let queues: Api<Queue> = Api::default_namespaced(client.clone());
+    let subs: Api<Subscription> = Api::default_namespaced(client.clone());
+    let pp = PostParams::default();
+    queues
+        .create(&pp, &queue("orders", serde_json::json!({})))
+        .await
+        .unwrap();
+    subs.create(&pp, &subscription("billing", "orders", "billing"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_sidecar_gets_fresh_views_within_a_second_and_its_stats_reach_status() {
+    let server = KubeApiServer::start().await.unwrap();
+    install_crds(&server).await;
+    let client = server.client();
+    let operator = Operator::start(client.clone(), "operator-0", |c| {
+        c.insecure_skip_sidecar_auth = true;
+    });
+    mesh(&client).await;
+    create_pod(&client, &sidecar_pod("shop-1", "shop")).await;
+    set_pod_ready(&client, "shop-1", "127.0.0.3", true).await;
+
+    let mut sidecar = Sidecar::join(&operator, "shop-1", "").await;
+    // The index may learn of the pod before the queue: wait for the view that has both.
+    let mut first = sidecar.view(DEADLINE).await;
+    while first.queues.is_empty() {
+        let next = sidecar.view(DEADLINE).await;
+        assert!(next.version > first.version);
+        first = next;
+    }
+    assert_eq!(first.namespace, "default");
+    assert!(consumers_of(&first, "orders", "billing").is_empty());
+
+    // A consumer pod that is not ready yet, and a pod without a sidecar, change nothing it sees.
+    create_pod(&client, &sidecar_pod("billing-1", "billing")).await;
+    let mut plain = sidecar_pod("web-1", "billing");
+    plain.spec.as_mut().unwrap().containers.pop();
+    create_pod(&client, &plain).await;
+    assert_eq!(sidecar.next(Duration::from_millis(700)).await, None);
+
+    // The consumer becoming ready: a new view within a second.
+    let started = Instant::now();
+    set_pod_ready(&client, "billing-1", "127.0.0.4", true).await;
+    let second = sidecar.view(Duration::from_secs(1)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(second.version, first.version + 1);
+    assert_eq!(
+        consumers_of(&second, "orders", "billing"),
+        [("billing-1".to_owned(), "127.0.0.4:7070".to_owned())]
+    );
+    println!("view after pod ready: {took:?}");
+
+    // A spec edit that changes its view.
+    let queues: Api<Queue> = Api::default_namespaced(client.clone());
+    let edit = serde_json::json!({ "spec": { "maxMessageBytes": "2Mi" } });
+    let started = Instant::now();
+    queues
+        .patch(
+            "orders",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&edit),
+        )
+        .await
+        .unwrap();
+    let third = sidecar.view(Duration::from_secs(1)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    println!("view after spec edit: {took:?}");
+    assert_eq!(third.version, second.version + 1);
+    let policy = third.queues[0].policy.as_ref().unwrap();
+    assert_eq!(policy.max_message_bytes, 2 * 1024 * 1024);
+
+    // Stats roll up into the statuses (and the printer columns).
+    sidecar
+        .reports
+        .send(SidecarReport {
+            report: Some(Report::Stats(Stats {
+                at: None,
+                queues: vec![QueueStats {
+                    queue: "orders".into(),
+                    backlog_messages: 7,
+                    ..Default::default()
+                }],
+                subscriptions: vec![SubscriptionStats {
+                    subscription: "billing".into(),
+                    queue: "orders".into(),
+                    backlog: 7,
+                    in_flight: 2,
+                    dead_lettered_total: 1,
+                    ..Default::default()
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+    wait_queue(&client, "orders", "backlog 7", |q| {
+        q.status.as_ref().is_some_and(|s| s.backlog == 7)
+    })
+    .await;
+    let billing = wait_subscription(&client, "billing", "backlog 7, 2 in flight", |s| {
+        s.status
+            .as_ref()
+            .is_some_and(|s| s.backlog == 7 && s.in_flight == 2)
+    })
+    .await;
+    assert_eq!(billing.status.unwrap().dead_lettered, 1);
+    let table = ok(server.kubectl(["get", "queues", "orders"]).unwrap());
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..4], ["orders", "True", "1", "7"], "{table}");
+
+    let metrics = operator.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("qmesh_operator_control_connected_sidecars 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "qmesh_operator_control_views_sent_total {}",
+            third.version
+        )),
+        "{metrics}"
+    );
+
+    // The stream closing drops its stats.
+    drop(sidecar);
+    wait_queue(&client, "orders", "backlog back to 0", |q| {
+        q.status.as_ref().is_some_and(|s| s.backlog == 0)
+    })
+    .await;
+    operator.stop().await;
+}
+
+async fn bound_token(client: &Client, pod: &Pod) -> String {
+    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec!["qmesh".into()]),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            expiration_seconds: Some(3600),
+        }),
+        ..Default::default()
+    };
+    accounts
+        .create_token_request("shop", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sidecar_tokens_are_checked_with_token_review() {
+    let server = KubeApiServer::start().await.unwrap();
+    install_crds(&server).await;
+    let client = server.client();
+    let operator = Operator::start(client.clone(), "operator-0", |_| {});
+    mesh(&client).await;
+    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
+    let account: ServiceAccount =
+        serde_json::from_value(serde_json::json!({ "metadata": { "name": "shop" } })).unwrap();
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+    let mut pods = Vec::new();
+    for (name, ip) in [("shop-1", "127.0.0.5"), ("shop-2", "127.0.0.6")] {
+        let mut pod = sidecar_pod(name, "shop");
+        pod.spec.as_mut().unwrap().service_account_name = Some("shop".into());
+        pods.push(create_pod(&client, &pod).await);
+        set_pod_ready(&client, name, ip, true).await;
+    }
+
+    let reason = Sidecar::join(&operator, "shop-1", "bogus")
+        .await
+        .rejection()
+        .await;
+    assert!(reason.contains("token not authenticated"), "{reason}");
+    let reason = Sidecar::join(&operator, "shop-1", "")
+        .await
+        .rejection()
+        .await;
+    assert!(reason.contains("no token"), "{reason}");
+
+    // A real token bound to shop-1: good for shop-1, not for shop-2.
+    let token = bound_token(&client, &pods[0]).await;
+    let reason = Sidecar::join(&operator, "shop-2", &token)
+        .await
+        .rejection()
+        .await;
+    assert!(reason.contains("shop-1"), "{reason}");
+    let view = Sidecar::join(&operator, "shop-1", &token)
+        .await
+        .view(DEADLINE)
+        .await;
+    assert_eq!(view.version, 1);
+    assert_eq!(view.queues[0].name, "orders");
+
+    let metrics = operator.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("qmesh_operator_control_sidecars_rejected_total 3"),
+        "{metrics}"
+    );
+    operator.stop().await;
+}

@@ -12,10 +12,7 @@ use std::{
 };
 
 use qmesh_proto::v1;
-use qmesh_sidecar::{
-    owner::log::OwnerLog,
-    store::{DiskLog, FsyncPolicy, StoreConfig},
-};
+use qmesh_sidecar::store::{DiskLog, FsyncPolicy, StoreConfig};
 
 const PAYLOAD: usize = 1024;
 
@@ -53,7 +50,7 @@ async fn run_case(
                     payload: payload.clone(),
                     ..Default::default()
                 });
-                log.append("bench", &message, &pending)
+                log.append_next("bench", &message, &pending)
                     .await
                     .expect("append");
                 i += 1;

@@ -309,7 +309,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     }
 
     let metrics = Arc::new(Metrics::default());
-    let memory: Arc<dyn OwnerLog> = Arc::new(owner::log::MemoryLog::default());
+    let memory: Arc<dyn OwnerLog> = Arc::new(owner::log::MemoryLog);
     let limits = Limits {
         max_bytes: args.max_owned_bytes,
         max_messages: args.max_owned_messages,

@@ -57,7 +57,10 @@ fn crash_child() {
                         payload: vec![b'p'; 200].into(),
                         ..Default::default()
                     });
-                    let seq = log.append("q", &message, &["s".to_owned()]).await.unwrap();
+                    let seq = log
+                        .append_next("q", &message, &["s".to_owned()])
+                        .await
+                        .unwrap();
                     writeln!(out.lock().unwrap(), "A {seq} {id}").unwrap();
                     if i % 3 == 0 {
                         // Announced first: a kill between the settle and its report leaves the

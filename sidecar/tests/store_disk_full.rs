@@ -61,7 +61,7 @@ async fn a_full_disk_fails_appends_clearly_keeps_what_was_acknowledged_and_recov
     let mut acked = Vec::new();
     let error = loop {
         match log
-            .append("q", &message(acked.len()), &["a".to_owned()])
+            .append_next("q", &message(acked.len()), &["a".to_owned()])
             .await
         {
             Ok(seq) => acked.push(seq),
@@ -75,7 +75,7 @@ async fn a_full_disk_fails_appends_clearly_keeps_what_was_acknowledged_and_recov
     assert!(acked.len() > 50);
     // Still full: still a clear error, not a hang or a panic.
     assert!(
-        log.append("q", &message(9999), &["a".to_owned()])
+        log.append_next("q", &message(9999), &["a".to_owned()])
             .await
             .is_err()
     );
@@ -104,7 +104,7 @@ async fn a_full_disk_fails_appends_clearly_keeps_what_was_acknowledged_and_recov
     for attempt in 0..50 {
         let _ = log.flush().await;
         if let Ok(seq) = log
-            .append("q", &message(5000 + attempt), &["a".to_owned()])
+            .append_next("q", &message(5000 + attempt), &["a".to_owned()])
             .await
         {
             again = Some(seq);

@@ -77,7 +77,7 @@ async fn run(ops: Vec<Op>) {
                     payload: vec![1u8; size].into(),
                     ..Default::default()
                 });
-                let seq = log.append(&queue, &message, &pending).await.unwrap();
+                let seq = log.append_next(&queue, &message, &pending).await.unwrap();
                 model.insert(
                     seq,
                     (queue, id, pending.into_iter().map(|s| (s, 0)).collect()),
@@ -150,7 +150,7 @@ async fn garbage_truncated_and_foreign_files_never_panic_and_keep_what_is_before
                 payload: vec![0u8; 10].into(),
                 ..Default::default()
             });
-            log.append("q", &m, &["a".to_owned()]).await.unwrap();
+            log.append_next("q", &m, &["a".to_owned()]).await.unwrap();
         }
         log.flush().await.unwrap();
     }

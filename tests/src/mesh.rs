@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context;
 use tempfile::TempDir;
 
-use crate::process::{ChildGuard, free_port, wait_for};
+use crate::process::{ChildGuard, free_port_on, loopback_ip, wait_for};
 
 /// Builds a [`Mesh`].
 #[derive(Default)]
@@ -63,7 +63,10 @@ impl MeshBuilder {
         let mut text = self.manifests.clone();
         let mut sidecars = BTreeMap::new();
         for (name, labels) in &self.sidecars {
-            let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+            // Each sidecar on its own loopback address, like a pod on its own IP.
+            let ip = loopback_ip();
+            let addr = |p: u16| SocketAddr::from((ip, p));
+            let free_port = || free_port_on(ip);
             let s = SidecarProcess {
                 name: name.clone(),
                 peer: addr(free_port()?),

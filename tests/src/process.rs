@@ -16,6 +16,38 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// A random loopback address other than 127.0.0.1 (all of 127.0.0.0/8 is loopback on Linux), so
+/// parallel tests choosing "free" ports cannot collide on the same address.
+pub fn loopback_ip() -> std::net::Ipv4Addr {
+    let r: u32 = rand_u32();
+    std::net::Ipv4Addr::new(
+        127,
+        1 + (r % 250) as u8,
+        ((r >> 8) % 256) as u8,
+        1 + ((r >> 16) % 250) as u8,
+    )
+}
+
+/// A free port on `ip`.
+pub fn free_port_on(ip: std::net::Ipv4Addr) -> anyhow::Result<u16> {
+    let listener =
+        TcpListener::bind((ip, 0)).with_context(|| format!("binding a free port on {ip}"))?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
 /// Polls `check` until it returns `Some`, failing with `what` once `timeout` has passed.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
 where

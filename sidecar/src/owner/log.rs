@@ -5,10 +5,7 @@
 //! written in order behind it but not awaited: losing the last settlements in a crash means a
 //! redelivery, never a lost message (at-least-once).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
+use std::sync::Arc;
 
 use qmesh_proto::v1;
 
@@ -39,13 +36,21 @@ pub struct Recovered {
 /// The owner's durable record.
 #[tonic::async_trait]
 pub trait OwnerLog: Send + Sync + 'static {
-    /// Persists a new message owed to `pending` subscriptions; returns its sequence once durable.
+    /// Persists message `sequence` (assigned by the owner, see [`OwnerLog::next_sequence`]) owed to
+    /// `pending` subscriptions; resolves once it is durable.
     async fn append(
         &self,
         queue: &str,
+        sequence: u64,
         message: &Arc<v1::Message>,
         pending: &[String],
-    ) -> Result<u64, BrokerError>;
+    ) -> Result<(), BrokerError>;
+
+    /// The first sequence never used by a message in this log: the owner numbers new messages from
+    /// here, in the order they were published (which is what makes per-key order hold).
+    fn next_sequence(&self) -> u64 {
+        1
+    }
 
     /// Records that `subscription` is done with `sequence`.
     fn settle(&self, queue: &str, subscription: &str, sequence: u64, outcome: Outcome);
@@ -57,21 +62,20 @@ pub trait OwnerLog: Send + Sync + 'static {
     fn recover(&self) -> Vec<Recovered>;
 }
 
-/// `durability: Memory`: sequences only; nothing survives a restart.
+/// `durability: Memory`: nothing is written and nothing survives a restart.
 #[derive(Debug, Default)]
-pub struct MemoryLog {
-    next: AtomicU64,
-}
+pub struct MemoryLog;
 
 #[tonic::async_trait]
 impl OwnerLog for MemoryLog {
     async fn append(
         &self,
         _: &str,
+        _: u64,
         _: &Arc<v1::Message>,
         _: &[String],
-    ) -> Result<u64, BrokerError> {
-        Ok(self.next.fetch_add(1, Ordering::Relaxed) + 1)
+    ) -> Result<(), BrokerError> {
+        Ok(())
     }
 
     fn settle(&self, _: &str, _: &str, _: u64, _: Outcome) {}

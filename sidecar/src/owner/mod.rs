@@ -69,6 +69,7 @@ pub struct Owner {
     draining: AtomicBool,
     metrics: Arc<Metrics>,
     recovered: Mutex<HashMap<String, Vec<log::Recovered>>>,
+    next_sequence: std::sync::atomic::AtomicU64,
 }
 
 /// Headers set on dead letters.
@@ -107,7 +108,11 @@ impl Owner {
             draining: AtomicBool::new(false),
             metrics,
             recovered: Mutex::new(HashMap::new()),
+            next_sequence: std::sync::atomic::AtomicU64::new(0),
         });
+        owner
+            .next_sequence
+            .store(owner.disk.next_sequence().max(1), Ordering::SeqCst);
         owner.recover();
         // Queues already in the view get their messages back before the sidecar reports ready.
         let view = owner.view.borrow().clone();
@@ -337,7 +342,19 @@ impl Owner {
         self.make_room(q, queue, &policy, size).await?;
         let id = message.id.clone();
         let message = Arc::new(std::mem::take(message));
-        let sequence = q.log.append(queue, &message, &pending).await?;
+        // Numbered here, in publish order, under the queue's lock; the log may complete appends
+        // in any order.
+        let sequence = {
+            let mut state = q.lock();
+            let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
+            state.reserve(sequence, &id, now);
+            sequence
+        };
+        if let Err(error) = q.log.append(queue, sequence, &message, &pending).await {
+            q.lock().abandon(sequence, &id);
+            q.wake.notify_one();
+            return Err(error);
+        }
         q.lock().insert(sequence, message, pending, now);
         q.wake.notify_one();
         self.metrics.published(queue);

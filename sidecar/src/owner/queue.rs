@@ -177,6 +177,8 @@ pub struct QueueState {
     dedup_order: VecDeque<(Instant, String)>,
     /// Published total.
     pub published_total: u64,
+    /// Sequences reserved by publishes still being persisted.
+    pub appending: BTreeSet<u64>,
 }
 
 /// Upper bound on remembered ids for de-duplication (oldest forgotten first).
@@ -199,6 +201,7 @@ impl QueueState {
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
             published_total: 0,
+            appending: BTreeSet::new(),
         }
     }
 
@@ -280,7 +283,26 @@ impl QueueState {
         self.dedup.get(id).map(|(seq, _)| *seq)
     }
 
-    /// Inserts a durable message owed to `pending`.
+    /// Reserves `sequence` for a publish being persisted: its id counts for de-duplication at once,
+    /// and (ordering: Key) nothing at or after it is dispatched until it is inserted or abandoned,
+    /// so messages go out in publish order even when their appends complete out of order.
+    pub fn reserve(&mut self, sequence: u64, id: &str, now: Instant) {
+        self.appending.insert(sequence);
+        if self.policy().dedup_window.is_some() && !id.is_empty() {
+            self.dedup.insert(id.to_owned(), (sequence, now));
+            self.dedup_order.push_back((now, id.to_owned()));
+        }
+    }
+
+    /// Gives up a reservation whose append failed.
+    pub fn abandon(&mut self, sequence: u64, id: &str) {
+        self.appending.remove(&sequence);
+        if self.dedup.get(id).is_some_and(|(seq, _)| *seq == sequence) {
+            self.dedup.remove(id);
+        }
+    }
+
+    /// Inserts a durable message owed to `pending` (reserved with [`QueueState::reserve`]).
     pub fn insert(
         &mut self,
         sequence: u64,
@@ -289,10 +311,7 @@ impl QueueState {
         now: Instant,
     ) {
         let size = message_size(&message);
-        if self.policy().dedup_window.is_some() && !message.id.is_empty() {
-            self.dedup.insert(message.id.clone(), (sequence, now));
-            self.dedup_order.push_back((now, message.id.clone()));
-        }
+        self.appending.remove(&sequence);
         self.published_total += 1;
         if pending.is_empty() {
             return;
@@ -323,6 +342,7 @@ impl QueueState {
         now: Instant,
     ) {
         let subs: Vec<String> = pending.iter().map(|(s, _)| s.clone()).collect();
+        self.reserve(sequence, &message.id.clone(), now);
         self.insert(sequence, message, subs, now);
         self.published_total -= 1;
         for (sub, attempts) in pending {
@@ -365,9 +385,15 @@ impl QueueState {
             let mut skipped_keys: HashSet<String> = HashSet::new();
             let mut taken = Vec::new();
             let mut scanned = 0usize;
+            // Ordered queues never overtake a publish that is still being persisted.
+            let horizon = if ordered {
+                self.appending.first().copied()
+            } else {
+                None
+            };
             for &seq in state.ready.iter() {
                 scanned += 1;
-                if scanned > 4096 {
+                if scanned > 4096 || horizon.is_some_and(|h| seq > h) {
                     break;
                 }
                 let Some(entry) = self.messages.get(&seq) else {

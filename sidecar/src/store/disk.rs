@@ -110,6 +110,7 @@ pub struct StoreStats {
 enum Op {
     Append {
         queue: String,
+        sequence: u64,
         message: Arc<v1::Message>,
         pending: Vec<String>,
         reply: oneshot::Sender<Result<u64, BrokerError>>,
@@ -120,6 +121,8 @@ enum Op {
 
 /// The disk implementation of [`OwnerLog`].
 pub struct DiskLog {
+    first_free: u64,
+    numbering: AtomicU64,
     tx: mpsc::Sender<Op>,
     side: Arc<Mutex<Vec<Body>>>,
     recovered: Mutex<Vec<Recovered>>,
@@ -138,6 +141,7 @@ impl DiskLog {
         fs::create_dir_all(&config.dir)?;
         let stats = Arc::new(StoreStats::default());
         let (writer, recovered) = Writer::open(config.clone(), Arc::clone(&stats))?;
+        let first_free = writer.next_seq;
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
         let side = Arc::new(Mutex::new(Vec::new()));
         let writer_side = Arc::clone(&side);
@@ -160,12 +164,28 @@ impl DiskLog {
             side,
             recovered: Mutex::new(recovered),
             stats,
+            first_free,
+            numbering: AtomicU64::new(first_free),
         })
     }
 
     /// The log's counters.
     pub fn stats(&self) -> Arc<StoreStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Appends with the next sequence of the log's own numbering (for callers that do not number
+    /// messages themselves, like tools and benchmarks); returns the sequence once durable.
+    pub async fn append_next(
+        &self,
+        queue: &str,
+        message: &Arc<v1::Message>,
+        pending: &[String],
+    ) -> Result<u64, BrokerError> {
+        let sequence = self.numbering.fetch_add(1, Ordering::SeqCst);
+        self.append(queue, sequence, message, pending)
+            .await
+            .map(|()| sequence)
     }
 
     /// Writes every pending settle/attempt record and fsyncs: once this returns, everything
@@ -195,12 +215,14 @@ impl OwnerLog for DiskLog {
     async fn append(
         &self,
         queue: &str,
+        sequence: u64,
         message: &Arc<v1::Message>,
         pending: &[String],
-    ) -> Result<u64, BrokerError> {
+    ) -> Result<(), BrokerError> {
         let (reply, answer) = oneshot::channel();
         let op = Op::Append {
             queue: queue.to_owned(),
+            sequence,
             message: Arc::clone(message),
             pending: pending.to_vec(),
             reply,
@@ -212,6 +234,11 @@ impl OwnerLog for DiskLog {
         answer
             .await
             .map_err(|_| BrokerError::Storage("the log writer stopped".into()))?
+            .map(|_| ())
+    }
+
+    fn next_sequence(&self) -> u64 {
+        self.first_free
     }
 
     fn settle(&self, queue: &str, subscription: &str, sequence: u64, outcome: Outcome) {
@@ -329,7 +356,11 @@ impl Writer {
             while pos < bytes.len() {
                 match record::decode(&bytes[pos..]) {
                     Ok((seq, body, used)) => {
-                        next_seq = next_seq.max(seq + 1);
+                        match &body {
+                            Body::Message { .. } => next_seq = next_seq.max(seq + 1),
+                            Body::Relocated { target, .. } => next_seq = next_seq.max(target + 1),
+                            Body::Settle { .. } | Body::Attempt { .. } => {}
+                        }
                         stats.recovered_records.fetch_add(1, Ordering::Relaxed);
                         apply(
                             &mut live,
@@ -486,13 +517,12 @@ impl Writer {
         for op in ops {
             if let Op::Append {
                 queue,
+                sequence: seq,
                 message,
                 pending,
                 reply,
             } = op
             {
-                let seq = self.next_seq;
-                self.next_seq += 1;
                 let offset = start_size + buf.len() as u64;
                 record::encode_message(seq, &queue, &message, &pending, buf);
                 let len = (start_size + buf.len() as u64 - offset) as u32;
@@ -502,9 +532,8 @@ impl Writer {
         }
         let mut side_applied = Vec::new();
         for body in side_records {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            record::encode(seq, &body, buf);
+            // Settlement records are identified by their target; their own sequence is unused.
+            record::encode(0, &body, buf);
             side_applied.push(body);
         }
         if buf.is_empty() {
@@ -725,8 +754,7 @@ impl Writer {
             let Some(l) = self.live.get(&seq) else {
                 continue;
             };
-            let new_seq = self.next_seq;
-            self.next_seq += 1;
+            let new_seq = 0;
             let at = self.active_size + buf.len() as u64;
             record::encode(
                 new_seq,

@@ -1,0 +1,22 @@
+# Images of qmesh's two in-cluster binaries, from one multi-stage build:
+#   docker build --target operator -t ghcr.io/qmesh/qmesh-operator:0.1.0 .
+#   docker build --target sidecar  -t ghcr.io/qmesh/qmesh-sidecar:0.1.0 .
+# The binaries are the ones `cargo build --release --locked` produces; the runtime image is
+# distroless (glibc, CA certificates, no shell) and runs as the non-root user 65532.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin qmesh-operator --bin qmesh-sidecar
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS operator
+COPY --from=build /src/target/release/qmesh-operator /usr/local/bin/qmesh-operator
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/qmesh-operator"]
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS sidecar
+COPY --from=build /src/target/release/qmesh-sidecar /usr/local/bin/qmesh-sidecar
+USER 65532:65532
+# Peer API, app gRPC, app HTTP, admin.
+EXPOSE 7070 7071 7072 7073
+ENTRYPOINT ["/usr/local/bin/qmesh-sidecar"]

@@ -6,6 +6,14 @@
 
 use std::{path::PathBuf, process::Output, time::Duration};
 
+mod operator_support;
+
+use kube::{
+    Api, Client, Config,
+    api::PostParams,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use qmesh_api::Queue;
 use qmesh_tests::{KubeApiServer, repo_root, wait_for};
 
 fn ok(what: &str, out: Output) -> String {
@@ -284,6 +292,47 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
     .await
     .unwrap();
 
+    // The operator itself, run out of cluster as the chart's ServiceAccount (impersonated), does its
+    // job: takes the Lease in its namespace, reconciles a Queue and writes its status.
+    let mut kubeconfig = Kubeconfig::read_from(server.kubeconfig()).unwrap();
+    kubeconfig.auth_infos[0]
+        .auth_info
+        .as_mut()
+        .unwrap()
+        .impersonate = Some("system:serviceaccount:qmesh-system:qmesh-operator".into());
+    let as_operator = Client::try_from(
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let operator = operator_support::Operator::start(as_operator.clone(), "rbac-check", |c| {
+        c.namespace = "qmesh-system".into()
+    });
+    let ready = operator_support::wait_queue(
+        &server.client(),
+        "orders",
+        "Ready written by the SA-restricted operator",
+        |q| {
+            q.status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation.is_some())
+        },
+    )
+    .await;
+    assert!(
+        ready
+            .status
+            .unwrap()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready")
+    );
+    // A call outside its role is forbidden: it may read and patch Queues, never create them.
+    let forbidden = elsewhere_create(&as_operator).await;
+    assert!(forbidden.contains("forbidden"), "{forbidden}");
+    operator.stop().await;
+
     // Upgrade with changed values.
     ok(
         "helm upgrade",
@@ -371,4 +420,13 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
             .kubectl(["get", "deployment", "qmesh-operator", "-n", "qmesh-system"])
             .unwrap(),
     );
+}
+
+async fn elsewhere_create(client: &Client) -> String {
+    let queues: Api<Queue> = Api::namespaced(client.clone(), "default");
+    let q = operator_support::queue("sneaky", serde_json::json!({}));
+    match queues.create(&PostParams::default(), &q).await {
+        Ok(_) => "created".into(),
+        Err(e) => e.to_string(),
+    }
 }

@@ -122,11 +122,37 @@ pub struct ServedSubscription {
 }
 
 /// Queues, subscriptions and sidecars of every namespace, kept by the control plane.
+///
+/// Mutations are plain synchronous calls; the first view asked for after a change derives, once, the
+/// facts every view needs (which specs are valid, which sidecars own which queues, who consumes which
+/// subscription), so computing all views of a large namespace stays cheap.
 #[derive(Clone, Debug, Default)]
 pub struct MeshState {
     queues: BTreeMap<(String, String), Queue>,
     subscriptions: BTreeMap<(String, String), Subscription>,
     sidecars: BTreeMap<SidecarKey, SidecarInfo>,
+    derived: std::sync::OnceLock<std::sync::Arc<Derived>>,
+}
+
+/// Facts derived from the state, shared by every view until the next change.
+#[derive(Debug, Default)]
+struct Derived {
+    /// Valid queues by (namespace, name).
+    queues: BTreeMap<(String, String), Queue>,
+    /// Valid subscriptions of existing queues, by (namespace, queue) then name.
+    routes: BTreeMap<(String, String), BTreeMap<String, Subscription>>,
+    /// Per sidecar: queues its app may publish to, and all queues it may own (with dead-letter ones).
+    owned: BTreeMap<SidecarKey, (BTreeSet<String>, BTreeSet<String>)>,
+    /// Ready consumer sidecars per (namespace, subscription).
+    consumers: BTreeMap<(String, String), Vec<PeerEndpoint>>,
+    /// Ready sidecars that may own each (namespace, queue).
+    owners: BTreeMap<(String, String), Vec<PeerEndpoint>>,
+    /// Subscriptions (namespace, name) whose consumers a sidecar is, per sidecar.
+    served: BTreeMap<SidecarKey, Vec<(String, String)>>,
+    /// Valid queue names per namespace.
+    names: BTreeMap<String, Vec<String>>,
+    /// Valid subscriptions of existing queues by (namespace, name).
+    subs: BTreeMap<(String, String), Subscription>,
 }
 
 fn key_of(meta: &ObjectMeta) -> (String, String) {
@@ -138,39 +164,56 @@ fn key_of(meta: &ObjectMeta) -> (String, String) {
     )
 }
 
+fn endpoint(key: &SidecarKey, info: &SidecarInfo) -> PeerEndpoint {
+    PeerEndpoint {
+        name: key.name.clone(),
+        peer_address: info.peer_address.clone(),
+    }
+}
+
 // === impl MeshState ===
 
 impl MeshState {
+    fn changed(&mut self) {
+        self.derived = std::sync::OnceLock::new();
+    }
+
     /// Adds or replaces a Queue. Invalid queues are kept out of views (the operator reports them).
     pub fn apply_queue(&mut self, queue: Queue) {
         self.queues.insert(key_of(&queue.metadata), queue);
+        self.changed();
     }
 
     /// Removes a Queue.
     pub fn delete_queue(&mut self, namespace: &str, name: &str) {
         self.queues.remove(&(namespace.to_owned(), name.to_owned()));
+        self.changed();
     }
 
     /// Adds or replaces a Subscription.
     pub fn apply_subscription(&mut self, subscription: Subscription) {
         self.subscriptions
             .insert(key_of(&subscription.metadata), subscription);
+        self.changed();
     }
 
     /// Removes a Subscription.
     pub fn delete_subscription(&mut self, namespace: &str, name: &str) {
         self.subscriptions
             .remove(&(namespace.to_owned(), name.to_owned()));
+        self.changed();
     }
 
     /// Adds or replaces a sidecar.
     pub fn apply_sidecar(&mut self, key: SidecarKey, info: SidecarInfo) {
         self.sidecars.insert(key, info);
+        self.changed();
     }
 
     /// Removes a sidecar.
     pub fn delete_sidecar(&mut self, key: &SidecarKey) {
         self.sidecars.remove(key);
+        self.changed();
     }
 
     /// The sidecars known, with what is known of them.
@@ -178,115 +221,142 @@ impl MeshState {
         self.sidecars.iter()
     }
 
-    fn valid_queues<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Queue> + 'a {
-        self.queues
-            .iter()
-            .filter(move |((ns, _), q)| ns == namespace && q.validate().is_ok())
-            .map(|(_, q)| q)
+    fn derived(&self) -> std::sync::Arc<Derived> {
+        std::sync::Arc::clone(
+            self.derived
+                .get_or_init(|| std::sync::Arc::new(self.derive())),
+        )
     }
 
-    fn valid_subscriptions<'a>(
-        &'a self,
-        namespace: &'a str,
-    ) -> impl Iterator<Item = &'a Subscription> + 'a {
-        self.subscriptions
-            .iter()
-            .filter(move |((ns, _), s)| ns == namespace && s.validate().is_ok())
-            .map(|(_, s)| s)
-    }
-
-    fn queue(&self, namespace: &str, name: &str) -> Option<&Queue> {
-        self.queues
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .filter(|q| q.validate().is_ok())
-    }
-
-    fn ready_sidecars<'a>(
-        &'a self,
-        namespace: &'a str,
-    ) -> impl Iterator<Item = (&'a SidecarKey, &'a SidecarInfo)> + 'a {
-        self.sidecars
-            .iter()
-            .filter(move |(k, info)| k.namespace == namespace && info.ready)
-    }
-
-    /// Whether the sidecar's app may publish to the queue.
-    fn may_publish(queue: &Queue, labels: &BTreeMap<String, String>) -> bool {
-        queue
-            .spec
-            .publishers
-            .as_ref()
-            .is_none_or(|selector| labels_match(selector, labels))
-    }
-
-    /// Dead-letter queues reachable from `queue` (its own and its subscriptions', transitively).
-    fn dead_letter_closure(&self, namespace: &str, start: &str, into: &mut BTreeSet<String>) {
-        let mut pending = vec![start.to_owned()];
-        while let Some(name) = pending.pop() {
-            let Some(queue) = self.queue(namespace, &name) else {
-                continue;
-            };
-            let mut targets: Vec<String> = queue.spec.dead_letter_queue.iter().cloned().collect();
-            targets.extend(
-                self.valid_subscriptions(namespace)
-                    .filter(|s| s.spec.queue == name)
-                    .filter_map(|s| s.spec.dead_letter_queue.clone()),
-            );
-            for target in targets {
-                if self.queue(namespace, &target).is_some() && into.insert(target.clone()) {
-                    pending.push(target);
-                }
+    /// Computes what every view needs, once per change.
+    fn derive(&self) -> Derived {
+        let mut d = Derived::default();
+        for (key, q) in &self.queues {
+            if q.validate().is_ok() {
+                d.queues.insert(key.clone(), q.clone());
+                d.names
+                    .entry(key.0.clone())
+                    .or_default()
+                    .push(key.1.clone());
             }
         }
-    }
-
-    /// Names of the queues whose messages a sidecar with these labels may own: those its app may
-    /// publish to, and the dead-letter queues reachable from them.
-    fn owned_queues(
-        &self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> (BTreeSet<String>, BTreeSet<String>) {
-        let publishable: BTreeSet<String> = self
-            .valid_queues(namespace)
-            .filter(|q| Self::may_publish(q, labels))
-            .map(|q| q.metadata.name.clone().unwrap_or_default())
-            .collect();
-        let mut all = publishable.clone();
-        for name in &publishable {
-            self.dead_letter_closure(namespace, name, &mut all);
+        for ((ns, name), s) in &self.subscriptions {
+            if s.validate().is_ok() && d.queues.contains_key(&(ns.clone(), s.spec.queue.clone())) {
+                d.subs.insert((ns.clone(), name.clone()), s.clone());
+                d.routes
+                    .entry((ns.clone(), s.spec.queue.clone()))
+                    .or_default()
+                    .insert(name.clone(), s.clone());
+            }
         }
-        (publishable, all)
+        // Dead-letter queues reachable from each queue (its own and its subscriptions', transitively).
+        let direct = |ns: &str, queue: &str| -> Vec<String> {
+            let key = (ns.to_owned(), queue.to_owned());
+            let mut targets: Vec<String> = d
+                .queues
+                .get(&key)
+                .and_then(|q| q.spec.dead_letter_queue.clone())
+                .into_iter()
+                .collect();
+            if let Some(subs) = d.routes.get(&key) {
+                targets.extend(
+                    subs.values()
+                        .filter_map(|s| s.spec.dead_letter_queue.clone()),
+                );
+            }
+            targets.retain(|t| d.queues.contains_key(&(ns.to_owned(), t.clone())));
+            targets
+        };
+        let mut closure: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+        for (ns, name) in d.queues.keys() {
+            let mut seen = BTreeSet::new();
+            let mut pending = vec![name.clone()];
+            while let Some(q) = pending.pop() {
+                for t in direct(ns, &q) {
+                    if seen.insert(t.clone()) {
+                        pending.push(t);
+                    }
+                }
+            }
+            closure.insert((ns.clone(), name.clone()), seen);
+        }
+        for (key, info) in &self.sidecars {
+            let mut publishable = BTreeSet::new();
+            for name in d.names.get(&key.namespace).into_iter().flatten() {
+                let q = &d.queues[&(key.namespace.clone(), name.clone())];
+                if q.spec
+                    .publishers
+                    .as_ref()
+                    .is_none_or(|sel| labels_match(sel, &info.labels))
+                {
+                    publishable.insert(name.clone());
+                }
+            }
+            let mut owned = publishable.clone();
+            for name in &publishable {
+                owned.extend(
+                    closure[&(key.namespace.clone(), name.clone())]
+                        .iter()
+                        .cloned(),
+                );
+            }
+            if info.ready {
+                for name in &owned {
+                    d.owners
+                        .entry((key.namespace.clone(), name.clone()))
+                        .or_default()
+                        .push(endpoint(key, info));
+                }
+            }
+            d.owned.insert(key.clone(), (publishable, owned));
+        }
+        for ((ns, _), subs) in &d.routes {
+            for (name, s) in subs {
+                let mut consumers = Vec::new();
+                for (key, info) in self
+                    .sidecars
+                    .range(SidecarKey::new(ns.clone(), String::new())..)
+                {
+                    if key.namespace != *ns {
+                        break;
+                    }
+                    if labels_match(&s.spec.consumers, &info.labels) {
+                        d.served
+                            .entry(key.clone())
+                            .or_default()
+                            .push((ns.clone(), name.clone()));
+                        if info.ready {
+                            consumers.push(endpoint(key, info));
+                        }
+                    }
+                }
+                d.consumers.insert((ns.clone(), name.clone()), consumers);
+            }
+        }
+        d
     }
 
     /// The view for one sidecar, or `None` if the sidecar is unknown.
     pub fn view_for(&self, key: &SidecarKey) -> Option<MeshView> {
-        let me = self.sidecars.get(key)?;
+        self.sidecars.get(key)?;
+        let d = self.derived();
         let namespace = key.namespace.as_str();
-        let (publishable, owned) = self.owned_queues(namespace, &me.labels);
-
-        let consumers_of = |subscription: &Subscription| -> Vec<PeerEndpoint> {
-            self.ready_sidecars(namespace)
-                .filter(|(_, info)| labels_match(&subscription.spec.consumers, &info.labels))
-                .map(|(k, info)| PeerEndpoint {
-                    name: k.name.clone(),
-                    peer_address: info.peer_address.clone(),
-                })
-                .collect()
-        };
+        let (publishable, owned) = d.owned.get(key)?;
+        let ns = |name: &str| (namespace.to_owned(), name.to_owned());
 
         let queues = owned
             .iter()
-            .filter_map(|name| self.queue(namespace, name))
-            .map(|queue| {
-                let name = queue.metadata.name.clone().unwrap_or_default();
-                let routes = self
-                    .valid_subscriptions(namespace)
-                    .filter(|s| s.spec.queue == name)
-                    .map(|s| Route {
-                        subscription: s.metadata.name.clone().unwrap_or_default(),
+            .filter_map(|name| d.queues.get(&ns(name)).map(|q| (name, q)))
+            .map(|(name, queue)| {
+                let routes = d
+                    .routes
+                    .get(&ns(name))
+                    .into_iter()
+                    .flatten()
+                    .map(|(sub_name, s)| Route {
+                        subscription: sub_name.clone(),
                         filter: s.spec.filter.clone(),
-                        consumers: consumers_of(s),
+                        consumers: d.consumers.get(&ns(sub_name)).cloned().unwrap_or_default(),
                         retry: s.spec.retry.clone(),
                         delivery: s.spec.delivery.clone(),
                         dead_letter_queue: s
@@ -294,38 +364,32 @@ impl MeshState {
                             .dead_letter_queue
                             .clone()
                             .or_else(|| queue.spec.dead_letter_queue.clone())
-                            .filter(|dlq| self.queue(namespace, dlq).is_some()),
+                            .filter(|dlq| d.queues.contains_key(&ns(dlq))),
                     })
                     .collect();
                 QueueView {
-                    app_may_publish: publishable.contains(&name),
-                    name,
+                    app_may_publish: publishable.contains(name),
+                    name: name.clone(),
                     spec: queue.spec.clone(),
                     routes,
                 }
             })
             .collect();
 
-        let subscriptions = self
-            .valid_subscriptions(namespace)
-            .filter(|s| labels_match(&s.spec.consumers, &me.labels))
-            .filter(|s| self.queue(namespace, &s.spec.queue).is_some())
-            .map(|s| {
-                let consumers = consumers_of(s).len().max(1);
-                let owners = self
-                    .ready_sidecars(namespace)
-                    .filter(|(_, info)| {
-                        self.owned_queues(namespace, &info.labels)
-                            .1
-                            .contains(&s.spec.queue)
-                    })
-                    .map(|(k, info)| PeerEndpoint {
-                        name: k.name.clone(),
-                        peer_address: info.peer_address.clone(),
-                    })
-                    .collect();
-                ServedSubscription {
-                    name: s.metadata.name.clone().unwrap_or_default(),
+        let subscriptions = d
+            .served
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|(sns, name)| {
+                let s = d.subs.get(&(sns.clone(), name.clone()))?;
+                let consumers = d
+                    .consumers
+                    .get(&(sns.clone(), name.clone()))
+                    .map_or(0, Vec::len)
+                    .max(1);
+                Some(ServedSubscription {
+                    name: name.clone(),
                     queue: s.spec.queue.clone(),
                     delivery: s.spec.delivery.clone(),
                     rate_share: s
@@ -333,24 +397,30 @@ impl MeshState {
                         .rate_limit
                         .as_ref()
                         .map(|limit| split_rate(limit, consumers)),
-                    owners,
-                }
+                    owners: d
+                        .owners
+                        .get(&ns(&s.spec.queue))
+                        .cloned()
+                        .unwrap_or_default(),
+                })
             })
             .collect();
 
         let peers = self
-            .ready_sidecars(namespace)
-            .filter(|(k, _)| *k != key)
-            .map(|(k, info)| PeerEndpoint {
-                name: k.name.clone(),
-                peer_address: info.peer_address.clone(),
-            })
+            .sidecars
+            .range(SidecarKey::new(namespace, String::new())..)
+            .take_while(|(k, _)| k.namespace == namespace)
+            .filter(|(k, info)| info.ready && *k != key)
+            .map(|(k, info)| endpoint(k, info))
             .collect();
 
-        let other_queues = self
-            .valid_queues(namespace)
-            .filter_map(|q| q.metadata.name.clone())
-            .filter(|name| !publishable.contains(name))
+        let other_queues = d
+            .names
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .filter(|name| !publishable.contains(*name))
+            .cloned()
             .collect();
 
         Some(MeshView {

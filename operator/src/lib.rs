@@ -18,6 +18,7 @@ pub mod leader;
 pub mod metrics;
 pub mod status;
 mod watch;
+pub mod webhook;
 
 use std::sync::Arc;
 

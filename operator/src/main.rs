@@ -13,10 +13,6 @@ use qmesh_operator::{Args, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-// === webhook (admission webhooks + TLS) ===
-// The webhook work adds `mod webhook;` (operator/src/webhook/) here and starts `webhook::serve`
-// in `main` at the marked place below.
-
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
@@ -51,12 +47,13 @@ async fn main() -> anyhow::Result<()> {
 
     let operator = qmesh_operator::run(args.config(), client.clone(), shutdown.clone());
 
-    // === webhook::serve starts here (every replica serves the webhooks) ===
-    // let webhook = webhook::serve(args.webhook(), client.clone(), shutdown.clone());
-    // let (operator, webhook) = tokio::join!(operator, webhook);
-    // webhook?;
-    // operator?;
-    let _webhook_config = args.webhook();
-    operator.await?;
+    // Every replica serves the admission webhooks.
+    let stop = shutdown.clone();
+    let webhook = qmesh_operator::webhook::serve(args.webhook(), client.clone(), async move {
+        stop.cancelled().await
+    });
+    let (operator, webhook) = tokio::join!(operator, webhook);
+    webhook.context("admission webhooks")?;
+    operator?;
     Ok(())
 }

@@ -260,6 +260,10 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
         });
         spec.containers.push(sidecar);
     }
+    // The projected token needs a service account; the API server's ServiceAccount admission sets
+    // `default` before webhooks run, so this only matters where that plugin is off.
+    spec.service_account_name
+        .get_or_insert_with(|| "default".into());
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.push(Volume {
         name: DATA_VOLUME.into(),

@@ -116,16 +116,7 @@ impl Owner {
         owner.recover();
         // Queues already in the view get their messages back before the sidecar reports ready.
         let view = owner.view.borrow().clone();
-        let waiting: Vec<String> = owner
-            .recovered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        for name in waiting {
-            let _ = owner.queue_for(&view, &name);
-        }
+        owner.restore_waiting(&view);
         tokio::spawn(Arc::clone(&owner).run_events(events_rx));
         tokio::spawn(Arc::clone(&owner).follow_view());
         owner
@@ -145,6 +136,20 @@ impl Owner {
                 queues = recovered.len(),
                 "recovered unsettled messages from the log"
             );
+        }
+    }
+
+    /// Restores recovered messages of every queue that is now in the view.
+    fn restore_waiting(self: &Arc<Self>, view: &View) {
+        let waiting: Vec<String> = self
+            .recovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for name in waiting {
+            let _ = self.queue_for(view, &name);
         }
     }
 
@@ -736,16 +741,7 @@ impl Owner {
         let mut rx = self.view.clone();
         loop {
             let view = rx.borrow_and_update().clone();
-            let waiting: Vec<String> = self
-                .recovered
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .keys()
-                .cloned()
-                .collect();
-            for name in waiting {
-                let _ = self.queue_for(&view, &name);
-            }
+            self.restore_waiting(&view);
             let mut wanted = HashSet::new();
             for qv in view.queues() {
                 for r in &qv.routes {

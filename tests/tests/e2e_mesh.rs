@@ -113,6 +113,13 @@ impl PodSidecar {
         .unwrap();
     }
 
+    fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self._data.path().join("sidecar.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -298,6 +305,94 @@ async fn messages_flow_between_pods_through_the_operators_views_and_reroute_when
     assert_eq!(all.len(), 100, "nothing lost");
     assert!(seen2.lock().unwrap().iter().any(|id| id == "order-99"));
     drop(s2);
+    drop(sidecars);
+    operator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_keep_serving_their_last_view_while_the_operator_is_away_and_rejoin_when_it_returns()
+ {
+    let server = KubeApiServer::start().await.unwrap();
+    install_crds(&server).await;
+    let client = server.client();
+    let control_port = qmesh_tests::free_port().unwrap();
+    let start_operator = |identity: &str| {
+        Operator::start(client.clone(), identity, |c| {
+            c.insecure_skip_sidecar_auth = true;
+            c.control_addr = SocketAddr::from(([127, 0, 0, 1], control_port));
+        })
+    };
+    let operator = start_operator("operator-a");
+    let queues: Api<Queue> = Api::default_namespaced(client.clone());
+    let subs: Api<Subscription> = Api::default_namespaced(client.clone());
+    queues
+        .create(
+            &PostParams::default(),
+            &queue("orders", serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    subs.create(
+        &PostParams::default(),
+        &subscription("billing", "orders", "billing"),
+    )
+    .await
+    .unwrap();
+    let mut sidecars = Vec::new();
+    for (i, (pod, app)) in [("shop-1", "shop"), ("billing-1", "billing")]
+        .into_iter()
+        .enumerate()
+    {
+        create_pod(&client, &sidecar_pod(pod, app)).await;
+        let s = PodSidecar::start(pod, operator.control_addr, i as u8 + 11);
+        set_pod_ready(&client, pod, &s.ip.to_string(), true).await;
+        sidecars.push(s);
+    }
+    for s in &sidecars {
+        s.wait_ready().await;
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let _consumer = consume(sidecars[1].grpc(), "billing", Arc::clone(&seen)).await;
+
+    // The operator goes away: the data plane keeps working on the last view.
+    operator.stop().await;
+    publish(&sidecars[0].grpc(), 0..20).await;
+    wait_for("deliveries without a control plane", DEADLINE, || {
+        let n = seen.lock().unwrap().len();
+        async move { (n >= 20).then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    // It comes back on the same address: the sidecars rejoin (with backoff) and follow new views —
+    // a second consumer pod appearing now gets traffic.
+    let operator = start_operator("operator-b");
+    create_pod(&client, &sidecar_pod("billing-2", "billing")).await;
+    let s3 = PodSidecar::start("billing-2", operator.control_addr, 13);
+    set_pod_ready(&client, "billing-2", &s3.ip.to_string(), true).await;
+    s3.wait_ready().await;
+    let seen2 = Arc::new(Mutex::new(Vec::new()));
+    let _consumer2 = consume(s3.grpc(), "billing", Arc::clone(&seen2)).await;
+    let started = std::time::Instant::now();
+    wait_for(
+        "the producer's rejoined view to route to billing-2",
+        Duration::from_secs(30),
+        || {
+            let url = sidecars[0].grpc();
+            let seen2 = Arc::clone(&seen2);
+            async move {
+                publish(&url, 1000..1010).await;
+                (!seen2.lock().unwrap().is_empty()).then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nproducer log:\n{}", sidecars[0].log_tail()));
+    println!(
+        "rejoined and rerouted {:.1}s after the operator returned",
+        started.elapsed().as_secs_f64()
+    );
+    drop(s3);
     drop(sidecars);
     operator.stop().await;
 }

@@ -59,6 +59,8 @@ pub struct SubState {
     pub parked: BTreeSet<u64>,
     /// Ordering keys with a message in flight or waiting (ordering: Key only).
     pub busy_keys: HashMap<String, u32>,
+    /// Where the round-robin over consumer links continues.
+    pub next_link: usize,
     /// Totals.
     pub delivered_total: u64,
     /// Totals.
@@ -381,7 +383,9 @@ impl QueueState {
                 .as_ref()
                 .map(qmesh_proto::convert::std_duration)
                 .unwrap_or(Duration::from_secs(30));
-            let mut next_link = 0usize;
+            // Round-robin over consumer sidecars carries on from the last dispatch, so competing
+            // consumers share the load even when messages arrive one at a time.
+            let mut next_link = state.next_link % links.len();
             let mut skipped_keys: HashSet<String> = HashSet::new();
             let mut taken = Vec::new();
             let mut scanned = 0usize;
@@ -424,6 +428,7 @@ impl QueueState {
                     skipped_keys.insert(key.clone());
                 }
             }
+            state.next_link = next_link;
             for (seq, link, attempt, message) in taken {
                 state.ready.remove(&seq);
                 state.attempts.insert(seq, attempt);

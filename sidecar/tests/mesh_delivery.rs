@@ -909,3 +909,100 @@ spec:
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_speaking_garbage_or_breaking_the_protocol_is_reset_and_nothing_is_lost() {
+    use qmesh_proto::peer::{self, OwnerFrame, owner_frame, peer_client::PeerClient};
+    use tokio::io::AsyncWriteExt;
+
+    let mesh = shop().await;
+    let billing = Consumer::start(
+        "b1",
+        &mesh.sidecar("billing-1").grpc_url(),
+        "billing",
+        8,
+        |_| Verdict::Ack,
+    )
+    .await;
+    let target = mesh.sidecar("billing-1").peer;
+
+    // Raw bytes that are not HTTP/2 at all.
+    let mut raw = tokio::net::TcpStream::connect(target).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage \x13\x37")
+        .await
+        .unwrap();
+    drop(raw);
+
+    let mut client = PeerClient::connect(format!("http://{target}"))
+        .await
+        .unwrap();
+    // Deliveries before hello.
+    let delivery = peer::PeerDelivery {
+        subscription: "billing".into(),
+        queue: "orders".into(),
+        sequence: 1,
+        attempt: 1,
+        message: Some(message("forged", "", "forged")),
+        ack_timeout: None,
+    };
+    let frames = vec![OwnerFrame {
+        frame: Some(owner_frame::Frame::Deliveries(peer::DeliveryBatch {
+            deliveries: vec![delivery.clone()],
+        })),
+    }];
+    let err = client
+        .forward(tokio_stream::iter(frames))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    // Hello, then a delivery nobody granted credit for.
+    let hello = OwnerFrame {
+        frame: Some(owner_frame::Frame::Hello(peer::Hello {
+            owner: Some(peer::SidecarId {
+                namespace: "default".into(),
+                name: "intruder".into(),
+                incarnation: 1,
+            }),
+            protocol_revision: 1,
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello).await.unwrap();
+    let mut inbound = client
+        .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(OwnerFrame {
+        frame: Some(owner_frame::Frame::Deliveries(peer::DeliveryBatch {
+            deliveries: vec![delivery],
+        })),
+    })
+    .await
+    .unwrap();
+    let reset = loop {
+        match inbound.message().await {
+            Ok(Some(_)) => continue, // welcome
+            Ok(None) => panic!("stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(reset.code(), tonic::Code::FailedPrecondition, "{reset}");
+    assert!(reset.message().contains("without credit"), "{reset}");
+
+    // The real owner is unaffected: every order arrives, the forged one never does.
+    let results = publish_all(
+        &mesh.sidecar("checkout").grpc_url(),
+        "orders",
+        messages(50, "after"),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+    until("every order after the attacks", 20, || {
+        billing.count() >= 50
+    })
+    .await;
+    let (ids, dups) = tally(billing.ids());
+    assert_eq!((ids.len(), dups), (50, 0));
+    assert!(!ids.contains("forged"));
+}

@@ -136,6 +136,11 @@ fn main() {
         ("always", FsyncPolicy::Always),
     ] {
         for appenders in [1, 16, 256] {
+            if let Some(only) = arg("--only")
+                && only != format!("{name}:{appenders}")
+            {
+                continue;
+            }
             let f = runtime.block_on(run_case(dir.path(), policy, appenders, secs));
             println!(
                 "{name:<14}{appenders:>10}{:>14.0}{:>10.1}{:>9.0}%{:>12.0}{:>12.1}",

@@ -295,7 +295,10 @@ impl Names {
 
 struct Segment {
     id: u64,
+    /// Unsettled messages whose latest copy is in this segment.
     live: u64,
+    /// Messages (and relocated copies) ever written to it.
+    total: u64,
 }
 
 struct Writer {
@@ -352,7 +355,11 @@ impl Writer {
             let mut bytes = Vec::new();
             File::open(&path)?.read_to_end(&mut bytes)?;
             let mut pos = 0usize;
-            let mut segment = Segment { id, live: 0 };
+            let mut segment = Segment {
+                id,
+                live: 0,
+                total: 0,
+            };
             while pos < bytes.len() {
                 match record::decode(&bytes[pos..]) {
                     Ok((seq, body, used)) => {
@@ -428,6 +435,7 @@ impl Writer {
         segments.push_back(Segment {
             id: new_id,
             live: 0,
+            total: 0,
         });
         let mut writer = Self {
             config,
@@ -596,6 +604,7 @@ impl Writer {
             );
             if let Some(s) = self.segments.back_mut() {
                 s.live += 1;
+                s.total += 1;
             }
         }
         for body in side_applied {
@@ -679,7 +688,11 @@ impl Writer {
                 sync_dir(&self.config.dir);
                 self.active = file;
                 self.active_size = 0;
-                self.segments.push_back(Segment { id, live: 0 });
+                self.segments.push_back(Segment {
+                    id,
+                    live: 0,
+                    total: 0,
+                });
             }
             Err(error) => {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -712,7 +725,11 @@ impl Writer {
     /// Copies the live messages of the oldest segment forward once there are too many segments,
     /// so replay time stays bounded however long a few messages stay unsettled.
     fn compact(&mut self) {
-        while self.segments.len() > self.config.max_segments.max(2) {
+        // Only a mostly settled head is worth copying forward: moving a segment that is still mostly
+        // live would rewrite the data without shortening replay.
+        while self.segments.len() > self.config.max_segments.max(2)
+            && self.segments.front().is_some_and(|h| h.live * 2 <= h.total)
+        {
             let before = self.segments.len();
             self.compact_head();
             if self.segments.len() >= before {
@@ -794,6 +811,7 @@ impl Writer {
         }
         if let Some(s) = self.segments.back_mut() {
             s.live += moved;
+            s.total += moved;
         }
         if let Some(s) = self.segments.front_mut() {
             s.live = 0;
@@ -842,6 +860,7 @@ fn apply(
             );
             messages.insert(seq, message);
             current.live += 1;
+            current.total += 1;
         }
         Body::Relocated {
             queue,
@@ -871,6 +890,7 @@ fn apply(
             );
             messages.insert(target, message);
             current.live += 1;
+            current.total += 1;
         }
         Body::Settle {
             subscription,

@@ -138,7 +138,7 @@ async fn the_api_server_calls_the_webhooks_and_rotation_keeps_them_working() {
     let server_task = tokio::spawn({
         let (resolver, router, stop) = (
             Arc::clone(&manager.resolver),
-            webhook::router(webhook::template(&config, native)),
+            webhook::router(webhook::template(&config, native), Some(client.clone())),
             stop.clone(),
         );
         async move {
@@ -220,6 +220,31 @@ async fn the_api_server_calls_the_webhooks_and_rotation_keeps_them_working() {
     assert!(!has_sidecar(&opted_out));
     let elsewhere = create_pod_in(&client, "plain", &pod("web-3", serde_json::json!({}))).await;
     assert!(!has_sidecar(&elsewhere));
+    // Host-network pods are skipped, and the reason is recorded as an Event on the pod.
+    let mut host = pod("node-agent", serde_json::json!({}));
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    let host = create_pod_in(&client, "shop", &host).await;
+    assert!(!has_sidecar(&host));
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "shop");
+    let note = wait_for("the InjectionSkipped event", DEADLINE, || {
+        let events = events.clone();
+        async move {
+            events
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find_map(|e| {
+                    (e.reason.as_deref() == Some("InjectionSkipped")
+                        && e.involved_object.name.as_deref() == Some("node-agent"))
+                    .then(|| e.message.unwrap_or_default())
+                })
+        }
+    })
+    .await
+    .unwrap();
+    assert!(note.contains("host network"), "{note}");
 
     // Validation: rules the schema cannot express come back from the webhook, naming the field.
     let subs: Api<Subscription> = Api::default_namespaced(client.clone());

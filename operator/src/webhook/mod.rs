@@ -31,14 +31,57 @@ use crate::config::WebhookConfig;
 
 struct AppState {
     template: SidecarTemplate,
+    events: Option<Client>,
 }
 
-/// The HTTP routes (without TLS), for tests and for [`serve`].
-pub fn router(template: SidecarTemplate) -> Router {
+/// The HTTP routes (without TLS), for tests and for [`serve`]. With `events`, skipped injections
+/// are also reported as Kubernetes Events on the pod.
+pub fn router(template: SidecarTemplate, events: Option<Client>) -> Router {
     Router::new()
         .route("/inject", post(inject_handler))
         .route("/validate", post(validate_handler))
-        .with_state(Arc::new(AppState { template }))
+        .with_state(Arc::new(AppState { template, events }))
+}
+
+/// Records a Warning Event about a pod being created (it has no UID yet, so it is named).
+async fn pod_event(
+    client: Client,
+    namespace: String,
+    pod: String,
+    reason: &'static str,
+    note: &'static str,
+) {
+    use k8s_openapi::api::core::v1::{Event, ObjectReference};
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let event = Event {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some(format!("{pod}.")),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            kind: Some("Pod".into()),
+            api_version: Some("v1".into()),
+            name: Some(pod),
+            namespace: Some(namespace.clone()),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(note.into()),
+        type_: Some("Warning".into()),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some("qmesh-injector".into()),
+            host: None,
+        }),
+        ..Default::default()
+    };
+    let api: kube::Api<Event> = kube::Api::namespaced(client, &namespace);
+    if let Err(error) = api.create(&Default::default(), &event).await {
+        tracing::warn!(%error, "could not record the injection event");
+    }
 }
 
 /// The sidecar template from the configuration, `native` decided by the server's version.
@@ -80,7 +123,32 @@ async fn inject_handler(
             );
         }
     };
-    Json(decide_injection(&request, &state.template).into_review())
+    let response = decide_injection(&request, &state.template);
+    if response.warnings.is_some()
+        && let Some(client) = state.events.clone()
+    {
+        let pod = Some(request.name.clone())
+            .filter(|n| !n.is_empty())
+            .or_else(|| {
+                request
+                    .object
+                    .as_ref()
+                    .and_then(|p| p.metadata.generate_name.clone())
+            })
+            .unwrap_or_default();
+        let namespace = request
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        tokio::spawn(pod_event(
+            client,
+            namespace,
+            pod,
+            "InjectionSkipped",
+            Skip::HostNetwork.message(),
+        ));
+    }
+    Json(response.into_review())
 }
 
 /// The admission answer for one pod.
@@ -202,7 +270,7 @@ pub async fn serve(
     serve_tls(
         listener,
         resolver,
-        router(template(&config, native)),
+        router(template(&config, native), Some(client.clone())),
         shutdown,
     )
     .await

@@ -58,6 +58,41 @@ pub enum Error {
     Metrics(#[source] std::io::Error),
 }
 
+/// Label on the operator pod that currently leads. The control-plane Service selects it, so every
+/// sidecar reports its stats to the one replica that writes status.
+pub const LEADER_LABEL: &str = "qmesh.io/leader";
+
+/// Keeps [`LEADER_LABEL`] on this replica's own pod in step with leadership. Out of cluster (no such
+/// pod) this does nothing but log at debug level.
+async fn mark_leader_pod(
+    client: Client,
+    namespace: String,
+    pod: String,
+    mut leader: channel::Receiver<bool>,
+) {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, Patch, PatchParams};
+    let pods: Api<Pod> = Api::namespaced(client, &namespace);
+    loop {
+        let leading = *leader.borrow_and_update();
+        let value = if leading {
+            serde_json::json!("true")
+        } else {
+            serde_json::Value::Null
+        };
+        let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+        if let Err(error) = pods
+            .patch(&pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::debug!(%error, %pod, "could not label the operator pod (running out of cluster?)");
+        }
+        if leader.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
@@ -120,6 +155,15 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
             config.lease_duration,
         )
         .run(leader_tx, shutdown.clone())
+        .map_ok(),
+    );
+    tasks.spawn(
+        mark_leader_pod(
+            client.clone(),
+            config.namespace.clone(),
+            config.identity.clone(),
+            leader_rx.clone(),
+        )
         .map_ok(),
     );
     tasks.spawn(lead(client, index, metrics, config, leader_rx, shutdown.clone()).map_ok());

@@ -356,7 +356,8 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         .add_service(
             qmesh_proto::peer::peer_server::PeerServer::new(peer::PeerService::new(
                 Arc::clone(&consumers),
-                me,
+                Arc::clone(&sidecar.owner),
+                me.clone(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
@@ -398,7 +399,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         result = servers => { result?; }
         () = signals => {}
     }
-    drain(&sidecar, args.shutdown_grace).await;
+    drain(&sidecar, args.shutdown_grace, &me).await;
     Ok(())
 }
 
@@ -437,9 +438,12 @@ async fn wait_for_signal(notified: tokio::sync::futures::Notified<'_>) {
     notified.await;
 }
 
-/// Waits (bounded by `grace`) until this sidecar owes nothing and its apps hold nothing.
-async fn drain(sidecar: &Sidecar, grace: Duration) {
+/// Graceful stop: waits (up to half of `grace`) for the backlog to be delivered and the apps to
+/// settle what they hold, then hands what this sidecar still owns to other sidecars of the mesh (each
+/// persists it and becomes its owner), then returns.
+async fn drain(sidecar: &Sidecar, grace: Duration, me: &peer_wire::SidecarId) {
     let deadline = Instant::now() + grace;
+    let mut hand_over_at = Some(Instant::now() + grace / 2);
     loop {
         let backlog = sidecar.owner.backlog();
         let in_flight: usize = sidecar
@@ -452,6 +456,11 @@ async fn drain(sidecar: &Sidecar, grace: Duration) {
             tracing::info!("drained: nothing owned, nothing in flight");
             return;
         }
+        if backlog > 0 && hand_over_at.is_some_and(|at| Instant::now() >= at) {
+            hand_over_at = None;
+            hand_over(sidecar, me, deadline).await;
+            continue;
+        }
         if Instant::now() >= deadline {
             tracing::warn!(
                 backlog,
@@ -461,5 +470,58 @@ async fn drain(sidecar: &Sidecar, grace: Duration) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Hands the owned backlog over, batch by batch, to the first peers that accept it.
+async fn hand_over(sidecar: &Sidecar, me: &peer_wire::SidecarId, deadline: Instant) {
+    use qmesh_proto::peer::{HandOverBatch, peer_client::PeerClient};
+    let mut batch_no = 0;
+    for peer in sidecar.owner.peers() {
+        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{peer}")) {
+            Ok(e) => e.connect_timeout(Duration::from_secs(2)),
+            Err(_) => continue,
+        };
+        let Ok(channel) = endpoint.connect().await else {
+            continue;
+        };
+        let mut client = PeerClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024 + 65536)
+            .max_encoding_message_size(64 * 1024 * 1024 + 65536);
+        loop {
+            if Instant::now() >= deadline {
+                return;
+            }
+            let messages = sidecar.owner.owned_messages(200);
+            if messages.is_empty() {
+                return;
+            }
+            batch_no += 1;
+            let batch = HandOverBatch {
+                from: Some(me.clone()),
+                batch: batch_no,
+                messages: messages.clone(),
+            };
+            let answer = async {
+                let mut acks = client
+                    .hand_over(tokio_stream::iter(vec![batch]))
+                    .await?
+                    .into_inner();
+                acks.message().await
+            }
+            .await;
+            match answer {
+                Ok(Some(ack)) if ack.error.is_none() => {
+                    sidecar.owner.handed_over(&messages);
+                    tracing::info!(%peer, messages = messages.len(), "handed over owned messages");
+                }
+                Ok(Some(ack)) => {
+                    let reason = ack.error.map(|e| e.message).unwrap_or_default();
+                    tracing::info!(%peer, %reason, "peer refused the hand-over; trying another");
+                    break;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
     }
 }

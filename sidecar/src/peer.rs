@@ -22,13 +22,22 @@ const OUTBOUND: usize = 1024;
 /// The Peer service.
 pub struct PeerService {
     consumers: Arc<Consumers>,
+    owner: Arc<crate::owner::Owner>,
     me: peer::SidecarId,
 }
 
 impl PeerService {
     /// The service for this sidecar.
-    pub fn new(consumers: Arc<Consumers>, me: peer::SidecarId) -> Self {
-        Self { consumers, me }
+    pub fn new(
+        consumers: Arc<Consumers>,
+        owner: Arc<crate::owner::Owner>,
+        me: peer::SidecarId,
+    ) -> Self {
+        Self {
+            consumers,
+            owner,
+            me,
+        }
     }
 }
 
@@ -110,10 +119,42 @@ impl Peer for PeerService {
 
     async fn hand_over(
         &self,
-        _: Request<Streaming<HandOverBatch>>,
+        request: Request<Streaming<HandOverBatch>>,
     ) -> Result<Response<Self::HandOverStream>, Status> {
-        Err(Status::unimplemented(
-            "ownership hand-over is not supported by this sidecar version yet",
-        ))
+        let mut inbound = request.into_inner();
+        let owner = Arc::clone(&self.owner);
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = inbound.message().await {
+                let mut error = None;
+                let count = batch.messages.len();
+                for message in batch.messages {
+                    if let Err(e) = owner.adopt(message).await {
+                        error = Some(e.to_proto());
+                        break;
+                    }
+                }
+                let from = batch.from.map(|f| f.name).unwrap_or_default();
+                match &error {
+                    None => {
+                        tracing::info!(%from, messages = count, batch = batch.batch, "took over messages")
+                    }
+                    Some(e) => {
+                        tracing::warn!(%from, batch = batch.batch, reason = %e.message, "refused a hand-over batch")
+                    }
+                }
+                if tx
+                    .send(Ok(HandOverAck {
+                        batch: batch.batch,
+                        error,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

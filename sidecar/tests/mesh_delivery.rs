@@ -1006,3 +1006,79 @@ async fn a_peer_speaking_garbage_or_breaking_the_protocol_is_reset_and_nothing_i
     assert_eq!((ids.len(), dups), (50, 0));
     assert!(!ids.contains("forged"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_an_owner_with_backlog_hands_it_over_and_loses_nothing() {
+    let yaml = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: orders}
+spec:
+  publishers: {matchLabels: {app: shop}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: billing}
+spec:
+  queue: orders
+  consumers: {matchLabels: {app: billing}}
+  retry: {maxDeliveries: 4}
+"#;
+    let mut mesh = mesh()
+        .manifests(yaml)
+        .arg("--shutdown-grace=2s")
+        .sidecar("shop-1", &[("app", "shop")])
+        .sidecar("shop-2", &[("app", "shop")])
+        .sidecar("billing", &[("app", "billing")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    // Nobody consumes yet: shop-1 owns the whole backlog when it is told to stop.
+    let n = 40;
+    let results = publish_all(
+        &mesh.sidecar("shop-1").grpc_url(),
+        "orders",
+        messages(n, "h"),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+    mesh.sidecar("shop-1").terminate().unwrap();
+    let code = mesh
+        .sidecar_mut("shop-1")
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "graceful exit");
+    // The consumer arrives after shop-1 is gone: everything comes from the new owner.
+    let billing = Consumer::start(
+        "b",
+        &mesh.sidecar("billing").grpc_url(),
+        "billing",
+        16,
+        |_| Verdict::Ack,
+    )
+    .await;
+    until("every handed-over order delivered", 20, || {
+        tally(billing.ids()).0.len() >= n
+    })
+    .await;
+    let (ids, dups) = tally(billing.ids());
+    println!(
+        "shop-1 stopped with {n} owned; billing got {} distinct ({dups} duplicates) from shop-2",
+        ids.len()
+    );
+    assert_eq!(ids.len(), n);
+    let stats = http::request("GET", mesh.sidecar("shop-2").admin, "/v1/stats", &[], b"")
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(
+        stats["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["queue"] == "orders"),
+        "shop-2 owns orders now: {stats}"
+    );
+}

@@ -762,6 +762,115 @@ impl Owner {
         }
     }
 
+    /// Takes over messages another (draining) sidecar owned: persisted here with their owing
+    /// subscriptions and attempt counts, then delivered like any of ours. Refused when this sidecar
+    /// may not own the queue.
+    pub async fn adopt(self: &Arc<Self>, owned: peer::OwnedMessage) -> Result<(), BrokerError> {
+        let view = self.view.borrow().clone();
+        let queue = owned.queue.clone();
+        let q = self
+            .queue_for(&view, &queue)
+            .ok_or_else(|| BrokerError::UnknownQueue(queue.clone()))?;
+        let message = Arc::new(owned.message.unwrap_or_default());
+        let routes: HashSet<String> = q
+            .lock()
+            .view
+            .routes
+            .iter()
+            .map(|r| r.subscription.clone())
+            .collect();
+        let pending: Vec<(String, u32)> = owned
+            .pending
+            .into_iter()
+            .filter(|p| routes.contains(&p.subscription))
+            .map(|p| (p.subscription, p.attempts))
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let sequence = {
+            let mut state = q.lock();
+            let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
+            state.reserve(sequence, &message.id, now);
+            sequence
+        };
+        let subs: Vec<String> = pending.iter().map(|(s, _)| s.clone()).collect();
+        if let Err(error) = q.log.append(&queue, sequence, &message, &subs).await {
+            q.lock().abandon(sequence, &message.id);
+            return Err(error);
+        }
+        for (sub, attempts) in &pending {
+            if *attempts > 0 {
+                q.log.attempted(&queue, sub, sequence, *attempts);
+            }
+        }
+        {
+            let mut state = q.lock();
+            state.appending.remove(&sequence);
+            state.restore(sequence, message, pending, now);
+        }
+        q.wake.notify_one();
+        Ok(())
+    }
+
+    /// Everything still owed, for a hand-over: (queue, sequence, message, owing subscriptions with
+    /// attempts).
+    pub fn owned_messages(&self, max: usize) -> Vec<peer::OwnedMessage> {
+        let mut out = Vec::new();
+        for q in self.queues() {
+            let state = q.lock();
+            for (seq, entry) in state.messages.iter() {
+                if out.len() >= max {
+                    return out;
+                }
+                out.push(peer::OwnedMessage {
+                    queue: state.name.clone(),
+                    sequence: *seq,
+                    message: Some((*entry.message).clone()),
+                    pending: entry
+                        .pending
+                        .iter()
+                        .map(|sub| peer::PendingSubscription {
+                            subscription: sub.clone(),
+                            attempts: state
+                                .subs
+                                .get(sub)
+                                .and_then(|s| s.attempts.get(seq))
+                                .copied()
+                                .unwrap_or(0),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Forgets messages another sidecar now owns.
+    pub fn handed_over(&self, messages: &[peer::OwnedMessage]) {
+        for m in messages {
+            let Some(q) = self.get_queue(&m.queue) else {
+                continue;
+            };
+            let owed = q.lock().evict(m.sequence);
+            for (sub, _) in owed {
+                q.log.settle(&m.queue, &sub, m.sequence, Outcome::Acked);
+            }
+        }
+    }
+
+    /// Other sidecars of the mesh, candidates to take over.
+    pub fn peers(&self) -> Vec<String> {
+        self.view
+            .borrow()
+            .wire
+            .peers
+            .iter()
+            .map(|p| p.peer_address.clone())
+            .collect()
+    }
+
     /// Per-queue and per-subscription figures for stats and metrics.
     pub fn stats(&self) -> Vec<QueueFigures> {
         self.queues()

@@ -20,7 +20,6 @@ use std::{
 
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
-    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{Namespace, Pod, ServiceAccount},
 };
 use kube::{
@@ -69,7 +68,7 @@ impl Kubelet {
         let dir = self.dir.path().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
         // The projected service-account token (audience qmesh, bound to this pod).
-        let token = bound_token(client, pod).await;
+        let token = bound_token(client, NS, "default", pod).await;
         std::fs::write(dir.join("token"), token).unwrap();
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         for e in sidecar.env.iter().flatten() {
@@ -159,31 +158,6 @@ async fn set_ready(client: &Client, name: &str, ip: Ipv4Addr) {
     pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-}
-
-async fn bound_token(client: &Client, pod: &Pod) -> String {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NS);
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec!["qmesh".into()]),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            expiration_seconds: Some(3600),
-        }),
-        ..Default::default()
-    };
-    accounts
-        .create_token_request("default", &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token
-        .unwrap()
 }
 
 fn app_pod(name: &str, app: &str) -> Pod {

@@ -8,10 +8,7 @@ mod operator_support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::{
-    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{Pod, ServiceAccount},
-};
+use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::{Api, Client, api::PostParams};
 use operator_support::*;
 use qmesh_api::{Queue, Subscription};
@@ -227,31 +224,6 @@ async fn a_sidecar_gets_fresh_views_within_a_second_and_its_stats_reach_status()
     operator.stop().await;
 }
 
-async fn bound_token(client: &Client, pod: &Pod) -> String {
-    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec!["qmesh".into()]),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            expiration_seconds: Some(3600),
-        }),
-        ..Default::default()
-    };
-    accounts
-        .create_token_request("shop", &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token
-        .unwrap()
-}
-
 #[tokio::test]
 async fn sidecar_tokens_are_checked_with_token_review() {
     let server = KubeApiServer::start().await.unwrap();
@@ -286,7 +258,7 @@ async fn sidecar_tokens_are_checked_with_token_review() {
     assert!(reason.contains("no token"), "{reason}");
 
     // A real token bound to shop-1: good for shop-1, not for shop-2.
-    let token = bound_token(&client, &pods[0]).await;
+    let token = bound_token(&client, "default", "shop", &pods[0]).await;
     let reason = Sidecar::join(&operator, "shop-2", &token)
         .await
         .rejection()

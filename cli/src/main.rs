@@ -29,6 +29,11 @@ enum Command {
     Sub(client::SubArgs),
     /// Measure throughput and latency through real sidecars (or a bare gRPC baseline).
     Bench(bench::BenchArgs),
+    /// Print a shell completion script (`qmesh completions bash > /etc/bash_completion.d/qmesh`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +54,16 @@ fn main() -> ExitCode {
             Command::Pub(args) => client::publish(args).await,
             Command::Sub(args) => client::subscribe(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "qmesh",
+                    &mut std::io::stdout(),
+                );
+                Ok(())
+            }
         }
     });
     match result {

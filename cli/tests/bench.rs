@@ -54,3 +54,19 @@ fn bench_json_reports_sane_figures() {
     assert_eq!(b["baseline"], true);
     assert!(b["msgs_per_sec"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn completions_cover_every_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qmesh"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    for command in ["demo", "pub", "sub", "bench", "completions"] {
+        assert!(
+            script.contains(command),
+            "{command} missing from the completions"
+        );
+    }
+}

@@ -1,43 +1,26 @@
-//! The control plane: gRPC `qmesh.control.v1.Control/Join`, served by every replica (leader or not).
-//! A thin adapter between the [`Index`] and the wire.
+//! The control plane: gRPC `qmesh.control.v1.Control`, served by every replica (leader or not).
+//! The session logic is shared with `qmesh dev` ([`qmesh_proto::join`]); what is the operator's own
+//! is where views come from (the [`Index`]) and how a sidecar proves which pod it is.
 //!
 //! ```text
 //!   sidecar ──Hello{namespace,name,token}──▶ authenticate (TokenReview, audience "qmesh";
 //!                                              the token's pod must be the claimed pod)
-//!           ◀──Rejected{reason}────────────── on failure, then the stream ends
-//!           ◀──MeshView{version n}─────────── at once, then whenever Index.view_for(pod) changes
+//!           ◀──MeshView / Rejected────────── Index.view_for(pod)
 //!           ──Stats───────────────────────▶ Index.record_stats (rolled up into CR status)
 //!   stream closes / pod deleted ──▶ Index.drop_stats
 //! ```
-//! A view is sent only when it differs from the last one sent on this stream; versions increase per
-//! stream, starting above the `known_view_version` the sidecar reports.
 
-use std::{
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::Duration};
 
-use futures::Stream;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
-use qmesh_core::SidecarKey;
+use qmesh_core::{MeshView, SidecarKey};
 use qmesh_proto::{
-    control::{
-        ControlUpdate, Hello, Rejected, SidecarReport,
-        control_server::{Control, ControlServer},
-        control_update::Update,
-        sidecar_report::Report,
-    },
-    convert,
+    control::{Hello, Stats},
+    join::{ControlService, JoinEvent, MeshSource},
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
 
 use crate::{index::Index, metrics::Metrics};
 
@@ -165,138 +148,52 @@ impl SidecarAuth {
     }
 }
 
-/// The gRPC service.
-pub struct ControlPlane {
+/// The operator's source of views: the [`Index`], with sidecars authenticated by [`SidecarAuth`].
+pub struct IndexSource {
     index: Arc<Index>,
     metrics: Arc<Metrics>,
     auth: SidecarAuth,
-    sessions: AtomicU64,
-    shutdown: CancellationToken,
 }
 
-impl std::fmt::Debug for ControlPlane {
+impl std::fmt::Debug for IndexSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlPlane")
+        f.debug_struct("IndexSource")
             .field("auth", &self.auth)
             .finish_non_exhaustive()
     }
 }
 
-// === impl ControlPlane ===
+/// The control plane: `qmesh.control.v1.Control` served from the index.
+pub type ControlPlane = ControlService<IndexSource>;
 
-impl ControlPlane {
-    /// A control plane over `index`.
-    pub fn new(
-        index: Arc<Index>,
-        metrics: Arc<Metrics>,
-        auth: SidecarAuth,
-        shutdown: CancellationToken,
-    ) -> Self {
-        Self {
-            index,
-            metrics,
-            auth,
-            sessions: AtomicU64::new(1),
-            shutdown,
-        }
-    }
-
-    /// Serves on `listener` until `shutdown` (which also ends every open stream).
-    pub async fn serve(
-        self,
-        listener: tokio::net::TcpListener,
-    ) -> Result<(), tonic::transport::Error> {
-        let shutdown = self.shutdown.clone();
-        tonic::transport::Server::builder()
-            .add_service(ControlServer::new(self))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                shutdown.cancelled_owned(),
-            )
-            .await
-    }
-}
-
-type UpdateStream = Pin<Box<dyn Stream<Item = Result<ControlUpdate, Status>> + Send>>;
-
-fn rejected(reason: String) -> ControlUpdate {
-    ControlUpdate {
-        update: Some(Update::Rejected(Rejected { reason })),
-    }
-}
-
-#[tonic::async_trait]
-impl Control for ControlPlane {
-    type JoinStream = UpdateStream;
-
-    async fn join(
-        &self,
-        request: Request<Streaming<SidecarReport>>,
-    ) -> Result<Response<Self::JoinStream>, Status> {
-        let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(SidecarReport {
-                report: Some(Report::Hello(hello)),
-            }))) => hello,
-            Ok(Err(status)) => return Err(status),
-            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
-            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be Hello")),
-        };
-        let (tx, rx) = mpsc::channel(4);
-        let session = Session {
-            index: self.index.clone(),
-            metrics: self.metrics.clone(),
-            auth: self.auth.clone(),
-            id: self.sessions.fetch_add(1, Ordering::Relaxed),
-            shutdown: self.shutdown.clone(),
-        };
-        tokio::spawn(session.run(hello, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-struct Session {
+/// A control plane over `index`; `shutdown` ends every open stream.
+pub fn control_plane(
     index: Arc<Index>,
     metrics: Arc<Metrics>,
     auth: SidecarAuth,
-    id: u64,
     shutdown: CancellationToken,
+) -> ControlPlane {
+    ControlService::new(
+        Arc::new(IndexSource {
+            index,
+            metrics,
+            auth,
+        }),
+        shutdown,
+    )
 }
 
-type Outbound = mpsc::Sender<Result<ControlUpdate, Status>>;
-
-// === impl Session ===
-
-impl Session {
-    async fn run(self, hello: Hello, inbound: Streaming<SidecarReport>, tx: Outbound) {
-        let key = SidecarKey::new(&hello.namespace, &hello.name);
-        let span = tracing::info_span!("sidecar", namespace = %key.namespace, pod = %key.name, session = self.id);
-        let result = async {
-            if let Err(reason) = self.admit(&hello, &key).await {
-                tracing::warn!(namespace = %key.namespace, pod = %key.name, %reason, "sidecar rejected");
-                self.metrics.sidecars_rejected.inc();
-                let _ = tx.send(Ok(rejected(reason))).await;
-                return;
-            }
-            tracing::info!(namespace = %key.namespace, pod = %key.name, version = %hello.version, "sidecar joined");
-            self.metrics.connected_sidecars.inc();
-            self.stream_views(&key, hello.known_view_version, inbound, &tx)
-                .await;
-            self.metrics.connected_sidecars.dec();
-            self.index.drop_stats(&key, self.id);
-            tracing::info!(namespace = %key.namespace, pod = %key.name, "sidecar left");
-        };
-        tracing::Instrument::instrument(result, span).await;
-    }
-
+#[tonic::async_trait]
+impl MeshSource for IndexSource {
     /// Waits (briefly) for the index to be complete and to know the pod, then authenticates.
-    async fn admit(&self, hello: &Hello, key: &SidecarKey) -> Result<(), String> {
+    async fn admit(&self, hello: &Hello, _session: u64) -> Result<(), String> {
+        let key = SidecarKey::new(&hello.namespace, &hello.name);
         let mut changes = self.index.subscribe_changes();
         let known = async {
             self.index.wait_synced().await;
             loop {
                 changes.borrow_and_update();
-                if self.index.sidecar(key).is_some() {
+                if self.index.sidecar(&key).is_some() {
                     return;
                 }
                 if changes.changed().await.is_err() {
@@ -313,72 +210,29 @@ impl Session {
         self.auth.check(hello, &self.index).await
     }
 
-    async fn stream_views(
-        &self,
-        key: &SidecarKey,
-        known_version: u64,
-        mut inbound: Streaming<SidecarReport>,
-        tx: &Outbound,
-    ) {
-        let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
-        let reader = {
-            let index = self.index.clone();
-            let key = key.clone();
-            let id = self.id;
-            tokio::spawn(async move {
-                loop {
-                    match inbound.message().await {
-                        Ok(Some(SidecarReport {
-                            report: Some(Report::Stats(stats)),
-                        })) => index.record_stats(&key, id, stats),
-                        Ok(Some(SidecarReport {
-                            report: Some(Report::Applied(applied)),
-                        })) => tracing::debug!(version = applied.version, "view applied"),
-                        Ok(Some(_)) => {}
-                        Ok(None) => break,
-                        Err(status) => {
-                            tracing::debug!(%status, "sidecar stream failed");
-                            break;
-                        }
-                    }
-                }
-                drop(closed_tx);
-            })
-        };
+    fn view_for(&self, key: &SidecarKey) -> Option<MeshView> {
+        self.index.view_for(key)
+    }
 
-        let mut changes = self.index.subscribe_changes();
-        let mut version = known_version;
-        let mut last = None;
-        loop {
-            changes.borrow_and_update();
-            let Some(view) = self.index.view_for(key) else {
-                tracing::info!("pod is gone; closing the stream");
-                break;
-            };
-            if last.as_ref() != Some(&view) {
-                version += 1;
-                let update = ControlUpdate {
-                    update: Some(Update::View(convert::mesh_view(
-                        &view,
-                        version,
-                        SystemTime::now(),
-                    ))),
-                };
-                if tx.send(Ok(update)).await.is_err() {
-                    break;
-                }
-                self.metrics.views_sent.inc();
-                tracing::debug!(version, "view sent");
-                last = Some(view);
-            }
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { break },
-                _ = &mut closed => break,
-                () = tx.closed() => break,
-                () = self.shutdown.cancelled() => break,
-            }
+    fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.index.subscribe_changes()
+    }
+
+    fn record_stats(&self, key: &SidecarKey, session: u64, stats: Stats) {
+        self.index.record_stats(key, session, stats);
+    }
+
+    fn left(&self, key: &SidecarKey, session: u64) {
+        self.index.drop_stats(key, session);
+    }
+
+    fn observe(&self, event: JoinEvent) {
+        match event {
+            JoinEvent::Rejected => drop(self.metrics.sidecars_rejected.inc()),
+            JoinEvent::Joined => drop(self.metrics.connected_sidecars.inc()),
+            JoinEvent::Left => drop(self.metrics.connected_sidecars.dec()),
+            JoinEvent::ViewSent => drop(self.metrics.views_sent.inc()),
         }
-        reader.abort();
     }
 }
 

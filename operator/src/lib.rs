@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{Args, Config, LogFormat, WebhookConfig};
 
 use crate::{
-    control::{ControlPlane, SidecarAuth},
+    control::{SidecarAuth, control_plane},
     controller::Context,
     index::Index,
     leader::Elector,
@@ -143,7 +143,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         }
     });
     tasks.spawn({
-        let plane = ControlPlane::new(index.clone(), metrics.clone(), auth, shutdown.clone());
+        let plane = control_plane(index.clone(), metrics.clone(), auth, shutdown.clone());
         async move { plane.serve(control_listener).await.map_err(Error::Control) }
     });
     tasks.spawn(

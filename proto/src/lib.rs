@@ -9,6 +9,8 @@
 //! * [`v1`] — the app API (`Broker`): publish, pipelined publish, subscribe with acks and credits.
 //! * [`peer`] — sidecar to sidecar (`Peer`): credit-based forwarding, replication, hand-over.
 //! * [`control`] — sidecar to control plane (`Control`): mesh views down, stats up.
+//! * [`join`] — the server side of `Control`, over any source of views: the operator's index or
+//!   `qmesh dev`'s manifest files.
 //!
 //! The `.proto` files are the documentation of every field; the generated code carries it over.
 
@@ -39,6 +41,7 @@ pub mod qmesh {
 }
 
 pub mod convert;
+pub mod join;
 
 pub use prost_types;
 pub use qmesh::{control::v1 as control, peer::v1 as peer, v1};

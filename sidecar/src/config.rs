@@ -67,6 +67,11 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
 
+    /// Port on 127.0.0.1 where the app takes pushed messages; replaces the port of every pushed
+    /// Subscription served here (`qmesh run --app-port`).
+    #[arg(long, env = "QMESH_APP_PORT")]
+    pub app_port: Option<u16>,
+
     /// Peer API listen address (other sidecars connect here). Default: the mesh file's, else 0.0.0.0:7070.
     #[arg(long, env = "QMESH_PEER_ADDR")]
     pub peer_addr: Option<SocketAddr>,

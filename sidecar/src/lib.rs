@@ -322,7 +322,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         limits,
         Arc::clone(&metrics),
     );
-    let consumers = Consumers::start(view_rx.clone(), Arc::clone(&metrics));
+    let consumers = Consumers::start(view_rx.clone(), Arc::clone(&metrics), args.app_port);
     let sidecar = Arc::new(Sidecar {
         owner,
         consumers: Arc::clone(&consumers),

@@ -137,6 +137,7 @@ impl LocalSub {
 /// Everything on the consumer side of this sidecar.
 pub struct Consumers {
     view: ViewRx,
+    app_port: Option<u16>,
     subs: Mutex<HashMap<String, Arc<LocalSub>>>,
     streams: Mutex<HashMap<u64, Arc<OwnerStream>>>,
     next_stream: AtomicU64,
@@ -158,9 +159,11 @@ pub struct SubCounters {
 
 impl Consumers {
     /// The consumer side, following the view for served subscriptions.
-    pub fn start(view: ViewRx, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// `app_port`, when set, replaces every pushed subscription's port (`qmesh run --app-port`).
+    pub fn start(view: ViewRx, metrics: Arc<Metrics>, app_port: Option<u16>) -> Arc<Self> {
         let consumers = Arc::new(Self {
             view,
+            app_port,
             subs: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),

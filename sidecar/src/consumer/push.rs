@@ -31,7 +31,7 @@ pub async fn run(consumers: Arc<Consumers>, sub: Arc<LocalSub>) {
             let client = client.clone();
             tokio::spawn(async move {
                 let receipt = delivery.receipt.clone();
-                let outcome = push_one(&client, &sub, delivery).await;
+                let outcome = push_one(&client, &consumers, &sub, delivery).await;
                 let nack = match outcome {
                     Ok(status) if (200..300).contains(&status) => None,
                     Ok(status) => Some((None, format!("push: HTTP {status}"))),
@@ -45,10 +45,14 @@ pub async fn run(consumers: Arc<Consumers>, sub: Arc<LocalSub>) {
 
 async fn push_one(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    consumers: &Consumers,
     sub: &LocalSub,
     delivery: v1::Delivery,
 ) -> Result<u16, String> {
     let settings = sub.settings();
+    let port = consumers
+        .app_port
+        .unwrap_or_else(|| u16::try_from(settings.push_port).unwrap_or_default());
     let message = delivery.message.unwrap_or_default();
     let path = if settings.push_path.is_empty() {
         "/".to_owned()
@@ -56,7 +60,7 @@ async fn push_one(
         settings.push_path.clone()
     };
     let mut request =
-        hyper::Request::post(format!("http://127.0.0.1:{}{}", settings.push_port, path))
+        hyper::Request::post(format!("http://127.0.0.1:{port}{path}"))
             .header("content-type", "application/octet-stream")
             .header("qmesh-id", &message.id)
             .header("qmesh-attempt", delivery.attempt.to_string())

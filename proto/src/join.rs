@@ -1,0 +1,265 @@
+//! The server side of `qmesh.control.v1.Control`, shared by the operator and `qmesh dev`: one session
+//! per `Join` stream over any [`MeshSource`] — the operator's index fed by Kubernetes watches, or a
+//! local control plane fed by manifest files.
+//!
+//! ```text
+//!   sidecar ──Hello{namespace,name,token,labels}──▶ MeshSource::admit (auth, registration)
+//!           ◀──Rejected{reason}───────────────────── on failure, then the stream ends
+//!           ◀──MeshView{version n}────────────────── at once, then whenever view_for(sidecar) changes
+//!           ──Stats──────────────────────────────▶ MeshSource::record_stats
+//!   stream closes / sidecar gone ──▶ MeshSource::left
+//! ```
+//! A view is sent only when it differs from the last one sent on this stream; versions increase per
+//! stream, starting above the `known_view_version` the sidecar reports.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use futures::Stream;
+use qmesh_core::{MeshView, SidecarKey};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    control::{
+        ControlUpdate, Hello, MeshStatus, Rejected, SidecarReport, Stats, StatusRequest,
+        control_server::{Control, ControlServer},
+        control_update::Update,
+        sidecar_report::Report,
+    },
+    convert,
+};
+
+/// How long a sidecar may take to send `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What happened on a session, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinEvent {
+    /// A sidecar was refused.
+    Rejected,
+    /// A sidecar joined.
+    Joined,
+    /// A joined sidecar's stream ended.
+    Left,
+    /// A view was sent.
+    ViewSent,
+}
+
+/// Where views come from and stats go: the operator's index, or a local control plane.
+#[tonic::async_trait]
+pub trait MeshSource: Send + Sync + 'static {
+    /// Decides whether `hello` may join (and registers a self-announcing sidecar); may wait
+    /// briefly, e.g. for the index to learn the pod. `Err` carries the reason sent in `Rejected`.
+    async fn admit(&self, hello: &Hello, session: u64) -> Result<(), String>;
+
+    /// The sidecar's current view; `None` once it is no longer part of the mesh.
+    fn view_for(&self, key: &SidecarKey) -> Option<MeshView>;
+
+    /// Bumped whenever a view may have changed.
+    fn subscribe_changes(&self) -> watch::Receiver<u64>;
+
+    /// The latest stats of a session.
+    fn record_stats(&self, key: &SidecarKey, session: u64, stats: Stats);
+
+    /// The session ended (its stats no longer count).
+    fn left(&self, key: &SidecarKey, session: u64);
+
+    /// A summary for `qmesh get`.
+    fn status(&self, _request: &StatusRequest) -> Result<MeshStatus, Status> {
+        Err(Status::unimplemented(
+            "this control plane does not summarize the mesh; on Kubernetes use `kubectl get queues,subscriptions`",
+        ))
+    }
+
+    /// Something worth counting happened.
+    fn observe(&self, _event: JoinEvent) {}
+}
+
+/// The `Control` gRPC service over a [`MeshSource`].
+pub struct ControlService<S> {
+    source: Arc<S>,
+    sessions: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl<S> std::fmt::Debug for ControlService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlService").finish_non_exhaustive()
+    }
+}
+
+// === impl ControlService ===
+
+impl<S: MeshSource> ControlService<S> {
+    /// A service over `source`; `shutdown` ends every open stream.
+    pub fn new(source: Arc<S>, shutdown: CancellationToken) -> Self {
+        Self {
+            source,
+            sessions: AtomicU64::new(1),
+            shutdown,
+        }
+    }
+
+    /// Serves on `listener` until `shutdown`.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+    ) -> Result<(), tonic::transport::Error> {
+        let shutdown = self.shutdown.clone();
+        tonic::transport::Server::builder()
+            .add_service(ControlServer::new(self))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+            .await
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<ControlUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: MeshSource> Control for ControlService<S> {
+    type JoinStream = UpdateStream;
+
+    async fn join(
+        &self,
+        request: Request<Streaming<SidecarReport>>,
+    ) -> Result<Response<Self::JoinStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(SidecarReport {
+                report: Some(Report::Hello(hello)),
+            }))) => hello,
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
+            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let session = Session {
+            source: self.source.clone(),
+            id: self.sessions.fetch_add(1, Ordering::Relaxed),
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(session.run(hello, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<MeshStatus>, Status> {
+        self.source.status(request.get_ref()).map(Response::new)
+    }
+}
+
+struct Session<S> {
+    source: Arc<S>,
+    id: u64,
+    shutdown: CancellationToken,
+}
+
+type Outbound = mpsc::Sender<Result<ControlUpdate, Status>>;
+
+// === impl Session ===
+
+impl<S: MeshSource> Session<S> {
+    async fn run(self, hello: Hello, inbound: Streaming<SidecarReport>, tx: Outbound) {
+        let key = SidecarKey::new(&hello.namespace, &hello.name);
+        let span = tracing::info_span!("sidecar", namespace = %key.namespace, pod = %key.name, session = self.id);
+        let session = async {
+            if let Err(reason) = self.source.admit(&hello, self.id).await {
+                tracing::warn!(%reason, "sidecar rejected");
+                self.source.observe(JoinEvent::Rejected);
+                let update = ControlUpdate {
+                    update: Some(Update::Rejected(Rejected { reason })),
+                };
+                let _ = tx.send(Ok(update)).await;
+                self.source.left(&key, self.id);
+                return;
+            }
+            tracing::info!(version = %hello.version, "sidecar joined");
+            self.source.observe(JoinEvent::Joined);
+            self.stream_views(&key, hello.known_view_version, inbound, &tx)
+                .await;
+            self.source.observe(JoinEvent::Left);
+            self.source.left(&key, self.id);
+            tracing::info!("sidecar left");
+        };
+        tracing::Instrument::instrument(session, span).await;
+    }
+
+    async fn stream_views(
+        &self,
+        key: &SidecarKey,
+        known_version: u64,
+        mut inbound: Streaming<SidecarReport>,
+        tx: &Outbound,
+    ) {
+        let (closed_tx, mut closed) = oneshot::channel::<()>();
+        let reader = {
+            let source = self.source.clone();
+            let key = key.clone();
+            let id = self.id;
+            tokio::spawn(async move {
+                loop {
+                    match inbound.message().await {
+                        Ok(Some(SidecarReport {
+                            report: Some(Report::Stats(stats)),
+                        })) => source.record_stats(&key, id, stats),
+                        Ok(Some(SidecarReport {
+                            report: Some(Report::Applied(applied)),
+                        })) => tracing::debug!(version = applied.version, "view applied"),
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(%status, "sidecar stream failed");
+                            break;
+                        }
+                    }
+                }
+                drop(closed_tx);
+            })
+        };
+
+        let mut changes = self.source.subscribe_changes();
+        let mut version = known_version;
+        let mut last = None;
+        loop {
+            changes.borrow_and_update();
+            let Some(view) = self.source.view_for(key) else {
+                tracing::info!("sidecar is no longer part of the mesh; closing the stream");
+                break;
+            };
+            if last.as_ref() != Some(&view) {
+                version += 1;
+                let update = ControlUpdate {
+                    update: Some(Update::View(convert::mesh_view(
+                        &view,
+                        version,
+                        SystemTime::now(),
+                    ))),
+                };
+                if tx.send(Ok(update)).await.is_err() {
+                    break;
+                }
+                self.source.observe(JoinEvent::ViewSent);
+                tracing::debug!(version, "view sent");
+                last = Some(view);
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = &mut closed => break,
+                () = tx.closed() => break,
+                () = self.shutdown.cancelled() => break,
+            }
+        }
+        reader.abort();
+    }
+}

@@ -162,7 +162,8 @@ impl LocalMesh {
     }
 }
 
-async fn ready(admin: SocketAddr) -> bool {
+/// Whether the sidecar with this admin address answers `/readyz` with 200.
+pub async fn ready(admin: SocketAddr) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else {
         return false;

@@ -1,10 +1,17 @@
-//! `qmesh` — the command line: a one-command demo of a local mesh, and publish/subscribe against a
-//! sidecar. Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 refused by the broker.
+//! `qmesh` — the command line: a one-command demo of a local mesh, a local control plane (`dev`) and
+//! sidecars for local processes (`run`), publish/subscribe, status tables (`get`), dead-letter tools
+//! and benchmarks. Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 refused by the broker;
+//! `qmesh run` passes on its command's code.
 
 mod bench;
 mod client;
 mod demo;
+mod dev;
+mod get;
 mod local;
+mod run;
+mod signals;
+mod table;
 
 use std::process::ExitCode;
 
@@ -23,6 +30,13 @@ enum Command {
     /// Run a local mesh with no cluster: sidecar processes, a fan-out queue, competing rate-limited
     /// consumers and a poison message that ends in the dead-letter queue; prints a summary.
     Demo(demo::DemoArgs),
+    /// Run a local control plane from Queue and Subscription manifests (no cluster); reloads them
+    /// when they change.
+    Dev(dev::DevArgs),
+    /// Run a command beside its own sidecar, joined to `qmesh dev` (like `dapr run`).
+    Run(run::RunArgs),
+    /// Show queues, subscriptions or sidecars with backlog and rates, like `kubectl get`.
+    Get(get::GetArgs),
     /// Publish messages to a queue through a sidecar.
     Pub(client::PubArgs),
     /// Consume messages of a subscription through a sidecar.
@@ -51,6 +65,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Dev(args) => dev::run(args).await,
+            Command::Run(args) => run::run(args).await,
+            Command::Get(args) => get::run(args).await,
             Command::Pub(args) => client::publish(args).await,
             Command::Sub(args) => client::subscribe(args).await,
             Command::Bench(args) => bench::run(args).await,
@@ -69,6 +86,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            if let Some(run::ExitWith(code)) = error.downcast_ref::<run::ExitWith>() {
+                return ExitCode::from(*code);
+            }
             eprintln!("error: {error:#}");
             if error.downcast_ref::<client::Refused>().is_some() {
                 ExitCode::from(3)

@@ -154,7 +154,10 @@ impl<S: MeshSource> Control for ControlService<S> {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<MeshStatus>, Status> {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<MeshStatus>, Status> {
         self.source.status(request.get_ref()).map(Response::new)
     }
 }

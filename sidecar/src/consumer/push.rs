@@ -59,13 +59,12 @@ async fn push_one(
     } else {
         settings.push_path.clone()
     };
-    let mut request =
-        hyper::Request::post(format!("http://127.0.0.1:{port}{path}"))
-            .header("content-type", "application/octet-stream")
-            .header("qmesh-id", &message.id)
-            .header("qmesh-attempt", delivery.attempt.to_string())
-            .header("qmesh-subscription", &settings.name)
-            .header("qmesh-queue", &settings.queue);
+    let mut request = hyper::Request::post(format!("http://127.0.0.1:{port}{path}"))
+        .header("content-type", "application/octet-stream")
+        .header("qmesh-id", &message.id)
+        .header("qmesh-attempt", delivery.attempt.to_string())
+        .header("qmesh-subscription", &settings.name)
+        .header("qmesh-queue", &settings.queue);
     if !message.key.is_empty() {
         request = request.header("qmesh-key", &message.key);
     }

@@ -461,6 +461,13 @@ impl State {
                 connected: self.connected.contains_key(key),
             });
         }
+        // Like `kubectl get`: by namespace, then name.
+        status
+            .queues
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        status
+            .subscriptions
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         status
     }
 

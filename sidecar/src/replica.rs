@@ -42,6 +42,9 @@ use crate::{
     view::ViewRx,
 };
 
+/// Most owners whose copies one replica keeps (each has its own log).
+pub const MAX_OWNERS: usize = 1024;
+
 /// Header carrying the owner's sequence of a copy inside the replica's log (removed on load).
 pub const OWNER_SEQUENCE: &str = "qmesh-replica-owner-sequence";
 
@@ -128,6 +131,9 @@ impl Drop for StreamGuard {
         if let Some(o) = owners.get_mut(&self.owner) {
             o.streams = o.streams.saturating_sub(1);
             o.unreachable_since = None;
+            if o.streams == 0 && o.copies.is_empty() && o.log.is_none() {
+                owners.remove(&self.owner);
+            }
         }
     }
 }
@@ -247,6 +253,11 @@ impl ReplicaStore {
             ));
         }
         let mut owners = self.lock();
+        if owners.len() >= MAX_OWNERS && !owners.contains_key(&owner.name) {
+            return Err(Status::resource_exhausted(format!(
+                "replica already holds copies of {MAX_OWNERS} owners"
+            )));
+        }
         let o = owners.entry(owner.name.clone()).or_default();
         o.streams += 1;
         o.unreachable_since = None;

@@ -269,3 +269,174 @@ async fn a_sidecar_alone_in_the_mesh_refuses_replicated_publishes_at_once() {
     );
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_catches_up_before_the_owner_dies() {
+    let mut mesh = mesh()
+        .manifests(ORDERS)
+        .arg("--replica-adopt-after=2s")
+        .sidecar("shop-1", &[("app", "shop")])
+        .sidecar("shop-2", &[("app", "shop")])
+        .sidecar("billing", &[("app", "billing")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let owner = mesh.sidecar("shop-1").grpc_url();
+    let first = publish_all(&owner, "orders", messages(100, "a")).await;
+    assert!(first.iter().all(Result::is_ok));
+
+    // The replica comes back as a new pod would: same name, empty disk.
+    let replica = mesh.sidecar_mut("shop-2");
+    replica.kill9();
+    std::fs::remove_dir_all(replica.data_dir.join("replicas")).unwrap();
+    replica.restart().await.unwrap();
+    let admin = mesh.sidecar("shop-2").admin;
+    qmesh_tests::wait_for(
+        "the owner to re-send what it owns to the restarted replica",
+        Duration::from_secs(20),
+        || async move { (metric(admin, "qmesh_replica_bytes").await > 0.0).then_some(()) },
+    )
+    .await
+    .unwrap();
+
+    let second = publish_all(&owner, "orders", messages(100, "b")).await;
+    let refused: Vec<_> = second.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    mesh.sidecar_mut("shop-1").kill9();
+
+    let billing = Consumer::start(
+        "b",
+        &mesh.sidecar("billing").grpc_url(),
+        "billing",
+        32,
+        |_| Verdict::Ack,
+    )
+    .await;
+    until("every order of both rounds delivered", 40, || {
+        tally(billing.ids()).0.len() >= 200
+    })
+    .await;
+    let (ids, dups) = tally(billing.ids());
+    println!(
+        "replica restarted empty between rounds; after kill -9 of the owner billing got {} distinct \
+         ({dups} duplicates)",
+        ids.len()
+    );
+    assert_eq!(ids.len(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_replicate_streams_are_reset_and_lose_nothing() {
+    use qmesh_proto::peer::{
+        OwnedMessage, PendingSubscription, ReplicaBatch, ReplicateFrame, SidecarId,
+        peer_client::PeerClient, replicate_frame::Frame,
+    };
+
+    let mut mesh = mesh()
+        .manifests(ORDERS)
+        .arg("--replica-adopt-after=2s")
+        .sidecar("shop-1", &[("app", "shop")])
+        .sidecar("shop-2", &[("app", "shop")])
+        .sidecar("billing", &[("app", "billing")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let target = format!("http://{}", mesh.sidecar("shop-2").peer);
+    let owner = |name: &str| ReplicateFrame {
+        frame: Some(Frame::Owner(SidecarId {
+            name: name.into(),
+            ..Default::default()
+        })),
+    };
+    let copy = |queue: &str, message: bool| OwnedMessage {
+        queue: queue.into(),
+        sequence: 7,
+        message: message.then(|| message_of("forged")),
+        pending: vec![PendingSubscription {
+            subscription: "billing".into(),
+            attempts: 0,
+        }],
+    };
+    fn message_of(id: &str) -> qmesh_proto::v1::Message {
+        message(id, "", "forged")
+    }
+    let batch = |m: OwnedMessage| ReplicateFrame {
+        frame: Some(Frame::Messages(ReplicaBatch { messages: vec![m] })),
+    };
+    let attacks: Vec<(&str, Vec<ReplicateFrame>, tonic::Code)> = vec![
+        (
+            "no owner first",
+            vec![batch(copy("orders", true))],
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "owner name escaping the directory",
+            vec![owner("../../etc")],
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "impersonating the replica itself",
+            vec![owner("shop-2")],
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "a copy without a message",
+            vec![owner("mallory"), batch(copy("orders", false))],
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "a copy of a queue the replica may not own",
+            vec![owner("mallory"), batch(copy("secret", true))],
+            tonic::Code::FailedPrecondition,
+        ),
+        (
+            "a second owner frame",
+            vec![owner("mallory"), owner("mallory")],
+            tonic::Code::InvalidArgument,
+        ),
+    ];
+    for (what, frames, expected) in attacks {
+        let mut client = PeerClient::connect(target.clone()).await.unwrap();
+        let code = match client.replicate(tokio_stream::iter(frames)).await {
+            Err(status) => status.code(),
+            Ok(response) => {
+                let mut acks = response.into_inner();
+                match acks.message().await {
+                    Err(status) => status.code(),
+                    Ok(other) => panic!("{what}: accepted: {other:?}"),
+                }
+            }
+        };
+        assert_eq!(code, expected, "{what}");
+    }
+
+    // The replica still serves the real owner, and nothing it confirmed is lost.
+    let n = 50;
+    let results = publish_all(
+        &mesh.sidecar("shop-1").grpc_url(),
+        "orders",
+        messages(n, "h"),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+    mesh.sidecar_mut("shop-1").kill9();
+    let billing = Consumer::start(
+        "b",
+        &mesh.sidecar("billing").grpc_url(),
+        "billing",
+        32,
+        |_| Verdict::Ack,
+    )
+    .await;
+    until("every order delivered after the attacks", 40, || {
+        tally(billing.ids()).0.len() >= n
+    })
+    .await;
+    let (ids, dups) = tally(billing.ids());
+    println!(
+        "after the attacks: {} distinct, {dups} duplicates",
+        ids.len()
+    );
+    assert_eq!(ids.len(), n);
+    assert!(!ids.contains("forged"));
+}

@@ -165,12 +165,10 @@ impl Owner {
     }
 
     fn restore_recovered(&self, name: &str, q: &OwnedQueue) {
-        let Some(records) = self
-            .recovered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-        else {
+        // Held until the messages are in the queue's state, so the replication floor never sees
+        // them in neither place.
+        let mut recovered = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(records) = recovered.remove(name) else {
             return;
         };
         let now = Instant::now();
@@ -195,6 +193,7 @@ impl Owner {
             }
         }
         drop(state);
+        drop(recovered);
         q.wake.notify_one();
     }
 
@@ -964,8 +963,18 @@ impl Owner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // Recovered messages not yet restored: held for the whole computation (they move into a
+            // queue's state under this lock).
+            let recovered = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
+            let recovered_floor = recovered
+                .values()
+                .flat_map(|records| records.iter().map(|r| r.sequence))
+                .min();
             // Read first: a publish numbered after this read cannot be below the floor.
             let mut floor = self.next_sequence.load(Ordering::SeqCst);
+            if let Some(first) = recovered_floor {
+                floor = floor.min(first);
+            }
             let mut any = false;
             for q in self.queues() {
                 let (name, replicated) = {
@@ -991,16 +1000,7 @@ impl Owner {
                     self.resync(&q, &name, &addr);
                 }
             }
-            for records in self
-                .recovered
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-            {
-                if let Some(first) = records.iter().map(|r| r.sequence).min() {
-                    floor = floor.min(first);
-                }
-            }
+            drop(recovered);
             if any {
                 self.replicas.set_floor(floor);
             }

@@ -440,3 +440,63 @@ async fn hostile_replicate_streams_are_reset_and_lose_nothing() {
     assert_eq!(ids.len(), n);
     assert!(!ids.contains("forged"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_graceful_hand_over_the_replica_drops_its_copies_instead_of_adopting_them() {
+    let mut mesh = mesh()
+        .manifests(ORDERS)
+        .arg("--replica-adopt-after=1s")
+        .arg("--shutdown-grace=2s")
+        .sidecar("shop-1", &[("app", "shop")])
+        .sidecar("shop-2", &[("app", "shop")])
+        .sidecar("billing", &[("app", "billing")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let n = 60;
+    let results = publish_all(
+        &mesh.sidecar("shop-1").grpc_url(),
+        "orders",
+        messages(n, "g"),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+    let replica = mesh.sidecar("shop-2").admin;
+    assert!(metric(replica, "qmesh_replica_bytes").await > 0.0);
+    mesh.sidecar("shop-1").terminate().unwrap();
+    let code = mesh
+        .sidecar_mut("shop-1")
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    // shop-2 took the backlog over by hand-over; the copies it held as replica are released.
+    qmesh_tests::wait_for(
+        "the replica to drop the released copies",
+        Duration::from_secs(10),
+        || async move { (metric(replica, "qmesh_replica_bytes").await == 0.0).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let billing = Consumer::start(
+        "b",
+        &mesh.sidecar("billing").grpc_url(),
+        "billing",
+        32,
+        |_| Verdict::Ack,
+    )
+    .await;
+    until("every handed-over order delivered", 20, || {
+        tally(billing.ids()).0.len() >= n
+    })
+    .await;
+    let (ids, dups) = tally(billing.ids());
+    let adopted = metric(replica, "qmesh_replica_adopted_total{queue=\"orders\"}").await;
+    println!(
+        "graceful stop: billing got {} distinct ({dups} duplicates); copies adopted: {adopted}",
+        ids.len()
+    );
+    assert_eq!(ids.len(), n);
+    assert_eq!(adopted, 0.0, "released copies are not adopted");
+    assert_eq!(dups, 0);
+}

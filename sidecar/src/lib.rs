@@ -4,6 +4,7 @@
 //!   app ──gRPC/HTTP (127.0.0.1)──▶ api ──▶ owner (log, delivery state) ══Peer/Forward══▶ other sidecars
 //!   app ◀──gRPC/HTTP/push────────── consumer (buffer, leases, credits) ◀══Peer/Forward══ other owners
 //!                                   view ◀── mesh file | control plane;  admin: health, metrics, drain
+//!   owner ══Peer/Replicate (publishAck: Replicated)══▶ replica (other sidecars' standby copies, adoption)
 //! ```
 //!
 //! [`run`] wires it together; the parts are modules so tests can drive them one at a time.

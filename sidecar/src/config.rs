@@ -123,6 +123,21 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_MAX_OWNED_MESSAGES", default_value_t = 1_000_000)]
     pub max_owned_messages: u64,
 
+    /// `publishAck: Replicated`: how long a publish waits for a replica sidecar to confirm its copy
+    /// before it fails with UNAVAILABLE / 503 ("no replica available").
+    #[arg(long, env = "QMESH_REPLICA_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub replica_timeout: Duration,
+
+    /// As a replica: adopt (become the owner of) the copies of an owner that left the mesh view or
+    /// whose peer address has been unreachable, with no Replicate stream, for this long.
+    #[arg(long, env = "QMESH_REPLICA_ADOPT_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub replica_adopt_after: Duration,
+
+    /// As a replica: most bytes of other owners' copies kept (a Replicate stream that would exceed it
+    /// is reset with "replica storage full").
+    #[arg(long, env = "QMESH_MAX_REPLICA_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_replica_bytes: u64,
+
     /// Log level filter (`info`, `debug`, `qmesh_sidecar=debug,info`, ...).
     #[arg(long, env = "QMESH_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

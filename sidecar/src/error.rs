@@ -57,6 +57,15 @@ pub enum BrokerError {
     /// Draining before shutdown.
     #[error("sidecar is shutting down; retry against the restarted sidecar")]
     ShuttingDown,
+    /// `publishAck: Replicated` and no replica confirmed a copy in time (like Kafka's
+    /// NOT_ENOUGH_REPLICAS).
+    #[error("no replica available for queue {queue:?} (publishAck: Replicated): {reason}")]
+    ReplicaUnavailable {
+        /// Queue name.
+        queue: String,
+        /// Why (no peers, unreachable, timed out, refused).
+        reason: String,
+    },
     /// The log could not persist.
     #[error("storage failure: {0}")]
     Storage(String),
@@ -77,6 +86,7 @@ impl BrokerError {
             Self::RateLimited { .. } => ErrorCode::RateLimited,
             Self::Invalid(_) => ErrorCode::Invalid,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::ReplicaUnavailable { .. } => ErrorCode::ReplicaUnavailable,
             Self::Storage(_) => ErrorCode::Storage,
             Self::Internal(_) => ErrorCode::Internal,
         }

@@ -4,6 +4,7 @@
 //!   app ──gRPC/HTTP (127.0.0.1)──▶ api ──▶ owner (log, delivery state) ══Peer/Forward══▶ other sidecars
 //!   app ◀──gRPC/HTTP/push────────── consumer (buffer, leases, credits) ◀══Peer/Forward══ other owners
 //!                                   view ◀── mesh file | control plane;  admin: health, metrics, drain
+//!   owner ══Peer/Replicate (publishAck: Replicated)══▶ replica (other sidecars' standby copies, adoption)
 //! ```
 //!
 //! [`run`] wires it together; the parts are modules so tests can drive them one at a time.
@@ -17,6 +18,7 @@ pub mod error;
 pub mod metrics;
 pub mod owner;
 pub mod peer;
+pub mod replica;
 pub mod store;
 pub mod view;
 
@@ -321,7 +323,26 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         me.clone(),
         limits,
         Arc::clone(&metrics),
+        args.replica_timeout,
     );
+    let replicas = replica::ReplicaStore::open(
+        replica::ReplicaConfig {
+            dir: Some(args.data_dir.join("replicas")),
+            fsync: args.fsync,
+            segment_bytes: args.segment_bytes,
+            max_bytes: args.max_replica_bytes,
+            adopt_after: args.replica_adopt_after,
+        },
+        view_rx.clone(),
+        Arc::clone(&metrics),
+    )
+    .with_context(|| {
+        format!(
+            "opening the replica store in {}",
+            args.data_dir.join("replicas").display()
+        )
+    })?;
+    tokio::spawn(Arc::clone(&replicas).watch(Arc::clone(&owner)));
     let consumers = Consumers::start(view_rx.clone(), Arc::clone(&metrics), args.app_port);
     let sidecar = Arc::new(Sidecar {
         owner,
@@ -357,6 +378,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
             qmesh_proto::peer::peer_server::PeerServer::new(peer::PeerService::new(
                 Arc::clone(&consumers),
                 Arc::clone(&sidecar.owner),
+                replicas,
                 me.clone(),
             ))
             .max_decoding_message_size(max_message)
@@ -454,6 +476,10 @@ async fn drain(sidecar: &Sidecar, grace: Duration, me: &peer_wire::SidecarId) {
             .sum();
         if backlog == 0 && in_flight == 0 {
             tracing::info!("drained: nothing owned, nothing in flight");
+            sidecar
+                .owner
+                .release_replicas(Instant::now() + Duration::from_secs(1))
+                .await;
             return;
         }
         if backlog > 0 && hand_over_at.is_some_and(|at| Instant::now() >= at) {

@@ -50,6 +50,10 @@ pub struct Metrics {
     dead_lettered: Family<SubLabel, Counter>,
     delivered: Family<SubLabel, Counter>,
     redelivered: Family<SubLabel, Counter>,
+    replicated: Family<QueueLabel, Counter>,
+    replica_adopted: Family<QueueLabel, Counter>,
+    /// Bytes of other owners' copies held as a replica (refreshed on scrape).
+    pub replica_bytes: Gauge,
     /// Owner backlog per subscription (refreshed on scrape).
     pub backlog: Family<SubLabel, Gauge>,
     /// Deliveries held by this pod's apps (refreshed on scrape).
@@ -74,6 +78,9 @@ impl Default for Metrics {
         let dead_lettered = Family::default();
         let delivered = Family::default();
         let redelivered = Family::default();
+        let replicated = Family::default();
+        let replica_adopted = Family::default();
+        let replica_bytes = Gauge::default();
         let backlog = Family::default();
         let in_flight = Family::default();
         let publish_latency: Family<QueueLabel, Histogram, fn() -> Histogram> =
@@ -116,6 +123,21 @@ impl Default for Metrics {
             redelivered.clone(),
         );
         registry.register(
+            "replicated",
+            "Publishes of publishAck: Replicated queues confirmed by a replica sidecar",
+            replicated.clone(),
+        );
+        registry.register(
+            "replica_adopted",
+            "Standby copies this sidecar adopted as owner after their owner was gone",
+            replica_adopted.clone(),
+        );
+        registry.register(
+            "replica_bytes",
+            "Bytes of other owners' copies held here as a replica",
+            replica_bytes.clone(),
+        );
+        registry.register(
             "backlog",
             "Messages this owner holds that a subscription has not acked",
             backlog.clone(),
@@ -144,6 +166,9 @@ impl Default for Metrics {
             dead_lettered,
             delivered,
             redelivered,
+            replicated,
+            replica_adopted,
+            replica_bytes,
             backlog,
             in_flight,
             publish_latency,
@@ -176,6 +201,24 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// A replica confirmed a publish's copy.
+    pub fn replicated(&self, queue: &str) {
+        self.replicated
+            .get_or_create(&QueueLabel {
+                queue: queue.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Standby copies of `queue` adopted as owner.
+    pub fn replica_adopted(&self, queue: &str, n: u64) {
+        self.replica_adopted
+            .get_or_create(&QueueLabel {
+                queue: queue.to_owned(),
+            })
+            .inc_by(n);
     }
 
     /// Publish-ack latency.

@@ -1,20 +1,23 @@
 //! The Peer API as served by this sidecar: `Forward` streams opened by owners (the consumer side
-//! of forwarding). A peer that breaks the protocol — no `hello` first, deliveries without credit,
-//! frames that do not decode — gets its stream reset with a logged reason; what it had sent is
-//! redelivered by the owner, so nothing is lost.
+//! of forwarding), `Replicate` streams carrying standby copies for `publishAck: Replicated`
+//! (stored by [`crate::replica`], one ack per batch once durable) and `HandOver` batches. A peer
+//! that breaks the protocol — no `hello` / owner first, deliveries without credit, frames that do
+//! not decode, malformed copies — gets its stream reset with a logged reason; what it had sent is
+//! redelivered (Forward) or re-sent and its publishes failed (Replicate) by the owner, so nothing
+//! is lost.
 
 use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use qmesh_proto::peer::{
     self, ConsumerFrame, HandOverAck, HandOverBatch, OwnerFrame, ReplicateAck, ReplicateFrame,
-    consumer_frame, owner_frame, peer_server::Peer,
+    consumer_frame, owner_frame, peer_server::Peer, replicate_frame,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::consumer::Consumers;
+use crate::{consumer::Consumers, replica::ReplicaStore};
 
 /// Bound on frames queued towards one owner.
 const OUTBOUND: usize = 1024;
@@ -23,6 +26,7 @@ const OUTBOUND: usize = 1024;
 pub struct PeerService {
     consumers: Arc<Consumers>,
     owner: Arc<crate::owner::Owner>,
+    replicas: Arc<ReplicaStore>,
     me: peer::SidecarId,
 }
 
@@ -31,11 +35,13 @@ impl PeerService {
     pub fn new(
         consumers: Arc<Consumers>,
         owner: Arc<crate::owner::Owner>,
+        replicas: Arc<ReplicaStore>,
         me: peer::SidecarId,
     ) -> Self {
         Self {
             consumers,
             owner,
+            replicas,
             me,
         }
     }
@@ -110,11 +116,72 @@ impl Peer for PeerService {
 
     async fn replicate(
         &self,
-        _: Request<Streaming<ReplicateFrame>>,
+        request: Request<Streaming<ReplicateFrame>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
-        Err(Status::unimplemented(
-            "publishAck: Replicated is not supported by this sidecar version yet",
-        ))
+        let remote = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let owner = match inbound.message().await? {
+            Some(ReplicateFrame {
+                frame: Some(replicate_frame::Frame::Owner(owner)),
+            }) => owner,
+            _ => {
+                tracing::warn!(
+                    ?remote,
+                    "replicate stream reset: the first frame must name the owner"
+                );
+                return Err(Status::invalid_argument(
+                    "the first frame of Replicate must be the owner",
+                ));
+            }
+        };
+        let guard = self.replicas.open_stream(&owner, &self.me).inspect_err(|status| {
+            tracing::warn!(?remote, owner = %owner.name, reason = %status.message(), "replicate stream refused");
+        })?;
+        let replicas = Arc::clone(&self.replicas);
+        let (tx, rx) = mpsc::channel(OUTBOUND);
+        tracing::info!(owner = %owner.name, incarnation = owner.incarnation, ?remote, "replicate stream opened");
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut durable_through = 0u64;
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(ReplicateFrame {
+                        frame: Some(replicate_frame::Frame::Messages(batch)),
+                    })) => {
+                        let high = batch.messages.iter().map(|m| m.sequence).max();
+                        match replicas.accept(&owner.name, batch).await {
+                            Ok(()) => {
+                                // One ack per batch, in order: the owner counts them.
+                                durable_through = durable_through.max(high.unwrap_or(0));
+                                if tx.send(Ok(ReplicateAck { durable_through })).await.is_err() {
+                                    break "closed by owner".to_owned();
+                                }
+                            }
+                            Err(status) => {
+                                let reason = format!("refused a batch: {}", status.message());
+                                let _ = tx.send(Err(status)).await;
+                                break reason;
+                            }
+                        }
+                    }
+                    Ok(Some(ReplicateFrame {
+                        frame: Some(replicate_frame::Frame::Settled(range)),
+                    })) => {
+                        let dropped = replicas.settle(&owner.name, &range);
+                        tracing::trace!(owner = %owner.name, below = range.below, dropped, "settled copies dropped");
+                    }
+                    Ok(Some(_)) => {
+                        let status = Status::invalid_argument("unexpected frame after the owner");
+                        let _ = tx.send(Err(status)).await;
+                        break "protocol violation: unexpected frame".to_owned();
+                    }
+                    Ok(None) => break "closed by owner".to_owned(),
+                    Err(status) => break format!("stream error: {}", status.message()),
+                }
+            };
+            tracing::info!(owner = %owner.name, %reason, copies = replicas.count(&owner.name), "replicate stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn hand_over(

@@ -7,11 +7,14 @@
 //!   app publish ──▶ Owner::publish ──log.append (durable)──▶ QueueState::insert ──wake──▶ queue task
 //!   queue task: tick (retries, timeouts, expiry) ▸ dispatch (credits) ──▶ Links ──▶ consumer sidecars
 //!   Links ──LinkEvent (credit, settlements, lost)──▶ event task ──▶ QueueState::{ack, fail, link_lost}
+//!   publishAck: Replicated: publish ──copy──▶ Replicas ══Replicate══▶ replica sidecar; the publish is
+//!     answered once both the log and the replica have it; settlements and the floor follow
 //! ```
 
 pub mod links;
 pub mod log;
 pub mod queue;
+pub mod replicas;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -35,6 +38,7 @@ use crate::{
 use links::{LinkEvent, Links};
 use log::{Outcome, OwnerLog};
 use queue::{DeadLetter, Failure, QueueState};
+use replicas::{Pick, Replicas};
 
 /// Sidecar-wide bounds on what the owner holds.
 #[derive(Clone, Copy, Debug)]
@@ -70,6 +74,7 @@ pub struct Owner {
     metrics: Arc<Metrics>,
     recovered: Mutex<HashMap<String, Vec<log::Recovered>>>,
     next_sequence: std::sync::atomic::AtomicU64,
+    replicas: Arc<Replicas>,
 }
 
 /// Headers set on dead letters.
@@ -88,7 +93,8 @@ pub mod headers {
 
 impl Owner {
     /// Starts the owner: recovers what the disk log holds, then runs one task per queue and one for
-    /// link events. `me` identifies this sidecar to peers.
+    /// link events. `me` identifies this sidecar to peers; a publish of a `publishAck: Replicated`
+    /// queue waits at most `replica_timeout` for a replica.
     pub fn start(
         view: ViewRx,
         disk: Arc<dyn OwnerLog>,
@@ -96,8 +102,10 @@ impl Owner {
         me: peer::SidecarId,
         limits: Limits,
         metrics: Arc<Metrics>,
+        replica_timeout: Duration,
     ) -> Arc<Self> {
         let (events_tx, events_rx) = mpsc::channel(8192);
+        let replicas = Replicas::new(me.clone(), replica_timeout);
         let owner = Arc::new(Self {
             view,
             disk,
@@ -109,6 +117,7 @@ impl Owner {
             metrics,
             recovered: Mutex::new(HashMap::new()),
             next_sequence: std::sync::atomic::AtomicU64::new(0),
+            replicas,
         });
         owner
             .next_sequence
@@ -117,8 +126,10 @@ impl Owner {
         // Queues already in the view get their messages back before the sidecar reports ready.
         let view = owner.view.borrow().clone();
         owner.restore_waiting(&view);
+        owner.replicas.set_peers(&view.wire.peers);
         tokio::spawn(Arc::clone(&owner).run_events(events_rx));
         tokio::spawn(Arc::clone(&owner).follow_view());
+        tokio::spawn(Arc::clone(&owner).run_replication());
         owner
     }
 
@@ -154,12 +165,10 @@ impl Owner {
     }
 
     fn restore_recovered(&self, name: &str, q: &OwnedQueue) {
-        let Some(records) = self
-            .recovered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-        else {
+        // Held until the messages are in the queue's state, so the replication floor never sees
+        // them in neither place.
+        let mut recovered = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(records) = recovered.remove(name) else {
             return;
         };
         let now = Instant::now();
@@ -184,6 +193,7 @@ impl Owner {
             }
         }
         drop(state);
+        drop(recovered);
         q.wake.notify_one();
     }
 
@@ -345,6 +355,14 @@ impl Owner {
             state.routes_for(message)
         };
         self.make_room(q, queue, &policy, size).await?;
+        // publishAck: Replicated — a replica must be there before anything is written.
+        let replicated = policy.publish_ack() == control::PublishAck::Replicated;
+        let deadline = Instant::now() + self.replicas.timeout();
+        let replica = if replicated && !pending.is_empty() {
+            Some(self.replica_for(q, queue, deadline).await?)
+        } else {
+            None
+        };
         let id = message.id.clone();
         let message = Arc::new(std::mem::take(message));
         // Numbered here, in publish order, under the queue's lock; the log may complete appends
@@ -355,14 +373,57 @@ impl Owner {
             state.reserve(sequence, &id, now);
             sequence
         };
-        if let Err(error) = q.log.append(queue, sequence, &message, &pending).await {
+        // The copy goes out while the log writes, so the two waits overlap.
+        let appended = q.log.append(queue, sequence, &message, &pending);
+        let (appended, confirmed) = match replica {
+            None => (appended.await, Ok(())),
+            Some(addr) => {
+                let copy = Arc::new(peer::OwnedMessage {
+                    queue: queue.to_owned(),
+                    sequence,
+                    message: Some((*message).clone()),
+                    pending: pending
+                        .iter()
+                        .map(|s| peer::PendingSubscription {
+                            subscription: s.clone(),
+                            attempts: 0,
+                        })
+                        .collect(),
+                });
+                tokio::join!(
+                    appended,
+                    self.replicate_copy(q, queue, addr, copy, deadline)
+                )
+            }
+        };
+        if let Err(error) = appended {
             q.lock().abandon(sequence, &id);
+            if replicated {
+                self.replicas.cancel(sequence);
+            }
             q.wake.notify_one();
             return Err(error);
+        }
+        if let Err(reason) = confirmed {
+            // Written here but not replicated: it must not be delivered as if acknowledged.
+            for sub in &pending {
+                q.log.settle(queue, sub, sequence, Outcome::Acked);
+            }
+            q.lock().abandon(sequence, &id);
+            self.replicas.cancel(sequence);
+            q.wake.notify_one();
+            tracing::warn!(queue, sequence, %reason, "publish refused: no replica confirmed its copy");
+            return Err(BrokerError::ReplicaUnavailable {
+                queue: queue.to_owned(),
+                reason,
+            });
         }
         q.lock().insert(sequence, message, pending, now);
         q.wake.notify_one();
         self.metrics.published(queue);
+        if replicated {
+            self.metrics.replicated(queue);
+        }
         Ok(v1::PublishResponse {
             id,
             sequence,
@@ -756,6 +817,7 @@ impl Owner {
                 }
             }
             self.links.retain(&wanted);
+            self.replicas.set_peers(&view.wire.peers);
             if rx.changed().await.is_err() {
                 return;
             }
@@ -809,9 +871,148 @@ impl Owner {
             let mut state = q.lock();
             state.appending.remove(&sequence);
             state.restore(sequence, message, pending, now);
+            // Replicated queues: the copy follows in the background (or with the next re-sync).
+            if state.replicated()
+                && let Pick::Up(addr) = self.replicas.pick(&queue)
+                && self.replicas.is_synced(&addr, &queue)
+                && let Some(copy) = state
+                    .messages
+                    .get(&sequence)
+                    .map(|e| owned_message(&state, sequence, e))
+            {
+                self.replicas.offer(&addr, Arc::new(copy), None);
+            }
         }
         q.wake.notify_one();
         Ok(())
+    }
+
+    /// Sends a publish's copy and waits (until `deadline`) for a replica's confirmation; when the
+    /// link breaks or the replica refuses the queue, the next replica is tried.
+    async fn replicate_copy(
+        &self,
+        q: &OwnedQueue,
+        queue: &str,
+        mut addr: String,
+        copy: Arc<peer::OwnedMessage>,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        loop {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if self.replicas.offer(&addr, Arc::clone(&copy), Some(tx)) {
+                match tokio::time::timeout_at(deadline.into(), rx).await {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(_)) => {}
+                    Err(_) => {
+                        return Err(format!(
+                            "no replica confirmed the copy within {} (last tried {addr})",
+                            qmesh_api::Duration(self.replicas.timeout())
+                        ));
+                    }
+                }
+            }
+            addr = self
+                .replica_for(q, queue, deadline)
+                .await
+                .map_err(|e| match e {
+                    BrokerError::ReplicaUnavailable { reason, .. } => reason,
+                    other => other.to_string(),
+                })?;
+        }
+    }
+
+    /// The replica peer for a publish of `queue`, waiting (until `deadline`) for one to be
+    /// connected; makes sure that replica's stream has every owned message of the queue.
+    async fn replica_for(
+        &self,
+        q: &OwnedQueue,
+        queue: &str,
+        deadline: Instant,
+    ) -> Result<String, BrokerError> {
+        let addr = self
+            .replicas
+            .target(queue, deadline)
+            .await
+            .map_err(|reason| BrokerError::ReplicaUnavailable {
+                queue: queue.to_owned(),
+                reason,
+            })?;
+        if !self.replicas.is_synced(&addr, queue) {
+            self.resync(q, queue, &addr);
+        }
+        Ok(addr)
+    }
+
+    /// Sends every owned message of `queue` to the replica at `addr` (under the queue's lock, so
+    /// no settlement of them can overtake the copies).
+    fn resync(&self, q: &OwnedQueue, queue: &str, addr: &str) {
+        let state = q.lock();
+        let copies = state
+            .messages
+            .iter()
+            .map(|(seq, e)| Arc::new(owned_message(&state, *seq, e)))
+            .collect();
+        self.replicas.resync(addr, queue, copies);
+    }
+
+    /// Keeps replicas current: every 250 ms reports settled messages and the floor (every sequence
+    /// below it is settled), re-sends owned messages to a replica stream that (re)appeared, and
+    /// refreshes the replica gauge.
+    async fn run_replication(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            // Recovered messages not yet restored: held for the whole computation (they move into a
+            // queue's state under this lock).
+            let recovered = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
+            let recovered_floor = recovered
+                .values()
+                .flat_map(|records| records.iter().map(|r| r.sequence))
+                .min();
+            // Read first: a publish numbered after this read cannot be below the floor.
+            let mut floor = self.next_sequence.load(Ordering::SeqCst);
+            if let Some(first) = recovered_floor {
+                floor = floor.min(first);
+            }
+            let mut any = false;
+            for q in self.queues() {
+                let (name, replicated) = {
+                    let mut state = q.lock();
+                    let removed = std::mem::take(&mut state.removed);
+                    self.replicas.settled(&removed);
+                    if !state.replicated() {
+                        continue;
+                    }
+                    if let Some(first) = state.messages.keys().next() {
+                        floor = floor.min(*first);
+                    }
+                    if let Some(first) = state.appending.first() {
+                        floor = floor.min(*first);
+                    }
+                    (state.name.clone(), !state.messages.is_empty())
+                };
+                any = true;
+                if replicated
+                    && let Pick::Up(addr) = self.replicas.pick(&name)
+                    && !self.replicas.is_synced(&addr, &name)
+                {
+                    self.resync(&q, &name, &addr);
+                }
+            }
+            drop(recovered);
+            if any {
+                self.replicas.set_floor(floor);
+            }
+        }
+    }
+
+    /// After a complete hand-over: tells the replicas nothing of this owner is owed any more, so
+    /// they do not adopt copies the new owner already has.
+    pub async fn release_replicas(&self, deadline: Instant) {
+        if self.backlog() == 0 {
+            self.replicas.release_all(deadline).await;
+        }
     }
 
     /// Everything still owed, for a hand-over: (queue, sequence, message, owing subscriptions with
@@ -824,24 +1025,7 @@ impl Owner {
                 if out.len() >= max {
                     return out;
                 }
-                out.push(peer::OwnedMessage {
-                    queue: state.name.clone(),
-                    sequence: *seq,
-                    message: Some((*entry.message).clone()),
-                    pending: entry
-                        .pending
-                        .iter()
-                        .map(|sub| peer::PendingSubscription {
-                            subscription: sub.clone(),
-                            attempts: state
-                                .subs
-                                .get(sub)
-                                .and_then(|s| s.attempts.get(seq))
-                                .copied()
-                                .unwrap_or(0),
-                        })
-                        .collect(),
-                });
+                out.push(owned_message(&state, *seq, entry));
             }
         }
         out
@@ -857,6 +1041,7 @@ impl Owner {
             for (sub, _) in owed {
                 q.log.settle(&m.queue, &sub, m.sequence, Outcome::Acked);
             }
+            q.wake.notify_one();
         }
     }
 
@@ -927,6 +1112,28 @@ pub struct SubFigures {
     pub dead_lettered_total: u64,
     /// Exhausted without a dead-letter queue, kept.
     pub parked: u64,
+}
+
+/// One owned message with its owing subscriptions and attempts, as handed over or replicated.
+fn owned_message(state: &QueueState, seq: u64, entry: &queue::Entry) -> peer::OwnedMessage {
+    peer::OwnedMessage {
+        queue: state.name.clone(),
+        sequence: seq,
+        message: Some((*entry.message).clone()),
+        pending: entry
+            .pending
+            .iter()
+            .map(|sub| peer::PendingSubscription {
+                subscription: sub.clone(),
+                attempts: state
+                    .subs
+                    .get(sub)
+                    .and_then(|s| s.attempts.get(&seq))
+                    .copied()
+                    .unwrap_or(0),
+            })
+            .collect(),
+    }
 }
 
 /// A token bucket for a rate limit (rates below one per second allowed).

@@ -181,6 +181,9 @@ pub struct QueueState {
     pub published_total: u64,
     /// Sequences reserved by publishes still being persisted.
     pub appending: BTreeSet<u64>,
+    /// Sequences fully settled since the owner last took them (`publishAck: Replicated` queues
+    /// only: their replicas are told to drop the copies).
+    pub removed: Vec<u64>,
 }
 
 /// Upper bound on remembered ids for de-duplication (oldest forgotten first).
@@ -204,6 +207,21 @@ impl QueueState {
             dedup_order: VecDeque::new(),
             published_total: 0,
             appending: BTreeSet::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    /// Whether publishes wait for a replica's copy (`publishAck: Replicated`).
+    pub fn replicated(&self) -> bool {
+        self.view
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.publish_ack() == control::PublishAck::Replicated)
+    }
+
+    fn note_removed(&mut self, sequence: u64) {
+        if self.replicated() {
+            self.removed.push(sequence);
         }
     }
 
@@ -692,6 +710,7 @@ impl QueueState {
         }
         if let Some(entry) = self.messages.remove(&sequence) {
             self.bytes -= entry.size;
+            self.note_removed(sequence);
         }
         owed
     }
@@ -704,6 +723,7 @@ impl QueueState {
             && let Some(entry) = self.messages.remove(&sequence)
         {
             self.bytes -= entry.size;
+            self.note_removed(sequence);
         }
     }
 
@@ -717,6 +737,7 @@ impl QueueState {
         for seq in done {
             if let Some(entry) = self.messages.remove(&seq) {
                 self.bytes -= entry.size;
+                self.note_removed(seq);
             }
         }
     }

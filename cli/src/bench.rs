@@ -242,6 +242,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }));
     }
 
+    let bar = crate::progress::bar(args.msgs, "received");
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let ticker = {
+        let (bar, received) = (bar.clone(), Arc::clone(&received));
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(received.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let started = Instant::now();
     publish_all(&args, &producer, Arc::clone(&publish)).await?;
     let publish_secs = started.elapsed().as_secs_f64();
@@ -262,6 +275,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         })?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    ticker.abort();
+    bar.finish_and_clear();
     for s in subscribers {
         s.abort();
     }

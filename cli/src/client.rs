@@ -112,6 +112,10 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
         headers.insert(k.to_owned(), v.to_owned());
     }
     let mut client = connect(&args.addr).await?;
+    let bar = crate::progress::bar(args.count, "published");
+    if args.count < 2 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     for i in 0..args.count {
         let id = match (&args.id, args.count) {
             (Some(id), 1) => id.clone(),
@@ -131,13 +135,17 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
             correlation: i,
         };
         let ok = client.publish(request).await.map_err(refused)?.into_inner();
-        println!(
-            "published {} (sequence {}{})",
-            ok.id,
-            ok.sequence,
-            if ok.duplicate { ", duplicate" } else { "" }
-        );
+        bar.suspend(|| {
+            println!(
+                "published {} (sequence {}{})",
+                ok.id,
+                ok.sequence,
+                if ok.duplicate { ", duplicate" } else { "" }
+            )
+        });
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     Ok(())
 }
 

@@ -9,6 +9,7 @@ mod demo;
 mod dev;
 mod get;
 mod local;
+mod progress;
 mod run;
 mod signals;
 mod table;

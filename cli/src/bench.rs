@@ -454,6 +454,24 @@ struct Echo;
 
 #[tonic::async_trait]
 impl v1::broker_server::Broker for Echo {
+    async fn browse(
+        &self,
+        _: tonic::Request<v1::BrowseRequest>,
+    ) -> Result<tonic::Response<v1::BrowseResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the echo baseline holds nothing",
+        ))
+    }
+
+    async fn redrive(
+        &self,
+        _: tonic::Request<v1::RedriveRequest>,
+    ) -> Result<tonic::Response<v1::RedriveResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the echo baseline holds nothing",
+        ))
+    }
+
     type PublishStreamStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<PublishResult, tonic::Status>> + Send>>;
     type SubscribeStream = std::pin::Pin<

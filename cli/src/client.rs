@@ -85,7 +85,8 @@ pub async fn connect(addr: &str) -> anyhow::Result<BrokerClient<tonic::transport
     Ok(BrokerClient::new(channel))
 }
 
-fn refused(status: tonic::Status) -> anyhow::Error {
+/// A broker refusal, for exit code 3.
+pub fn refused(status: tonic::Status) -> anyhow::Error {
     anyhow::Error::new(Refused(format!(
         "{:?}: {}",
         status.code(),
@@ -206,6 +207,13 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
             .await?;
             seen += 1;
             if args.count > 0 && seen >= args.count {
+                // Half-close and let the sidecar take the last acks before the stream goes away
+                // (un-acked deliveries of a closed stream are redelivered).
+                drop(tx);
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while inbound.next().await.is_some() {}
+                })
+                .await;
                 return Ok(());
             }
         }

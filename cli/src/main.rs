@@ -7,6 +7,7 @@ mod bench;
 mod client;
 mod demo;
 mod dev;
+mod dlq;
 mod get;
 mod local;
 mod progress;
@@ -42,6 +43,8 @@ enum Command {
     Pub(client::PubArgs),
     /// Consume messages of a subscription through a sidecar.
     Sub(client::SubArgs),
+    /// Inspect dead letters (`peek`) and send them back to their queue (`redrive`).
+    Dlq(dlq::DlqArgs),
     /// Measure throughput and latency through real sidecars (or a bare gRPC baseline).
     Bench(bench::BenchArgs),
     /// Print a shell completion script (`qmesh completions bash > /etc/bash_completion.d/qmesh`).
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
             Command::Get(args) => get::run(args).await,
             Command::Pub(args) => client::publish(args).await,
             Command::Sub(args) => client::subscribe(args).await,
+            Command::Dlq(args) => dlq::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Completions { shell } => {
                 use clap::CommandFactory;

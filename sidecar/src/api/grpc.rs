@@ -1,5 +1,6 @@
-//! `qmesh.v1.Broker` over gRPC for the app on localhost: unary and pipelined publish, and the
-//! bidi `Subscribe` stream with a window of in-flight deliveries refilled by acks and nacks.
+//! `qmesh.v1.Broker` over gRPC for the app on localhost: unary and pipelined publish, the bidi
+//! `Subscribe` stream with a window of in-flight deliveries refilled by acks and nacks, and
+//! `Browse` / `Redrive` of held messages (the dead-letter tools).
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -44,6 +45,28 @@ impl Broker for BrokerService {
         let message =
             message.ok_or_else(|| BrokerError::Invalid("publish without a message".into()))?;
         Ok(Response::new(self.sidecar.publish(&queue, message).await?))
+    }
+
+    async fn browse(
+        &self,
+        request: Request<v1::BrowseRequest>,
+    ) -> Result<Response<v1::BrowseResponse>, Status> {
+        let v1::BrowseRequest { queue, max } = request.into_inner();
+        let max = if max == 0 { 100 } else { max as usize };
+        Ok(Response::new(self.sidecar.owner.browse(&queue, max)?))
+    }
+
+    async fn redrive(
+        &self,
+        request: Request<v1::RedriveRequest>,
+    ) -> Result<Response<v1::RedriveResponse>, Status> {
+        let v1::RedriveRequest { queue, to, max } = request.into_inner();
+        Ok(Response::new(
+            self.sidecar
+                .owner
+                .redrive(&queue, &to, max as usize)
+                .await?,
+        ))
     }
 
     async fn publish_stream(

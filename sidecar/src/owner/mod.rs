@@ -11,6 +11,7 @@
 //!     answered once both the log and the replica have it; settlements and the floor follow
 //! ```
 
+pub mod held;
 pub mod links;
 pub mod log;
 pub mod queue;
@@ -535,10 +536,16 @@ impl Owner {
         let tq = self
             .queue_for(&view, &target)
             .ok_or_else(|| BrokerError::UnknownQueue(target.clone()))?;
-        let policy = view
+        let target_view = view
             .queue(&target)
-            .and_then(|q| q.policy.clone())
-            .unwrap_or_default();
+            .ok_or_else(|| BrokerError::UnknownQueue(target.clone()))?;
+        if target_view.routes.is_empty() {
+            // Nothing would keep it there: better parked here, visible to `qmesh dlq peek`.
+            return Err(BrokerError::Invalid(format!(
+                "dead-letter queue {target} has no subscription to keep the message"
+            )));
+        }
+        let policy = target_view.policy.clone().unwrap_or_default();
         let mut message = (*dl.message).clone();
         message
             .headers

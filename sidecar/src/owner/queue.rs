@@ -683,6 +683,72 @@ impl QueueState {
             .collect()
     }
 
+    /// What each subscription owes for `sequence`: (subscription, attempts, state, last error).
+    pub fn held_for(&self, sequence: u64) -> Vec<(String, u32, &'static str, String)> {
+        let Some(entry) = self.messages.get(&sequence) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = entry
+            .pending
+            .iter()
+            .filter_map(|sub| {
+                let state = self.subs.get(sub)?;
+                let where_ = if state.in_flight.contains_key(&sequence) {
+                    "in-flight"
+                } else if state.parked.contains(&sequence) {
+                    "parked"
+                } else if state.ready.contains(&sequence) {
+                    "ready"
+                } else {
+                    "waiting"
+                };
+                Some((
+                    sub.clone(),
+                    state.attempts.get(&sequence).copied().unwrap_or(0),
+                    where_,
+                    state.last_error.get(&sequence).cloned().unwrap_or_default(),
+                ))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Whether a consumer holds `sequence` now.
+    pub fn in_flight_anywhere(&self, sequence: u64) -> bool {
+        self.subs
+            .values()
+            .any(|s| s.in_flight.contains_key(&sequence))
+    }
+
+    /// Makes a parked `sequence` ready again with its delivery count reset; returns how many
+    /// subscriptions had it parked.
+    pub fn unpark(&mut self, sequence: u64) -> usize {
+        let mut unparked = 0;
+        for state in self.subs.values_mut() {
+            if state.parked.remove(&sequence) {
+                state.attempts.remove(&sequence);
+                state.last_error.remove(&sequence);
+                state.ready.insert(sequence);
+                unparked += 1;
+            }
+        }
+        unparked
+    }
+
+    /// Removes a message that went elsewhere (redriven to another queue); returns the
+    /// subscriptions that owed it.
+    pub fn remove_redriven(&mut self, sequence: u64) -> Vec<String> {
+        let owed = self.evict(sequence);
+        for (sub, _) in &owed {
+            if let Some(state) = self.subs.get_mut(sub) {
+                // `evict` counts a dead letter; a redrive is not one.
+                state.dead_lettered_total = state.dead_lettered_total.saturating_sub(1);
+            }
+        }
+        owed.into_iter().map(|(sub, _)| sub).collect()
+    }
+
     /// Removes a message from every subscription's bookkeeping (overflow, expiry) — the caller
     /// dead-letters or counts it.
     pub fn evict(&mut self, sequence: u64) -> Vec<(String, u32)> {

@@ -154,7 +154,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ("producer", &[("app", "producer")]),
                 ("consumer", &[("app", "consumer")]),
             ],
-        )?;
+        )
+        .await?;
         mesh.wait_ready(Duration::from_secs(15)).await?;
         let p = mesh.sidecar("producer").grpc.to_string();
         let c = mesh.sidecar("consumer").grpc.to_string();

@@ -119,10 +119,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             ("billing-2", &[("app", "billing")]),
             ("analytics", &[("app", "analytics")]),
         ],
-    )?;
+    )
+    .await?;
     mesh.wait_ready(Duration::from_secs(15)).await?;
     println!(
-        "started {} sidecars in {:.1}s ({})",
+        "started a local control plane and {} sidecars joined to it in {:.1}s ({})",
         mesh.sidecars.len(),
         started.elapsed().as_secs_f64(),
         binary.display()

@@ -259,6 +259,8 @@ struct State {
 pub struct DevSource {
     state: Mutex<State>,
     changes: watch::Sender<u64>,
+    /// Print sidecars joining and leaving (`qmesh dev`); quiet inside `demo` and `bench`.
+    verbose: bool,
 }
 
 impl std::fmt::Debug for DevSource {
@@ -280,7 +282,14 @@ impl DevSource {
         Self {
             state: Mutex::new(state),
             changes: watch::channel(0).0,
+            verbose: true,
         }
+    }
+
+    /// Without the join / leave lines.
+    pub fn quiet(mut self) -> Self {
+        self.verbose = false;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -378,13 +387,15 @@ impl MeshSource for DevSource {
             }
             state.connected.insert(key.clone(), session);
         }
-        println!(
-            "sidecar {}/{} joined (peer {}, labels {})",
-            key.namespace,
-            key.name,
-            hello.peer_address,
-            format_labels(hello.labels.iter())
-        );
+        if self.verbose {
+            println!(
+                "sidecar {}/{} joined (peer {}, labels {})",
+                key.namespace,
+                key.name,
+                hello.peer_address,
+                format_labels(hello.labels.iter())
+            );
+        }
         self.changed();
         Ok(())
     }
@@ -420,8 +431,10 @@ impl MeshSource for DevSource {
             }
             registered
         };
-        if gone {
+        if gone && self.verbose {
             println!("sidecar {}/{} left", key.namespace, key.name);
+        }
+        if gone {
             self.changed();
         }
     }

@@ -1,16 +1,21 @@
-//! Local sidecar processes for `qmesh demo` (and later `qmesh dev` / `qmesh run`): finds the
-//! `qmesh-sidecar` binary, writes `Sidecar` documents on free loopback ports into a mesh file, starts
-//! the processes and stops them (SIGTERM, then kill) when dropped.
+//! Local meshes for `qmesh demo` and `qmesh bench`: finds the `qmesh-sidecar` binary, serves the
+//! local control plane of `qmesh dev` in this process, starts sidecar processes on free loopback ports
+//! that join it with their labels, and stops them (SIGTERM, then kill) when dropped.
 
 use std::{
-    fmt::Write as _,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+use qmesh_core::MeshFile;
+use qmesh_proto::join::ControlService;
+use tokio_util::sync::CancellationToken;
+
+use crate::dev::DevSource;
 
 /// Finds `qmesh-sidecar`: `$QMESH_SIDECAR_BIN`, next to this executable, or on `PATH`.
 pub fn sidecar_binary() -> anyhow::Result<PathBuf> {
@@ -52,24 +57,33 @@ pub struct LocalSidecar {
     pub admin: SocketAddr,
 }
 
-/// A running local mesh.
+/// A running local mesh: a control plane in this process (the one `qmesh dev` serves) and sidecar
+/// processes that join it with their labels.
 pub struct LocalMesh {
     dir: tempfile::TempDir,
     /// The sidecars, in the order given.
     pub sidecars: Vec<LocalSidecar>,
     children: Vec<Child>,
+    control: CancellationToken,
 }
 
 impl LocalMesh {
-    /// Writes `manifests` plus one `Sidecar` document per `(name, labels)` and starts them all.
-    pub fn start(
+    /// Starts a control plane over `manifests` and one sidecar per `(name, labels)`.
+    pub async fn start(
         binary: &Path,
         manifests: &str,
         sidecars: &[(&str, &[(&str, &str)])],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("qmesh-local-").tempdir()?;
-        let mut text = manifests.trim().to_owned();
+        let file = MeshFile::parse(manifests).context("the local mesh's manifests")?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let control_plane = format!("http://{}", listener.local_addr()?);
+        let control = CancellationToken::new();
+        let service = ControlService::new(Arc::new(DevSource::new(file).quiet()), control.clone());
+        tokio::spawn(service.serve(listener));
+
         let mut local = Vec::new();
+        let mut children = Vec::new();
         for (name, labels) in sidecars {
             let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
             let (peer, grpc, http, admin) = (
@@ -78,40 +92,34 @@ impl LocalMesh {
                 addr(free_port()?),
                 addr(free_port()?),
             );
-            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
-            write!(
-                text,
-                "\n---\napiVersion: qmesh.io/v1alpha1\nkind: Sidecar\nmetadata: {{name: {name}, labels: {{{}}}}}\n\
-                 spec: {{peerAddress: \"{peer}\", grpcAddress: \"{grpc}\", httpAddress: \"{http}\", adminAddress: \"{admin}\"}}\n",
-                labels.join(", ")
-            )?;
-            local.push(LocalSidecar {
-                name: (*name).to_owned(),
-                grpc,
-                admin,
-            });
-        }
-        let mesh_file = dir.path().join("mesh.yaml");
-        std::fs::write(&mesh_file, text)?;
-        let mut children = Vec::new();
-        for s in &local {
-            let log = std::fs::File::create(dir.path().join(format!("{}.log", s.name)))?;
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
             let child = Command::new(binary)
-                .arg("--mesh-file")
-                .arg(&mesh_file)
-                .args(["--name", &s.name, "--data-dir"])
-                .arg(dir.path().join(&s.name))
+                .args(["--control-plane", &control_plane, "--name", name])
+                .args(["--labels", &labels.join(",")])
+                .args(["--peer-addr", &peer.to_string()])
+                .args(["--grpc-addr", &grpc.to_string()])
+                .args(["--http-addr", &http.to_string()])
+                .args(["--admin-addr", &admin.to_string()])
+                .arg("--data-dir")
+                .arg(dir.path().join(name))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
                 .with_context(|| format!("starting {}", binary.display()))?;
             children.push(child);
+            local.push(LocalSidecar {
+                name: (*name).to_owned(),
+                grpc,
+                admin,
+            });
         }
         Ok(Self {
             dir,
             sidecars: local,
             children,
+            control,
         })
     }
 
@@ -179,6 +187,7 @@ pub async fn ready(admin: SocketAddr) -> bool {
 
 impl Drop for LocalMesh {
     fn drop(&mut self) {
+        // Sidecars first (they keep their last view while the control plane goes away).
         for child in &mut self.children {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
@@ -192,5 +201,6 @@ impl Drop for LocalMesh {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.control.cancel();
     }
 }

@@ -179,7 +179,8 @@ impl SidecarProcess {
         let admin = self.admin;
         let result = wait_for(
             "sidecar readiness",
-            Duration::from_secs(20),
+            // Generous: on a loaded 2-core machine running the whole suite, fsyncs can crawl.
+            Duration::from_secs(60),
             || async move {
                 crate::http::request("GET", admin, "/readyz", &[], b"")
                     .await

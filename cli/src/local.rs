@@ -42,8 +42,19 @@ pub fn sidecar_binary() -> anyhow::Result<PathBuf> {
     )
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Four distinct free loopback addresses (all bound at once while choosing).
+fn free_addrs() -> anyhow::Result<[SocketAddr; 4]> {
+    let held = [
+        TcpListener::bind("127.0.0.1:0")?,
+        TcpListener::bind("127.0.0.1:0")?,
+        TcpListener::bind("127.0.0.1:0")?,
+        TcpListener::bind("127.0.0.1:0")?,
+    ];
+    let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); 4];
+    for (addr, listener) in addrs.iter_mut().zip(&held) {
+        *addr = listener.local_addr()?;
+    }
+    Ok(addrs)
 }
 
 /// Addresses of one local sidecar.
@@ -85,13 +96,7 @@ impl LocalMesh {
         let mut local = Vec::new();
         let mut children = Vec::new();
         for (name, labels) in sidecars {
-            let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-            let (peer, grpc, http, admin) = (
-                addr(free_port()?),
-                addr(free_port()?),
-                addr(free_port()?),
-                addr(free_port()?),
-            );
+            let [peer, grpc, http, admin] = free_addrs()?;
             let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
             let child = Command::new(binary)

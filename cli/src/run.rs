@@ -93,12 +93,24 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| e.to_string())
 }
 
-fn port_or_free(port: Option<u16>) -> anyhow::Result<SocketAddr> {
-    let port = match port {
-        Some(p) => p,
-        None => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
-    };
-    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+/// Loopback addresses for the sidecar: the given ports, else free ones — all bound at once while
+/// choosing, so no two are the same.
+fn loopback_addrs(ports: [Option<u16>; 4]) -> anyhow::Result<[SocketAddr; 4]> {
+    let mut held = Vec::new();
+    let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); 4];
+    for (addr, port) in addrs.iter_mut().zip(ports) {
+        let port = match port {
+            Some(p) => p,
+            None => {
+                let listener = TcpListener::bind("127.0.0.1:0")?;
+                let port = listener.local_addr()?.port();
+                held.push(listener);
+                port
+            }
+        };
+        addr.set_port(port);
+    }
+    Ok(addrs)
 }
 
 fn default_data_dir(namespace: &str, app_id: &str) -> PathBuf {
@@ -152,12 +164,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| default_data_dir(&args.namespace, &args.app_id));
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let (peer, grpc, http, admin) = (
-        port_or_free(None)?,
-        port_or_free(args.grpc_port)?,
-        port_or_free(args.http_port)?,
-        port_or_free(None)?,
-    );
+    let [peer, grpc, http, admin] = loopback_addrs([None, args.grpc_port, args.http_port, None])?;
     let labels = if args.labels.is_empty() {
         vec![("app".to_owned(), args.app_id.clone())]
     } else {

@@ -291,6 +291,37 @@ fn qmesh_run_apps_exchange_messages_through_qmesh_dev() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // SIGTERM to `qmesh run` reaches the command; its code comes back and the sidecar leaves.
+    let mut trapped = Running::start(
+        qmesh()
+            .args([
+                "run",
+                "--app-id",
+                "trapper",
+                "--control-plane",
+                &control,
+                "--data-dir",
+            ])
+            .arg(dir.path().join("trapper"))
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "sleep 30 & trap 'kill $!; exit 42' TERM; echo started; wait",
+            ]),
+    );
+    trapped.wait_for_line("started", Duration::from_secs(30));
+    let pid = trapped.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(trapped.wait(Duration::from_secs(30)).code(), Some(42));
+    dev.wait_for_line("sidecar default/trapper left", Duration::from_secs(30));
 }
 
 #[test]

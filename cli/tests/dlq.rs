@@ -1,6 +1,7 @@
 //! `qmesh dlq peek` / `redrive` against real sidecars: dead letters are listed with their reason and
 //! origin, redriven to their original queue and delivered again (every one, once); messages parked
-//! by a subscription without a dead-letter queue are redelivered with a fresh delivery count.
+//! by a subscription without a dead-letter queue are listed and redelivered with a fresh delivery
+//! count through the HTTP mirror.
 
 #![allow(clippy::unwrap_used)]
 
@@ -112,6 +113,7 @@ async fn dead_letters_are_peeked_with_reasons_and_redriven_to_their_queue() {
         .unwrap();
     let shop = mesh.sidecar("shop").grpc.to_string();
     let billing = mesh.sidecar("billing").grpc.to_string();
+    let shop_http = mesh.sidecar("shop").http;
     tokio::task::spawn_blocking(move || {
         ok(&[
             "pub",
@@ -183,8 +185,36 @@ async fn dead_letters_are_peeked_with_reasons_and_redriven_to_their_queue() {
             assert_eq!(p["subscriptions"][0]["state"], "parked", "{p}");
             assert_eq!(p["subscriptions"][0]["attempts"], 1, "{p}");
         }
-        let out = ok(&["dlq", "redrive", "jobs", "--addr", &shop]);
-        assert!(out.contains("3 parked redelivered"), "{out}");
+        // …this time through the HTTP mirror, as curl would.
+        let http = |method: &str, path: &str, body: &[u8]| {
+            tokio::runtime::Handle::current()
+                .block_on(qmesh_tests::http::request(
+                    method,
+                    shop_http,
+                    path,
+                    &[],
+                    body,
+                ))
+                .unwrap()
+        };
+        let listed = http("GET", "/v1/queues/jobs/held?max=2", b"");
+        assert_eq!(listed.status, 200);
+        let listed = listed.json().unwrap();
+        assert_eq!(listed["total"], 3, "{listed}");
+        assert_eq!(listed["messages"].as_array().unwrap().len(), 2, "{listed}");
+        assert_eq!(listed["messages"][0]["subscriptions"][0]["state"], "parked");
+        assert_eq!(
+            listed["messages"][0]["subscriptions"][0]["lastError"],
+            "nacked by qmesh sub"
+        );
+        let unknown = http("GET", "/v1/queues/nope/held", b"");
+        assert_eq!(unknown.status, 404);
+        assert_eq!(unknown.json().unwrap()["error"]["code"], "unknown_queue");
+        let bad = http("POST", "/v1/queues/jobs/redrive", b"{not json");
+        assert_eq!(bad.status, 400);
+        let redriven = http("POST", "/v1/queues/jobs/redrive", b"");
+        assert_eq!(redriven.status, 200);
+        assert_eq!(redriven.json().unwrap()["unparked"], 3);
         let redelivered = json_lines(&ok(&[
             "sub", "workers", "--count", "3", "--json", "--addr", &billing,
         ]));

@@ -94,19 +94,7 @@ impl BrokerError {
 
     /// Short label for metrics and JSON (`unknown_queue`, `backlog_full`, ...).
     pub fn label(&self) -> &'static str {
-        match self.code() {
-            ErrorCode::UnknownQueue => "unknown_queue",
-            ErrorCode::UnknownSubscription => "unknown_subscription",
-            ErrorCode::PermissionDenied => "permission_denied",
-            ErrorCode::MessageTooLarge => "message_too_large",
-            ErrorCode::BacklogFull => "backlog_full",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Invalid => "invalid",
-            ErrorCode::ShuttingDown => "shutting_down",
-            ErrorCode::Storage => "storage",
-            ErrorCode::ReplicaUnavailable => "replica_unavailable",
-            ErrorCode::Internal | ErrorCode::Unspecified => "internal",
-        }
+        label(self.code())
     }
 
     /// When a retry may succeed.
@@ -170,5 +158,23 @@ impl From<BrokerError> for tonic::Status {
             status.metadata_mut().insert("retry-after-ms", value);
         }
         status
+    }
+}
+
+/// The short label (`unknown_queue`, `backlog_full`, ...) of an error code, as the HTTP API and the
+/// metrics spell it.
+pub fn label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::UnknownQueue => "unknown_queue",
+        ErrorCode::UnknownSubscription => "unknown_subscription",
+        ErrorCode::PermissionDenied => "permission_denied",
+        ErrorCode::MessageTooLarge => "message_too_large",
+        ErrorCode::BacklogFull => "backlog_full",
+        ErrorCode::RateLimited => "rate_limited",
+        ErrorCode::Invalid => "invalid",
+        ErrorCode::ShuttingDown => "shutting_down",
+        ErrorCode::Storage => "storage",
+        ErrorCode::ReplicaUnavailable => "replica_unavailable",
+        ErrorCode::Internal | ErrorCode::Unspecified => "internal",
     }
 }

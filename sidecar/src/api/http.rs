@@ -6,6 +6,8 @@
 //! | `GET /v1/subscriptions/{sub}/messages?max=N&wait=5s` | `200 {"messages": [{"id", "payload" (base64), "headers", "key", "attempt", "receipt", "publishTime"}]}` |
 //! | `POST /v1/subscriptions/{sub}/ack` `{"receipts": [...]}` | `200 {"settled": n, "unknown": [...]}` |
 //! | `POST /v1/subscriptions/{sub}/nack` `{"receipts": [...], "delay": "5s", "reason": "..."}` | same |
+//! | `GET /v1/queues/{queue}/held?max=N` (dead letters, parked messages) | `200 {"messages": [{"id", "sequence", "payload" (base64), "headers", "key", "subscriptions": [{"subscription", "attempts", "state", "lastError"}]}], "total"}` |
+//! | `POST /v1/queues/{queue}/redrive` `{"to": "...", "max": N}` (body optional) | `200 {"republished", "unparked", "skipped", "failed": [{"id", "error"}]}` |
 //!
 //! Errors are `{"error": {"code", "message"}}` with 404 / 403 / 413 / 429 (+ `Retry-After`) / 400 /
 //! 503 / 507 / 500, the same codes as gRPC.
@@ -38,6 +40,8 @@ pub fn router(sidecar: Arc<Sidecar>, max_body: usize) -> Router {
         .route("/v1/subscriptions/{subscription}/messages", get(poll))
         .route("/v1/subscriptions/{subscription}/ack", post(ack))
         .route("/v1/subscriptions/{subscription}/nack", post(nack))
+        .route("/v1/queues/{queue}/held", get(held))
+        .route("/v1/queues/{queue}/redrive", post(redrive))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(sidecar)
 }
@@ -237,5 +241,105 @@ async fn settle(
     Ok(Json(serde_json::json!({
         "settled": body.receipts.len() - unknown.len(),
         "unknown": unknown,
+    })))
+}
+
+#[derive(Deserialize)]
+struct HeldQuery {
+    max: Option<usize>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HeldFor {
+    subscription: String,
+    attempts: u32,
+    state: String,
+    last_error: String,
+}
+
+#[derive(Serialize)]
+struct HeldMessage {
+    id: String,
+    sequence: u64,
+    payload: String,
+    headers: HashMap<String, String>,
+    key: String,
+    subscriptions: Vec<HeldFor>,
+}
+
+async fn held(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(queue): Path<String>,
+    Query(query): Query<HeldQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let max = query.max.unwrap_or(100).clamp(1, MAX_BATCH);
+    let browsed = sidecar.owner.browse(&queue, max)?;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let messages: Vec<HeldMessage> = browsed
+        .messages
+        .into_iter()
+        .map(|h| {
+            let m = h.message.unwrap_or_default();
+            HeldMessage {
+                id: m.id,
+                sequence: h.sequence,
+                payload: engine.encode(&m.payload),
+                headers: m.headers,
+                key: m.key,
+                subscriptions: h
+                    .subscriptions
+                    .into_iter()
+                    .map(|s| HeldFor {
+                        subscription: s.subscription,
+                        attempts: s.attempts,
+                        state: s.state,
+                        last_error: s.last_error,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(Json(
+        serde_json::json!({ "messages": messages, "total": browsed.total }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+struct Redrive {
+    #[serde(default)]
+    to: String,
+    #[serde(default)]
+    max: usize,
+}
+
+async fn redrive(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(queue): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: Redrive = if body.iter().all(u8::is_ascii_whitespace) {
+        Redrive::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            BrokerError::Invalid(format!(
+                "body must be empty or JSON like {{\"to\": \"queue\", \"max\": 10}}: {e}"
+            ))
+        })?
+    };
+    let done = sidecar.owner.redrive(&queue, &body.to, body.max).await?;
+    let failed: Vec<serde_json::Value> = done
+        .failed
+        .iter()
+        .map(|f| {
+            let e = f.error.clone().unwrap_or_default();
+            serde_json::json!({"id": f.id, "error": {"code": crate::error::label(e.code()), "message": e.message}})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "republished": done.republished,
+        "unparked": done.unparked,
+        "skipped": done.skipped,
+        "failed": failed,
     })))
 }

@@ -121,6 +121,8 @@ enum Op {
 
 /// The disk implementation of [`OwnerLog`].
 pub struct DiskLog {
+    /// Held for as long as the log is open: one process per log directory.
+    _lock: fs::File,
     first_free: u64,
     numbering: AtomicU64,
     tx: mpsc::Sender<Op>,
@@ -135,10 +137,33 @@ impl std::fmt::Debug for DiskLog {
     }
 }
 
+/// Takes the exclusive lock of a log directory.
+fn lock_dir(dir: &std::path::Path) -> std::io::Result<fs::File> {
+    let path = dir.join("LOCK");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "{} is in use by another process (is another qmesh-sidecar running on the same --data-dir?)",
+                dir.display()
+            ),
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 impl DiskLog {
     /// Opens (replaying) or creates the log in `config.dir`, and starts its writer thread.
+    /// Fails if another process has the log open (`LOCK`, released by the kernel even on `kill -9`).
     pub fn open(config: StoreConfig) -> std::io::Result<Self> {
         fs::create_dir_all(&config.dir)?;
+        let lock = lock_dir(&config.dir)?;
         let stats = Arc::new(StoreStats::default());
         let (writer, recovered) = Writer::open(config.clone(), Arc::clone(&stats))?;
         let first_free = writer.next_seq;
@@ -160,6 +185,7 @@ impl DiskLog {
                 })?;
         }
         Ok(Self {
+            _lock: lock,
             tx,
             side,
             recovered: Mutex::new(recovered),

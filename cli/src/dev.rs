@@ -30,6 +30,9 @@ use qmesh_proto::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// Most sidecars that may register themselves (`qmesh run`) with one local control plane.
+const MAX_REGISTERED: usize = 10_000;
+
 /// `qmesh dev`.
 #[derive(Args, Debug)]
 pub struct DevArgs {
@@ -40,14 +43,8 @@ pub struct DevArgs {
     #[arg(long, env = "QMESH_DEV_LISTEN", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
     /// How often the manifests are checked for changes.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = crate::parse_duration)]
     pub poll_interval: Duration,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    text.parse::<qmesh_api::Duration>()
-        .map(|d| d.get())
-        .map_err(|e| e.to_string())
 }
 
 /// Runs the local control plane until Ctrl-C or SIGTERM.
@@ -365,6 +362,12 @@ impl MeshSource for DevSource {
         {
             let mut state = self.lock();
             if state.declared(&key).is_none() {
+                if !state.registered.contains_key(&key) && state.registered.len() >= MAX_REGISTERED
+                {
+                    return Err(format!(
+                        "this local control plane already has {MAX_REGISTERED} self-registered sidecars"
+                    ));
+                }
                 if hello.peer_address.is_empty() {
                     return Err(format!(
                         "sidecar {}/{} is not declared in the manifests and announced no peer address",

@@ -183,14 +183,17 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, cluster: bool) 
         }
     };
     let dash = |s: &str| if s.is_empty() { "-" } else { s }.to_owned();
-    let mut headers: Vec<&str> = Vec::new();
-    if namespaces {
-        headers.push("NAMESPACE");
-    }
-    let mut table;
-    match kind {
-        Kind::Queues => {
-            headers.extend([
+    // Counters of the connected sidecars; a cluster's status has none.
+    let total = |n: u64| {
+        if cluster {
+            "-".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    let (headers, rows): (&[&str], Vec<(&str, Vec<String>)>) = match kind {
+        Kind::Queues => (
+            &[
                 "NAME",
                 "PUBLISHERS",
                 "SUBSCRIPTIONS",
@@ -198,31 +201,26 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, cluster: bool) 
                 "PUBLISHED",
                 "PUBLISH/S",
                 "DEAD-LETTER-QUEUE",
-            ]);
-            table = Table::new(&headers);
-            for q in &status.queues {
-                let mut row = namespaces
-                    .then(|| q.namespace.clone())
-                    .into_iter()
-                    .collect::<Vec<_>>();
-                row.extend([
-                    q.name.clone(),
-                    q.publishers.to_string(),
-                    q.subscriptions.to_string(),
-                    q.backlog.to_string(),
-                    if cluster {
-                        "-".into()
-                    } else {
-                        q.published_total.to_string()
-                    },
-                    rate(q.publish_rate),
-                    dash(&q.dead_letter_queue),
-                ]);
-                table.row(row);
-            }
-        }
-        Kind::Subscriptions => {
-            headers.extend([
+            ],
+            status
+                .queues
+                .iter()
+                .map(|q| {
+                    let cells = vec![
+                        q.name.clone(),
+                        q.publishers.to_string(),
+                        q.subscriptions.to_string(),
+                        q.backlog.to_string(),
+                        total(q.published_total),
+                        rate(q.publish_rate),
+                        dash(&q.dead_letter_queue),
+                    ];
+                    (q.namespace.as_str(), cells)
+                })
+                .collect(),
+        ),
+        Kind::Subscriptions => (
+            &[
                 "NAME",
                 "QUEUE",
                 "MODE",
@@ -232,51 +230,56 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, cluster: bool) 
                 "ACKED",
                 "ACKS/S",
                 "DEAD-LETTERED",
-            ]);
-            table = Table::new(&headers);
-            for s in &status.subscriptions {
-                let mut row = namespaces
-                    .then(|| s.namespace.clone())
-                    .into_iter()
-                    .collect::<Vec<_>>();
-                row.extend([
-                    s.name.clone(),
-                    s.queue.clone(),
-                    s.mode.clone(),
-                    s.consumers.to_string(),
-                    s.backlog.to_string(),
-                    s.in_flight.to_string(),
-                    if cluster {
-                        "-".into()
-                    } else {
-                        s.acked_total.to_string()
-                    },
-                    rate(s.ack_rate),
-                    s.dead_lettered_total.to_string(),
-                ]);
-                table.row(row);
-            }
-        }
-        Kind::Sidecars => {
-            headers.extend(["NAME", "PEER", "CONNECTED", "LABELS"]);
-            table = Table::new(&headers);
-            for s in &status.sidecars {
-                let mut labels: Vec<String> =
-                    s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                labels.sort();
-                let mut row = namespaces
-                    .then(|| s.namespace.clone())
-                    .into_iter()
-                    .collect::<Vec<_>>();
-                row.extend([
-                    s.name.clone(),
-                    s.peer_address.clone(),
-                    s.connected.to_string(),
-                    dash(&labels.join(",")),
-                ]);
-                table.row(row);
-            }
-        }
+            ],
+            status
+                .subscriptions
+                .iter()
+                .map(|s| {
+                    let cells = vec![
+                        s.name.clone(),
+                        s.queue.clone(),
+                        s.mode.clone(),
+                        s.consumers.to_string(),
+                        s.backlog.to_string(),
+                        s.in_flight.to_string(),
+                        total(s.acked_total),
+                        rate(s.ack_rate),
+                        s.dead_lettered_total.to_string(),
+                    ];
+                    (s.namespace.as_str(), cells)
+                })
+                .collect(),
+        ),
+        Kind::Sidecars => (
+            &["NAME", "PEER", "CONNECTED", "LABELS"],
+            status
+                .sidecars
+                .iter()
+                .map(|s| {
+                    let mut labels: Vec<String> =
+                        s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    labels.sort();
+                    let cells = vec![
+                        s.name.clone(),
+                        s.peer_address.clone(),
+                        s.connected.to_string(),
+                        dash(&labels.join(",")),
+                    ];
+                    (s.namespace.as_str(), cells)
+                })
+                .collect(),
+        ),
+    };
+    let mut all_headers: Vec<&str> = namespaces.then_some("NAMESPACE").into_iter().collect();
+    all_headers.extend(headers);
+    let mut table = Table::new(&all_headers);
+    for (namespace, cells) in rows {
+        let mut row: Vec<String> = namespaces
+            .then(|| namespace.to_owned())
+            .into_iter()
+            .collect();
+        row.extend(cells);
+        table.row(row);
     }
     table
 }

@@ -54,6 +54,13 @@ enum Command {
     },
 }
 
+/// Parses `500ms`, `30s`, `5m`, `1h30m` for duration flags.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<qmesh_api::Duration>()
+        .map(|d| d.get())
+        .map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

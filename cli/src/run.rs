@@ -70,10 +70,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub http_port: Option<u16>,
     /// How long to wait for the sidecar to join and be ready.
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = crate::parse_duration)]
     pub ready_timeout: Duration,
     /// How long the sidecar may take to drain when the command has exited.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
     pub shutdown_grace: Duration,
     /// The app's command and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -85,12 +85,6 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("{text:?} is not a label: write key=value")),
     }
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    text.parse::<qmesh_api::Duration>()
-        .map(|d| d.get())
-        .map_err(|e| e.to_string())
 }
 
 /// Loopback addresses for the sidecar: the given ports, else free ones — all bound at once while

@@ -52,7 +52,12 @@ impl Broker for BrokerService {
         request: Request<v1::BrowseRequest>,
     ) -> Result<Response<v1::BrowseResponse>, Status> {
         let v1::BrowseRequest { queue, max } = request.into_inner();
-        let max = if max == 0 { 100 } else { max as usize };
+        // Bounded like an HTTP poll: one answer never carries more than this.
+        let max = if max == 0 {
+            100
+        } else {
+            (max as usize).min(1000)
+        };
         Ok(Response::new(self.sidecar.owner.browse(&queue, max)?))
     }
 

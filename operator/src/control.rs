@@ -228,10 +228,18 @@ impl MeshSource for IndexSource {
 
     fn observe(&self, event: JoinEvent) {
         match event {
-            JoinEvent::Rejected => drop(self.metrics.sidecars_rejected.inc()),
-            JoinEvent::Joined => drop(self.metrics.connected_sidecars.inc()),
-            JoinEvent::Left => drop(self.metrics.connected_sidecars.dec()),
-            JoinEvent::ViewSent => drop(self.metrics.views_sent.inc()),
+            JoinEvent::Rejected => {
+                self.metrics.sidecars_rejected.inc();
+            }
+            JoinEvent::Joined => {
+                self.metrics.connected_sidecars.inc();
+            }
+            JoinEvent::Left => {
+                self.metrics.connected_sidecars.dec();
+            }
+            JoinEvent::ViewSent => {
+                self.metrics.views_sent.inc();
+            }
         }
     }
 }

@@ -57,7 +57,7 @@ fn main() {
             SidecarKey::new("shop", format!("pod-{p}")),
             SidecarInfo {
                 labels: BTreeMap::from([("app".to_owned(), app)]),
-                peer_address: format!("10.0.{}.{}:7070", p / 250, p % 250),
+                peer_address: format!("198.18.{}.{}:7070", p / 250, p % 250),
                 ready: true,
             },
         );

@@ -709,9 +709,9 @@ mod tests {
 
     #[test]
     fn a_ready_pod_with_the_sidecar_container_is_a_ready_sidecar_at_port_7070() {
-        let (key, sidecar) = sidecar_of(&pod("w-1", "worker", Some("10.0.0.7"), true)).unwrap();
+        let (key, sidecar) = sidecar_of(&pod("w-1", "worker", Some("198.18.0.7"), true)).unwrap();
         assert_eq!(key, SidecarKey::new("shop", "w-1"));
-        assert_eq!(sidecar.info.peer_address, "10.0.0.7:7070");
+        assert_eq!(sidecar.info.peer_address, "198.18.0.7:7070");
         assert!(sidecar.info.ready);
         assert_eq!(sidecar.service_account, "worker");
         assert_eq!(sidecar.info.labels["app"], "worker");
@@ -720,7 +720,7 @@ mod tests {
     #[test]
     fn unready_ipless_deleting_and_plain_pods_are_not_ready_sidecars() {
         assert!(
-            !sidecar_of(&pod("a", "w", Some("10.0.0.1"), false))
+            !sidecar_of(&pod("a", "w", Some("198.18.0.1"), false))
                 .unwrap()
                 .1
                 .info
@@ -728,20 +728,20 @@ mod tests {
         );
         let (_, no_ip) = sidecar_of(&pod("a", "w", None, true)).unwrap();
         assert!(!no_ip.info.ready && no_ip.info.peer_address.is_empty());
-        let mut deleting = pod("a", "w", Some("10.0.0.1"), true);
+        let mut deleting = pod("a", "w", Some("198.18.0.1"), true);
         deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
         assert!(!sidecar_of(&deleting).unwrap().1.info.ready);
-        let mut plain = pod("a", "w", Some("10.0.0.1"), true);
+        let mut plain = pod("a", "w", Some("198.18.0.1"), true);
         plain.spec.as_mut().unwrap().containers.pop();
         assert!(sidecar_of(&plain).is_none());
-        let mut done = pod("a", "w", Some("10.0.0.1"), true);
+        let mut done = pod("a", "w", Some("198.18.0.1"), true);
         done.status.as_mut().unwrap().phase = Some("Succeeded".into());
         assert!(sidecar_of(&done).is_none());
     }
 
     #[test]
     fn a_native_sidecar_init_container_counts_too() {
-        let mut p = pod("a", "w", Some("10.0.0.1"), true);
+        let mut p = pod("a", "w", Some("198.18.0.1"), true);
         let spec = p.spec.as_mut().unwrap();
         let sidecar = spec.containers.pop().unwrap();
         spec.init_containers = Some(vec![sidecar]);
@@ -754,9 +754,9 @@ mod tests {
         index.apply_queue(&queue("orders"));
         let sub = subscription("billing", "orders", "billing");
         index.apply_subscription(&sub);
-        index.apply_pod(&pod("b-1", "billing", Some("10.0.0.2"), false));
+        index.apply_pod(&pod("b-1", "billing", Some("198.18.0.2"), false));
         assert_eq!(index.observe_subscription(&sub).consumers, 0);
-        index.apply_pod(&pod("b-1", "billing", Some("10.0.0.2"), true));
+        index.apply_pod(&pod("b-1", "billing", Some("198.18.0.2"), true));
         let observed = index.observe_subscription(&sub);
         assert_eq!(observed.consumers, 1);
         assert!(observed.queue_exists);
@@ -780,14 +780,14 @@ mod tests {
         let mut subs = index.subscription_triggers();
         let changes = index.subscribe_changes();
         let before = *changes.borrow();
-        index.apply_pod(&pod("b-1", "billing", Some("10.0.0.2"), true));
+        index.apply_pod(&pod("b-1", "billing", Some("198.18.0.2"), true));
         assert_eq!(queues.try_recv().unwrap().name, "orders");
         assert_eq!(subs.try_recv().unwrap().name, "billing");
         assert!(subs.try_recv().is_err(), "audit does not select the pod");
         assert!(*changes.borrow() > before);
         // The same pod again changes nothing.
         let now = *changes.borrow();
-        index.apply_pod(&pod("b-1", "billing", Some("10.0.0.2"), true));
+        index.apply_pod(&pod("b-1", "billing", Some("198.18.0.2"), true));
         assert_eq!(*changes.borrow(), now);
         assert!(queues.try_recv().is_err());
     }

@@ -26,6 +26,10 @@ use crate::process::{ChildGuard, free_port, wait_for};
 /// The admin token the test server accepts (user `qmesh-test-admin`, group `system:masters`).
 const ADMIN_TOKEN: &str = "qmesh-test-admin-token";
 
+/// The Service ClusterIP range of every API server the tests start: not a private range, and
+/// unreachable from this machine (hack/test.sh routes it nowhere).
+pub const SERVICE_CIDR: &str = "198.19.0.0/16";
+
 /// A running API server (or an existing cluster) for one test.
 pub struct KubeApiServer {
     kubeconfig: PathBuf,
@@ -116,7 +120,12 @@ impl KubeApiServer {
                 key.display()
             ))
             .arg("--api-audiences=https://kubernetes.default.svc.cluster.local,qmesh")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            // Traffic stays on this machine: webhook and aggregated-API calls go to a Service's
+            // endpoints (our own processes, or none), never to a ClusterIP, and the service range is
+            // outside the private ranges (198.19.0.0/16 is reserved for benchmarking; see
+            // docs/testing.md).
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg("--enable-aggregator-routing=true")
             .arg("--allow-privileged=true")
             // No controller-manager runs to create service accounts' tokens for pods.
             .arg("--disable-admission-plugins=ServiceAccount")

@@ -10,7 +10,7 @@ pub mod http;
 pub mod mesh;
 mod process;
 
-pub use apiserver::KubeApiServer;
+pub use apiserver::{KubeApiServer, SERVICE_CIDR};
 pub use mesh::{Mesh, MeshBuilder, SidecarProcess};
 pub use process::{free_port, wait_for};
 

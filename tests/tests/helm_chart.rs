@@ -430,3 +430,103 @@ async fn elsewhere_create(client: &Client) -> String {
         Err(e) => e.to_string(),
     }
 }
+
+/// The traffic rule of these machines: the API server reaches the chart's webhooks through the
+/// `qmesh-webhook` Service's *endpoints* (`--enable-aggregator-routing=true`), never by dialling its
+/// ClusterIP. With no operator pod behind the Service, a Queue is refused because there are no
+/// endpoints — nothing was dialled — not because a TLS handshake or a connection failed somewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_calls_go_to_service_endpoints_never_to_a_cluster_ip() {
+    let server = KubeApiServer::start().await.unwrap();
+    let chart = repo_root().join("charts/qmesh").display().to_string();
+    // The chart's defaults: the validating webhook fails closed.
+    ok(
+        "helm install",
+        server
+            .helm([
+                "install",
+                "qmesh",
+                &chart,
+                "--namespace",
+                "qmesh-system",
+                "--create-namespace",
+            ])
+            .unwrap(),
+    );
+    // The Service got a ClusterIP from the non-private service range.
+    let cluster_ip = ok(
+        "get service",
+        server
+            .kubectl([
+                "get",
+                "service",
+                "qmesh-webhook",
+                "-n",
+                "qmesh-system",
+                "-o",
+                "jsonpath={.spec.clusterIP}",
+            ])
+            .unwrap(),
+    );
+    let prefix = qmesh_tests::SERVICE_CIDR.trim_end_matches("0.0/16");
+    assert!(
+        cluster_ip.starts_with(prefix),
+        "ClusterIP {cluster_ip} outside {}",
+        qmesh_tests::SERVICE_CIDR
+    );
+    // What the endpoints controller writes for a Service whose pods are not ready: no addresses.
+    let endpoints = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        endpoints.path(),
+        "apiVersion: v1\nkind: Endpoints\nmetadata: {name: qmesh-webhook, namespace: qmesh-system}\nsubsets: []\n",
+    )
+    .unwrap();
+    ok(
+        "create endpoints",
+        server
+            .kubectl(["apply", "-f", &endpoints.path().display().to_string()])
+            .unwrap(),
+    );
+
+    let queue = repo_root()
+        .join("examples/orders.yaml")
+        .display()
+        .to_string();
+    let refusal = wait_for(
+        "the Queue to be refused by the webhook",
+        Duration::from_secs(30),
+        || {
+            let out = server.kubectl(["apply", "-f", &queue]).unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            // Until the CRDs are served, apply fails for another reason: try again.
+            async move { (!out.status.success() && stderr.contains("webhook")).then_some(stderr) }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        refusal.contains("validate.qmesh.io")
+            && refusal.contains("no endpoints available for service \"qmesh-webhook\""),
+        "expected a no-endpoints refusal: {refusal}"
+    );
+    for dialled in [
+        "x509",
+        "tls:",
+        "i/o timeout",
+        "deadline exceeded",
+        "connection refused",
+        "no route to host",
+    ] {
+        assert!(
+            !refusal.to_lowercase().contains(dialled),
+            "the API server dialled something ({dialled}): {refusal}"
+        );
+    }
+    let stored = server
+        .kubectl(["get", "queue", "orders", "-o", "name"])
+        .unwrap();
+    assert!(
+        !stored.status.success(),
+        "the refused Queue must not be stored"
+    );
+}

@@ -16,11 +16,17 @@ pub fn duration(d: std::time::Duration) -> prost_types::Duration {
     }
 }
 
-/// A standard duration from a protobuf one (negative values become zero).
+/// The longest duration taken from the wire: anything longer is cut to it, so no deadline computed
+/// from a peer's or an app's number can overflow a clock.
+pub const MAX_WIRE_DURATION: std::time::Duration =
+    std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A standard duration from a protobuf one (negative values become zero, longer than
+/// [`MAX_WIRE_DURATION`] become that).
 pub fn std_duration(d: &prost_types::Duration) -> std::time::Duration {
     let secs = u64::try_from(d.seconds).unwrap_or(0);
     let nanos = u32::try_from(d.nanos).unwrap_or(0);
-    std::time::Duration::new(secs, nanos.min(999_999_999))
+    std::time::Duration::new(secs, nanos.min(999_999_999)).min(MAX_WIRE_DURATION)
 }
 
 /// The wire form of a view, stamped with `version`.
@@ -202,6 +208,13 @@ spec: {peerAddress: "127.0.0.1:1", grpcAddress: "127.0.0.1:2", httpAddress: "127
                 nanos: 0
             }),
             std::time::Duration::ZERO
+        );
+        assert_eq!(
+            std_duration(&prost_types::Duration {
+                seconds: i64::MAX,
+                nanos: i32::MAX
+            }),
+            MAX_WIRE_DURATION
         );
     }
 }

@@ -155,9 +155,17 @@ impl Sidecar {
         }
     }
 
-    /// The same figures as JSON (admin `/v1/stats`).
+    /// The same figures as JSON (admin `/v1/stats`), with the owner's own per-subscription state
+    /// (`owner`: in flight from here, waiting out a backoff, parked).
     pub fn stats_json(&self) -> serde_json::Value {
         let stats = self.stats();
+        let owned: HashMap<String, owner::SubFigures> = self
+            .owner
+            .stats()
+            .into_iter()
+            .flat_map(|q| q.subscriptions)
+            .map(|s| (s.subscription.clone(), s))
+            .collect();
         serde_json::json!({
             "viewVersion": self.view.borrow().version(),
             "ready": self.is_ready(),
@@ -169,6 +177,9 @@ impl Sidecar {
                 "subscription": s.subscription, "queue": s.queue, "backlog": s.backlog,
                 "inFlight": s.in_flight, "delivered": s.delivered_total, "acked": s.acked_total,
                 "nacked": s.nacked_total, "deadLettered": s.dead_lettered_total,
+                "owner": owned.get(&s.subscription).map(|o| serde_json::json!({
+                    "inFlight": o.in_flight, "waiting": o.waiting, "parked": o.parked,
+                })),
             })).collect::<Vec<_>>(),
         })
     }

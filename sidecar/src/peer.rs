@@ -99,6 +99,12 @@ impl Peer for PeerService {
                     Ok(Some(OwnerFrame {
                         frame: Some(owner_frame::Frame::Withdraw(w)),
                     })) => consumers.withdraw(stream, w),
+                    Ok(Some(OwnerFrame {
+                        frame: Some(owner_frame::Frame::Demand(d)),
+                    })) => consumers.demand(stream, d),
+                    Ok(Some(OwnerFrame {
+                        frame: Some(owner_frame::Frame::Returned(r)),
+                    })) => consumers.credit_returned(stream, r),
                     Ok(Some(_)) => {
                         let status = Status::invalid_argument("unexpected frame after hello");
                         let _ = tx.send(Err(status)).await;

@@ -137,16 +137,16 @@ impl Broker for BrokerService {
         .await
         .map_err(|_| Status::cancelled("client went away"))?;
         let holder = consumers.new_holder();
-        consumers.app_joined(&sub);
+        consumers.app_joined(&sub, Some(window));
         tokio::spawn(async move {
-            // `credit`: deliveries the client may still receive; refilled by acks/nacks (auto) or
-            // explicit credits (manual).
-            let mut credit = u64::from(window);
+            // Auto credit: the client may hold `window` deliveries; a slot frees when its lease ends
+            // (ack, nack or ack timeout). Manual credit: what the client granted, minus what it got.
+            let mut granted = 0u64;
             loop {
-                let wait = if credit > 0 {
-                    Duration::from_secs(3600)
+                let credit = if manual {
+                    granted
                 } else {
-                    Duration::ZERO
+                    u64::from(window).saturating_sub(sub.held_by(holder) as u64)
                 };
                 tokio::select! {
                     request = inbound.message() => {
@@ -156,25 +156,27 @@ impl Broker for BrokerService {
                         };
                         match request.request {
                             Some(subscribe_request::Request::Ack(ack)) => {
-                                let unknown = consumers.settle(&sub, &ack.receipts, None).await;
-                                if !manual { credit += (ack.receipts.len() - unknown.len()) as u64; }
+                                consumers.settle(&sub, &ack.receipts, None).await;
                             }
                             Some(subscribe_request::Request::Nack(nack)) => {
                                 let delay = nack.delay.as_ref().map(qmesh_proto::convert::std_duration);
                                 let reason = if nack.reason.is_empty() { "nacked by consumer".to_owned() } else { nack.reason };
-                                let unknown = consumers.settle(&sub, &nack.receipts, Some((delay, reason))).await;
-                                if !manual { credit += (nack.receipts.len() - unknown.len()) as u64; }
+                                consumers.settle(&sub, &nack.receipts, Some((delay, reason))).await;
                             }
-                            Some(subscribe_request::Request::Credit(c)) => credit += u64::from(c.credits),
+                            Some(subscribe_request::Request::Credit(c)) => {
+                                granted = granted.saturating_add(u64::from(c.credits));
+                            }
                             _ => {
                                 let _ = tx.send(Err(Status::invalid_argument("open may only be sent once"))).await;
                                 break;
                             }
                         }
                     }
-                    deliveries = consumers.take(&sub, credit.min(256) as usize, wait, holder), if credit > 0 => {
+                    // A lease may end without a request on this stream (ack timeout): look again.
+                    _ = tokio::time::timeout(Duration::from_millis(500), sub.lease_released()), if credit == 0 => {}
+                    deliveries = consumers.take(&sub, credit.min(256) as usize, Duration::from_secs(3600), holder), if credit > 0 => {
                         if deliveries.is_empty() { continue; }
-                        credit -= deliveries.len() as u64;
+                        if manual { granted -= (deliveries.len() as u64).min(granted); }
                         let response = SubscribeResponse {
                             response: Some(subscribe_response::Response::Deliveries(v1::Deliveries { deliveries })),
                         };
@@ -185,6 +187,7 @@ impl Broker for BrokerService {
             consumers
                 .release_holder(&sub, holder, "consumer stream closed")
                 .await;
+            consumers.app_left(&sub, Some(window)).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

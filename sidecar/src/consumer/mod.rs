@@ -6,8 +6,15 @@
 //!         ◀═credits══ pump (window − outstanding, rate-limit tokens)
 //!         ◀═settlements══ settle() ◀── app ack / nack, lease timeout, app stream closed
 //! ```
-//! Per subscription and owner stream, `granted + held ≤ share of maxInFlight`: memory is bounded by
-//! the window, and a slow app slows its owners down (backpressure), never the other way round.
+//! Per subscription, `Σ granted + held ≤ window`, where the window is `maxInFlight` capped by what the
+//! connected apps asked for: memory is bounded by the window, and a slow app slows its owners down
+//! (backpressure), never the other way round. The window goes to the owner streams that have work
+//! (each reports its `Demand`); credits idle at an owner without work are revoked when another owner
+//! waits for them, and all of them when the last app leaves.
+//!
+//! One deadline per attempt: `ackTimeout` from the moment a delivery arrives here. A delivery still
+//! buffered then goes back uncounted (no app saw it); a lease past it is nacked ("ack timeout"), and
+//! the app's late ack is still passed on — the owner takes it while the message is still owed.
 
 pub mod push;
 
@@ -45,14 +52,31 @@ struct OwnerStream {
 
 #[derive(Default, Clone, Copy)]
 struct Account {
+    /// Credits the owner holds, unused.
     granted: u32,
+    /// Deliveries buffered or leased to an app.
     held: u32,
+    /// The owner has messages ready (its last `Demand`).
+    demand: bool,
+    /// A revoke is outstanding (answered by `CreditReturn`).
+    revoking: bool,
 }
 
 struct Held {
     stream: u64,
     delivery: peer::PeerDelivery,
+    /// The attempt's deadline (arrival + ack timeout).
+    deadline: Instant,
 }
+
+/// A lease that timed out, remembered so the app's late ack still reaches the owner.
+struct Expired {
+    stream: u64,
+    reference: peer::DeliveryRef,
+}
+
+/// How many timed-out leases a subscription remembers for late acks (oldest forgotten first).
+const EXPIRED_MEMORY: usize = 4096;
 
 struct Lease {
     stream: u64,
@@ -67,6 +91,20 @@ struct LocalState {
     buffer: VecDeque<Held>,
     leases: HashMap<u64, Lease>,
     accounts: HashMap<u64, Account>,
+    expired: HashMap<u64, Expired>,
+    expired_order: VecDeque<u64>,
+}
+
+impl LocalState {
+    fn remember_expired(&mut self, receipt: u64, expired: Expired) {
+        if self.expired_order.len() >= EXPIRED_MEMORY
+            && let Some(old) = self.expired_order.pop_front()
+        {
+            self.expired.remove(&old);
+        }
+        self.expired.insert(receipt, expired);
+        self.expired_order.push_back(receipt);
+    }
 }
 
 /// One subscription served by this pod.
@@ -80,6 +118,12 @@ pub struct LocalSub {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// App connections consuming now (gRPC streams, the push worker).
     apps: std::sync::atomic::AtomicUsize,
+    /// Sum of the windows the connected gRPC streams asked for.
+    app_windows: AtomicU64,
+    /// Connected apps that take up to the whole window (the push worker).
+    unbounded_apps: std::sync::atomic::AtomicUsize,
+    /// Leases ended (settled or timed out): app streams waiting for room look again.
+    released: Notify,
     /// Last HTTP poll: an HTTP consumer counts as present for a while after each poll.
     last_poll: Mutex<Option<Instant>>,
 }
@@ -118,6 +162,39 @@ impl LocalSub {
 
     fn window(&self) -> u32 {
         self.settings().max_in_flight.max(1)
+    }
+
+    /// The window credits may fill now: `maxInFlight`, capped by what the connected apps can hold
+    /// (gRPC streams' own windows); 0 without a consumer.
+    fn effective_window(&self) -> u32 {
+        if !self.has_consumer() {
+            return 0;
+        }
+        let window = self.window();
+        let http = self
+            .last_poll
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < HTTP_PRESENCE);
+        if http || self.unbounded_apps.load(Ordering::SeqCst) > 0 {
+            return window;
+        }
+        let apps = self.app_windows.load(Ordering::SeqCst);
+        window.min(u32::try_from(apps).unwrap_or(u32::MAX))
+    }
+
+    /// Leases held by one app connection.
+    pub fn held_by(&self, holder: Holder) -> usize {
+        self.lock()
+            .leases
+            .values()
+            .filter(|l| l.holder == holder)
+            .count()
+    }
+
+    /// Resolves when a lease ends (settled or timed out).
+    pub async fn lease_released(&self) {
+        self.released.notified().await;
     }
 
     fn ack_timeout(&self) -> Duration {
@@ -257,6 +334,9 @@ impl Consumers {
                             limiter: Mutex::new(None),
                             tasks: Mutex::new(Vec::new()),
                             apps: std::sync::atomic::AtomicUsize::new(0),
+                            app_windows: AtomicU64::new(0),
+                            unbounded_apps: std::sync::atomic::AtomicUsize::new(0),
+                            released: Notify::new(),
                             last_poll: Mutex::new(None),
                         });
                         let mut tasks = vec![
@@ -336,7 +416,17 @@ impl Consumers {
                 continue;
             }
             account.held += 1;
-            st.buffer.push_back(Held { stream, delivery });
+            let ack_timeout = delivery
+                .ack_timeout
+                .as_ref()
+                .map(qmesh_proto::convert::std_duration)
+                .unwrap_or_else(|| sub.ack_timeout());
+            let deadline = Instant::now() + ack_timeout;
+            st.buffer.push_back(Held {
+                stream,
+                delivery,
+                deadline,
+            });
             drop(st);
             sub.available.notify_waiters();
             sub.available.notify_one();
@@ -386,17 +476,27 @@ impl Consumers {
         }
     }
 
-    /// Grants credits to owner streams as room frees up and rate-limit tokens allow.
+    /// Grants credits to owner streams as room frees up and rate-limit tokens allow, and revokes
+    /// credits that sit idle where they are not needed.
     async fn run_pump(self: Arc<Self>, sub: Arc<LocalSub>) {
         loop {
             let notified = sub.pump.notified();
-            let limiter = self.limiter(&sub);
+            let revokes = self.revokes(&sub);
+            for (stream, credits) in revokes {
+                let frame = ConsumerFrame {
+                    frame: Some(consumer_frame::Frame::Revoke(peer::CreditRevoke {
+                        subscription: sub.name.clone(),
+                        credits,
+                    })),
+                };
+                self.send_frame(stream, frame).await;
+            }
             let room = self.room(&sub);
             if room == 0 {
                 let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
                 continue;
             }
-            let grants = match &limiter {
+            let grants = match self.limiter(&sub) {
                 Some(l) => {
                     l.until_ready().await;
                     self.allocate(&sub, 1)
@@ -408,63 +508,96 @@ impl Consumers {
                 continue;
             }
             for (stream, credits) in grants {
-                let tx = self.streams().get(&stream).map(|s| s.tx.clone());
-                let Some(tx) = tx else { continue };
                 let frame = ConsumerFrame {
                     frame: Some(consumer_frame::Frame::Credit(peer::CreditGrant {
                         subscription: sub.name.clone(),
                         credits,
                     })),
                 };
-                if tx.send(Ok(frame)).await.is_err() {
-                    self.unregister(stream);
-                }
+                self.send_frame(stream, frame).await;
             }
+        }
+    }
+
+    async fn send_frame(&self, stream: u64, frame: ConsumerFrame) {
+        let tx = self.streams().get(&stream).map(|s| s.tx.clone());
+        let Some(tx) = tx else { return };
+        if tx.send(Ok(frame)).await.is_err() {
+            self.unregister(stream);
         }
     }
 
     fn eligible_streams(&self, sub: &LocalSub) -> Vec<u64> {
         let owners: Vec<String> = sub.settings().owners.into_iter().map(|o| o.name).collect();
-        self.streams()
+        let mut streams: Vec<u64> = self
+            .streams()
             .iter()
             .filter(|(_, s)| owners.is_empty() || owners.contains(&s.owner))
             .map(|(id, _)| *id)
+            .collect();
+        streams.sort_unstable();
+        streams
+    }
+
+    /// Each eligible stream's fair part of the window: shared among the streams that have work, or
+    /// among all of them while none says it has (so a lone owner is never kept waiting for a grant).
+    fn targets(window: u32, streams: &[u64], st: &LocalState) -> HashMap<u64, u32> {
+        let demanding: Vec<u64> = streams
+            .iter()
+            .copied()
+            .filter(|id| st.accounts.get(id).is_some_and(|a| a.demand))
+            .collect();
+        let sharing = if demanding.is_empty() {
+            streams.to_vec()
+        } else {
+            demanding
+        };
+        let share = if sharing.is_empty() {
+            0
+        } else {
+            window.div_ceil(sharing.len() as u32)
+        };
+        streams
+            .iter()
+            .map(|id| (*id, if sharing.contains(id) { share } else { 0 }))
             .collect()
     }
 
     fn room(&self, sub: &LocalSub) -> u32 {
-        if !sub.has_consumer() {
-            return 0;
-        }
-        let streams = self.eligible_streams(sub);
-        if streams.is_empty() {
+        let window = sub.effective_window();
+        if window == 0 || self.eligible_streams(sub).is_empty() {
             return 0;
         }
         let st = sub.lock();
         let used: u32 = st.accounts.values().map(|a| a.granted + a.held).sum();
-        sub.window().saturating_sub(used)
+        window.saturating_sub(used)
     }
 
-    /// Splits up to `credits` among eligible streams, each up to its share of the window.
+    /// Splits up to `credits` among eligible streams, each up to its target, those with work and
+    /// the least outstanding first.
     fn allocate(&self, sub: &LocalSub, credits: u32) -> Vec<(u64, u32)> {
         let streams = self.eligible_streams(sub);
         if streams.is_empty() {
             return Vec::new();
         }
-        let window = sub.window();
-        let share = window.div_ceil(streams.len() as u32).max(1);
+        let window = sub.effective_window();
         let mut st = sub.lock();
+        let targets = Self::targets(window, &streams, &st);
         let used: u32 = st.accounts.values().map(|a| a.granted + a.held).sum();
         let mut left = credits.min(window.saturating_sub(used));
         let mut grants = Vec::new();
         let mut order = streams;
-        order.sort_by_key(|id| st.accounts.get(id).map_or(0, |a| a.granted + a.held));
+        order.sort_by_key(|id| {
+            let a = st.accounts.get(id).copied().unwrap_or_default();
+            (!a.demand, a.granted + a.held)
+        });
         for id in order {
             if left == 0 {
                 break;
             }
+            let target = targets.get(&id).copied().unwrap_or(0);
             let account = st.accounts.entry(id).or_default();
-            let give = share
+            let give = target
                 .saturating_sub(account.granted + account.held)
                 .min(left);
             if give > 0 {
@@ -474,6 +607,59 @@ impl Consumers {
             }
         }
         grants
+    }
+
+    /// Credits to take back: everything granted beyond the window (the last app left, or apps
+    /// asked for less), and idle credits beyond their stream's target while a stream with work
+    /// waits below its own.
+    fn revokes(&self, sub: &LocalSub) -> Vec<(u64, u32)> {
+        let streams = self.eligible_streams(sub);
+        let window = sub.effective_window();
+        let mut st = sub.lock();
+        let targets = Self::targets(window, &streams, &st);
+        let used: u32 = st.accounts.values().map(|a| a.granted + a.held).sum();
+        let starving = streams.iter().any(|id| {
+            let a = st.accounts.get(id).copied().unwrap_or_default();
+            a.demand && a.granted + a.held < targets.get(id).copied().unwrap_or(0)
+        });
+        if used <= window && (!starving || used < window) {
+            return Vec::new();
+        }
+        let mut revokes = Vec::new();
+        for (id, account) in st.accounts.iter_mut() {
+            if account.revoking || account.granted == 0 {
+                continue;
+            }
+            let target = targets.get(id).copied().unwrap_or(0);
+            let excess = (account.granted + account.held).saturating_sub(target);
+            let n = excess.min(account.granted);
+            if n > 0 {
+                account.revoking = true;
+                revokes.push((*id, n));
+            }
+        }
+        revokes
+    }
+
+    /// An owner stream says whether it has messages ready for `demand.subscription`.
+    pub fn demand(&self, stream: u64, demand: peer::Demand) {
+        let Ok(sub) = self.subscription(&demand.subscription) else {
+            return;
+        };
+        sub.lock().accounts.entry(stream).or_default().demand = demand.ready > 0;
+        sub.pump.notify_one();
+    }
+
+    /// An owner stream gave credits back (answering a revoke).
+    pub fn credit_returned(&self, stream: u64, returned: peer::CreditReturn) {
+        let Ok(sub) = self.subscription(&returned.subscription) else {
+            return;
+        };
+        if let Some(a) = sub.lock().accounts.get_mut(&stream) {
+            a.granted = a.granted.saturating_sub(returned.credits);
+            a.revoking = false;
+        }
+        sub.pump.notify_one();
     }
 
     // === apps ===
@@ -501,8 +687,6 @@ impl Consumers {
 
     /// Takes what is buffered right now.
     pub fn take_now(&self, sub: &LocalSub, max: usize, holder: Holder) -> Vec<v1::Delivery> {
-        let ack_timeout = sub.ack_timeout();
-        let now = Instant::now();
         let mut out = Vec::new();
         let mut st = sub.lock();
         while out.len() < max {
@@ -530,7 +714,7 @@ impl Consumers {
                         attempt: d.attempt,
                     },
                     queue: d.queue.clone(),
-                    deadline: now + ack_timeout,
+                    deadline: held.deadline,
                 },
             );
             out.push(v1::Delivery {
@@ -548,7 +732,8 @@ impl Consumers {
     }
 
     /// Acks (`nack` = None) or nacks deliveries by receipt. Returns the receipts that were unknown
-    /// (already settled, timed out and redelivered, or never issued).
+    /// (already settled, or never issued). The ack of a lease that timed out is still passed on:
+    /// the owner takes it while the message is owed (the work was done).
     pub async fn settle(
         &self,
         sub: &LocalSub,
@@ -561,9 +746,22 @@ impl Consumers {
         {
             let mut st = sub.lock();
             for r in receipts {
-                let lease = r.parse::<u64>().ok().and_then(|id| st.leases.remove(&id));
+                let id = r.parse::<u64>().ok();
+                let lease = id.and_then(|id| st.leases.remove(&id));
                 let Some(lease) = lease else {
-                    unknown.push(r.clone());
+                    match id.and_then(|id| st.expired.remove(&id)) {
+                        // Late: the timeout nack went out already; an ack still settles it.
+                        Some(late) => {
+                            if nack.is_none() {
+                                per_stream
+                                    .entry(late.stream)
+                                    .or_default()
+                                    .0
+                                    .push(late.reference);
+                            }
+                        }
+                        None => unknown.push(r.clone()),
+                    }
                     continue;
                 };
                 if let Some(a) = st.accounts.get_mut(&lease.stream) {
@@ -592,8 +790,75 @@ impl Consumers {
             }
         }
         self.send_settlements(per_stream).await;
+        sub.released.notify_waiters();
         sub.pump.notify_one();
         unknown
+    }
+
+    /// Ends leases past their deadline: nacked to the owner as a failed attempt ("ack timeout")
+    /// and remembered for a late ack; deliveries still buffered past it go back uncounted.
+    async fn expire(&self, sub: &LocalSub, now: Instant) {
+        let mut per_stream: HashMap<u64, (Vec<peer::DeliveryRef>, Vec<peer::PeerNack>)> =
+            HashMap::new();
+        let mut timed_out = 0u64;
+        {
+            let mut st = sub.lock();
+            let expired: Vec<u64> = st
+                .leases
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                let Some(lease) = st.leases.remove(&id) else {
+                    continue;
+                };
+                timed_out += 1;
+                if let Some(a) = st.accounts.get_mut(&lease.stream) {
+                    a.held = a.held.saturating_sub(1);
+                }
+                per_stream
+                    .entry(lease.stream)
+                    .or_default()
+                    .1
+                    .push(peer::PeerNack {
+                        delivery: Some(lease.reference.clone()),
+                        delay: None,
+                        reason: "ack timeout".to_owned(),
+                        undelivered: false,
+                    });
+                st.remember_expired(
+                    id,
+                    Expired {
+                        stream: lease.stream,
+                        reference: lease.reference,
+                    },
+                );
+            }
+            let (stale, fresh): (VecDeque<Held>, VecDeque<Held>) =
+                st.buffer.drain(..).partition(|h| h.deadline <= now);
+            st.buffer = fresh;
+            for h in stale {
+                if let Some(a) = st.accounts.get_mut(&h.stream) {
+                    a.held = a.held.saturating_sub(1);
+                }
+                per_stream.entry(h.stream).or_default().1.push(undelivered(
+                    &h.delivery,
+                    "not taken by an app before its deadline",
+                ));
+            }
+        }
+        if per_stream.is_empty() {
+            return;
+        }
+        if timed_out > 0 {
+            tracing::debug!(subscription = %sub.name, count = timed_out, "ack timeout");
+            let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+            counters.entry(sub.name.clone()).or_default().nacked += timed_out;
+        }
+        self.send_settlements(per_stream).await;
+        sub.released.notify_waiters();
+        sub.pump.notify_one();
     }
 
     async fn send_settlements(
@@ -655,17 +920,37 @@ impl Consumers {
         self.send_settlements(per_stream).await;
     }
 
-    /// An app connection starts consuming `sub`.
-    pub fn app_joined(&self, sub: &LocalSub) {
+    /// An app connection starts consuming `sub`, holding at most `window` deliveries (`None`: up
+    /// to the subscription's whole window).
+    pub fn app_joined(&self, sub: &LocalSub, window: Option<u32>) {
+        match window {
+            Some(w) => {
+                sub.app_windows.fetch_add(u64::from(w), Ordering::SeqCst);
+            }
+            None => {
+                sub.unbounded_apps.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         sub.apps.fetch_add(1, Ordering::SeqCst);
         sub.pump.notify_one();
     }
 
-    /// An app connection stopped consuming `sub`.
-    pub async fn app_left(&self, sub: &LocalSub) {
+    /// An app connection that joined with `window` stopped consuming `sub`: its share of the window
+    /// is taken back from the owners, and when it was the last one, buffered deliveries go back to
+    /// their owners uncounted.
+    pub async fn app_left(&self, sub: &LocalSub, window: Option<u32>) {
+        match window {
+            Some(w) => {
+                sub.app_windows.fetch_sub(u64::from(w), Ordering::SeqCst);
+            }
+            None => {
+                sub.unbounded_apps.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         if sub.apps.fetch_sub(1, Ordering::SeqCst) == 1 && !sub.has_consumer() {
             self.return_buffered(sub, "last consumer app left").await;
         }
+        sub.pump.notify_one();
     }
 
     /// An HTTP consumer polled `sub`.
@@ -677,26 +962,15 @@ impl Consumers {
         }
     }
 
-    /// Nacks leases whose ack timeout passed.
+    /// Ends what passed its deadline, and hands buffered deliveries back when no app is left.
     async fn run_sweeper(self: Arc<Self>, sub: Arc<LocalSub>) {
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let now = Instant::now();
-            let expired: Vec<String> = sub
-                .lock()
-                .leases
-                .iter()
-                .filter(|(_, l)| l.deadline <= now)
-                .map(|(id, _)| id.to_string())
-                .collect();
-            if !expired.is_empty() {
-                tracing::debug!(subscription = %sub.name, count = expired.len(), "ack timeout");
-                self.settle(&sub, &expired, Some((None, "ack timeout".to_owned())))
-                    .await;
-            }
+            self.expire(&sub, Instant::now()).await;
             if !sub.has_consumer() {
                 self.return_buffered(&sub, "no consumer app in this pod")
                     .await;
+                sub.pump.notify_one();
             }
         }
     }

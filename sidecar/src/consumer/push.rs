@@ -19,7 +19,7 @@ pub async fn run(consumers: Arc<Consumers>, sub: Arc<LocalSub>) {
         .build_http();
     let holder = consumers.new_holder();
     // The push endpoint is the consumer: it is present for as long as the subscription is pushed.
-    consumers.app_joined(&sub);
+    consumers.app_joined(&sub, None);
     loop {
         let window = sub.window() as usize;
         let deliveries = consumers

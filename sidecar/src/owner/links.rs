@@ -40,6 +40,8 @@ pub enum LinkEvent {
         /// Link connection id.
         link: u64,
     },
+    /// A link connection is up: queues report their demand on it and dispatch.
+    Up,
 }
 
 /// Outbound frames a link connection may queue: deliveries are bounded by credits, so this only
@@ -50,6 +52,8 @@ struct Connection {
     id: u64,
     tx: mpsc::Sender<OwnerFrame>,
     credits: HashMap<String, u32>,
+    /// What was last reported as `Demand` per subscription (has ready messages).
+    demand: HashMap<String, bool>,
 }
 
 struct Link {
@@ -121,6 +125,39 @@ impl Links {
         self.with_connection(id, |c| {
             *c.credits.entry(subscription.to_owned()).or_default() += 1
         });
+    }
+
+    /// Tells the consumer on connection `id` whether this owner has messages ready for
+    /// `subscription` (only when that changed since the last report).
+    pub fn report_demand(&self, id: u64, subscription: &str, ready: usize) {
+        self.with_connection(id, |c| {
+            let has = ready > 0;
+            if c.demand.get(subscription).copied().unwrap_or(false) == has {
+                return;
+            }
+            let frame = OwnerFrame {
+                frame: Some(owner_frame::Frame::Demand(peer::Demand {
+                    subscription: subscription.to_owned(),
+                    ready: ready as u64,
+                })),
+            };
+            if c.tx.try_send(frame).is_ok() {
+                c.demand.insert(subscription.to_owned(), has);
+            }
+        });
+    }
+
+    /// The consumer address connection `id` goes to.
+    pub fn address_of(&self, id: u64) -> Option<String> {
+        let links = self.lock();
+        links.iter().find_map(|(addr, link)| {
+            link.connection
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|c| c.id == id)
+                .map(|_| addr.clone())
+        })
     }
 
     /// Sends deliveries on connection `id`; false if the connection is gone or saturated.
@@ -212,8 +249,10 @@ impl Links {
             id,
             tx,
             credits: HashMap::new(),
+            demand: HashMap::new(),
         });
         tracing::info!(peer = %addr, link = id, "peer link up");
+        let _ = self.events.send(LinkEvent::Up).await;
         let result = async {
             while let Some(frame) = inbound.next().await {
                 match frame?.frame {
@@ -232,6 +271,29 @@ impl Links {
                                 subscription: grant.subscription,
                             })
                             .await;
+                    }
+                    Some(consumer_frame::Frame::Revoke(revoke)) => {
+                        // Give back what is unused; deliveries that used credit before this are
+                        // already queued ahead of the answer.
+                        let answer = {
+                            let mut connection =
+                                link.connection.lock().unwrap_or_else(|e| e.into_inner());
+                            connection.as_mut().map(|c| {
+                                let n = c.credits.entry(revoke.subscription.clone()).or_default();
+                                let give = (*n).min(revoke.credits);
+                                *n -= give;
+                                (c.tx.clone(), give)
+                            })
+                        };
+                        if let Some((tx, credits)) = answer {
+                            let frame = OwnerFrame {
+                                frame: Some(owner_frame::Frame::Returned(peer::CreditReturn {
+                                    subscription: revoke.subscription,
+                                    credits,
+                                })),
+                            };
+                            tx.send(frame).await?;
+                        }
                     }
                     Some(consumer_frame::Frame::Settlements(settlements)) => {
                         let _ = self

@@ -342,6 +342,9 @@ impl Owner {
         if message.id.is_empty() {
             message.id = new_id();
         }
+        // Decoded payloads are slices of the connection's shared read buffers: a backlog holding
+        // them would pin whole buffers per small message. Owned messages own their bytes.
+        message.payload = bytes::Bytes::copy_from_slice(&message.payload);
         message.publish_time = Some(SystemTime::now().into());
         let now = Instant::now();
         let pending = {
@@ -445,7 +448,9 @@ impl Owner {
             let s = q.lock();
             (b + s.bytes, m + s.messages.len() as u64)
         });
-        if total_bytes + size > self.limits.max_bytes
+        // The memory bound counts what each owned message costs beside its bytes, too.
+        let in_memory = total_bytes + total_messages * queue::ENTRY_OVERHEAD;
+        if in_memory + size + queue::ENTRY_OVERHEAD > self.limits.max_bytes
             || total_messages + 1 > self.limits.max_messages
         {
             return Err(BrokerError::BacklogFull {
@@ -470,16 +475,28 @@ impl Owner {
             let Some(limit) = over else { return Ok(()) };
             match retention.overflow() {
                 control::Overflow::DropOldest | control::Overflow::DeadLetter => {
-                    let oldest = q.lock().oldest();
-                    let Some((sequence, message, _)) = oldest else {
+                    let oldest = q.lock().claim_oldest();
+                    let Some((sequence, message)) = oldest else {
                         return Ok(());
                     };
                     let reason = format!("overflow: {limit} reached");
                     let target = (retention.overflow() == control::Overflow::DeadLetter)
                         .then(|| policy.dead_letter_queue.clone())
                         .filter(|t| !t.is_empty());
-                    self.evict(q, queue, sequence, message, &reason, target)
-                        .await;
+                    if let Err(error) = self
+                        .evict(q, queue, sequence, message, &reason, target.clone())
+                        .await
+                    {
+                        // The oldest stays where it is; the new publish is the one refused.
+                        return Err(BrokerError::BacklogFull {
+                            queue: queue.to_owned(),
+                            limit: format!(
+                                "{limit}, and dead-letter queue {} refused the oldest message: {error}",
+                                target.unwrap_or_default()
+                            ),
+                            retry_after: Duration::from_secs(1),
+                        });
+                    }
                 }
                 control::Overflow::Reject | control::Overflow::Unspecified => {
                     return Err(BrokerError::BacklogFull {
@@ -493,7 +510,8 @@ impl Owner {
     }
 
     /// Takes a message away from every subscription (overflow, expiry), dead-lettering it if a
-    /// target is given.
+    /// target is given. The dead-letter copy is accepted first: when the dead-letter queue refuses
+    /// it, the message stays where it is and the refusal is returned — nothing accepted vanishes.
     async fn evict(
         self: &Arc<Self>,
         q: &Arc<OwnedQueue>,
@@ -502,28 +520,44 @@ impl Owner {
         message: Arc<v1::Message>,
         reason: &str,
         target: Option<String>,
-    ) {
-        let owed = q.lock().evict(sequence);
-        for (sub, _) in &owed {
-            q.log.settle(queue, sub, sequence, Outcome::DeadLettered);
-            self.metrics.dead_lettered(queue, sub);
-        }
+    ) -> Result<(), BrokerError> {
         if let Some(target) = target {
+            let attempts = {
+                let state = q.lock();
+                state
+                    .subs
+                    .keys()
+                    .map(|sub| state.attempts_of(sub, sequence))
+                    .max()
+                    .unwrap_or(0)
+            };
             let dl = DeadLetter {
                 subscription: String::new(),
                 sequence,
                 message,
-                attempts: owed.iter().map(|(_, a)| *a).max().unwrap_or(0),
+                attempts,
                 reason: reason.to_owned(),
                 last_error: String::new(),
                 target: Some(target),
             };
             if let Err(error) = self.republish_dead_letter(queue, &dl).await {
-                tracing::error!(%error, queue, sequence, "could not dead-letter an evicted message; it is dropped");
+                q.lock().unclaim(sequence);
+                return Err(error);
             }
         } else {
-            tracing::warn!(queue, sequence, reason, "message dropped by retention");
+            tracing::warn!(
+                queue,
+                sequence,
+                reason,
+                "message dropped by retention (overflow: DropOldest)"
+            );
         }
+        let owed = q.lock().evict(sequence);
+        for (sub, _) in &owed {
+            q.log.settle(queue, sub, sequence, Outcome::DeadLettered);
+            self.metrics.dead_lettered(queue, sub);
+        }
+        Ok(())
     }
 
     async fn republish_dead_letter(
@@ -600,20 +634,21 @@ impl Owner {
         loop {
             let now = Instant::now();
             let mut dead = Vec::new();
-            let (outgoing, next) = {
+            let (outgoing, next, demand) = {
                 let mut state = q.lock();
                 let (timed_out, next) = state.tick(now);
                 for (sub, seq, attempt) in timed_out {
-                    if let Some(dl) = state.fail(
+                    let outcome = state.fail(
                         &sub,
                         seq,
                         attempt,
-                        Failure::counted("ack timeout", None),
+                        Failure::counted("ack timeout (no settlement from the consumer)", None),
                         now,
                         rand::random(),
-                    ) {
-                        dead.push(dl);
-                    }
+                    );
+                    q.log
+                        .attempted(&name, &sub, seq, state.attempts_of(&sub, seq));
+                    dead.extend(outcome);
                 }
                 let links = &self.links;
                 let links_for = |route: &control::Route| -> Vec<u64> {
@@ -624,8 +659,25 @@ impl Owner {
                         .collect()
                 };
                 let mut take = |link: u64, sub: &str| links.take_credit(link, sub);
-                (state.dispatch(now, &links_for, &mut take), next)
+                let outgoing = state.dispatch(now, &links_for, &mut take);
+                // What is still ready after dispatch waits for credit: every consumer link of the
+                // route hears whether this owner has work, so consumers share their windows fairly.
+                let demand: Vec<(Vec<u64>, String, usize)> = state
+                    .view
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        let ready = state.subs.get(&r.subscription).map_or(0, |s| s.ready.len());
+                        (links_for(r), r.subscription.clone(), ready)
+                    })
+                    .collect();
+                (outgoing, next, demand)
             };
+            for (links, sub, ready) in demand {
+                for link in links {
+                    self.links.report_demand(link, &sub, ready);
+                }
+            }
             if !outgoing.is_empty() {
                 self.send(&q, &name, outgoing);
             }
@@ -652,6 +704,9 @@ impl Owner {
         let expired = q.lock().expired(Instant::now(), max_age);
         let target = Some(policy.dead_letter_queue.clone()).filter(|t| !t.is_empty());
         for (sequence, message, _) in expired {
+            if !q.lock().claim(sequence) {
+                continue;
+            }
             let reason = format!(
                 "expired: older than maxAge {}",
                 qmesh_api::Duration(max_age)
@@ -659,10 +714,17 @@ impl Owner {
             if target.is_none() {
                 // Never silently lost: without a dead-letter queue an expired message stays owed and
                 // is reported in the log (and counted as backlog).
+                q.lock().unclaim(sequence);
                 continue;
             }
-            self.evict(q, queue, sequence, message, &reason, target.clone())
-                .await;
+            if let Err(error) = self
+                .evict(q, queue, sequence, message, &reason, target.clone())
+                .await
+            {
+                // Kept (and retried at the next check); older ones go first, so stop here.
+                tracing::warn!(%error, queue, sequence, "dead-letter queue refused an expired message; kept");
+                break;
+            }
         }
     }
 
@@ -725,24 +787,43 @@ impl Owner {
                         q.wake.notify_one();
                     }
                 }
-                LinkEvent::Settlements {
-                    link: _,
-                    settlements,
-                } => self.settle(settlements).await,
+                LinkEvent::Settlements { link, settlements } => {
+                    self.settle(link, settlements).await
+                }
                 LinkEvent::Lost { link } => {
+                    // The consumer sidecar may have crashed on the message (a poison message that
+                    // kills its pod): the attempt counts, so it ends in the dead-letter queue.
                     for q in self.queues() {
-                        let mut state = q.lock();
-                        for (sub, seq, attempt) in state.link_lost(link) {
-                            state.fail(
-                                &sub,
-                                seq,
-                                attempt,
-                                Failure::uncounted("peer link lost"),
-                                Instant::now(),
-                                0.0,
-                            );
+                        let mut dead = Vec::new();
+                        let name = {
+                            let mut state = q.lock();
+                            for (sub, seq, attempt) in state.link_lost(link) {
+                                let outcome = state.fail(
+                                    &sub,
+                                    seq,
+                                    attempt,
+                                    Failure::counted("peer link lost", None),
+                                    Instant::now(),
+                                    rand::random(),
+                                );
+                                q.log.attempted(
+                                    &state.name,
+                                    &sub,
+                                    seq,
+                                    state.attempts_of(&sub, seq),
+                                );
+                                dead.extend(outcome);
+                            }
+                            state.name.clone()
+                        };
+                        for dl in dead {
+                            self.dead_letter(&q, &name, dl).await;
                         }
-                        drop(state);
+                        q.wake.notify_one();
+                    }
+                }
+                LinkEvent::Up => {
+                    for q in self.queues() {
                         q.wake.notify_one();
                     }
                 }
@@ -750,9 +831,22 @@ impl Owner {
         }
     }
 
-    async fn settle(self: &Arc<Self>, settlements: peer::Settlements) {
+    /// Settlements that came on `link`: only for deliveries of subscriptions that link's consumer
+    /// serves (see [`QueueState::ack`] for late acks).
+    async fn settle(self: &Arc<Self>, link: u64, settlements: peer::Settlements) {
         let view = self.view.borrow().clone();
         let now = Instant::now();
+        let consumer = self.links.address_of(link);
+        let serves = |queue: &str, subscription: &str| {
+            consumer.as_ref().is_some_and(|addr| {
+                view.queue(queue).is_some_and(|qv| {
+                    qv.routes.iter().any(|r| {
+                        r.subscription == subscription
+                            && r.consumers.iter().any(|c| &c.peer_address == addr)
+                    })
+                })
+            })
+        };
         let mut touched: HashMap<String, Arc<OwnedQueue>> = HashMap::new();
         let mut dead = Vec::new();
         for ack in settlements.acks {
@@ -762,7 +856,14 @@ impl Owner {
             let Some(q) = self.get_queue(name) else {
                 continue;
             };
-            if q.lock().ack(&ack.subscription, ack.sequence, ack.attempt) {
+            let from_consumer = serves(name, &ack.subscription);
+            if q.lock().ack(
+                &ack.subscription,
+                ack.sequence,
+                ack.attempt,
+                link,
+                from_consumer,
+            ) {
                 q.log
                     .settle(name, &ack.subscription, ack.sequence, Outcome::Acked);
                 self.metrics.acked(name, &ack.subscription);
@@ -778,20 +879,31 @@ impl Owner {
                 continue;
             };
             let delay = nack.delay.as_ref().map(qmesh_proto::convert::std_duration);
-            let outcome = q.lock().fail(
-                &r.subscription,
-                r.sequence,
-                r.attempt,
-                if nack.undelivered {
-                    Failure::uncounted(&nack.reason)
-                } else {
-                    Failure::counted(&nack.reason, delay)
-                },
-                now,
-                rand::random(),
-            );
-            q.log
-                .attempted(name, &r.subscription, r.sequence, r.attempt);
+            let failure = if nack.undelivered {
+                Failure::uncounted(&nack.reason)
+            } else {
+                Failure::counted(&nack.reason, delay)
+            };
+            let outcome = {
+                let mut state = q.lock();
+                let outcome = state.fail(
+                    &r.subscription,
+                    r.sequence,
+                    r.attempt,
+                    failure.on(link),
+                    now,
+                    rand::random(),
+                );
+                if failure.counted {
+                    q.log.attempted(
+                        name,
+                        &r.subscription,
+                        r.sequence,
+                        state.attempts_of(&r.subscription, r.sequence),
+                    );
+                }
+                outcome
+            };
             if let Some(dl) = outcome {
                 dead.push((Arc::clone(&q), name.to_owned(), dl));
             }
@@ -1083,6 +1195,7 @@ impl Owner {
                             in_flight: sub.in_flight.len() as u64,
                             dead_lettered_total: sub.dead_lettered_total,
                             parked: sub.parked.len() as u64,
+                            waiting: sub.waiting.len() as u64,
                         })
                         .collect(),
                 }
@@ -1119,6 +1232,8 @@ pub struct SubFigures {
     pub dead_lettered_total: u64,
     /// Exhausted without a dead-letter queue, kept.
     pub parked: u64,
+    /// Waiting out a retry backoff or a nack's delay.
+    pub waiting: u64,
 }
 
 /// One owned message with its owing subscriptions and attempts, as handed over or replicated.

@@ -115,6 +115,22 @@ pub struct DeadLetter {
     pub target: Option<String>,
 }
 
+/// The longest redelivery delay a nack may ask for (like SQS's 12 h visibility limit); longer ones
+/// are cut to it.
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(12 * 3600);
+
+/// How long after an attempt's deadline the owner gives up on it by itself: the consumer sidecar
+/// reports the timeout first (its sweeper runs every 200 ms); this covers a consumer that cannot
+/// report (partitioned, frozen) while its link stays up.
+pub const SETTLE_GRACE: Duration = Duration::from_secs(5);
+
+/// `now + wait`, saturating far in the future instead of overflowing.
+pub fn later(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(MAX_NACK_DELAY * 2))
+        .unwrap_or(now)
+}
+
 /// Why a delivery failed, and whether the attempt counts towards `maxDeliveries`.
 #[derive(Debug, Clone, Copy)]
 pub struct Failure<'a> {
@@ -122,8 +138,12 @@ pub struct Failure<'a> {
     pub reason: &'a str,
     /// Requested delay before redelivery; `None` = the subscription's backoff.
     pub delay: Option<Duration>,
-    /// False when the consumer never got to act (link lost): redelivered at once, not counted.
+    /// False when the consumer never got to act (the delivery never left, or the consumer sidecar
+    /// says no app saw it): redelivered at once, not counted.
     pub counted: bool,
+    /// The link a consumer's report came on: it must be the link the attempt went out on. `None`
+    /// for the owner's own decisions (timeouts, lost links).
+    pub link: Option<u64>,
 }
 
 impl<'a> Failure<'a> {
@@ -133,6 +153,7 @@ impl<'a> Failure<'a> {
             reason,
             delay,
             counted: true,
+            link: None,
         }
     }
 
@@ -142,6 +163,15 @@ impl<'a> Failure<'a> {
             reason,
             delay: None,
             counted: false,
+            link: None,
+        }
+    }
+
+    /// Reported by the consumer on `link`.
+    pub fn on(self, link: u64) -> Self {
+        Self {
+            link: Some(link),
+            ..self
         }
     }
 }
@@ -184,6 +214,8 @@ pub struct QueueState {
     /// Sequences fully settled since the owner last took them (`publishAck: Replicated` queues
     /// only: their replicas are told to drop the copies).
     pub removed: Vec<u64>,
+    /// Sequences being dead-lettered by overflow or expiry (claimed, not yet evicted).
+    evicting: BTreeSet<u64>,
 }
 
 /// Upper bound on remembered ids for de-duplication (oldest forgotten first).
@@ -208,6 +240,7 @@ impl QueueState {
             published_total: 0,
             appending: BTreeSet::new(),
             removed: Vec::new(),
+            evicting: BTreeSet::new(),
         }
     }
 
@@ -455,7 +488,7 @@ impl QueueState {
                     InFlight {
                         attempt,
                         link,
-                        deadline: now + ack_timeout + Duration::from_secs(5),
+                        deadline: later(now, ack_timeout.saturating_add(SETTLE_GRACE)),
                     },
                 );
                 if ordered {
@@ -477,27 +510,63 @@ impl QueueState {
         out
     }
 
-    /// An ack for one delivery attempt. Returns whether it settled the message for the subscription.
-    pub fn ack(&mut self, subscription: &str, sequence: u64, attempt: u32) -> bool {
+    /// An ack for one delivery attempt, received on `link`. Returns whether it settled the message
+    /// for the subscription.
+    ///
+    /// The ack of the attempt in flight counts only from the link that attempt went out on. A late
+    /// ack — of an attempt that already timed out or failed — still settles the message while the
+    /// subscription owes it (the consumer did the work), provided it comes from a consumer of the
+    /// subscription (`from_consumer`); a newer attempt in flight elsewhere is then forgotten and its
+    /// settlement ignored.
+    pub fn ack(
+        &mut self,
+        subscription: &str,
+        sequence: u64,
+        attempt: u32,
+        link: u64,
+        from_consumer: bool,
+    ) -> bool {
         let ordered = self.ordered();
         let Some(state) = self.subs.get_mut(subscription) else {
             return false;
         };
-        match state.in_flight.get(&sequence) {
-            Some(f) if f.attempt == attempt => {}
-            _ => return false,
+        let Some(entry) = self.messages.get_mut(&sequence) else {
+            return false;
+        };
+        if !entry.pending.contains(subscription) {
+            return false;
         }
-        state.in_flight.remove(&sequence);
+        let was_busy = match state.in_flight.get(&sequence) {
+            Some(f) if f.attempt == attempt => {
+                if f.link != link {
+                    return false;
+                }
+                state.in_flight.remove(&sequence);
+                true
+            }
+            _ if !from_consumer => return false,
+            Some(_) => {
+                state.in_flight.remove(&sequence);
+                true
+            }
+            None => {
+                if state.ready.remove(&sequence) || state.parked.remove(&sequence) {
+                    false
+                } else {
+                    let before = state.waiting.len();
+                    state.waiting.retain(|Reverse((_, s))| *s != sequence);
+                    state.waiting.len() != before
+                }
+            }
+        };
         state.attempts.remove(&sequence);
         state.last_error.remove(&sequence);
         state.acked_total += 1;
-        if let Some(entry) = self.messages.get_mut(&sequence) {
-            if ordered {
-                let key = entry.message.key.clone();
-                state.free(&key);
-            }
-            entry.pending.remove(subscription);
+        if ordered && was_busy {
+            let key = entry.message.key.clone();
+            state.free(&key);
         }
+        entry.pending.remove(subscription);
         self.settle_if_done(sequence);
         true
     }
@@ -518,12 +587,13 @@ impl QueueState {
             reason,
             delay,
             counted,
+            link,
         } = failure;
         let ordered = self.ordered();
         let route = self.route(subscription)?.clone();
         let state = self.subs.get_mut(subscription)?;
         match state.in_flight.get(&sequence) {
-            Some(f) if f.attempt == attempt => {}
+            Some(f) if f.attempt == attempt && link.is_none_or(|l| l == f.link) => {}
             _ => return None,
         }
         state.in_flight.remove(&sequence);
@@ -559,7 +629,7 @@ impl QueueState {
         }
         let wait = match (counted, delay) {
             (false, _) => Duration::ZERO,
-            (true, Some(d)) => d,
+            (true, Some(d)) => d.min(MAX_NACK_DELAY),
             (true, None) => {
                 let backoff = qmesh_api::Backoff {
                     initial: qmesh_api::Duration(
@@ -588,9 +658,18 @@ impl QueueState {
             state.ready.insert(sequence);
         } else {
             // The key stays busy while waiting, so later messages of the key keep their order.
-            state.waiting.push(Reverse((now + wait, sequence)));
+            state.waiting.push(Reverse((later(now, wait), sequence)));
         }
         None
+    }
+
+    /// Attempts so far of `sequence` for `subscription` (what the log keeps across restarts).
+    pub fn attempts_of(&self, subscription: &str, sequence: u64) -> u32 {
+        self.subs
+            .get(subscription)
+            .and_then(|s| s.attempts.get(&sequence))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Settles a dead-lettered (or dropped) message for a subscription.
@@ -653,15 +732,26 @@ impl QueueState {
             .collect()
     }
 
-    /// Oldest unsettled message, for overflow handling.
-    pub fn oldest(&self) -> Option<(u64, Arc<v1::Message>, Vec<String>)> {
-        self.messages.iter().next().map(|(seq, e)| {
-            (
-                *seq,
-                Arc::clone(&e.message),
-                e.pending.iter().cloned().collect(),
-            )
-        })
+    /// Claims the oldest unsettled message not already being evicted, for overflow handling: it
+    /// stays owed until [`QueueState::evict`] or [`QueueState::unclaim`].
+    pub fn claim_oldest(&mut self) -> Option<(u64, Arc<v1::Message>)> {
+        let (seq, message) = self
+            .messages
+            .iter()
+            .find(|(seq, _)| !self.evicting.contains(seq))
+            .map(|(seq, e)| (*seq, Arc::clone(&e.message)))?;
+        self.evicting.insert(seq);
+        Some((seq, message))
+    }
+
+    /// Claims `sequence` for eviction; false if another eviction has it.
+    pub fn claim(&mut self, sequence: u64) -> bool {
+        self.messages.contains_key(&sequence) && self.evicting.insert(sequence)
+    }
+
+    /// Gives up a claim (the dead-letter queue refused the message: it stays).
+    pub fn unclaim(&mut self, sequence: u64) {
+        self.evicting.remove(&sequence);
     }
 
     /// Messages older than `max_age`, with the subscriptions that still owe them.
@@ -752,6 +842,7 @@ impl QueueState {
     /// Removes a message from every subscription's bookkeeping (overflow, expiry) — the caller
     /// dead-letters or counts it.
     pub fn evict(&mut self, sequence: u64) -> Vec<(String, u32)> {
+        self.evicting.remove(&sequence);
         let ordered = self.ordered();
         let Some(entry) = self.messages.get(&sequence) else {
             return Vec::new();
@@ -808,6 +899,10 @@ impl QueueState {
         }
     }
 }
+
+/// What the owner keeps per unsettled message beside its bytes (the entry, its index nodes, the
+/// per-subscription sets), counted against the sidecar's memory bound.
+pub const ENTRY_OVERHEAD: u64 = 320;
 
 /// Bytes a message counts for: payload, headers, id and key.
 pub fn message_size(message: &v1::Message) -> u64 {

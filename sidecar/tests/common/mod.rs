@@ -239,3 +239,54 @@ pub fn tally(ids: impl IntoIterator<Item = String>) -> (std::collections::HashSe
     }
     (seen, dups)
 }
+
+/// The sidecar's `/v1/stats` JSON.
+pub async fn stats(admin: std::net::SocketAddr) -> Option<serde_json::Value> {
+    qmesh_tests::http::request("GET", admin, "/v1/stats", &[], b"")
+        .await
+        .ok()?
+        .json()
+        .ok()
+}
+
+/// A figure of one subscription in a sidecar's stats (`backlog`, `parked`, `inFlight`, …), 0 when
+/// the sidecar does not list the subscription.
+pub async fn sub_figure(admin: std::net::SocketAddr, subscription: &str, field: &str) -> u64 {
+    let Some(s) = stats(admin).await else {
+        return 0;
+    };
+    s["subscriptions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["subscription"] == subscription)
+        .filter_map(|x| x[field].as_u64())
+        .sum()
+}
+
+/// Messages a sidecar owns for `queue` (0 when it owns none).
+pub async fn queue_backlog(admin: std::net::SocketAddr, queue: &str) -> u64 {
+    let Some(s) = stats(admin).await else {
+        return 0;
+    };
+    s["queues"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["queue"] == queue)
+        .filter_map(|x| x["backlog"].as_u64())
+        .sum()
+}
+
+/// Waits until the owner at `admin` owes nothing more to `subscription`.
+pub async fn until_sub_settled(admin: std::net::SocketAddr, subscription: &str, secs: u64) {
+    let result = wait_for(
+        "the subscription's backlog to drain",
+        Duration::from_secs(secs),
+        || async move { (sub_figure(admin, subscription, "backlog").await == 0).then_some(()) },
+    )
+    .await;
+    if let Err(e) = result {
+        panic!("{e}: stats {:?}", stats(admin).await);
+    }
+}

@@ -20,6 +20,7 @@ pub mod owner;
 pub mod peer;
 pub mod replica;
 pub mod store;
+pub mod supervise;
 pub mod view;
 
 use std::{
@@ -55,6 +56,8 @@ pub struct Sidecar {
     pub metrics: Arc<Metrics>,
     /// The current mesh view.
     pub view: ViewRx,
+    /// Every task of the sidecar; a panic in one fails it.
+    pub tasks: Arc<supervise::Supervisor>,
     draining: AtomicBool,
     shutdown: tokio::sync::Notify,
 }
@@ -77,9 +80,11 @@ impl Sidecar {
         result
     }
 
-    /// Whether the sidecar takes traffic: it has a view and is not draining.
+    /// Whether the sidecar takes traffic: it has a view, is not draining and no task died.
     pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::SeqCst) && self.view.borrow().version() > 0
+        !self.draining.load(Ordering::SeqCst)
+            && self.view.borrow().version() > 0
+            && self.tasks.failure().is_none()
     }
 
     /// Starts a graceful shutdown (SIGTERM or `POST /drain`).
@@ -287,13 +292,12 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     };
     let (view_tx, view_rx) = watch::channel(Arc::new(initial));
     let (sidecar_tx, sidecar_rx) = watch::channel(None);
+    let tasks = supervise::Supervisor::new();
     if let Some(path) = args.mesh_file.clone() {
-        tokio::spawn(view::follow_mesh_file(
-            path,
-            namespace.clone(),
-            name.clone(),
-            view_tx.clone(),
-        ));
+        tasks.spawn(
+            "mesh file",
+            view::follow_mesh_file(path, namespace.clone(), name.clone(), view_tx.clone()),
+        );
     } else if let Some(endpoint) = args.control_plane.clone() {
         let labels = args
             .labels
@@ -311,12 +315,10 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
             labels,
             incarnation,
         };
-        tokio::spawn(control::follow(
-            endpoint,
-            identity,
-            view_tx.clone(),
-            sidecar_rx,
-        ));
+        tasks.spawn(
+            "control plane",
+            control::follow(endpoint, identity, view_tx.clone(), sidecar_rx),
+        );
     } else {
         anyhow::bail!("give either --mesh-file or --control-plane");
     }
@@ -331,10 +333,13 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         view_rx.clone(),
         disk,
         memory,
-        me.clone(),
-        limits,
+        owner::Settings {
+            me: me.clone(),
+            limits,
+            replica_timeout: args.replica_timeout,
+        },
         Arc::clone(&metrics),
-        args.replica_timeout,
+        Arc::clone(&tasks),
     );
     let replicas = replica::ReplicaStore::open(
         replica::ReplicaConfig {
@@ -353,13 +358,22 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
             args.data_dir.join("replicas").display()
         )
     })?;
-    tokio::spawn(Arc::clone(&replicas).watch(Arc::clone(&owner)));
-    let consumers = Consumers::start(view_rx.clone(), Arc::clone(&metrics), args.app_port);
+    tasks.spawn(
+        "replica adoption",
+        Arc::clone(&replicas).watch(Arc::clone(&owner)),
+    );
+    let consumers = Consumers::start(
+        view_rx.clone(),
+        Arc::clone(&metrics),
+        args.app_port,
+        Arc::clone(&tasks),
+    );
     let sidecar = Arc::new(Sidecar {
         owner,
         consumers: Arc::clone(&consumers),
         metrics,
         view: view_rx,
+        tasks: Arc::clone(&tasks),
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::Notify::new(),
     });
@@ -391,6 +405,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
                 Arc::clone(&sidecar.owner),
                 replicas,
                 me.clone(),
+                Arc::clone(&tasks),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
@@ -431,6 +446,10 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     tokio::select! {
         result = servers => { result?; }
         () = signals => {}
+        reason = tasks.failed() => {
+            // The log holds everything acknowledged: exiting lets the kubelet restart on it.
+            anyhow::bail!("{reason}");
+        }
     }
     drain(&sidecar, args.shutdown_grace, &me).await;
     Ok(())

@@ -28,6 +28,7 @@ pub struct PeerService {
     owner: Arc<crate::owner::Owner>,
     replicas: Arc<ReplicaStore>,
     me: peer::SidecarId,
+    tasks: Arc<crate::supervise::Supervisor>,
 }
 
 impl PeerService {
@@ -37,12 +38,14 @@ impl PeerService {
         owner: Arc<crate::owner::Owner>,
         replicas: Arc<ReplicaStore>,
         me: peer::SidecarId,
+        tasks: Arc<crate::supervise::Supervisor>,
     ) -> Self {
         Self {
             consumers,
             owner,
             replicas,
             me,
+            tasks,
         }
     }
 }
@@ -85,7 +88,7 @@ impl Peer for PeerService {
         let stream = self.consumers.register(owner.name.clone(), tx.clone());
         tracing::info!(owner = %owner.name, stream, ?remote, "owner stream opened");
         let consumers = Arc::clone(&self.consumers);
-        tokio::spawn(async move {
+        self.tasks.spawn("forward stream", async move {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(OwnerFrame {
@@ -146,7 +149,7 @@ impl Peer for PeerService {
         let replicas = Arc::clone(&self.replicas);
         let (tx, rx) = mpsc::channel(OUTBOUND);
         tracing::info!(owner = %owner.name, incarnation = owner.incarnation, ?remote, "replicate stream opened");
-        tokio::spawn(async move {
+        self.tasks.spawn("replicate stream", async move {
             let _guard = guard;
             let mut durable_through = 0u64;
             let reason = loop {
@@ -197,7 +200,7 @@ impl Peer for PeerService {
         let mut inbound = request.into_inner();
         let owner = Arc::clone(&self.owner);
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
+        self.tasks.spawn("hand-over stream", async move {
             while let Ok(Some(batch)) = inbound.message().await {
                 let mut error = None;
                 let count = batch.messages.len();

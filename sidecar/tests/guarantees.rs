@@ -743,3 +743,127 @@ async fn a_backlog_of_small_messages_does_not_pin_decode_buffers() {
         "RSS grew {grown} bytes for {bytes} accounted bytes"
     );
 }
+
+const DEDUP: &str = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: payments}
+spec:
+  publishers: {matchLabels: {app: producer}}
+  dedupWindow: 5m
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: ledger}
+spec:
+  queue: payments
+  consumers: {matchLabels: {app: worker}}
+"#;
+
+/// A producer's retry of an id inside the dedup window is recognised after the owner restarted —
+/// killed or gracefully — even though the original was consumed and acked long before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_id_after_kill_9_or_a_graceful_restart_is_not_stored_again() {
+    let mut mesh = mesh()
+        .manifests(DEDUP)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let ledger = Consumer::start("l", &mesh.sidecar("worker").grpc_url(), "ledger", 0, |_| {
+        Verdict::Ack
+    })
+    .await;
+    let url = mesh.sidecar("producer").grpc_url();
+    let first = publish_all(&url, "payments", vec![message("pay-1", "", "10 EUR")]).await;
+    assert!(!first[0].as_ref().unwrap().duplicate);
+    until("the payment delivered", 10, || ledger.count() == 1).await;
+    until_sub_settled(mesh.sidecar("producer").admin, "ledger", 10).await;
+
+    for restart in ["kill -9", "SIGTERM"] {
+        let producer = mesh.sidecar_mut("producer");
+        if restart == "kill -9" {
+            producer.kill9();
+        } else {
+            producer.terminate().unwrap();
+            let code = producer.wait_exit(Duration::from_secs(30)).await.unwrap();
+            assert_eq!(code, Some(0), "graceful exit");
+        }
+        producer.restart().await.unwrap();
+        let again = publish_all(&url, "payments", vec![message("pay-1", "", "10 EUR")]).await;
+        assert!(
+            again[0].as_ref().unwrap().duplicate,
+            "after {restart}: the retry was stored again: {again:?}"
+        );
+    }
+    // A new id still flows, and the duplicate never reached the consumer.
+    let fresh = publish_all(&url, "payments", vec![message("pay-2", "", "5 EUR")]).await;
+    assert!(!fresh[0].as_ref().unwrap().duplicate);
+    until("the second payment", 10, || ledger.count() >= 2).await;
+    assert_eq!(ledger.ids(), ["pay-1", "pay-2"]);
+}
+
+const REPLICATED_DEDUP: &str = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: payments}
+spec:
+  publishers: {matchLabels: {app: producer}}
+  dedupWindow: 5m
+  publishAck: Replicated
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: ledger}
+spec:
+  queue: payments
+  consumers: {matchLabels: {app: worker}}
+"#;
+
+/// A retry that arrives while the original is still being made durable gets the original's
+/// outcome — here a failure, because the replica hangs — never `duplicate: true` for a message that
+/// was not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_during_the_original_publish_gets_the_originals_outcome() {
+    let mesh = mesh()
+        .manifests(REPLICATED_DEDUP)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("standby", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .arg("--replica-timeout")
+        .arg("2s")
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let url = mesh.sidecar("producer").grpc_url();
+    let warm = publish_all(&url, "payments", vec![message("warm", "", "0 EUR")]).await;
+    assert!(warm[0].is_ok(), "{warm:?}");
+    // The only replica hangs: the original waits for its copy's confirmation, then fails.
+    mesh.sidecar("standby").pause().unwrap();
+    let original = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            publish_all(&url, "payments", vec![message("pay-1", "", "10 EUR")])
+                .await
+                .remove(0)
+        })
+    };
+    // The producer's retry, while the original is still in progress.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let retry = publish_all(&url, "payments", vec![message("pay-1", "", "10 EUR")])
+        .await
+        .remove(0);
+    let original = original.await.unwrap();
+    mesh.sidecar("standby").resume().unwrap();
+    let original = original.expect_err("the original fails: no replica confirmed");
+    assert_eq!(original.code, v1::ErrorCode::ReplicaUnavailable as i32);
+    match retry {
+        Ok(r) => panic!("the retry was answered {r:?} for a message that was never stored"),
+        Err(e) => assert_eq!(e.code, original.code, "{e:?}"),
+    }
+    // With the replica back, a retry is stored for real.
+    let later = publish_all(&url, "payments", vec![message("pay-1", "", "10 EUR")]).await;
+    let later = later[0].as_ref().unwrap();
+    assert!(!later.duplicate, "{later:?}");
+}

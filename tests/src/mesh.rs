@@ -206,15 +206,29 @@ impl SidecarProcess {
 
     /// Sends SIGTERM (graceful shutdown).
     pub fn terminate(&self) -> anyhow::Result<()> {
+        self.signal("-TERM")
+    }
+
+    /// Freezes the process (SIGSTOP): its sockets stay open, nothing answers — a hung pod.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Thaws a paused process (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
         let pid = self
             .child
             .as_ref()
             .map(ChildGuard::id)
             .context("not running")?;
         let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
         Ok(())
     }
 

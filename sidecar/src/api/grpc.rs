@@ -138,7 +138,7 @@ impl Broker for BrokerService {
         .map_err(|_| Status::cancelled("client went away"))?;
         let holder = consumers.new_holder();
         consumers.app_joined(&sub, Some(window));
-        tokio::spawn(async move {
+        self.sidecar.tasks.spawn("app subscribe stream", async move {
             // Auto credit: the client may hold `window` deliveries; a slot frees when its lease ends
             // (ack, nack or ack timeout). Manual credit: what the client granted, minus what it got.
             let mut granted = 0u64;

@@ -115,7 +115,7 @@ pub struct LocalSub {
     available: Notify,
     pump: Notify,
     limiter: Mutex<Option<(control::RateLimit, Arc<DefaultDirectRateLimiter>)>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// App connections consuming now (gRPC streams, the push worker).
     apps: std::sync::atomic::AtomicUsize,
     /// Sum of the windows the connected gRPC streams asked for.
@@ -221,6 +221,7 @@ pub struct Consumers {
     next_receipt: AtomicU64,
     metrics: Arc<Metrics>,
     counters: Mutex<HashMap<String, SubCounters>>,
+    tasks: Arc<crate::supervise::Supervisor>,
 }
 
 /// Consumer-side totals of one subscription.
@@ -237,7 +238,12 @@ pub struct SubCounters {
 impl Consumers {
     /// The consumer side, following the view for served subscriptions.
     /// `app_port`, when set, replaces every pushed subscription's port (`qmesh run --app-port`).
-    pub fn start(view: ViewRx, metrics: Arc<Metrics>, app_port: Option<u16>) -> Arc<Self> {
+    pub fn start(
+        view: ViewRx,
+        metrics: Arc<Metrics>,
+        app_port: Option<u16>,
+        tasks: Arc<crate::supervise::Supervisor>,
+    ) -> Arc<Self> {
         let consumers = Arc::new(Self {
             view,
             app_port,
@@ -247,8 +253,10 @@ impl Consumers {
             next_receipt: AtomicU64::new(1),
             metrics,
             counters: Mutex::new(HashMap::new()),
+            tasks,
         });
-        tokio::spawn(Arc::clone(&consumers).follow_view());
+        let tasks = Arc::clone(&consumers.tasks);
+        tasks.spawn("consumer view", Arc::clone(&consumers).follow_view());
         consumers
     }
 
@@ -340,11 +348,20 @@ impl Consumers {
                             last_poll: Mutex::new(None),
                         });
                         let mut tasks = vec![
-                            tokio::spawn(Arc::clone(self).run_pump(Arc::clone(&sub))),
-                            tokio::spawn(Arc::clone(self).run_sweeper(Arc::clone(&sub))),
+                            self.tasks.spawn(
+                                format!("credits of {name}"),
+                                Arc::clone(self).run_pump(Arc::clone(&sub)),
+                            ),
+                            self.tasks.spawn(
+                                format!("deadlines of {name}"),
+                                Arc::clone(self).run_sweeper(Arc::clone(&sub)),
+                            ),
                         ];
                         if push {
-                            tasks.push(tokio::spawn(push::run(Arc::clone(self), Arc::clone(&sub))));
+                            tasks.push(self.tasks.spawn(
+                                format!("push of {name}"),
+                                push::run(Arc::clone(self), Arc::clone(&sub)),
+                            ));
                         }
                         *sub.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
                         subs.insert(name, sub);

@@ -29,7 +29,8 @@ pub async fn run(consumers: Arc<Consumers>, sub: Arc<LocalSub>) {
             let consumers = Arc::clone(&consumers);
             let sub = Arc::clone(&sub);
             let client = client.clone();
-            tokio::spawn(async move {
+            let tasks = Arc::clone(&consumers.tasks);
+            tasks.spawn("push request", async move {
                 let receipt = delivery.receipt.clone();
                 let outcome = push_one(&client, &consumers, &sub, delivery).await;
                 let nack = match outcome {

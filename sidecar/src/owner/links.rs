@@ -58,12 +58,13 @@ struct Connection {
 
 struct Link {
     connection: Mutex<Option<Connection>>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::AbortHandle,
 }
 
 /// All links of this owner, keyed by consumer peer address.
 pub struct Links {
     me: peer::SidecarId,
+    tasks: Arc<crate::supervise::Supervisor>,
     links: Mutex<HashMap<String, Arc<Link>>>,
     next_id: AtomicU64,
     events: mpsc::Sender<LinkEvent>,
@@ -71,9 +72,14 @@ pub struct Links {
 
 impl Links {
     /// Links that report to `events`, identifying this sidecar as `me`.
-    pub fn new(me: peer::SidecarId, events: mpsc::Sender<LinkEvent>) -> Arc<Self> {
+    pub fn new(
+        me: peer::SidecarId,
+        events: mpsc::Sender<LinkEvent>,
+        tasks: Arc<crate::supervise::Supervisor>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             me,
+            tasks,
             links: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             events,
@@ -97,7 +103,11 @@ impl Links {
                     let addr = addr.to_owned();
                     Link {
                         connection: Mutex::new(None),
-                        task: tokio::spawn(async move { this.run(addr, weak).await }),
+                        task: self
+                            .tasks
+                            .spawn(format!("peer link to {addr}"), async move {
+                                this.run(addr, weak).await
+                            }),
                     }
                 });
                 links.insert(addr.to_owned(), Arc::clone(&link));

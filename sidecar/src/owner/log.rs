@@ -33,6 +33,19 @@ pub struct Recovered {
     pub pending: Vec<(String, u32)>,
 }
 
+/// A message id remembered for de-duplication, recovered at start.
+#[derive(Clone, Debug)]
+pub struct Remembered {
+    /// Queue it was published to.
+    pub queue: String,
+    /// The message id.
+    pub id: String,
+    /// The message's sequence.
+    pub sequence: u64,
+    /// When the queue's dedup window for it ends.
+    pub until: std::time::SystemTime,
+}
+
 /// The owner's durable record.
 #[tonic::async_trait]
 pub trait OwnerLog: Send + Sync + 'static {
@@ -60,6 +73,16 @@ pub trait OwnerLog: Send + Sync + 'static {
 
     /// Everything unsettled, in sequence order, as of the last start.
     fn recover(&self) -> Vec<Recovered>;
+
+    /// Remembers a stored message's id until `until` (its queue's dedup window), so a retry after
+    /// a restart is still recognised once the message itself is settled and gone. Recorded before
+    /// any later settlement of the message.
+    fn remember(&self, _queue: &str, _id: &str, _sequence: u64, _until: std::time::SystemTime) {}
+
+    /// Ids remembered and not yet expired, as of the last start.
+    fn recover_remembered(&self) -> Vec<Remembered> {
+        Vec::new()
+    }
 }
 
 /// `durability: Memory`: nothing is written and nothing survives a restart.

@@ -34,12 +34,24 @@ use tokio::sync::{Notify, mpsc};
 use crate::{
     error::BrokerError,
     metrics::Metrics,
+    supervise::Supervisor,
     view::{View, ViewRx},
 };
 use links::{LinkEvent, Links};
 use log::{Outcome, OwnerLog};
 use queue::{DeadLetter, Failure, QueueState};
 use replicas::{Pick, Replicas};
+
+/// Who the owner is and how it behaves.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This sidecar, as peers know it.
+    pub me: peer::SidecarId,
+    /// Bounds on what it holds.
+    pub limits: Limits,
+    /// How long a `publishAck: Replicated` publish waits for a replica.
+    pub replica_timeout: Duration,
+}
 
 /// Sidecar-wide bounds on what the owner holds.
 #[derive(Clone, Copy, Debug)]
@@ -74,8 +86,10 @@ pub struct Owner {
     draining: AtomicBool,
     metrics: Arc<Metrics>,
     recovered: Mutex<HashMap<String, Vec<log::Recovered>>>,
+    remembered: Mutex<HashMap<String, Vec<log::Remembered>>>,
     next_sequence: std::sync::atomic::AtomicU64,
     replicas: Arc<Replicas>,
+    tasks: Arc<Supervisor>,
 }
 
 /// Headers set on dead letters.
@@ -94,31 +108,36 @@ pub mod headers {
 
 impl Owner {
     /// Starts the owner: recovers what the disk log holds, then runs one task per queue and one for
-    /// link events. `me` identifies this sidecar to peers; a publish of a `publishAck: Replicated`
-    /// queue waits at most `replica_timeout` for a replica.
+    /// link events, all under `tasks`.
     pub fn start(
         view: ViewRx,
         disk: Arc<dyn OwnerLog>,
         memory: Arc<dyn OwnerLog>,
-        me: peer::SidecarId,
-        limits: Limits,
+        settings: Settings,
         metrics: Arc<Metrics>,
-        replica_timeout: Duration,
+        tasks: Arc<Supervisor>,
     ) -> Arc<Self> {
+        let Settings {
+            me,
+            limits,
+            replica_timeout,
+        } = settings;
         let (events_tx, events_rx) = mpsc::channel(8192);
-        let replicas = Replicas::new(me.clone(), replica_timeout);
+        let replicas = Replicas::new(me.clone(), replica_timeout, Arc::clone(&tasks));
         let owner = Arc::new(Self {
             view,
             disk,
             memory,
             queues: RwLock::new(HashMap::new()),
-            links: Links::new(me, events_tx),
+            links: Links::new(me, events_tx, Arc::clone(&tasks)),
             limits,
             draining: AtomicBool::new(false),
             metrics,
             recovered: Mutex::new(HashMap::new()),
+            remembered: Mutex::new(HashMap::new()),
             next_sequence: std::sync::atomic::AtomicU64::new(0),
             replicas,
+            tasks,
         });
         owner
             .next_sequence
@@ -128,9 +147,13 @@ impl Owner {
         let view = owner.view.borrow().clone();
         owner.restore_waiting(&view);
         owner.replicas.set_peers(&view.wire.peers);
-        tokio::spawn(Arc::clone(&owner).run_events(events_rx));
-        tokio::spawn(Arc::clone(&owner).follow_view());
-        tokio::spawn(Arc::clone(&owner).run_replication());
+        let tasks = Arc::clone(&owner.tasks);
+        tasks.spawn(
+            "owner link events",
+            Arc::clone(&owner).run_events(events_rx),
+        );
+        tasks.spawn("owner view", Arc::clone(&owner).follow_view());
+        tasks.spawn("owner replication", Arc::clone(&owner).run_replication());
         owner
     }
 
@@ -149,17 +172,35 @@ impl Owner {
                 "recovered unsettled messages from the log"
             );
         }
+        let mut remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        let ids = self.disk.recover_remembered();
+        if !ids.is_empty() {
+            tracing::info!(
+                ids = ids.len(),
+                "recovered message ids inside their dedup windows"
+            );
+        }
+        for r in ids {
+            remembered.entry(r.queue.clone()).or_default().push(r);
+        }
     }
 
     /// Restores recovered messages of every queue that is now in the view.
     fn restore_waiting(self: &Arc<Self>, view: &View) {
-        let waiting: Vec<String> = self
+        let mut waiting: Vec<String> = self
             .recovered
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .keys()
             .cloned()
             .collect();
+        waiting.extend(
+            self.remembered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
         for name in waiting {
             let _ = self.queue_for(view, &name);
         }
@@ -169,11 +210,23 @@ impl Owner {
         // Held until the messages are in the queue's state, so the replication floor never sees
         // them in neither place.
         let mut recovered = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(records) = recovered.remove(name) else {
+        let ids = self
+            .remembered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .unwrap_or_default();
+        let records = recovered.remove(name).unwrap_or_default();
+        if records.is_empty() && ids.is_empty() {
             return;
-        };
+        }
         let now = Instant::now();
         let mut state = q.lock();
+        let wall = SystemTime::now();
+        for r in ids {
+            let left = r.until.duration_since(wall).unwrap_or_default();
+            state.remember(&r.id, r.sequence, queue::later(now, left));
+        }
         let routes: HashSet<String> = state
             .view
             .routes
@@ -255,7 +308,10 @@ impl Owner {
         queues.insert(name.to_owned(), Arc::clone(&q));
         drop(queues);
         self.restore_recovered(name, &q);
-        tokio::spawn(Arc::clone(self).run_queue(name.to_owned(), Arc::clone(&q)));
+        self.tasks.spawn(
+            format!("owner queue {name}"),
+            Arc::clone(self).run_queue(name.to_owned(), Arc::clone(&q)),
+        );
         Some(q)
     }
 
@@ -347,17 +403,16 @@ impl Owner {
         message.payload = bytes::Bytes::copy_from_slice(&message.payload);
         message.publish_time = Some(SystemTime::now().into());
         let now = Instant::now();
-        let pending = {
+        let (pending, duplicate) = {
             let mut state = q.lock();
-            if let Some(sequence) = state.duplicate_of(&message.id, now) {
-                return Ok(v1::PublishResponse {
-                    id: message.id.clone(),
-                    sequence,
-                    duplicate: true,
-                });
+            match state.duplicate_of(&message.id, now) {
+                Some(duplicate) => (Vec::new(), Some(duplicate)),
+                None => (state.routes_for(message), None),
             }
-            state.routes_for(message)
         };
+        if let Some(duplicate) = duplicate {
+            return answer_duplicate(&message.id, duplicate).await;
+        }
         self.make_room(q, queue, &policy, size).await?;
         // publishAck: Replicated — a replica must be there before anything is written.
         let replicated = policy.publish_ack() == control::PublishAck::Replicated;
@@ -370,12 +425,22 @@ impl Owner {
         let id = message.id.clone();
         let message = Arc::new(std::mem::take(message));
         // Numbered here, in publish order, under the queue's lock; the log may complete appends
-        // in any order.
-        let sequence = {
+        // in any order. The id is checked again under the same lock: of two publishes of one id
+        // racing here, exactly one is stored.
+        let reserved = {
             let mut state = q.lock();
-            let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
-            state.reserve(sequence, &id, now);
-            sequence
+            match state.duplicate_of(&id, now) {
+                Some(duplicate) => Err(duplicate),
+                None => {
+                    let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
+                    state.reserve(sequence, &id, now);
+                    Ok(sequence)
+                }
+            }
+        };
+        let sequence = match reserved {
+            Ok(sequence) => sequence,
+            Err(duplicate) => return answer_duplicate(&id, duplicate).await,
         };
         // The copy goes out while the log writes, so the two waits overlap.
         let appended = q.log.append(queue, sequence, &message, &pending);
@@ -401,7 +466,7 @@ impl Owner {
             }
         };
         if let Err(error) = appended {
-            q.lock().abandon(sequence, &id);
+            q.lock().abandon(sequence, &id, &error);
             if replicated {
                 self.replicas.cancel(sequence);
             }
@@ -413,15 +478,17 @@ impl Owner {
             for sub in &pending {
                 q.log.settle(queue, sub, sequence, Outcome::Acked);
             }
-            q.lock().abandon(sequence, &id);
-            self.replicas.cancel(sequence);
-            q.wake.notify_one();
-            tracing::warn!(queue, sequence, %reason, "publish refused: no replica confirmed its copy");
-            return Err(BrokerError::ReplicaUnavailable {
+            let error = BrokerError::ReplicaUnavailable {
                 queue: queue.to_owned(),
                 reason,
-            });
+            };
+            q.lock().abandon(sequence, &id, &error);
+            self.replicas.cancel(sequence);
+            q.wake.notify_one();
+            tracing::warn!(queue, sequence, %error, "publish refused: no replica confirmed its copy");
+            return Err(error);
         }
+        self.remember(q, queue, &message, sequence);
         q.lock().insert(sequence, message, pending, now);
         q.wake.notify_one();
         self.metrics.published(queue);
@@ -433,6 +500,25 @@ impl Owner {
             sequence,
             duplicate: false,
         })
+    }
+
+    /// Writes a stored message's id to the log's dedup journal when its queue de-duplicates, before
+    /// anything can settle it.
+    fn remember(&self, q: &OwnedQueue, queue: &str, message: &v1::Message, sequence: u64) {
+        let Some(window) = q.lock().dedup_window() else {
+            return;
+        };
+        if message.id.is_empty() {
+            return;
+        }
+        let published = message
+            .publish_time
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .unwrap_or_else(SystemTime::now);
+        let until = published
+            .checked_add(window)
+            .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(86_400));
+        q.log.remember(queue, &message.id, sequence, until);
     }
 
     /// Applies retention limits before a publish of `size` bytes.
@@ -978,7 +1064,7 @@ impl Owner {
         };
         let subs: Vec<String> = pending.iter().map(|(s, _)| s.clone()).collect();
         if let Err(error) = q.log.append(&queue, sequence, &message, &subs).await {
-            q.lock().abandon(sequence, &message.id);
+            q.lock().abandon(sequence, &message.id, &error);
             return Err(error);
         }
         for (sub, attempts) in &pending {
@@ -986,6 +1072,7 @@ impl Owner {
                 q.log.attempted(&queue, sub, sequence, *attempts);
             }
         }
+        self.remember(&q, &queue, &message, sequence);
         {
             let mut state = q.lock();
             state.appending.remove(&sequence);
@@ -1256,6 +1343,27 @@ fn owned_message(state: &QueueState, seq: u64, entry: &queue::Entry) -> peer::Ow
             })
             .collect(),
     }
+}
+
+/// The answer to a publish whose id is inside the dedup window: the original's outcome, once known.
+async fn answer_duplicate(
+    id: &str,
+    duplicate: queue::Duplicate,
+) -> Result<v1::PublishResponse, BrokerError> {
+    let sequence = match duplicate {
+        queue::Duplicate::Stored(sequence) => sequence,
+        queue::Duplicate::Pending(sequence, outcome) => {
+            outcome.await.map_err(|_| {
+                BrokerError::Internal("the original publish ended without an outcome".into())
+            })??;
+            sequence
+        }
+    };
+    Ok(v1::PublishResponse {
+        id: id.to_owned(),
+        sequence,
+        duplicate: true,
+    })
 }
 
 /// A token bucket for a rate limit (rates below one per second allowed).

@@ -18,6 +18,8 @@ use std::{
 
 use qmesh_proto::{control, v1};
 
+use crate::error::BrokerError;
+
 /// One unsettled message.
 #[derive(Debug)]
 pub struct Entry {
@@ -204,9 +206,11 @@ pub struct QueueState {
     pub subs: HashMap<String, SubState>,
     /// Bytes of unsettled messages.
     pub bytes: u64,
-    /// Message ids seen inside the dedup window: id → (sequence, seen at).
+    /// Message ids seen inside the dedup window: id → (sequence, forgotten at).
     pub dedup: HashMap<String, (u64, Instant)>,
     dedup_order: VecDeque<(Instant, String)>,
+    /// Duplicates waiting for the outcome of an original that is still being persisted.
+    dedup_waiters: HashMap<u64, Vec<tokio::sync::oneshot::Sender<Result<(), BrokerError>>>>,
     /// Published total.
     pub published_total: u64,
     /// Sequences reserved by publishes still being persisted.
@@ -216,6 +220,15 @@ pub struct QueueState {
     pub removed: Vec<u64>,
     /// Sequences being dead-lettered by overflow or expiry (claimed, not yet evicted).
     evicting: BTreeSet<u64>,
+}
+
+/// A publish whose id was seen inside the dedup window.
+#[derive(Debug)]
+pub enum Duplicate {
+    /// The original is stored (sequence).
+    Stored(u64),
+    /// The original is still being persisted; its outcome follows.
+    Pending(u64, tokio::sync::oneshot::Receiver<Result<(), BrokerError>>),
 }
 
 /// Upper bound on remembered ids for de-duplication (oldest forgotten first).
@@ -237,6 +250,7 @@ impl QueueState {
             bytes: 0,
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
+            dedup_waiters: HashMap::new(),
             published_total: 0,
             appending: BTreeSet::new(),
             removed: Vec::new(),
@@ -318,22 +332,45 @@ impl QueueState {
             .collect()
     }
 
-    /// A previous publish of this id inside the window, if any.
-    pub fn duplicate_of(&mut self, id: &str, now: Instant) -> Option<u64> {
-        let window = self
-            .policy()
+    /// The queue's dedup window, if it has one.
+    pub fn dedup_window(&self) -> Option<Duration> {
+        self.policy()
             .dedup_window
-            .map(|d| qmesh_proto::convert::std_duration(&d))?;
-        while let Some((at, old)) = self.dedup_order.front() {
-            if now.duration_since(*at) <= window && self.dedup_order.len() <= DEDUP_CAPACITY {
+            .map(|d| qmesh_proto::convert::std_duration(&d))
+    }
+
+    /// A previous publish of this id inside the window, if any: stored already, or still being
+    /// persisted (then the duplicate waits for, and answers with, the original's outcome).
+    pub fn duplicate_of(&mut self, id: &str, now: Instant) -> Option<Duplicate> {
+        self.dedup_window()?;
+        while let Some((until, old)) = self.dedup_order.front() {
+            if *until > now && self.dedup_order.len() <= DEDUP_CAPACITY {
                 break;
             }
-            if self.dedup.get(old).is_some_and(|(_, seen)| seen == at) {
+            if self.dedup.get(old).is_some_and(|(_, u)| u == until) {
                 self.dedup.remove(old);
             }
             self.dedup_order.pop_front();
         }
-        self.dedup.get(id).map(|(seq, _)| *seq)
+        let (sequence, until) = *self.dedup.get(id)?;
+        if until <= now {
+            return None;
+        }
+        if !self.appending.contains(&sequence) {
+            return Some(Duplicate::Stored(sequence));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.dedup_waiters.entry(sequence).or_default().push(tx);
+        Some(Duplicate::Pending(sequence, rx))
+    }
+
+    /// Remembers `id` for de-duplication until `until`.
+    pub fn remember(&mut self, id: &str, sequence: u64, until: Instant) {
+        if id.is_empty() {
+            return;
+        }
+        self.dedup.insert(id.to_owned(), (sequence, until));
+        self.dedup_order.push_back((until, id.to_owned()));
     }
 
     /// Reserves `sequence` for a publish being persisted: its id counts for de-duplication at once,
@@ -341,17 +378,19 @@ impl QueueState {
     /// so messages go out in publish order even when their appends complete out of order.
     pub fn reserve(&mut self, sequence: u64, id: &str, now: Instant) {
         self.appending.insert(sequence);
-        if self.policy().dedup_window.is_some() && !id.is_empty() {
-            self.dedup.insert(id.to_owned(), (sequence, now));
-            self.dedup_order.push_back((now, id.to_owned()));
+        if let Some(window) = self.dedup_window() {
+            self.remember(id, sequence, later(now, window));
         }
     }
 
-    /// Gives up a reservation whose append failed.
-    pub fn abandon(&mut self, sequence: u64, id: &str) {
+    /// Gives up a reservation whose append failed: duplicates waiting on it get the same error.
+    pub fn abandon(&mut self, sequence: u64, id: &str, error: &BrokerError) {
         self.appending.remove(&sequence);
         if self.dedup.get(id).is_some_and(|(seq, _)| *seq == sequence) {
             self.dedup.remove(id);
+        }
+        for waiter in self.dedup_waiters.remove(&sequence).unwrap_or_default() {
+            let _ = waiter.send(Err(error.clone()));
         }
     }
 
@@ -365,6 +404,9 @@ impl QueueState {
     ) {
         let size = message_size(&message);
         self.appending.remove(&sequence);
+        for waiter in self.dedup_waiters.remove(&sequence).unwrap_or_default() {
+            let _ = waiter.send(Ok(()));
+        }
         self.published_total += 1;
         if pending.is_empty() {
             return;

@@ -104,7 +104,7 @@ struct Link {
     floor_sent: u64,
     last_error: String,
     wake: Arc<Notify>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::AbortHandle>,
 }
 
 impl Link {
@@ -154,6 +154,7 @@ struct Inner {
 /// The owner's replica links.
 pub struct Replicas {
     me: peer::SidecarId,
+    tasks: Arc<crate::supervise::Supervisor>,
     timeout: Duration,
     inner: Mutex<Inner>,
     /// Signalled when a link comes up or goes down, or the peers change.
@@ -169,9 +170,14 @@ impl std::fmt::Debug for Replicas {
 
 impl Replicas {
     /// Links for owner `me`; a publish waits at most `timeout` for its copy's confirmation.
-    pub fn new(me: peer::SidecarId, timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        me: peer::SidecarId,
+        timeout: Duration,
+        tasks: Arc<crate::supervise::Supervisor>,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             me,
+            tasks,
             timeout,
             inner: Mutex::new(Inner {
                 ranked: Vec::new(),
@@ -392,7 +398,10 @@ impl Replicas {
         let task = self.this.upgrade().map(|this| {
             let addr = peer.peer_address.clone();
             let wake = Arc::clone(&wake);
-            tokio::spawn(async move { this.run(addr, wake).await })
+            self.tasks
+                .spawn(format!("replica link to {addr}"), async move {
+                    this.run(addr, wake).await
+                })
         });
         tracing::debug!(replica = %peer.name, peer = %peer.peer_address, "opening a replica link");
         Link {
@@ -623,7 +632,11 @@ mod tests {
             name: "me".into(),
             ..Default::default()
         };
-        let replicas = Replicas::new(me, Duration::from_millis(300));
+        let replicas = Replicas::new(
+            me,
+            Duration::from_millis(300),
+            crate::supervise::Supervisor::new(),
+        );
         let started = Instant::now();
         let err = replicas
             .target("q", started + Duration::from_secs(5))

@@ -16,10 +16,13 @@ use std::{
 use qmesh_proto::v1;
 use tokio::sync::{mpsc, oneshot};
 
-use super::record::{self, Body};
+use super::{
+    dedup::{self, DedupJournal},
+    record::{self, Body},
+};
 use crate::{
     error::BrokerError,
-    owner::log::{Outcome, OwnerLog, Recovered},
+    owner::log::{Outcome, OwnerLog, Recovered, Remembered},
 };
 
 /// When appends are made durable.
@@ -128,6 +131,7 @@ pub struct DiskLog {
     tx: mpsc::Sender<Op>,
     side: Arc<Mutex<Vec<Body>>>,
     recovered: Mutex<Vec<Recovered>>,
+    remembered: Mutex<Vec<Remembered>>,
     stats: Arc<StoreStats>,
 }
 
@@ -165,7 +169,7 @@ impl DiskLog {
         fs::create_dir_all(&config.dir)?;
         let lock = lock_dir(&config.dir)?;
         let stats = Arc::new(StoreStats::default());
-        let (writer, recovered) = Writer::open(config.clone(), Arc::clone(&stats))?;
+        let (writer, recovered, remembered) = Writer::open(config.clone(), Arc::clone(&stats))?;
         let first_free = writer.next_seq;
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
         let side = Arc::new(Mutex::new(Vec::new()));
@@ -189,6 +193,7 @@ impl DiskLog {
             tx,
             side,
             recovered: Mutex::new(recovered),
+            remembered: Mutex::new(remembered),
             stats,
             first_free,
             numbering: AtomicU64::new(first_free),
@@ -288,6 +293,19 @@ impl OwnerLog for DiskLog {
     fn recover(&self) -> Vec<Recovered> {
         std::mem::take(&mut *self.recovered.lock().unwrap_or_else(|e| e.into_inner()))
     }
+
+    fn remember(&self, queue: &str, id: &str, sequence: u64, until: std::time::SystemTime) {
+        self.side(Body::Remember {
+            queue: queue.to_owned(),
+            id: id.to_owned(),
+            target: sequence,
+            until_ms: dedup::unix_ms(until),
+        });
+    }
+
+    fn recover_remembered(&self) -> Vec<Remembered> {
+        std::mem::take(&mut *self.remembered.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 // === impl Writer ===
@@ -338,6 +356,8 @@ struct Writer {
     next_seq: u64,
     last_fsync: Instant,
     dirty: bool,
+    dedup: DedupJournal,
+    dedup_buf: Vec<u8>,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -355,12 +375,16 @@ impl Writer {
     fn open(
         config: StoreConfig,
         stats: Arc<StoreStats>,
-    ) -> std::io::Result<(Self, Vec<Recovered>)> {
+    ) -> std::io::Result<(Self, Vec<Recovered>, Vec<Remembered>)> {
         let dir = config.dir.clone();
+        let (dedup, remembered) = DedupJournal::open(dir.clone())?;
         let mut ids: Vec<u64> = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type()?.is_dir() || name == "LOCK" || name.ends_with(".ids") {
+                continue;
+            }
             match name
                 .strip_suffix(".log")
                 .and_then(|n| n.parse::<u64>().ok())
@@ -392,7 +416,7 @@ impl Writer {
                         match &body {
                             Body::Message { .. } => next_seq = next_seq.max(seq + 1),
                             Body::Relocated { target, .. } => next_seq = next_seq.max(target + 1),
-                            Body::Settle { .. } | Body::Attempt { .. } => {}
+                            Body::Settle { .. } | Body::Attempt { .. } | Body::Remember { .. } => {}
                         }
                         stats.recovered_records.fetch_add(1, Ordering::Relaxed);
                         apply(
@@ -474,10 +498,12 @@ impl Writer {
             next_seq,
             last_fsync: Instant::now(),
             dirty: false,
+            dedup,
+            dedup_buf: Vec::new(),
         };
         writer.collect_garbage();
         writer.compact();
-        Ok((writer, recovered))
+        Ok((writer, recovered, remembered))
     }
 
     fn active_id(&self) -> u64 {
@@ -564,6 +590,24 @@ impl Writer {
                 replies.push((seq, reply));
             }
         }
+        // Remembered ids go to the dedup journal first: a settlement written after them must
+        // never be on disk without them. If the journal cannot be written, the side records wait.
+        let (remember, side_records): (Vec<Body>, Vec<Body>) = side_records
+            .into_iter()
+            .partition(|b| matches!(b, Body::Remember { .. }));
+        let side_records = match self.dedup.write(&remember, &mut self.dedup_buf) {
+            Ok(()) => side_records,
+            Err(error) => {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "dedup journal write failed; settlements wait for it");
+                let mut waiting = side.lock().unwrap_or_else(|e| e.into_inner());
+                let later = std::mem::take(&mut *waiting);
+                waiting.extend(remember);
+                waiting.extend(side_records);
+                waiting.extend(later);
+                Vec::new()
+            }
+        };
         let mut side_applied = Vec::new();
         for body in side_records {
             // Settlement records are identified by their target; their own sequence is unused.
@@ -650,6 +694,8 @@ impl Writer {
     fn sync(&mut self) -> std::io::Result<()> {
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.last_fsync = Instant::now();
+        // Ids written before anything this sync covers are made durable first.
+        self.dedup.sync()?;
         self.active.sync_data()
     }
 
@@ -697,7 +743,7 @@ impl Writer {
                     p.1 = attempts;
                 }
             }
-            Body::Message { .. } | Body::Relocated { .. } => {}
+            Body::Message { .. } | Body::Relocated { .. } | Body::Remember { .. } => {}
         }
     }
 
@@ -730,6 +776,8 @@ impl Writer {
     /// Deletes the oldest segments while everything in them is settled. Only from the front: a
     /// later segment may hold the settle records of messages in an earlier one.
     fn collect_garbage(&mut self) {
+        self.dedup
+            .collect(dedup::unix_ms(std::time::SystemTime::now()));
         while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.live == 0) {
             let Some(s) = self.segments.pop_front() else {
                 break;
@@ -950,5 +998,7 @@ fn apply(
                 p.1 = attempts;
             }
         }
+        // Kept in the dedup journal, never in segments.
+        Body::Remember { .. } => {}
     }
 }

@@ -15,6 +15,7 @@
 //! subscriptions) so it can delete a segment once everything in it and before it is settled, and
 //! copy the few live messages of an old segment forward (compaction) so replay stays bounded.
 
+pub mod dedup;
 mod disk;
 pub mod record;
 

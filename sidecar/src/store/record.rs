@@ -52,6 +52,17 @@ pub enum Body {
         /// Attempts.
         attempts: u32,
     },
+    /// A stored message's id, remembered for de-duplication until `until_ms` (the dedup journal).
+    Remember {
+        /// Queue.
+        queue: String,
+        /// The message id.
+        id: String,
+        /// The message's sequence.
+        target: u64,
+        /// Unix time in milliseconds after which the id is forgotten.
+        until_ms: u64,
+    },
     /// A live message copied forward by compaction, keeping its original sequence and state.
     Relocated {
         /// Queue.
@@ -69,6 +80,7 @@ const KIND_MESSAGE: u8 = 1;
 const KIND_SETTLE: u8 = 2;
 const KIND_ATTEMPT: u8 = 3;
 const KIND_RELOCATED: u8 = 4;
+const KIND_REMEMBER: u8 = 5;
 
 /// Why decoding stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +150,20 @@ pub fn encode(seq: u64, body: &Body, out: &mut Vec<u8>) {
             put_str(out, subscription);
             out.extend_from_slice(&target.to_le_bytes());
             put_u32(out, *attempts);
+        }
+        Body::Remember {
+            queue,
+            id,
+            target,
+            until_ms,
+        } => {
+            out.extend_from_slice(&[0u8; HEADER]);
+            out.extend_from_slice(&seq.to_le_bytes());
+            out.push(KIND_REMEMBER);
+            put_str(out, queue);
+            put_str(out, id);
+            out.extend_from_slice(&target.to_le_bytes());
+            out.extend_from_slice(&until_ms.to_le_bytes());
         }
         Body::Relocated {
             queue,
@@ -230,6 +256,12 @@ pub fn decode(buf: &[u8]) -> Result<(u64, Body, usize), DecodeError> {
                 target: r.u64()?,
             }
         }
+        KIND_REMEMBER => Body::Remember {
+            queue: r.string()?,
+            id: r.string()?,
+            target: r.u64()?,
+            until_ms: r.u64()?,
+        },
         _ => return Err(DecodeError::Corrupt("unknown record kind")),
     };
     if r.pos != data.len() {
@@ -339,6 +371,12 @@ mod tests {
                 message: message("m2"),
                 pending: vec![("billing".into(), 2)],
                 target: 9,
+            },
+            Body::Remember {
+                queue: "orders".into(),
+                id: "order-7".into(),
+                target: 9,
+                until_ms: 1_780_000_000_000,
             },
         ]
     }

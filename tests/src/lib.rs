@@ -9,10 +9,12 @@ mod apiserver;
 pub mod http;
 pub mod mesh;
 mod process;
+pub mod proxy;
 
 pub use apiserver::{KubeApiServer, SERVICE_CIDR};
 pub use mesh::{Mesh, MeshBuilder, SidecarProcess};
 pub use process::{free_port, wait_for};
+pub use proxy::{Proxy, ProxyMode};
 
 /// The repository root, for tests that read `crds/`, `examples/` or `charts/`.
 pub fn repo_root() -> std::path::PathBuf {

@@ -1,6 +1,8 @@
 //! Local meshes of real `qmesh-sidecar` processes for tests: a mesh file written from the Queues and
 //! Subscriptions a test gives plus one `Sidecar` document per process, each on its own free
-//! loopback ports, started, killed (`SIGKILL`), stopped (`SIGTERM`) and restarted on demand.
+//! loopback ports, started, killed (`SIGKILL`), stopped (`SIGTERM`), frozen (`SIGSTOP`) and
+//! restarted on demand. With [`MeshBuilder::proxied`], peers reach each sidecar through a
+//! [`Proxy`] the test controls (partitions).
 
 use std::{
     collections::BTreeMap,
@@ -14,7 +16,10 @@ use std::{
 use anyhow::Context;
 use tempfile::TempDir;
 
-use crate::process::{ChildGuard, free_port_on, loopback_ip, wait_for};
+use crate::{
+    process::{ChildGuard, free_port_on, loopback_ip, wait_for},
+    proxy::Proxy,
+};
 
 /// Builds a [`Mesh`].
 #[derive(Default)]
@@ -22,6 +27,9 @@ pub struct MeshBuilder {
     manifests: String,
     sidecars: Vec<(String, Vec<(String, String)>)>,
     args: Vec<String>,
+    own_args: BTreeMap<String, Vec<String>>,
+    data_dirs: BTreeMap<String, PathBuf>,
+    proxied: bool,
 }
 
 impl MeshBuilder {
@@ -57,26 +65,66 @@ impl MeshBuilder {
         self
     }
 
+    /// Extra flags for one sidecar.
+    pub fn arg_for(mut self, name: &str, arg: &str) -> Self {
+        self.own_args
+            .entry(name.to_owned())
+            .or_default()
+            .push(arg.to_owned());
+        self
+    }
+
+    /// Keeps one sidecar's data in `dir` (e.g. a small tmpfs the test mounted) instead of the
+    /// mesh's temporary directory.
+    pub fn data_dir(mut self, name: &str, dir: &Path) -> Self {
+        self.data_dirs.insert(name.to_owned(), dir.to_path_buf());
+        self
+    }
+
+    /// Puts a [`Proxy`] in front of every sidecar's peer port: the mesh file advertises the proxy.
+    pub fn proxied(mut self) -> Self {
+        self.proxied = true;
+        self
+    }
+
     /// Writes the mesh file and starts every sidecar from `binary`, waiting until all are ready.
     pub async fn start(self, binary: &Path) -> anyhow::Result<Mesh> {
         let dir = tempfile::Builder::new().prefix("qmesh-mesh-").tempdir()?;
         let mut text = self.manifests.clone();
         let mut sidecars = BTreeMap::new();
+        let mut proxies = BTreeMap::new();
         for (name, labels) in &self.sidecars {
             // Each sidecar on its own loopback address, like a pod on its own IP.
             let ip = loopback_ip();
             let addr = |p: u16| SocketAddr::from((ip, p));
             let free_port = || free_port_on(ip);
+            let mut args = self.args.clone();
+            args.extend(self.own_args.get(name).cloned().unwrap_or_default());
+            let listen_peer = addr(free_port()?);
+            // Proxied: the mesh file (what peers dial) names the proxy; the sidecar listens behind.
+            let peer = if self.proxied {
+                let front = addr(free_port()?);
+                proxies.insert(name.clone(), Proxy::start(front, listen_peer).await?);
+                args.push("--peer-addr".into());
+                args.push(listen_peer.to_string());
+                front
+            } else {
+                listen_peer
+            };
             let s = SidecarProcess {
                 name: name.clone(),
-                peer: addr(free_port()?),
+                peer,
                 grpc: addr(free_port()?),
                 http: addr(free_port()?),
                 admin: addr(free_port()?),
-                data_dir: dir.path().join(name),
+                data_dir: self
+                    .data_dirs
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| dir.path().join(name)),
                 mesh_file: dir.path().join("mesh.yaml"),
                 binary: binary.to_path_buf(),
-                args: self.args.clone(),
+                args,
                 child: None,
                 log: dir.path().join(format!("{name}.log")),
             };
@@ -100,6 +148,7 @@ impl MeshBuilder {
         let mut mesh = Mesh {
             _dir: dir,
             sidecars,
+            proxies,
         };
         for s in mesh.sidecars.values_mut() {
             s.spawn()?;
@@ -113,8 +162,10 @@ impl MeshBuilder {
 
 /// A running local mesh; every process is killed when it is dropped.
 pub struct Mesh {
-    _dir: TempDir,
     sidecars: BTreeMap<String, SidecarProcess>,
+    proxies: BTreeMap<String, Proxy>,
+    // Last: the processes are gone before their directory.
+    _dir: TempDir,
 }
 
 impl Mesh {
@@ -126,6 +177,21 @@ impl Mesh {
     /// The sidecar of this name, to kill or restart it.
     pub fn sidecar_mut(&mut self, name: &str) -> &mut SidecarProcess {
         self.sidecars.get_mut(name).expect("a sidecar of that name")
+    }
+
+    /// Names of every sidecar.
+    pub fn names(&self) -> Vec<String> {
+        self.sidecars.keys().cloned().collect()
+    }
+
+    /// The proxy in front of a sidecar's peer port (meshes built with [`MeshBuilder::proxied`]).
+    pub fn proxy(&self, name: &str) -> &Proxy {
+        &self.proxies[name]
+    }
+
+    /// Where the mesh keeps its files (mesh file, logs, data directories).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 }
 
@@ -249,6 +315,18 @@ impl SidecarProcess {
         self.child.take();
         self.spawn()?;
         self.wait_ready().await
+    }
+
+    /// Whether the process is running (not killed, not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_status().is_none())
+    }
+
+    /// Path of its log file (every incarnation appended).
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// Resident set size of the process, from /proc.

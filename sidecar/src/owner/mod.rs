@@ -696,6 +696,11 @@ impl Owner {
 
     async fn dead_letter(self: &Arc<Self>, q: &Arc<OwnedQueue>, queue: &str, dl: DeadLetter) {
         self.metrics.dead_lettered(queue, &dl.subscription);
+        self.dead_letter_again(q, queue, dl).await;
+    }
+
+    /// Moves a dead letter to its dead-letter queue (a first try or a retry; counted once).
+    async fn dead_letter_again(self: &Arc<Self>, q: &Arc<OwnedQueue>, queue: &str, dl: DeadLetter) {
         if dl.target.is_none() {
             tracing::warn!(queue, subscription = %dl.subscription, sequence = dl.sequence, "delivery attempts exhausted and no dead-letter queue: message kept (parked) and counted");
             return;
@@ -707,10 +712,9 @@ impl Owner {
                     .settle(queue, &dl.subscription, dl.sequence, Outcome::DeadLettered);
             }
             Err(error) => {
-                tracing::warn!(%error, queue, subscription = %dl.subscription, sequence = dl.sequence, "dead-letter queue refused the message; kept (parked)");
-                if let Some(s) = q.lock().subs.get_mut(&dl.subscription) {
-                    s.parked.insert(dl.sequence);
-                }
+                tracing::warn!(%error, queue, subscription = %dl.subscription, sequence = dl.sequence, "dead-letter queue refused the message; kept (parked) and tried again later");
+                q.lock()
+                    .retry_dead_letter(&dl, &error.to_string(), Instant::now());
             }
         }
     }
@@ -773,6 +777,10 @@ impl Owner {
             if now.duration_since(last_expiry_check) >= Duration::from_secs(1) {
                 last_expiry_check = now;
                 self.expire(&q, &name).await;
+                let due = q.lock().due_dead_letters(now);
+                for dl in due {
+                    self.dead_letter_again(&q, &name, dl).await;
+                }
             }
             let wait = next.map_or(Duration::from_secs(1), |n| {
                 n.saturating_duration_since(Instant::now())

@@ -59,6 +59,9 @@ pub struct SubState {
     pub last_error: HashMap<u64, String>,
     /// Exhausted with no dead-letter queue: kept and counted, never silently dropped.
     pub parked: BTreeSet<u64>,
+    /// Parked because the dead-letter queue refused them (full, disk full): tried again, with
+    /// backoff, until it takes them.
+    pub dead_letter_retry: BTreeMap<u64, DeadLetterRetry>,
     /// Ordering keys with a message in flight or waiting (ordering: Key only).
     pub busy_keys: HashMap<String, u32>,
     /// Where the round-robin over consumer links continues.
@@ -96,6 +99,23 @@ impl SubState {
             }
         }
     }
+}
+
+/// A dead letter its dead-letter queue refused, waiting to be tried again.
+#[derive(Debug, Clone)]
+pub struct DeadLetterRetry {
+    /// When to try again.
+    pub next: Instant,
+    /// Tries so far.
+    pub tries: u32,
+    /// Why it is a dead letter.
+    pub reason: String,
+    /// Last delivery error.
+    pub last_error: String,
+    /// Deliveries attempted.
+    pub attempts: u32,
+    /// The dead-letter queue.
+    pub target: String,
 }
 
 /// What to do with a message that a subscription gave up on.
@@ -592,6 +612,7 @@ impl QueueState {
                 true
             }
             None => {
+                state.dead_letter_retry.remove(&sequence);
                 if state.ready.remove(&sequence) || state.parked.remove(&sequence) {
                     false
                 } else {
@@ -714,9 +735,80 @@ impl QueueState {
             .unwrap_or(0)
     }
 
+    /// Parks a dead letter its dead-letter queue refused and schedules another try.
+    pub fn retry_dead_letter(&mut self, dl: &DeadLetter, error: &str, now: Instant) {
+        let Some(state) = self.subs.get_mut(&dl.subscription) else {
+            return;
+        };
+        if !self
+            .messages
+            .get(&dl.sequence)
+            .is_some_and(|e| e.pending.contains(&dl.subscription))
+        {
+            return;
+        }
+        let tries = state
+            .dead_letter_retry
+            .get(&dl.sequence)
+            .map_or(0, |r| r.tries)
+            .saturating_add(1);
+        let wait = Duration::from_secs(1 << tries.min(5));
+        state.parked.insert(dl.sequence);
+        state.last_error.insert(
+            dl.sequence,
+            format!("dead-letter queue refused it (try {tries}): {error}"),
+        );
+        state.dead_letter_retry.insert(
+            dl.sequence,
+            DeadLetterRetry {
+                next: later(now, wait),
+                tries,
+                reason: dl.reason.clone(),
+                last_error: dl.last_error.clone(),
+                attempts: dl.attempts,
+                target: dl.target.clone().unwrap_or_default(),
+            },
+        );
+    }
+
+    /// Dead letters due for another try at their dead-letter queue.
+    pub fn due_dead_letters(&mut self, now: Instant) -> Vec<DeadLetter> {
+        let mut due = Vec::new();
+        for (name, state) in self.subs.iter_mut() {
+            let ready: Vec<u64> = state
+                .dead_letter_retry
+                .iter()
+                .filter(|(_, r)| r.next <= now)
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in ready {
+                let Some(retry) = state.dead_letter_retry.get_mut(&seq) else {
+                    continue;
+                };
+                // Not again until this try is answered.
+                retry.next = later(now, Duration::from_secs(3600));
+                let Some(entry) = self.messages.get(&seq) else {
+                    state.dead_letter_retry.remove(&seq);
+                    continue;
+                };
+                due.push(DeadLetter {
+                    subscription: name.clone(),
+                    sequence: seq,
+                    message: Arc::clone(&entry.message),
+                    attempts: retry.attempts,
+                    reason: retry.reason.clone(),
+                    last_error: retry.last_error.clone(),
+                    target: Some(retry.target.clone()),
+                });
+            }
+        }
+        due
+    }
+
     /// Settles a dead-lettered (or dropped) message for a subscription.
     pub fn settle_dead(&mut self, subscription: &str, sequence: u64) {
         if let Some(state) = self.subs.get_mut(subscription) {
+            state.dead_letter_retry.remove(&sequence);
             state.parked.remove(&sequence);
             state.attempts.remove(&sequence);
             state.last_error.remove(&sequence);
@@ -859,6 +951,7 @@ impl QueueState {
         let mut unparked = 0;
         for state in self.subs.values_mut() {
             if state.parked.remove(&sequence) {
+                state.dead_letter_retry.remove(&sequence);
                 state.attempts.remove(&sequence);
                 state.last_error.remove(&sequence);
                 state.ready.insert(sequence);
@@ -899,6 +992,7 @@ impl QueueState {
                 state.ready.remove(&sequence);
                 state.waiting.retain(|Reverse((_, s))| *s != sequence);
                 state.parked.remove(&sequence);
+                state.dead_letter_retry.remove(&sequence);
                 if ordered && was_busy {
                     state.free(&key);
                 }

@@ -867,3 +867,92 @@ async fn a_retry_during_the_original_publish_gets_the_originals_outcome() {
     let later = later[0].as_ref().unwrap();
     assert!(!later.duplicate, "{later:?}");
 }
+
+const FULL_DLQ: &str = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: jobs}
+spec:
+  publishers: {matchLabels: {app: producer}}
+  deadLetterQueue: jobs-dlq
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: jobs-dlq}
+spec:
+  retention: {maxMessages: 1, overflow: Reject}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: work}
+spec:
+  queue: jobs
+  consumers: {matchLabels: {app: worker}}
+  retry: {maxDeliveries: 1}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: dead}
+spec:
+  queue: jobs-dlq
+  consumers: {matchLabels: {app: auditor}}
+"#;
+
+/// A dead letter its dead-letter queue refuses (full) is kept, visible as parked, and moved there
+/// as soon as the dead-letter queue has room — not parked forever. (Found by the fault campaign,
+/// with a full disk.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_refused_by_a_full_dead_letter_queue_gets_there_once_it_has_room() {
+    let mesh = mesh()
+        .manifests(FULL_DLQ)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .sidecar("auditor", &[("app", "auditor")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let worker = Consumer::start("w", &mesh.sidecar("worker").grpc_url(), "work", 0, |_| {
+        Verdict::Nack("cannot process")
+    })
+    .await;
+    let results = publish_all(
+        &mesh.sidecar("producer").grpc_url(),
+        "jobs",
+        vec![message("bad-1", "", "x"), message("bad-2", "", "y")],
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+    until("both delivered and nacked", 10, || worker.count() >= 2).await;
+    let admin = mesh.sidecar("producer").admin;
+    // One fits into the dead-letter queue; the other waits, parked, where it was.
+    let parked = qmesh_tests::wait_for("one parked", Duration::from_secs(10), || async move {
+        let s = stats(admin).await?;
+        let work = s["subscriptions"]
+            .as_array()?
+            .iter()
+            .find(|x| x["subscription"] == "work")?
+            .clone();
+        (work["owner"]["parked"] == 1 && queue_backlog(admin, "jobs-dlq").await == 1).then_some(())
+    })
+    .await;
+    assert!(parked.is_ok(), "{parked:?}: {:?}", stats(admin).await);
+    // Someone drains the dead-letter queue: the parked one follows.
+    let audit = Consumer::start("a", &mesh.sidecar("auditor").grpc_url(), "dead", 0, |_| {
+        Verdict::Ack
+    })
+    .await;
+    until("both dead letters at the auditor", 20, || {
+        audit.count() >= 2
+    })
+    .await;
+    let mut originals: Vec<String> = audit
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.headers["qmesh-original-id"].clone())
+        .collect();
+    originals.sort();
+    assert_eq!(originals, ["bad-1", "bad-2"]);
+    until_sub_settled(admin, "work", 10).await;
+}

@@ -416,6 +416,7 @@ impl Writer {
                         match &body {
                             Body::Message { .. } => next_seq = next_seq.max(seq + 1),
                             Body::Relocated { target, .. } => next_seq = next_seq.max(target + 1),
+                            Body::Floor { next } => next_seq = next_seq.max(*next),
                             Body::Settle { .. } | Body::Attempt { .. } | Body::Remember { .. } => {}
                         }
                         stats.recovered_records.fetch_add(1, Ordering::Relaxed);
@@ -501,6 +502,7 @@ impl Writer {
             dedup,
             dedup_buf: Vec::new(),
         };
+        writer.write_floor();
         writer.collect_garbage();
         writer.compact();
         Ok((writer, recovered, remembered))
@@ -583,9 +585,21 @@ impl Writer {
                 reply,
             } = op
             {
-                let offset = start_size + buf.len() as u64;
+                let at = buf.len();
+                let offset = start_size + at as u64;
                 record::encode_message(seq, &queue, &message, &pending, buf);
+                if !record::fits(buf.len() - at) {
+                    // Replay would reject it (and cut the log there): refuse it now instead.
+                    let size = buf.len() - at;
+                    buf.truncate(at);
+                    let _ = reply.send(Err(BrokerError::Storage(format!(
+                        "a record of {size} bytes exceeds the log's limit of {} bytes",
+                        record::MAX_RECORD
+                    ))));
+                    continue;
+                }
                 let len = (start_size + buf.len() as u64 - offset) as u32;
+                self.next_seq = self.next_seq.max(seq + 1);
                 placed.push((seq, offset, len, queue, pending));
                 replies.push((seq, reply));
             }
@@ -743,7 +757,26 @@ impl Writer {
                     p.1 = attempts;
                 }
             }
-            Body::Message { .. } | Body::Relocated { .. } | Body::Remember { .. } => {}
+            Body::Message { .. }
+            | Body::Relocated { .. }
+            | Body::Remember { .. }
+            | Body::Floor { .. } => {}
+        }
+    }
+
+    /// Starts the active segment with the numbering floor (a failed write only loses the floor of
+    /// this segment; the next roll writes it again).
+    fn write_floor(&mut self) {
+        let mut buf = Vec::new();
+        record::encode(
+            0,
+            &Body::Floor {
+                next: self.next_seq,
+            },
+            &mut buf,
+        );
+        if self.active.write_all(&buf).is_ok() {
+            self.active_size += buf.len() as u64;
         }
     }
 
@@ -765,6 +798,7 @@ impl Writer {
                     live: 0,
                     total: 0,
                 });
+                self.write_floor();
             }
             Err(error) => {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -799,10 +833,19 @@ impl Writer {
     /// Copies the live messages of the oldest segment forward once there are too many segments,
     /// so replay time stays bounded however long a few messages stay unsettled.
     fn compact(&mut self) {
-        // Only a mostly settled head is worth copying forward: moving a segment that is still mostly
-        // live would rewrite the data without shortening replay.
+        // A mostly settled head is worth copying forward; so is any head that pins settled segments
+        // behind it (parked or slow messages would otherwise keep every later segment on disk).
+        // A log that is live all through (a backlog) is left alone: moving it would only rewrite it.
         while self.segments.len() > self.config.max_segments.max(2)
-            && self.segments.front().is_some_and(|h| h.live * 2 <= h.total)
+            && self.segments.front().is_some_and(|h| {
+                h.live * 2 <= h.total
+                    || self
+                        .segments
+                        .iter()
+                        .skip(1)
+                        .take(self.segments.len().saturating_sub(2))
+                        .any(|s| s.live == 0)
+            })
         {
             let before = self.segments.len();
             self.compact_head();
@@ -846,7 +889,8 @@ impl Writer {
                 continue;
             };
             let new_seq = 0;
-            let at = self.active_size + buf.len() as u64;
+            let before = buf.len();
+            let at = self.active_size + before as u64;
             record::encode(
                 new_seq,
                 &Body::Relocated {
@@ -857,6 +901,11 @@ impl Writer {
                 },
                 &mut buf,
             );
+            if !record::fits(buf.len() - before) {
+                // Too big to copy forward with its state: it stays where it is.
+                buf.truncate(before);
+                return;
+            }
             placed.push((seq, at, (self.active_size + buf.len() as u64 - at) as u32));
         }
         if self
@@ -998,7 +1047,7 @@ fn apply(
                 p.1 = attempts;
             }
         }
-        // Kept in the dedup journal, never in segments.
-        Body::Remember { .. } => {}
+        // Kept in the dedup journal, never in segments; floors are read by replay itself.
+        Body::Remember { .. } | Body::Floor { .. } => {}
     }
 }

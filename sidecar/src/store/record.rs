@@ -15,8 +15,14 @@ use qmesh_proto::v1;
 
 /// Bytes of `len` + `crc`.
 pub const HEADER: usize = 8;
-/// Largest record accepted (a 64 MiB message plus metadata).
+/// Largest record accepted (a 64 MiB message plus metadata) — by decoding and, the same limit, by
+/// every writer: a record replay would reject is never written.
 pub const MAX_RECORD: usize = 64 * 1024 * 1024 + 64 * 1024;
+
+/// Whether a framed record of `framed` bytes (header included) is within [`MAX_RECORD`].
+pub fn fits(framed: usize) -> bool {
+    framed.saturating_sub(HEADER) <= MAX_RECORD
+}
 
 /// What a record says.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +69,12 @@ pub enum Body {
         /// Unix time in milliseconds after which the id is forgotten.
         until_ms: u64,
     },
+    /// The first sequence not yet used, written at the start of every segment: numbering never
+    /// goes backwards, even once every segment that held a message is deleted.
+    Floor {
+        /// Next free sequence.
+        next: u64,
+    },
     /// A live message copied forward by compaction, keeping its original sequence and state.
     Relocated {
         /// Queue.
@@ -81,6 +93,7 @@ const KIND_SETTLE: u8 = 2;
 const KIND_ATTEMPT: u8 = 3;
 const KIND_RELOCATED: u8 = 4;
 const KIND_REMEMBER: u8 = 5;
+const KIND_FLOOR: u8 = 6;
 
 /// Why decoding stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +163,12 @@ pub fn encode(seq: u64, body: &Body, out: &mut Vec<u8>) {
             put_str(out, subscription);
             out.extend_from_slice(&target.to_le_bytes());
             put_u32(out, *attempts);
+        }
+        Body::Floor { next } => {
+            out.extend_from_slice(&[0u8; HEADER]);
+            out.extend_from_slice(&seq.to_le_bytes());
+            out.push(KIND_FLOOR);
+            out.extend_from_slice(&next.to_le_bytes());
         }
         Body::Remember {
             queue,
@@ -256,6 +275,7 @@ pub fn decode(buf: &[u8]) -> Result<(u64, Body, usize), DecodeError> {
                 target: r.u64()?,
             }
         }
+        KIND_FLOOR => Body::Floor { next: r.u64()? },
         KIND_REMEMBER => Body::Remember {
             queue: r.string()?,
             id: r.string()?,
@@ -378,6 +398,7 @@ mod tests {
                 target: 9,
                 until_ms: 1_780_000_000_000,
             },
+            Body::Floor { next: 42 },
         ]
     }
 

@@ -1,0 +1,138 @@
+//! The log keeps its own promises at the edges: a record replay would reject is never written,
+//! numbering never goes backwards, and a long-lived message does not pin the segments behind it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{path::Path, sync::Arc};
+
+use qmesh_proto::v1;
+use qmesh_sidecar::{
+    owner::log::{Outcome, OwnerLog},
+    store::{DiskLog, FsyncPolicy, StoreConfig, record},
+};
+
+fn config(dir: &Path) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.fsync = FsyncPolicy::Never;
+    c
+}
+
+fn message(id: &str, payload: usize) -> Arc<v1::Message> {
+    Arc::new(v1::Message {
+        id: id.into(),
+        payload: vec![7u8; payload].into(),
+        ..Default::default()
+    })
+}
+
+fn segments(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_record_larger_than_replay_accepts_is_refused_and_loses_nothing_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = DiskLog::open(config(dir.path())).unwrap();
+        let subs = ["a".to_owned()];
+        log.append("q", 1, &message("before", 10), &subs)
+            .await
+            .unwrap();
+        let huge = message("huge", record::MAX_RECORD);
+        let refused = log.append("q", 2, &huge, &subs).await;
+        let error = refused.expect_err("a record over the limit is refused");
+        assert!(
+            error.to_string().contains("exceeds the log's limit"),
+            "{error}"
+        );
+        log.append("q", 3, &message("after", 10), &subs)
+            .await
+            .unwrap();
+        log.flush().await.unwrap();
+    }
+    let log = DiskLog::open(config(dir.path())).unwrap();
+    let ids: Vec<String> = log.recover().into_iter().map(|r| r.message.id).collect();
+    assert_eq!(
+        ids,
+        ["before", "after"],
+        "replay kept everything acknowledged"
+    );
+    let dropped = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .to_string_lossy()
+                .ends_with(".dropped")
+        })
+        .count();
+    assert_eq!(dropped, 0, "no segment was set aside");
+}
+
+#[tokio::test]
+async fn numbering_never_goes_backwards_once_every_message_segment_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = DiskLog::open(config(dir.path())).unwrap();
+        for seq in 1..=3 {
+            log.append("q", seq, &message("m", 10), &["a".to_owned()])
+                .await
+                .unwrap();
+            log.settle("q", "a", seq, Outcome::Acked);
+        }
+        log.flush().await.unwrap();
+    }
+    // Each reopen starts a new segment and deletes the fully settled ones before it.
+    for _ in 0..3 {
+        let log = DiskLog::open(config(dir.path())).unwrap();
+        assert!(log.recover().is_empty());
+        assert!(
+            log.next_sequence() >= 4,
+            "sequences went back to {}",
+            log.next_sequence()
+        );
+    }
+}
+
+#[tokio::test]
+async fn parked_messages_do_not_pin_every_later_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.segment_bytes = 4096;
+    c.max_segments = 4;
+    let log = DiskLog::open(c).unwrap();
+    let subs = ["a".to_owned()];
+    // Two messages that stay owed (parked) make up most of the head segment.
+    log.append("q", 1, &message("parked-1", 1900), &subs)
+        .await
+        .unwrap();
+    log.append("q", 2, &message("parked-2", 1900), &subs)
+        .await
+        .unwrap();
+    // Then lots of traffic that is settled at once.
+    for seq in 3..400 {
+        log.append("q", seq, &message("m", 500), &subs)
+            .await
+            .unwrap();
+        log.settle("q", "a", seq, Outcome::Acked);
+    }
+    log.flush().await.unwrap();
+    let n = segments(dir.path());
+    assert!(n <= 6, "{n} segments kept for two live messages");
+    drop(log);
+    let mut c = config(dir.path());
+    c.segment_bytes = 4096;
+    let log = DiskLog::open(c).unwrap();
+    let ids: Vec<String> = log.recover().into_iter().map(|r| r.message.id).collect();
+    assert_eq!(ids, ["parked-1", "parked-2"]);
+}

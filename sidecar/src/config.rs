@@ -111,6 +111,12 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub segment_bytes: u64,
 
+    /// How long a Subscription may be missing from the mesh view before the messages it still owes
+    /// here are dropped (deleting a Subscription deletes its backlog, like deleting a RabbitMQ
+    /// queue; an invalid edit or a transient view shorter than this loses nothing).
+    #[arg(long, env = "QMESH_REMOVED_SUBSCRIPTION_GRACE", default_value = "1h", value_parser = parse_duration)]
+    pub removed_subscription_grace: Duration,
+
     /// How long SIGTERM may take: finishing deliveries to the app and handing over the backlog.
     #[arg(long, env = "QMESH_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

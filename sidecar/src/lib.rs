@@ -337,6 +337,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
             me: me.clone(),
             limits,
             replica_timeout: args.replica_timeout,
+            removed_grace: args.removed_subscription_grace,
         },
         Arc::clone(&metrics),
         Arc::clone(&tasks),

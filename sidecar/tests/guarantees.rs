@@ -956,3 +956,58 @@ async fn a_dead_letter_refused_by_a_full_dead_letter_queue_gets_there_once_it_ha
     assert_eq!(originals, ["bad-1", "bad-2"]);
     until_sub_settled(admin, "work", 10).await;
 }
+
+/// A Subscription that disappears from the view for a while (an invalid edit, a transient view)
+/// and comes back loses nothing it was owed: it was dormant, not deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_missing_from_the_view_for_a_while_keeps_its_backlog() {
+    let mesh = mesh()
+        .manifests(BACKLOG)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let results = publish_all(
+        &mesh.sidecar("producer").grpc_url(),
+        "jobs",
+        batch(10, "kept"),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+    let admin = mesh.sidecar("producer").admin;
+    let path = mesh.dir().join("mesh.yaml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let without: Vec<&str> = original
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("kind: Subscription"))
+        .collect();
+    let version = |admin| async move {
+        stats(admin)
+            .await
+            .and_then(|s| s["viewVersion"].as_u64())
+            .unwrap_or(0)
+    };
+    for text in [without.join("\n---\n"), original.clone()] {
+        let before = version(admin).await;
+        std::fs::write(&path, text).unwrap();
+        let reloaded = qmesh_tests::wait_for(
+            "the mesh file reloaded",
+            Duration::from_secs(15),
+            || async move { (version(admin).await > before).then_some(()) },
+        )
+        .await;
+        assert!(reloaded.is_ok(), "{reloaded:?}");
+    }
+    let worker = Consumer::start("w", &mesh.sidecar("worker").grpc_url(), "work", 0, |_| {
+        Verdict::Ack
+    })
+    .await;
+    until(
+        "the backlog delivered after the subscription came back",
+        15,
+        || worker.count() >= 10,
+    )
+    .await;
+    until_sub_settled(admin, "work", 10).await;
+}

@@ -51,6 +51,8 @@ pub struct Settings {
     pub limits: Limits,
     /// How long a `publishAck: Replicated` publish waits for a replica.
     pub replica_timeout: Duration,
+    /// How long a subscription may be missing from the view before what it owes is dropped.
+    pub removed_grace: Duration,
 }
 
 /// Sidecar-wide bounds on what the owner holds.
@@ -90,6 +92,7 @@ pub struct Owner {
     next_sequence: std::sync::atomic::AtomicU64,
     replicas: Arc<Replicas>,
     tasks: Arc<Supervisor>,
+    removed_grace: Duration,
 }
 
 /// Headers set on dead letters.
@@ -121,6 +124,7 @@ impl Owner {
             me,
             limits,
             replica_timeout,
+            removed_grace,
         } = settings;
         let (events_tx, events_rx) = mpsc::channel(8192);
         let replicas = Replicas::new(me.clone(), replica_timeout, Arc::clone(&tasks));
@@ -138,6 +142,7 @@ impl Owner {
             next_sequence: std::sync::atomic::AtomicU64::new(0),
             replicas,
             tasks,
+            removed_grace,
         });
         owner
             .next_sequence
@@ -234,16 +239,17 @@ impl Owner {
             .map(|r| r.subscription.clone())
             .collect();
         for rec in records {
-            let (keep, gone): (Vec<_>, Vec<_>) = rec
-                .pending
-                .into_iter()
-                .partition(|(s, _)| routes.contains(s));
-            for (sub, _) in gone {
-                // The subscription was deleted while this sidecar was down: nothing owes it.
-                q.log.settle(name, &sub, rec.sequence, Outcome::Acked);
+            // Owed to subscriptions this view lacks: kept dormant (the view may be partial; a
+            // deleted subscription is dropped after the removal grace).
+            if rec.pending.iter().any(|(s, _)| !routes.contains(s)) {
+                tracing::info!(
+                    queue = name,
+                    sequence = rec.sequence,
+                    "recovered a message owed to a subscription not in the view; kept dormant"
+                );
             }
-            if !keep.is_empty() {
-                state.restore(rec.sequence, Arc::new(rec.message), keep, now);
+            if !rec.pending.is_empty() {
+                state.restore(rec.sequence, Arc::new(rec.message), rec.pending, now);
             }
         }
         drop(state);
@@ -776,6 +782,13 @@ impl Owner {
             }
             if now.duration_since(last_expiry_check) >= Duration::from_secs(1) {
                 last_expiry_check = now;
+                let dropped = q.lock().drop_removed(now, self.removed_grace);
+                if !dropped.is_empty() {
+                    tracing::warn!(queue = %name, messages = dropped.len(), grace = %qmesh_api::Duration(self.removed_grace), "subscription removed for longer than the grace: what it owed is dropped");
+                }
+                for (sub, seq) in dropped {
+                    q.log.settle(&name, &sub, seq, Outcome::Acked);
+                }
                 self.expire(&q, &name).await;
                 let due = q.lock().due_dead_letters(now);
                 for dl in due {
@@ -1022,10 +1035,7 @@ impl Owner {
                     wanted.extend(r.consumers.iter().map(|c| c.peer_address.clone()));
                 }
                 if let Some(q) = self.get_queue(&qv.name) {
-                    let settled = q.lock().update_view(qv.clone());
-                    for (sub, seq) in settled {
-                        q.log.settle(&qv.name, &sub, seq, Outcome::Acked);
-                    }
+                    q.lock().update_view(qv.clone(), Instant::now());
                     q.wake.notify_one();
                 }
             }
@@ -1047,17 +1057,11 @@ impl Owner {
             .queue_for(&view, &queue)
             .ok_or_else(|| BrokerError::UnknownQueue(queue.clone()))?;
         let message = Arc::new(owned.message.unwrap_or_default());
-        let routes: HashSet<String> = q
-            .lock()
-            .view
-            .routes
-            .iter()
-            .map(|r| r.subscription.clone())
-            .collect();
+        // Every owing subscription is kept, also those this sidecar's view lacks (dormant until
+        // they appear or the removal grace passes): a hand-over never drops what is owed.
         let pending: Vec<(String, u32)> = owned
             .pending
             .into_iter()
-            .filter(|p| routes.contains(&p.subscription))
             .map(|p| (p.subscription, p.attempts))
             .collect();
         if pending.is_empty() {

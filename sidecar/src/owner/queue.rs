@@ -66,6 +66,9 @@ pub struct SubState {
     pub busy_keys: HashMap<String, u32>,
     /// Where the round-robin over consumer links continues.
     pub next_link: usize,
+    /// Since when the subscription is missing from the view (dormant: nothing is delivered, nothing
+    /// it owes is dropped until the removal grace has passed).
+    pub removed_at: Option<Instant>,
     /// Totals.
     pub delivered_total: u64,
     /// Totals.
@@ -311,18 +314,39 @@ impl QueueState {
             .find(|r| r.subscription == subscription)
     }
 
-    /// Applies a new view of the queue: new routes start empty (they see new messages only);
-    /// removed routes settle what they owed.
-    pub fn update_view(&mut self, view: control::QueueView) -> Vec<(String, u64)> {
-        let mut settled = Vec::new();
+    /// Applies a new view of the queue: new routes start empty (they see new messages only); a
+    /// route missing from the view goes dormant — what it owes is kept, undelivered, and picked up
+    /// again if it comes back (an invalid edit, a transient view). Only
+    /// [`QueueState::drop_removed`] gives it up, after the removal grace.
+    pub fn update_view(&mut self, view: control::QueueView, now: Instant) {
         let keep: HashSet<String> = view.routes.iter().map(|r| r.subscription.clone()).collect();
-        let gone: Vec<String> = self
+        for (name, state) in self.subs.iter_mut() {
+            if keep.contains(name) {
+                state.removed_at = None;
+            } else if state.removed_at.is_none() {
+                state.removed_at = Some(now);
+            }
+        }
+        for sub in keep {
+            self.subs.entry(sub).or_default();
+        }
+        self.view = view;
+    }
+
+    /// Subscriptions removed from the view for longer than `grace` are deleted, like a deleted
+    /// queue in RabbitMQ: what they owed is settled. Returns (subscription, sequence) settled.
+    pub fn drop_removed(&mut self, now: Instant, grace: Duration) -> Vec<(String, u64)> {
+        let expired: Vec<String> = self
             .subs
-            .keys()
-            .filter(|s| !keep.contains(*s))
-            .cloned()
+            .iter()
+            .filter(|(_, s)| {
+                s.removed_at
+                    .is_some_and(|at| now.duration_since(at) >= grace)
+            })
+            .map(|(name, _)| name.clone())
             .collect();
-        for sub in gone {
+        let mut settled = Vec::new();
+        for sub in expired {
             self.subs.remove(&sub);
             for (seq, entry) in self.messages.iter_mut() {
                 if entry.pending.remove(&sub) {
@@ -330,11 +354,9 @@ impl QueueState {
                 }
             }
         }
-        for sub in keep {
-            self.subs.entry(sub).or_default();
+        if !settled.is_empty() {
+            self.collect_settled();
         }
-        self.view = view;
-        self.collect_settled();
         settled
     }
 
@@ -457,6 +479,13 @@ impl QueueState {
         now: Instant,
     ) {
         let subs: Vec<String> = pending.iter().map(|(s, _)| s.clone()).collect();
+        // Owed to a subscription this view does not (yet) have: kept for it, dormant.
+        for sub in &subs {
+            self.subs.entry(sub.clone()).or_insert_with(|| SubState {
+                removed_at: Some(now),
+                ..SubState::default()
+            });
+        }
         self.reserve(sequence, &message.id.clone(), now);
         self.insert(sequence, message, subs, now);
         self.published_total -= 1;
@@ -653,12 +682,24 @@ impl QueueState {
             link,
         } = failure;
         let ordered = self.ordered();
-        let route = self.route(subscription)?.clone();
+        let route = self.route(subscription).cloned();
         let state = self.subs.get_mut(subscription)?;
         match state.in_flight.get(&sequence) {
             Some(f) if f.attempt == attempt && link.is_none_or(|l| l == f.link) => {}
             _ => return None,
         }
+        let Some(route) = route else {
+            // A dormant subscription: back to ready, uncounted, for when it returns.
+            state.in_flight.remove(&sequence);
+            if let Some(entry) = self.messages.get(&sequence) {
+                if ordered {
+                    let key = entry.message.key.clone();
+                    state.free(&key);
+                }
+                state.ready.insert(sequence);
+            }
+            return None;
+        };
         state.in_flight.remove(&sequence);
         let entry = self.messages.get(&sequence)?;
         let key = entry.message.key.clone();

@@ -493,10 +493,11 @@ async fn wait_for_signal(notified: tokio::sync::futures::Notified<'_>) {
 
 /// Graceful stop: waits (up to half of `grace`) for the backlog to be delivered and the apps to
 /// settle what they hold, then hands what this sidecar still owns to other sidecars of the mesh (each
-/// persists it and becomes its owner), then returns.
+/// persists it and becomes its owner) — again every second while something is left and the grace
+/// lasts (a peer may be draining too, or refuse a queue) — then returns.
 async fn drain(sidecar: &Sidecar, grace: Duration, me: &peer_wire::SidecarId) {
     let deadline = Instant::now() + grace;
-    let mut hand_over_at = Some(Instant::now() + grace / 2);
+    let mut hand_over_at = Instant::now() + grace / 2;
     loop {
         let backlog = sidecar.owner.backlog();
         let in_flight: usize = sidecar
@@ -513,11 +514,6 @@ async fn drain(sidecar: &Sidecar, grace: Duration, me: &peer_wire::SidecarId) {
                 .await;
             return;
         }
-        if backlog > 0 && hand_over_at.is_some_and(|at| Instant::now() >= at) {
-            hand_over_at = None;
-            hand_over(sidecar, me, deadline).await;
-            continue;
-        }
         if Instant::now() >= deadline {
             tracing::warn!(
                 backlog,
@@ -526,58 +522,80 @@ async fn drain(sidecar: &Sidecar, grace: Duration, me: &peer_wire::SidecarId) {
             );
             return;
         }
+        if backlog > 0 && Instant::now() >= hand_over_at {
+            hand_over(sidecar, me, deadline).await;
+            hand_over_at = Instant::now() + Duration::from_secs(1);
+            continue;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Hands the owned backlog over, batch by batch, to the first peers that accept it.
+/// Most bytes of messages in one hand-over batch (far below the peer frame limit).
+const HAND_OVER_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Hands the owned backlog over, queue by queue and batch by batch, to the first peer that takes
+/// each queue. A batch is of one queue, so a peer that may not own it refuses all of it; a peer that
+/// took only part of a batch says how much, and exactly that is forgotten here.
 async fn hand_over(sidecar: &Sidecar, me: &peer_wire::SidecarId, deadline: Instant) {
     use qmesh_proto::peer::{HandOverBatch, peer_client::PeerClient};
     let mut batch_no = 0;
-    for peer in sidecar.owner.peers() {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{peer}")) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(2)),
-            Err(_) => continue,
-        };
-        let Ok(channel) = endpoint.connect().await else {
-            continue;
-        };
-        let mut client = PeerClient::new(channel)
-            .max_decoding_message_size(64 * 1024 * 1024 + 65536)
-            .max_encoding_message_size(64 * 1024 * 1024 + 65536);
-        loop {
+    for queue in sidecar.owner.owned_queues() {
+        for peer in sidecar.owner.peers() {
             if Instant::now() >= deadline {
                 return;
             }
-            let messages = sidecar.owner.owned_messages(200);
-            if messages.is_empty() {
-                return;
-            }
-            batch_no += 1;
-            let batch = HandOverBatch {
-                from: Some(me.clone()),
-                batch: batch_no,
-                messages: messages.clone(),
+            let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{peer}")) {
+                Ok(e) => e.connect_timeout(Duration::from_secs(2)),
+                Err(_) => continue,
             };
-            let answer = async {
-                let mut acks = client
-                    .hand_over(tokio_stream::iter(vec![batch]))
-                    .await?
-                    .into_inner();
-                acks.message().await
-            }
-            .await;
-            match answer {
-                Ok(Some(ack)) if ack.error.is_none() => {
-                    sidecar.owner.handed_over(&messages);
-                    tracing::info!(%peer, messages = messages.len(), "handed over owned messages");
+            let Ok(channel) = endpoint.connect().await else {
+                continue;
+            };
+            let mut client = PeerClient::new(channel)
+                .max_decoding_message_size(64 * 1024 * 1024 + 65536)
+                .max_encoding_message_size(64 * 1024 * 1024 + 65536);
+            let refused = loop {
+                if Instant::now() >= deadline {
+                    return;
                 }
-                Ok(Some(ack)) => {
-                    let reason = ack.error.map(|e| e.message).unwrap_or_default();
-                    tracing::info!(%peer, %reason, "peer refused the hand-over; trying another");
-                    break;
+                let messages = sidecar
+                    .owner
+                    .owned_messages(&queue, 200, HAND_OVER_BATCH_BYTES);
+                if messages.is_empty() {
+                    break false;
                 }
-                Ok(None) | Err(_) => break,
+                batch_no += 1;
+                let batch = HandOverBatch {
+                    from: Some(me.clone()),
+                    batch: batch_no,
+                    messages: messages.clone(),
+                };
+                let answer = async {
+                    let mut acks = client
+                        .hand_over(tokio_stream::iter(vec![batch]))
+                        .await?
+                        .into_inner();
+                    acks.message().await
+                }
+                .await;
+                match answer {
+                    Ok(Some(ack)) => {
+                        let adopted = (ack.adopted as usize).min(messages.len());
+                        sidecar.owner.handed_over(&messages[..adopted]);
+                        if adopted > 0 {
+                            tracing::info!(%peer, %queue, messages = adopted, "handed over owned messages");
+                        }
+                        if let Some(error) = ack.error {
+                            tracing::info!(%peer, %queue, reason = %error.message, "peer refused the hand-over; trying another");
+                            break true;
+                        }
+                    }
+                    Ok(None) | Err(_) => break true,
+                }
+            };
+            if !refused {
+                break;
             }
         }
     }

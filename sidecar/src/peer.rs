@@ -204,11 +204,13 @@ impl Peer for PeerService {
             while let Ok(Some(batch)) = inbound.message().await {
                 let mut error = None;
                 let count = batch.messages.len();
+                let mut adopted = 0u32;
                 for message in batch.messages {
                     if let Err(e) = owner.adopt(message).await {
                         error = Some(e.to_proto());
                         break;
                     }
+                    adopted += 1;
                 }
                 let from = batch.from.map(|f| f.name).unwrap_or_default();
                 match &error {
@@ -223,6 +225,7 @@ impl Peer for PeerService {
                     .send(Ok(HandOverAck {
                         batch: batch.batch,
                         error,
+                        adopted,
                     }))
                     .await
                     .is_err()

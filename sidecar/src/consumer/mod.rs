@@ -75,6 +75,9 @@ struct Expired {
     reference: peer::DeliveryRef,
 }
 
+/// Most payload bytes handed to an app in one batch (at least one message).
+pub const APP_BATCH_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+
 /// How many timed-out leases a subscription remembers for late acks (oldest forgotten first).
 const EXPIRED_MEMORY: usize = 4096;
 
@@ -706,7 +709,19 @@ impl Consumers {
     pub fn take_now(&self, sub: &LocalSub, max: usize, holder: Holder) -> Vec<v1::Delivery> {
         let mut out = Vec::new();
         let mut st = sub.lock();
+        let mut bytes = 0usize;
         while out.len() < max {
+            // One answer stays within what gRPC clients accept by default (4 MiB), unless a single
+            // message is bigger.
+            let next = st
+                .buffer
+                .front()
+                .and_then(|h| h.delivery.message.as_ref())
+                .map_or(0, |m| m.payload.len() + 512);
+            if !out.is_empty() && bytes + next > APP_BATCH_BYTES {
+                break;
+            }
+            bytes += next;
             let Some(held) = st.buffer.pop_front() else {
                 break;
             };

@@ -1051,6 +1051,10 @@ impl Owner {
     /// subscriptions and attempt counts, then delivered like any of ours. Refused when this sidecar
     /// may not own the queue.
     pub async fn adopt(self: &Arc<Self>, owned: peer::OwnedMessage) -> Result<(), BrokerError> {
+        // A sidecar on its way out takes nothing over: it would have to hand it on again.
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(BrokerError::ShuttingDown);
+        }
         let view = self.view.borrow().clone();
         let queue = owned.queue.clone();
         let q = self
@@ -1233,18 +1237,37 @@ impl Owner {
         }
     }
 
-    /// Everything still owed, for a hand-over: (queue, sequence, message, owing subscriptions with
-    /// attempts).
-    pub fn owned_messages(&self, max: usize) -> Vec<peer::OwnedMessage> {
+    /// Queues that still own messages, for a hand-over.
+    pub fn owned_queues(&self) -> Vec<String> {
+        self.queues()
+            .iter()
+            .filter_map(|q| {
+                let s = q.lock();
+                (!s.messages.is_empty()).then(|| s.name.clone())
+            })
+            .collect()
+    }
+
+    /// The oldest messages still owed in `queue`, for one hand-over batch: at most `max` of them
+    /// and `max_bytes` (but always one), with their owing subscriptions and attempts.
+    pub fn owned_messages(
+        &self,
+        queue: &str,
+        max: usize,
+        max_bytes: u64,
+    ) -> Vec<peer::OwnedMessage> {
+        let Some(q) = self.get_queue(queue) else {
+            return Vec::new();
+        };
+        let state = q.lock();
         let mut out = Vec::new();
-        for q in self.queues() {
-            let state = q.lock();
-            for (seq, entry) in state.messages.iter() {
-                if out.len() >= max {
-                    return out;
-                }
-                out.push(owned_message(&state, *seq, entry));
+        let mut bytes = 0;
+        for (seq, entry) in state.messages.iter() {
+            if out.len() >= max || (!out.is_empty() && bytes + entry.size > max_bytes) {
+                break;
             }
+            bytes += entry.size;
+            out.push(owned_message(&state, *seq, entry));
         }
         out
     }

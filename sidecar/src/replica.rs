@@ -131,10 +131,8 @@ impl Drop for StreamGuard {
         if let Some(o) = owners.get_mut(&self.owner) {
             o.streams = o.streams.saturating_sub(1);
             o.unreachable_since = None;
-            if o.streams == 0 && o.copies.is_empty() && o.log.is_none() {
-                owners.remove(&self.owner);
-            }
         }
+        self.store.forget_if_idle(&mut owners, &self.owner);
     }
 }
 
@@ -233,6 +231,24 @@ impl ReplicaStore {
             self.bytes.fetch_sub(delta.unsigned_abs(), SeqCst);
         }
         self.metrics.replica_bytes.set(self.bytes() as i64);
+    }
+
+    /// Forgets an owner with no stream open and no copy kept: its slot, its log and its directory
+    /// go, so a sidecar that outlives many owner pods keeps room for new ones.
+    fn forget_if_idle(&self, owners: &mut HashMap<String, OwnerCopies>, owner: &str) {
+        if !owners
+            .get(owner)
+            .is_some_and(|o| o.streams == 0 && o.copies.is_empty())
+        {
+            return;
+        }
+        let had_log = owners.remove(owner).is_some_and(|o| o.log.is_some());
+        if had_log && let Some(dir) = &self.config.dir {
+            let path = dir.join(owner);
+            if let Err(error) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(%error, path = %path.display(), "could not delete an idle owner's replica log");
+            }
+        }
     }
 
     /// Checks the first frame's owner and counts the stream as open.
@@ -457,6 +473,7 @@ impl ReplicaStore {
                 }
             }
         }
+        self.forget_if_idle(&mut owners, owner);
         drop(owners);
         self.add_bytes(-(freed as i64));
         gone.len()
@@ -723,6 +740,41 @@ mod tests {
         assert!(err.message().contains("replica storage full"));
         assert_eq!(s.count("o"), 0);
         assert_eq!(s.bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn owners_with_nothing_kept_are_forgotten_so_new_owners_always_find_a_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replicas");
+        let s = store(Some(path.clone()), 1 << 20);
+        let me = peer::SidecarId {
+            name: "me".into(),
+            ..Default::default()
+        };
+        // More owner pods over the sidecar's life than it has slots: each replicates, settles, goes.
+        for i in 0..(MAX_OWNERS + 5) {
+            let owner = peer::SidecarId {
+                name: format!("owner-{i}"),
+                ..Default::default()
+            };
+            let guard = s
+                .open_stream(&owner, &me)
+                .unwrap_or_else(|e| panic!("owner {i} refused: {e}"));
+            s.accept(&owner.name, batch(vec![copy("q", 1, "m")]))
+                .await
+                .unwrap();
+            s.settle(
+                &owner.name,
+                &SettledRange {
+                    below: 2,
+                    sequences: vec![],
+                },
+            );
+            drop(guard);
+        }
+        assert!(s.lock().is_empty(), "no idle owner kept");
+        let left = std::fs::read_dir(&path).map_or(0, |d| d.count());
+        assert_eq!(left, 0, "their logs are deleted");
     }
 
     #[test]

@@ -1011,3 +1011,59 @@ async fn a_subscription_missing_from_the_view_for_a_while_keeps_its_backlog() {
     .await;
     until_sub_settled(admin, "work", 10).await;
 }
+
+/// The sidecar's memory bound holds under concurrent publishes: those still being written count
+/// too, so many large publishes at once cannot all pass the check before any is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_cannot_overrun_the_memory_bound() {
+    let bound = 8 * 1024 * 1024;
+    let mesh = mesh()
+        .manifests(BIG_JOBS)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .arg("--max-owned-bytes")
+        .arg(&bound.to_string())
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let url = mesh.sidecar("producer").grpc_url();
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut m = message(&format!("big-{i}"), "", "");
+            m.payload = vec![b'x'; 1024 * 1024].into();
+            publish_all(&url, "jobs", vec![m]).await.remove(0)
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(e) => assert_eq!(e.code, v1::ErrorCode::BacklogFull as i32, "{e:?}"),
+        }
+    }
+    let s = stats(mesh.sidecar("producer").admin).await.unwrap();
+    let bytes = s["queues"][0]["backlogBytes"].as_u64().unwrap();
+    assert!(
+        bytes <= bound,
+        "{accepted} accepted: {bytes} bytes owned over a bound of {bound}"
+    );
+    assert!(accepted >= 4, "only {accepted} accepted");
+}
+
+const BIG_JOBS: &str = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: jobs}
+spec:
+  publishers: {matchLabels: {app: producer}}
+  maxMessageBytes: 2Mi
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: work}
+spec:
+  queue: jobs
+  consumers: {matchLabels: {app: worker}}
+"#;

@@ -190,3 +190,34 @@ async fn two_pods_terminating_together_hand_everything_to_the_one_that_stays() {
         "the staying pod owns all of both backlogs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_takes_only_what_fits_its_bound_and_the_rest_goes_elsewhere_once() {
+    let mut mesh = mesh()
+        .manifests(PAIR)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("small", &[("app", "producer")])
+        .sidecar("large", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .arg("--shutdown-grace")
+        .arg("4s")
+        .arg_for("small", "--max-owned-messages")
+        .arg_for("small", "5")
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let messages = (0..20)
+        .map(|i| message(&format!("m-{i}"), "", "m"))
+        .collect();
+    let results = publish_all(&mesh.sidecar("producer").grpc_url(), "jobs", messages).await;
+    assert!(results.iter().all(Result::is_ok));
+    terminate_all(&mut mesh, &["producer"]).await;
+    let small = queue_backlog(mesh.sidecar("small").admin, "jobs").await;
+    let large = queue_backlog(mesh.sidecar("large").admin, "jobs").await;
+    assert!(small <= 5, "the small peer took {small}, over its bound");
+    assert_eq!(
+        small + large,
+        20,
+        "every message owned exactly once: {small} + {large}"
+    );
+}

@@ -44,6 +44,9 @@ pub enum LinkEvent {
     Up,
 }
 
+/// Most distinct subscriptions a consumer may grant credits for on one link.
+const MAX_SUBSCRIPTIONS_PER_LINK: usize = 1024;
+
 /// Outbound frames a link connection may queue: deliveries are bounded by credits, so this only
 /// guards against a consumer that grants absurdly many.
 const LINK_QUEUE: usize = 4096;
@@ -270,7 +273,11 @@ impl Links {
                         {
                             let mut connection =
                                 link.connection.lock().unwrap_or_else(|e| e.into_inner());
-                            if let Some(c) = connection.as_mut() {
+                            // Bounded by what a consumer may name: a peer cannot grow this map.
+                            if let Some(c) = connection.as_mut()
+                                && (c.credits.len() < MAX_SUBSCRIPTIONS_PER_LINK
+                                    || c.credits.contains_key(&grant.subscription))
+                            {
                                 let n = c.credits.entry(grant.subscription.clone()).or_default();
                                 *n = n.saturating_add(grant.credits).min(1_000_000);
                             }

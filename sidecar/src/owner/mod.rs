@@ -93,6 +93,26 @@ pub struct Owner {
     replicas: Arc<Replicas>,
     tasks: Arc<Supervisor>,
     removed_grace: Duration,
+    /// Bytes and messages of publishes and adoptions admitted and not yet in a queue's state.
+    admitted: Mutex<(u64, u64)>,
+}
+
+/// A message's place in the memory bound while it is being persisted.
+struct Admission<'a> {
+    owner: &'a Owner,
+    cost: u64,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        let mut admitted = self
+            .owner
+            .admitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        admitted.0 = admitted.0.saturating_sub(self.cost);
+        admitted.1 = admitted.1.saturating_sub(1);
+    }
 }
 
 /// Headers set on dead letters.
@@ -143,6 +163,7 @@ impl Owner {
             replicas,
             tasks,
             removed_grace,
+            admitted: Mutex::new((0, 0)),
         });
         owner
             .next_sequence
@@ -419,6 +440,7 @@ impl Owner {
         if let Some(duplicate) = duplicate {
             return answer_duplicate(&message.id, duplicate).await;
         }
+        let _admission = self.admit(queue, size)?;
         self.make_room(q, queue, &policy, size).await?;
         // publishAck: Replicated — a replica must be there before anything is written.
         let replicated = policy.publish_ack() == control::PublishAck::Replicated;
@@ -527,6 +549,34 @@ impl Owner {
         q.log.remember(queue, &message.id, sequence, until);
     }
 
+    /// Admits a message of `size` bytes into the sidecar's memory bound — owned messages with their
+    /// bookkeeping, dedup ids, and every publish or adoption still in progress — or refuses it. The
+    /// admission is held until the message is in its queue's state (or has failed).
+    fn admit(&self, queue: &str, size: u64) -> Result<Admission<'_>, BrokerError> {
+        let (owned_bytes, owned_messages) = self.queues().iter().fold((0, 0), |(b, m), q| {
+            let s = q.lock();
+            (
+                b + s.bytes + s.messages.len() as u64 * queue::ENTRY_OVERHEAD + s.dedup_bytes,
+                m + s.messages.len() as u64,
+            )
+        });
+        let cost = size + queue::ENTRY_OVERHEAD;
+        let mut admitted = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
+        if owned_bytes + admitted.0 + cost > self.limits.max_bytes
+            || owned_messages + admitted.1 + 1 > self.limits.max_messages
+        {
+            return Err(BrokerError::BacklogFull {
+                queue: queue.to_owned(),
+                limit: "the sidecar's memory bound (--max-owned-bytes / --max-owned-messages)"
+                    .into(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        admitted.0 += cost;
+        admitted.1 += 1;
+        Ok(Admission { owner: self, cost })
+    }
+
     /// Applies retention limits before a publish of `size` bytes.
     async fn make_room(
         self: &Arc<Self>,
@@ -536,22 +586,6 @@ impl Owner {
         size: u64,
     ) -> Result<(), BrokerError> {
         let retention = policy.retention.unwrap_or_default();
-        let (total_bytes, total_messages) = self.queues().iter().fold((0, 0), |(b, m), q| {
-            let s = q.lock();
-            (b + s.bytes, m + s.messages.len() as u64)
-        });
-        // The memory bound counts what each owned message costs beside its bytes, too.
-        let in_memory = total_bytes + total_messages * queue::ENTRY_OVERHEAD;
-        if in_memory + size + queue::ENTRY_OVERHEAD > self.limits.max_bytes
-            || total_messages + 1 > self.limits.max_messages
-        {
-            return Err(BrokerError::BacklogFull {
-                queue: queue.to_owned(),
-                limit: "the sidecar's memory bound (--max-owned-bytes / --max-owned-messages)"
-                    .into(),
-                retry_after: Duration::from_secs(1),
-            });
-        }
         loop {
             let over = {
                 let s = q.lock();
@@ -1061,6 +1095,9 @@ impl Owner {
             .queue_for(&view, &queue)
             .ok_or_else(|| BrokerError::UnknownQueue(queue.clone()))?;
         let message = Arc::new(owned.message.unwrap_or_default());
+        // Taken over like a publish: within this sidecar's memory bound, or refused (the sender
+        // tries another peer; a replica keeps its copy and tries again).
+        let _admission = self.admit(&queue, queue::message_size(&message))?;
         // Every owing subscription is kept, also those this sidecar's view lacks (dormant until
         // they appear or the removal grace passes): a hand-over never drops what is owed.
         let pending: Vec<(String, u32)> = owned

@@ -232,6 +232,8 @@ pub struct QueueState {
     /// Message ids seen inside the dedup window: id → (sequence, forgotten at).
     pub dedup: HashMap<String, (u64, Instant)>,
     dedup_order: VecDeque<(Instant, String)>,
+    /// Memory the remembered ids take (counted against the sidecar's bound).
+    pub dedup_bytes: u64,
     /// Duplicates waiting for the outcome of an original that is still being persisted.
     dedup_waiters: HashMap<u64, Vec<tokio::sync::oneshot::Sender<Result<(), BrokerError>>>>,
     /// Published total.
@@ -273,6 +275,7 @@ impl QueueState {
             bytes: 0,
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
+            dedup_bytes: 0,
             dedup_waiters: HashMap::new(),
             published_total: 0,
             appending: BTreeSet::new(),
@@ -391,6 +394,7 @@ impl QueueState {
             }
             if self.dedup.get(old).is_some_and(|(_, u)| u == until) {
                 self.dedup.remove(old);
+                self.dedup_bytes = self.dedup_bytes.saturating_sub(dedup_cost(old));
             }
             self.dedup_order.pop_front();
         }
@@ -411,7 +415,13 @@ impl QueueState {
         if id.is_empty() {
             return;
         }
-        self.dedup.insert(id.to_owned(), (sequence, until));
+        if self
+            .dedup
+            .insert(id.to_owned(), (sequence, until))
+            .is_none()
+        {
+            self.dedup_bytes += dedup_cost(id);
+        }
         self.dedup_order.push_back((until, id.to_owned()));
     }
 
@@ -430,6 +440,7 @@ impl QueueState {
         self.appending.remove(&sequence);
         if self.dedup.get(id).is_some_and(|(seq, _)| *seq == sequence) {
             self.dedup.remove(id);
+            self.dedup_bytes = self.dedup_bytes.saturating_sub(dedup_cost(id));
         }
         for waiter in self.dedup_waiters.remove(&sequence).unwrap_or_default() {
             let _ = waiter.send(Err(error.clone()));
@@ -1080,6 +1091,11 @@ impl QueueState {
 /// What the owner keeps per unsettled message beside its bytes (the entry, its index nodes, the
 /// per-subscription sets), counted against the sidecar's memory bound.
 pub const ENTRY_OVERHEAD: u64 = 320;
+
+/// What one remembered id costs in memory (the map entry and its place in the expiry order).
+fn dedup_cost(id: &str) -> u64 {
+    2 * id.len() as u64 + 96
+}
 
 /// Bytes a message counts for: payload, headers, id and key.
 pub fn message_size(message: &v1::Message) -> u64 {

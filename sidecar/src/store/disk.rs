@@ -122,6 +122,10 @@ enum Op {
     Flush(oneshot::Sender<std::io::Result<()>>),
 }
 
+/// Most settlement and attempt records waiting for the writer (they pile up only while the disk
+/// refuses writes).
+const MAX_SIDE_RECORDS: usize = 1_000_000;
+
 /// The disk implementation of [`OwnerLog`].
 pub struct DiskLog {
     /// Held for as long as the log is open: one process per log directory.
@@ -233,10 +237,22 @@ impl DiskLog {
     }
 
     fn side(&self, body: Body) {
-        self.side
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(body);
+        let mut side = self.side.lock().unwrap_or_else(|e| e.into_inner());
+        if side.len() >= MAX_SIDE_RECORDS {
+            // The disk has refused writes for a long while. Settlements and attempt counts may go
+            // (a restart redelivers, at-least-once); remembered ids stay.
+            let before = side.len();
+            side.retain(|b| matches!(b, Body::Remember { .. }));
+            self.stats
+                .write_errors
+                .fetch_add((before - side.len()) as u64, Ordering::Relaxed);
+            tracing::error!(
+                dropped = before - side.len(),
+                "settlement records waiting for a failing disk dropped; their messages will be redelivered after a restart"
+            );
+        }
+        side.push(body);
+        drop(side);
         let _ = self.tx.try_send(Op::Wake);
     }
 }

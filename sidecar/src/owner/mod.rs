@@ -1439,10 +1439,19 @@ async fn answer_duplicate(
 }
 
 /// A token bucket for a rate limit (rates below one per second allowed).
+///
+/// Any numbers make a working bucket: the rate is held to [0.001, 10⁹] per second (NaN and
+/// negatives are the minimum) and the burst to [1, 100,000], so the bucket's size in time always
+/// fits its clock.
 pub fn rate_limiter(limit: &control::RateLimit) -> DefaultDirectRateLimiter {
-    let per_second = limit.messages_per_second.max(0.001);
+    let rate = limit.messages_per_second;
+    let per_second = if rate.is_nan() {
+        0.001
+    } else {
+        rate.clamp(0.001, 1e9)
+    };
     let period = Duration::from_secs_f64(1.0 / per_second).max(Duration::from_nanos(1));
-    let burst = NonZeroU32::new(limit.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(limit.burst.clamp(1, 100_000)).unwrap_or(NonZeroU32::MIN);
     let quota = Quota::with_period(period)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
         .allow_burst(burst);

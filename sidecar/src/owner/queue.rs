@@ -575,7 +575,12 @@ impl QueueState {
                     }
                 }
                 let Some(link) = chosen else { break };
-                let attempt = state.attempts.get(&seq).copied().unwrap_or(0) + 1;
+                let attempt = state
+                    .attempts
+                    .get(&seq)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_add(1);
                 taken.push((seq, link, attempt, Arc::clone(&entry.message)));
                 if ordered && !key.is_empty() {
                     skipped_keys.insert(key.clone());

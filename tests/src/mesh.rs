@@ -230,7 +230,10 @@ impl SidecarProcess {
             .args(["--name", &self.name, "--data-dir"])
             .arg(&self.data_dir)
             .args(["--log-level", "info,qmesh_sidecar=debug"])
-            .args(&self.args);
+            .args(&self.args)
+            // Errors and panics in the log as one readable line each, not a page of backtrace.
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0");
         // Append, so a restart keeps the earlier incarnation's log for diagnosis.
         self.child = Some(ChildGuard::spawn_appending(
             "qmesh-sidecar",

@@ -418,17 +418,18 @@ impl Writer {
         let mut stop_after: Option<usize> = None;
         for (index, &id) in ids.iter().enumerate() {
             let path = segment_path(&dir, id);
-            let mut bytes = Vec::new();
-            File::open(&path)?.read_to_end(&mut bytes)?;
-            let mut pos = 0usize;
+            // Record by record: one record in memory at a time, never a whole segment.
+            let mut reader = SegmentReader::open(&path)?;
             let mut segment = Segment {
                 id,
                 live: 0,
                 total: 0,
             };
-            while pos < bytes.len() {
-                match record::decode(&bytes[pos..]) {
-                    Ok((seq, body, used)) => {
+            loop {
+                let pos = reader.pos as usize;
+                match reader.next()? {
+                    Ok(None) => break,
+                    Ok(Some((seq, body, used))) => {
                         match &body {
                             Body::Message { .. } => next_seq = next_seq.max(seq + 1),
                             Body::Relocated { target, .. } => next_seq = next_seq.max(target + 1),
@@ -446,10 +447,9 @@ impl Writer {
                             pos as u64,
                             used as u32,
                         );
-                        pos += used;
                     }
                     Err(error) => {
-                        let dropped = (bytes.len() - pos) as u64;
+                        let dropped = reader.size - pos as u64;
                         stats.dropped_bytes.fetch_add(dropped, Ordering::Relaxed);
                         tracing::warn!(
                             segment = %path.display(), offset = pos, dropped_bytes = dropped, ?error,
@@ -958,6 +958,60 @@ impl Writer {
         self.stats.relocated.fetch_add(moved, Ordering::Relaxed);
         tracing::info!(segment = head, moved, "compacted the oldest log segment");
         self.collect_garbage();
+    }
+}
+
+/// What [`SegmentReader::next`] finds: a record `(seq, body, bytes)`, the clean end (`None`), or
+/// where the good data ends.
+type Next = Result<Option<(u64, Body, usize)>, record::DecodeError>;
+
+/// Reads a segment file record by record, holding one record at a time.
+struct SegmentReader {
+    file: std::io::BufReader<File>,
+    buf: Vec<u8>,
+    size: u64,
+    pos: u64,
+}
+
+impl SegmentReader {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Self {
+            file: std::io::BufReader::with_capacity(256 * 1024, file),
+            buf: Vec::new(),
+            size,
+            pos: 0,
+        })
+    }
+
+    /// The next record (`None` at the clean end), or where the good data ends.
+    fn next(&mut self) -> std::io::Result<Next> {
+        let left = self.size - self.pos;
+        if left == 0 {
+            return Ok(Ok(None));
+        }
+        if left < record::HEADER as u64 {
+            return Ok(Err(record::DecodeError::Torn));
+        }
+        self.buf.resize(record::HEADER, 0);
+        self.file.read_exact(&mut self.buf)?;
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if !(9..=record::MAX_RECORD).contains(&len) {
+            return Ok(Err(record::DecodeError::Corrupt(
+                "record length out of range",
+            )));
+        }
+        if left < (record::HEADER + len) as u64 {
+            return Ok(Err(record::DecodeError::Torn));
+        }
+        self.buf.resize(record::HEADER + len, 0);
+        self.file.read_exact(&mut self.buf[record::HEADER..])?;
+        let decoded = record::decode(&self.buf);
+        if let Ok((_, _, used)) = &decoded {
+            self.pos += *used as u64;
+        }
+        Ok(decoded.map(Some))
     }
 }
 

@@ -124,7 +124,7 @@ impl Broker for BrokerService {
             0 => settings.max_in_flight,
             n => n.min(settings.max_in_flight),
         }
-        .max(1);
+        .clamp(1, crate::consumer::MAX_WINDOW);
         let manual = open.manual_credit;
         let (tx, rx) = mpsc::channel(16);
         tx.send(Ok(SubscribeResponse {

@@ -75,6 +75,10 @@ struct Expired {
     reference: peer::DeliveryRef,
 }
 
+/// The largest window a subscription gets, whatever its `maxInFlight` says (sums of credits stay
+/// far from overflowing).
+pub const MAX_WINDOW: u32 = 100_000;
+
 /// Most payload bytes handed to an app in one batch (at least one message).
 pub const APP_BATCH_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
@@ -163,8 +167,9 @@ impl LocalSub {
             .clone()
     }
 
+    /// `maxInFlight` as the view gives it, held to [1, [`MAX_WINDOW`]].
     fn window(&self) -> u32 {
-        self.settings().max_in_flight.max(1)
+        self.settings().max_in_flight.clamp(1, MAX_WINDOW)
     }
 
     /// The window credits may fill now: `maxInFlight`, capped by what the connected apps can hold

@@ -523,7 +523,9 @@ async fn drain(sidecar: &Sidecar, grace: Duration, me: &peer_wire::SidecarId) {
             return;
         }
         if backlog > 0 && Instant::now() >= hand_over_at {
+            sidecar.owner.handing_over(true);
             hand_over(sidecar, me, deadline).await;
+            sidecar.owner.handing_over(false);
             hand_over_at = Instant::now() + Duration::from_secs(1);
             continue;
         }

@@ -221,3 +221,68 @@ async fn a_peer_takes_only_what_fits_its_bound_and_the_rest_goes_elsewhere_once(
         "every message owned exactly once: {small} + {large}"
     );
 }
+
+const ORDERED: &str = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: ledger}
+spec:
+  publishers: {matchLabels: {app: producer}}
+  ordering: Key
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: books}
+spec:
+  queue: ledger
+  consumers: {matchLabels: {app: worker}}
+"#;
+
+/// A hand-over in several batches while the key is being consumed: the old owner sends nothing new
+/// once it hands over, so no message of the key is first delivered before an earlier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_order_holds_through_a_hand_over_in_several_batches() {
+    let mut mesh = mesh()
+        .manifests(ORDERED)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("standby", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .arg("--shutdown-grace")
+        .arg("3s")
+        .arg("--fsync")
+        .arg("interval:5ms")
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let n = 700;
+    let messages = (0..n)
+        .map(|i| message(&format!("{i:05}"), "account-1", "entry"))
+        .collect();
+    let results = publish_all(&mesh.sidecar("producer").grpc_url(), "ledger", messages).await;
+    assert!(results.iter().all(Result::is_ok));
+    // A consumer that takes a few milliseconds per entry: the hand-over starts mid-stream.
+    let books = Consumer::start("b", &mesh.sidecar("worker").grpc_url(), "books", 0, |_| {
+        std::thread::sleep(Duration::from_millis(4));
+        Verdict::Ack
+    })
+    .await;
+    until("some entries consumed", 10, || books.count() >= 20).await;
+    terminate_all(&mut mesh, &["producer"]).await;
+    until("every entry consumed", 60, || {
+        tally(books.ids()).0.len() >= n
+    })
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    let firsts: Vec<String> = books
+        .ids()
+        .into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect();
+    let mut sorted = firsts.clone();
+    sorted.sort();
+    let out_of_order = firsts.windows(2).find(|w| w[0] > w[1]);
+    assert!(
+        firsts == sorted,
+        "first deliveries out of order at {out_of_order:?}"
+    );
+}

@@ -93,6 +93,8 @@ pub struct Owner {
     replicas: Arc<Replicas>,
     tasks: Arc<Supervisor>,
     removed_grace: Duration,
+    /// A hand-over is running: no new deliveries.
+    handing_over: AtomicBool,
     /// Bytes and messages of publishes and adoptions admitted and not yet in a queue's state.
     admitted: Mutex<(u64, u64)>,
 }
@@ -163,6 +165,7 @@ impl Owner {
             replicas,
             tasks,
             removed_grace,
+            handing_over: AtomicBool::new(false),
             admitted: Mutex::new((0, 0)),
         });
         owner
@@ -281,6 +284,16 @@ impl Owner {
     /// Stops taking publishes (graceful shutdown).
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops (`true`) or resumes dispatching, around a hand-over.
+    pub fn handing_over(&self, on: bool) {
+        self.handing_over.store(on, Ordering::SeqCst);
+        if !on {
+            for q in self.queues() {
+                q.wake.notify_one();
+            }
+        }
     }
 
     /// Messages still owed to some subscription, over all queues.
@@ -789,7 +802,13 @@ impl Owner {
                         .collect()
                 };
                 let mut take = |link: u64, sub: &str| links.take_credit(link, sub);
-                let outgoing = state.dispatch(now, &links_for, &mut take);
+                // While handing over, nothing new goes out: a message is delivered either from here
+                // or from its new owner, and a key's next message never overtakes one already gone.
+                let outgoing = if self.handing_over.load(Ordering::SeqCst) {
+                    Vec::new()
+                } else {
+                    state.dispatch(now, &links_for, &mut take)
+                };
                 // What is still ready after dispatch waits for credit: every consumer link of the
                 // route hears whether this owner has work, so consumers share their windows fairly.
                 let demand: Vec<(Vec<u64>, String, usize)> = state

@@ -431,8 +431,10 @@ impl Writer {
                     Ok(None) => break,
                     Ok(Some((seq, body, used))) => {
                         match &body {
-                            Body::Message { .. } => next_seq = next_seq.max(seq + 1),
-                            Body::Relocated { target, .. } => next_seq = next_seq.max(target + 1),
+                            Body::Message { .. } => next_seq = next_seq.max(seq.saturating_add(1)),
+                            Body::Relocated { target, .. } => {
+                                next_seq = next_seq.max(target.saturating_add(1))
+                            }
                             Body::Floor { next } => next_seq = next_seq.max(*next),
                             Body::Settle { .. } | Body::Attempt { .. } | Body::Remember { .. } => {}
                         }
@@ -615,7 +617,7 @@ impl Writer {
                     continue;
                 }
                 let len = (start_size + buf.len() as u64 - offset) as u32;
-                self.next_seq = self.next_seq.max(seq + 1);
+                self.next_seq = self.next_seq.max(seq.saturating_add(1));
                 placed.push((seq, offset, len, queue, pending));
                 replies.push((seq, reply));
             }

@@ -176,18 +176,20 @@ async fn replay_streams_records_instead_of_reading_whole_segments() {
 }
 
 /// Found by fuzzing (fuzz/regressions/log_replay): a well-formed record carrying the largest
-/// sequence made replay overflow. Now it replays, and numbering stays at the top.
+/// sequence made replay overflow. It leaves no next sequence, so replay treats it as corruption.
 #[test]
-fn a_record_with_the_largest_sequence_replays_without_overflow() {
+fn a_record_with_the_largest_sequence_is_corruption_not_an_overflow() {
     let dir = tempfile::tempdir().unwrap();
     let mut bytes = Vec::new();
     let m = v1::Message {
         id: "a".into(),
         ..Default::default()
     };
+    record::encode_message(7, "q", &m, &["s"], &mut bytes);
     record::encode_message(u64::MAX, "q", &m, &["s"], &mut bytes);
     std::fs::write(dir.path().join("00000000000000000001.log"), &bytes).unwrap();
     let log = DiskLog::open(config(dir.path())).unwrap();
-    assert_eq!(log.next_sequence(), u64::MAX);
-    assert_eq!(log.recover().len(), 1);
+    let seqs: Vec<u64> = log.recover().into_iter().map(|r| r.sequence).collect();
+    assert_eq!(seqs, [7], "kept what is before, cut the rest");
+    assert!(log.next_sequence() > 7 && log.next_sequence() < u64::MAX);
 }

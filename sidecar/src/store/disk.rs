@@ -427,7 +427,20 @@ impl Writer {
             };
             loop {
                 let pos = reader.pos as usize;
-                match reader.next()? {
+                // A message numbered u64::MAX leaves no next sequence: no writer makes one, so it is
+                // corruption like any other.
+                let next = reader.next()?.and_then(|r| match &r {
+                    Some((u64::MAX, Body::Message { .. }, _))
+                    | Some((
+                        _,
+                        Body::Relocated {
+                            target: u64::MAX, ..
+                        },
+                        _,
+                    )) => Err(record::DecodeError::Corrupt("sequence out of range")),
+                    _ => Ok(r),
+                });
+                match next {
                     Ok(None) => break,
                     Ok(Some((seq, body, used))) => {
                         match &body {

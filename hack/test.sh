@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole qmesh test suite, with all of its set-up, on a fresh Debian 12 machine (run as root):
-#   formatting, clippy -D warnings, CRD drift, unit, component, mesh, fault-campaign and Kubernetes
-#   (real kube-apiserver + etcd) tests, then the fuzz corpus and a short fuzzing run.
+#   formatting, clippy -D warnings, the fuzz corpus and a short fuzzing run, then CRD drift, unit,
+#   component, mesh, fault-campaign and Kubernetes (real kube-apiserver + etcd) tests.
 # Set-up it does itself: Debian packages, the test Kubernetes binaries (cached, version-keyed, in
 # ${QMESH_CACHE_DIR:-~/.cache/qmesh}; honours KUBEBUILDER_ASSETS), and Python packages for the
 # example client.
@@ -60,13 +60,6 @@ cargo fmt --all --check
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "tests"
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
-else
-  cargo test --workspace --locked --no-fail-fast
-fi
-
 # The fuzz crate (its own workspace): its seed corpus and every saved crash replayed on stable, then
 # a few seconds of coverage-guided fuzzing per target (hack/chaos.sh runs long ones).
 step "fuzz corpus and regressions"
@@ -75,3 +68,11 @@ step "fuzz corpus and regressions"
 
 step "fuzzing (${QMESH_FUZZ_SECONDS:-5} s per target)"
 hack/fuzz.sh --seconds "${QMESH_FUZZ_SECONDS:-5}"
+
+# Last, so the test runner's summary closes the output.
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi

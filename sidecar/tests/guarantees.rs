@@ -14,12 +14,10 @@ use std::{
 };
 
 use common::*;
-use qmesh_proto::v1::{
-    self, Ack, Nack, Open, SubscribeRequest, subscribe_request, subscribe_response,
-};
+use qmesh_proto::v1::{self, Ack, Nack, SubscribeRequest, subscribe_request, subscribe_response};
 use qmesh_tests::http;
 use tokio::sync::mpsc;
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tokio_stream::StreamExt;
 
 fn batch(n: usize, prefix: &str) -> Vec<v1::Message> {
     (0..n)
@@ -35,28 +33,7 @@ struct RawStream {
 
 impl RawStream {
     async fn open(url: &str, subscription: &str, max_in_flight: u32) -> Self {
-        let mut client = client(url).await;
-        let (tx, rx) = mpsc::channel(64);
-        tx.send(SubscribeRequest {
-            request: Some(subscribe_request::Request::Open(Open {
-                subscription: subscription.to_owned(),
-                max_in_flight,
-                manual_credit: false,
-            })),
-        })
-        .await
-        .unwrap();
-        let mut inbound = client
-            .subscribe(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        match inbound.next().await {
-            Some(Ok(v1::SubscribeResponse {
-                response: Some(subscribe_response::Response::Subscribed(_)),
-            })) => {}
-            other => panic!("not subscribed: {other:?}"),
-        }
+        let (tx, inbound) = open_subscription(url, subscription, max_in_flight).await;
         Self { tx, inbound }
     }
 
@@ -147,28 +124,9 @@ async fn a_second_producer_gets_credits_while_the_first_sits_idle() {
     )
     .await;
     assert!(second.iter().all(Result::is_ok));
-    let result = qmesh_tests::wait_for(
-        "every message of the second producer",
-        Duration::from_secs(10),
-        || {
-            let n = worker
-                .ids()
-                .iter()
-                .filter(|i| i.starts_with("second"))
-                .count();
-            async move { (n >= 50).then_some(()) }
-        },
-    )
-    .await;
-    let got = worker
-        .ids()
-        .iter()
-        .filter(|i| i.starts_with("second"))
-        .count();
-    assert!(
-        result.is_ok(),
-        "the second producer got {got} of 50 delivered"
-    );
+    worker
+        .expect_prefixed("second", 50, 10, "the second producer's messages delivered")
+        .await;
     until_sub_settled(mesh.sidecar("producer-2").admin, "work", 10).await;
 
     // And the first producer is served again when it sends once more.
@@ -499,28 +457,9 @@ async fn when_the_only_consumer_app_of_a_pod_leaves_its_share_goes_to_the_live_c
     )
     .await;
     assert!(later.iter().all(Result::is_ok));
-    let result = qmesh_tests::wait_for(
-        "every later message at the live consumer",
-        Duration::from_secs(10),
-        || {
-            let n = staying
-                .ids()
-                .iter()
-                .filter(|i| i.starts_with("later"))
-                .count();
-            async move { (n >= 50).then_some(()) }
-        },
-    )
-    .await;
-    let n = staying
-        .ids()
-        .iter()
-        .filter(|i| i.starts_with("later"))
-        .count();
-    assert!(
-        result.is_ok(),
-        "only {n} of 50 reached the live consumer within 10 s"
-    );
+    staying
+        .expect_prefixed("later", 50, 10, "every later message at the live consumer")
+        .await;
 }
 
 const POISON: &str = r#"

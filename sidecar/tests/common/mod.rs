@@ -122,28 +122,7 @@ impl Consumer {
         verdict: impl Fn(&Received) -> Verdict + Send + 'static,
     ) -> Self {
         let received = Arc::new(Mutex::new(Vec::new()));
-        let mut client = client(url).await;
-        let (tx, rx) = mpsc::channel(64);
-        tx.send(SubscribeRequest {
-            request: Some(subscribe_request::Request::Open(Open {
-                subscription: subscription.to_owned(),
-                max_in_flight,
-                manual_credit: false,
-            })),
-        })
-        .await
-        .unwrap();
-        let mut inbound = client
-            .subscribe(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        match inbound.next().await {
-            Some(Ok(v1::SubscribeResponse {
-                response: Some(subscribe_response::Response::Subscribed(_)),
-            })) => {}
-            other => panic!("not subscribed: {other:?}"),
-        }
+        let (tx, mut inbound) = open_subscription(url, subscription, max_in_flight).await;
         let name = name.to_owned();
         let log = Arc::clone(&received);
         let task = tokio::spawn(async move {
@@ -206,6 +185,31 @@ impl Consumer {
             .collect()
     }
 
+    /// Distinct-or-not deliveries so far whose id starts with `prefix`.
+    pub fn count_prefixed(&self, prefix: &str) -> usize {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.id.starts_with(prefix))
+            .count()
+    }
+
+    /// Waits up to `secs` for `n` deliveries with ids starting with `prefix`; on a timeout, fails
+    /// with how many came.
+    pub async fn expect_prefixed(&self, prefix: &str, n: usize, secs: u64, what: &str) {
+        let done = wait_for(what, Duration::from_secs(secs), || {
+            let got = self.count_prefixed(prefix);
+            async move { (got >= n).then_some(()) }
+        })
+        .await;
+        assert!(
+            done.is_ok(),
+            "{what}: {} of {n} within {secs} s",
+            self.count_prefixed(prefix)
+        );
+    }
+
     /// Number of deliveries so far.
     pub fn count(&self) -> usize {
         self.received.lock().unwrap().len()
@@ -216,6 +220,41 @@ impl Consumer {
         self.task.abort();
         self.received.lock().unwrap().clone()
     }
+}
+
+/// Opens a `Subscribe` stream and waits for its `subscribed` answer: the sender for acks, nacks and
+/// credits, and the stream of deliveries.
+pub async fn open_subscription(
+    url: &str,
+    subscription: &str,
+    max_in_flight: u32,
+) -> (
+    mpsc::Sender<SubscribeRequest>,
+    tonic::Streaming<v1::SubscribeResponse>,
+) {
+    let mut client = client(url).await;
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Open(Open {
+            subscription: subscription.to_owned(),
+            max_in_flight,
+            manual_credit: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    match inbound.next().await {
+        Some(Ok(v1::SubscribeResponse {
+            response: Some(subscribe_response::Response::Subscribed(_)),
+        })) => {}
+        other => panic!("not subscribed: {other:?}"),
+    }
+    (tx, inbound)
 }
 
 /// Waits until `check` holds, up to `secs` seconds.

@@ -19,7 +19,7 @@ pub mod metrics;
 pub mod owner;
 pub mod peer;
 pub mod replica;
-pub mod store;
+pub use qmesh_store as store;
 pub mod supervise;
 pub mod view;
 

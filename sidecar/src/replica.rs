@@ -33,11 +33,7 @@ use tonic::Status;
 
 use crate::{
     metrics::Metrics,
-    owner::{
-        Owner,
-        log::{Outcome, OwnerLog},
-        replicas::REFUSED_QUEUE,
-    },
+    owner::{Owner, log::Outcome, replicas::REFUSED_QUEUE},
     store::{DiskLog, FsyncPolicy, StoreConfig},
     view::ViewRx,
 };

@@ -11,40 +11,7 @@ use qmesh_proto::v1;
 
 use crate::error::BrokerError;
 
-/// How a subscription finished with a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// A consumer acknowledged it.
-    Acked,
-    /// Moved to the dead-letter queue (or dropped by retention).
-    DeadLettered,
-}
-
-/// A message recovered from the log at start.
-#[derive(Clone, Debug)]
-pub struct Recovered {
-    /// Queue it was published to.
-    pub queue: String,
-    /// Its sequence.
-    pub sequence: u64,
-    /// The message, `publish_time` set.
-    pub message: v1::Message,
-    /// Subscriptions that still owe an ack, with delivery attempts so far.
-    pub pending: Vec<(String, u32)>,
-}
-
-/// A message id remembered for de-duplication, recovered at start.
-#[derive(Clone, Debug)]
-pub struct Remembered {
-    /// Queue it was published to.
-    pub queue: String,
-    /// The message id.
-    pub id: String,
-    /// The message's sequence.
-    pub sequence: u64,
-    /// When the queue's dedup window for it ends.
-    pub until: std::time::SystemTime,
-}
+pub use qmesh_store::{Outcome, Recovered, Remembered};
 
 /// The owner's durable record.
 #[tonic::async_trait]
@@ -107,5 +74,49 @@ impl OwnerLog for MemoryLog {
 
     fn recover(&self) -> Vec<Recovered> {
         Vec::new()
+    }
+}
+
+impl From<qmesh_store::StoreError> for BrokerError {
+    fn from(error: qmesh_store::StoreError) -> Self {
+        Self::Storage(error.to_string())
+    }
+}
+
+/// `durability: Disk`: the log in the data directory.
+#[tonic::async_trait]
+impl OwnerLog for qmesh_store::DiskLog {
+    async fn append(
+        &self,
+        queue: &str,
+        sequence: u64,
+        message: &Arc<v1::Message>,
+        pending: &[String],
+    ) -> Result<(), BrokerError> {
+        Ok(qmesh_store::DiskLog::append(self, queue, sequence, message, pending).await?)
+    }
+
+    fn next_sequence(&self) -> u64 {
+        qmesh_store::DiskLog::next_sequence(self)
+    }
+
+    fn settle(&self, queue: &str, subscription: &str, sequence: u64, outcome: Outcome) {
+        qmesh_store::DiskLog::settle(self, queue, subscription, sequence, outcome);
+    }
+
+    fn attempted(&self, queue: &str, subscription: &str, sequence: u64, attempts: u32) {
+        qmesh_store::DiskLog::attempted(self, queue, subscription, sequence, attempts);
+    }
+
+    fn recover(&self) -> Vec<Recovered> {
+        qmesh_store::DiskLog::recover(self)
+    }
+
+    fn remember(&self, queue: &str, id: &str, sequence: u64, until: std::time::SystemTime) {
+        qmesh_store::DiskLog::remember(self, queue, id, sequence, until);
+    }
+
+    fn recover_remembered(&self) -> Vec<Remembered> {
+        qmesh_store::DiskLog::recover_remembered(self)
     }
 }

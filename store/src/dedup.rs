@@ -20,7 +20,7 @@ use std::{
 };
 
 use super::record::{self, Body};
-use crate::owner::log::Remembered;
+use crate::Remembered;
 
 /// A journal segment is rolled after this long …
 const ROLL_AFTER: Duration = Duration::from_secs(60);

@@ -13,10 +13,7 @@ use std::{
 };
 
 use qmesh_proto::v1;
-use qmesh_sidecar::{
-    owner::log::{Outcome, OwnerLog},
-    store::{DiskLog, FsyncPolicy, StoreConfig},
-};
+use qmesh_store::{DiskLog, FsyncPolicy, Outcome, StoreConfig};
 
 const CHILD_ENV: &str = "QMESH_STORE_CRASH_CHILD_DIR";
 

@@ -3,7 +3,7 @@
 //! measured in the same run on the same disk (sequential `write` of the same bytes with std::fs,
 //! then one fsync).
 //!
-//! `cargo bench -p qmesh-sidecar --bench store [-- --secs 3 --dir /path/on/disk]`
+//! `cargo bench -p qmesh-store --bench log [-- --secs 3 --dir /path/on/disk]`
 
 use std::{
     io::Write,
@@ -12,7 +12,7 @@ use std::{
 };
 
 use qmesh_proto::v1;
-use qmesh_sidecar::store::{DiskLog, FsyncPolicy, StoreConfig};
+use qmesh_store::{DiskLog, FsyncPolicy, StoreConfig};
 
 const PAYLOAD: usize = 1024;
 

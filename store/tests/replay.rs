@@ -8,10 +8,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use proptest::prelude::*;
 use qmesh_proto::v1;
-use qmesh_sidecar::{
-    owner::log::{Outcome, OwnerLog},
-    store::{DiskLog, FsyncPolicy, StoreConfig},
-};
+use qmesh_store::{DiskLog, FsyncPolicy, Outcome, StoreConfig};
 
 #[derive(Debug, Clone)]
 enum Op {

@@ -20,10 +20,7 @@ use super::{
     dedup::{self, DedupJournal},
     record::{self, Body},
 };
-use crate::{
-    error::BrokerError,
-    owner::log::{Outcome, OwnerLog, Recovered, Remembered},
-};
+use crate::{Outcome, Recovered, Remembered, StoreError};
 
 /// When appends are made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,8 +42,8 @@ impl FromStr for FsyncPolicy {
             "never" | "Never" => Ok(Self::Never),
             other => other
                 .strip_prefix("interval:")
-                .and_then(|d| d.parse::<qmesh_api::Duration>().ok())
-                .map(|d| Self::Interval(d.get()))
+                .and_then(parse_duration)
+                .map(Self::Interval)
                 .ok_or_else(|| {
                     format!(
                         "{other:?}: use always, never or interval:<duration> (e.g. interval:5ms)"
@@ -54,6 +51,34 @@ impl FromStr for FsyncPolicy {
                 }),
         }
     }
+}
+
+/// `5ms`, `1s`, `1m30s`: digits and a unit (`ms`, `s`, `m`, `h`), repeated.
+fn parse_duration(input: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = input;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let value: u64 = rest.get(..digits)?.parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else {
+            return None;
+        };
+        rest = &rest[len..];
+        total = total.checked_add(unit.checked_mul(u32::try_from(value).ok()?)?)?;
+    }
+    Some(total)
 }
 
 /// Settings of the log.
@@ -116,7 +141,7 @@ enum Op {
         sequence: u64,
         message: Arc<v1::Message>,
         pending: Vec<String>,
-        reply: oneshot::Sender<Result<u64, BrokerError>>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     Wake,
     Flush(oneshot::Sender<std::io::Result<()>>),
@@ -126,7 +151,7 @@ enum Op {
 /// refuses writes).
 const MAX_SIDE_RECORDS: usize = 1_000_000;
 
-/// The disk implementation of [`OwnerLog`].
+/// The disk log: one per data directory, one writer thread.
 pub struct DiskLog {
     /// Held for as long as the log is open: one process per log directory.
     _lock: fs::File,
@@ -216,7 +241,7 @@ impl DiskLog {
         queue: &str,
         message: &Arc<v1::Message>,
         pending: &[String],
-    ) -> Result<u64, BrokerError> {
+    ) -> Result<u64, StoreError> {
         let sequence = self.numbering.fetch_add(1, Ordering::SeqCst);
         self.append(queue, sequence, message, pending)
             .await
@@ -257,15 +282,16 @@ impl DiskLog {
     }
 }
 
-#[tonic::async_trait]
-impl OwnerLog for DiskLog {
-    async fn append(
+impl DiskLog {
+    /// Persists message `sequence` owed to `pending` subscriptions; resolves once it is durable
+    /// (per the fsync policy).
+    pub async fn append(
         &self,
         queue: &str,
         sequence: u64,
         message: &Arc<v1::Message>,
         pending: &[String],
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         let op = Op::Append {
             queue: queue.to_owned(),
@@ -274,21 +300,18 @@ impl OwnerLog for DiskLog {
             pending: pending.to_vec(),
             reply,
         };
-        self.tx
-            .send(op)
-            .await
-            .map_err(|_| BrokerError::Storage("the log writer stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| BrokerError::Storage("the log writer stopped".into()))?
-            .map(|_| ())
+        self.tx.send(op).await.map_err(|_| StoreError::Stopped)?;
+        answer.await.map_err(|_| StoreError::Stopped)?.map(|_| ())
     }
 
-    fn next_sequence(&self) -> u64 {
+    /// The first sequence never used by a message in this log.
+    pub fn next_sequence(&self) -> u64 {
         self.first_free
     }
 
-    fn settle(&self, queue: &str, subscription: &str, sequence: u64, outcome: Outcome) {
+    /// Records that `subscription` is done with `sequence` (written behind the appends, not
+    /// awaited).
+    pub fn settle(&self, queue: &str, subscription: &str, sequence: u64, outcome: Outcome) {
         self.side(Body::Settle {
             queue: queue.to_owned(),
             subscription: subscription.to_owned(),
@@ -297,7 +320,8 @@ impl OwnerLog for DiskLog {
         });
     }
 
-    fn attempted(&self, queue: &str, subscription: &str, sequence: u64, attempts: u32) {
+    /// Records the delivery attempts so far of `sequence` for `subscription`.
+    pub fn attempted(&self, queue: &str, subscription: &str, sequence: u64, attempts: u32) {
         self.side(Body::Attempt {
             queue: queue.to_owned(),
             subscription: subscription.to_owned(),
@@ -306,11 +330,13 @@ impl OwnerLog for DiskLog {
         });
     }
 
-    fn recover(&self) -> Vec<Recovered> {
+    /// Everything unsettled, in sequence order, as of the open (taken once).
+    pub fn recover(&self) -> Vec<Recovered> {
         std::mem::take(&mut *self.recovered.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn remember(&self, queue: &str, id: &str, sequence: u64, until: std::time::SystemTime) {
+    /// Remembers a stored message's id until `until` in the dedup journal.
+    pub fn remember(&self, queue: &str, id: &str, sequence: u64, until: std::time::SystemTime) {
         self.side(Body::Remember {
             queue: queue.to_owned(),
             id: id.to_owned(),
@@ -319,7 +345,8 @@ impl OwnerLog for DiskLog {
         });
     }
 
-    fn recover_remembered(&self) -> Vec<Remembered> {
+    /// Ids remembered and not yet expired, as of the open (taken once).
+    pub fn recover_remembered(&self) -> Vec<Remembered> {
         std::mem::take(&mut *self.remembered.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -623,10 +650,10 @@ impl Writer {
                     // Replay would reject it (and cut the log there): refuse it now instead.
                     let size = buf.len() - at;
                     buf.truncate(at);
-                    let _ = reply.send(Err(BrokerError::Storage(format!(
-                        "a record of {size} bytes exceeds the log's limit of {} bytes",
-                        record::MAX_RECORD
-                    ))));
+                    let _ = reply.send(Err(StoreError::TooLarge {
+                        size,
+                        limit: record::MAX_RECORD,
+                    }));
                     continue;
                 }
                 let len = (start_size + buf.len() as u64 - offset) as u32;
@@ -687,9 +714,8 @@ impl Writer {
             side.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(side_applied);
-            let message = format!("could not persist the message: {error}");
             for (_, reply) in replies {
-                let _ = reply.send(Err(BrokerError::Storage(message.clone())));
+                let _ = reply.send(Err(StoreError::Io(error.to_string())));
             }
             return;
         }

@@ -7,11 +7,7 @@
 use std::process::Command;
 
 use qmesh_proto::v1;
-use qmesh_sidecar::{
-    error::BrokerError,
-    owner::log::{Outcome, OwnerLog},
-    store::{DiskLog, FsyncPolicy, StoreConfig},
-};
+use qmesh_store::{DiskLog, FsyncPolicy, Outcome, StoreConfig, StoreError};
 
 struct Tmpfs(tempfile::TempDir);
 
@@ -70,7 +66,7 @@ async fn a_full_disk_fails_appends_clearly_keeps_what_was_acknowledged_and_recov
         assert!(acked.len() < 1000, "a 1 MiB disk never filled");
     };
     println!("disk full after {} appends of 8 KiB: {error}", acked.len());
-    assert!(matches!(error, BrokerError::Storage(_)), "{error:?}");
+    assert!(matches!(error, StoreError::Io(_)), "{error:?}");
     assert!(error.to_string().contains("No space left"), "{error}");
     assert!(acked.len() > 50);
     // Still full: still a clear error, not a hang or a panic.

@@ -139,7 +139,7 @@ fn real_log(dir: &Path, segment_bytes: u64) {
         let mut seqs = Vec::new();
         for i in 0..6 {
             let m = Arc::new(message(&format!("order-{i}"), &[b'a' + i as u8; 40]));
-            let seq = log.append_next("orders", &m, &subs).await.unwrap();
+            let (seq, _) = log.append_next("orders", &m, &subs).await.unwrap();
             log.remember(
                 "orders",
                 &m.id,

@@ -121,12 +121,25 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// Most bytes of messages this sidecar owns at once, over all queues (publishes beyond get 429).
-    #[arg(long, env = "QMESH_MAX_OWNED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    /// Most bytes of messages this sidecar owns at once, over all queues, held in memory or spilled
+    /// to the log (the disk budget; publishes beyond get 429). Size the data volume to it.
+    #[arg(long, env = "QMESH_MAX_OWNED_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_owned_bytes: u64,
 
+    /// Memory for the messages this sidecar holds (with their bookkeeping and remembered ids), over
+    /// all queues: beyond it, `durability: Disk` queues keep their newest messages in the log only
+    /// and read them back as the backlog drains; memory and `publishAck: Replicated` queues refuse
+    /// publishes (429). Default: a quarter of `QMESH_MEMORY_LIMIT` (the container's memory limit
+    /// in bytes, from the downward API when injected), else 64Mi.
+    #[arg(long, env = "QMESH_MEMORY_BUDGET", value_parser = parse_bytes)]
+    pub memory_budget: Option<u64>,
+
+    /// The container's memory limit in bytes (set by the injector from the downward API).
+    #[arg(long, env = "QMESH_MEMORY_LIMIT")]
+    pub memory_limit: Option<u64>,
+
     /// Most messages this sidecar owns at once, over all queues (publishes beyond get 429).
-    #[arg(long, env = "QMESH_MAX_OWNED_MESSAGES", default_value_t = 1_000_000)]
+    #[arg(long, env = "QMESH_MAX_OWNED_MESSAGES", default_value_t = 10_000_000)]
     pub max_owned_messages: u64,
 
     /// `publishAck: Replicated`: how long a publish waits for a replica sidecar to confirm its copy
@@ -151,6 +164,22 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "QMESH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    /// The memory budget for held messages: `--memory-budget`, else a quarter of the container's
+    /// memory limit, else 64 MiB; never below 64 KiB.
+    pub fn memory_budget(&self) -> u64 {
+        self.memory_budget
+            .or(self.memory_limit.map(|limit| limit / 4))
+            .unwrap_or(64 * 1024 * 1024)
+            .max(64 * 1024)
+    }
+}
+
+/// Parses `64Mi`, `1Gi`, `500000` (bytes, Kubernetes quantity form).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    qmesh_api::ByteSize::new(text).bytes()
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h30m`.

@@ -69,6 +69,10 @@ pub enum BrokerError {
     /// The log could not persist.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The disk under the log is full: nothing was written; retried once space returns (settled
+    /// messages free it).
+    #[error("{0}")]
+    DiskFull(String),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -87,7 +91,7 @@ impl BrokerError {
             Self::Invalid(_) => ErrorCode::Invalid,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::ReplicaUnavailable { .. } => ErrorCode::ReplicaUnavailable,
-            Self::Storage(_) => ErrorCode::Storage,
+            Self::Storage(_) | Self::DiskFull(_) => ErrorCode::Storage,
             Self::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -103,6 +107,7 @@ impl BrokerError {
             Self::BacklogFull { retry_after, .. } | Self::RateLimited { retry_after, .. } => {
                 Some(*retry_after)
             }
+            Self::DiskFull(_) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -135,6 +140,10 @@ impl From<BrokerError> for tonic::Status {
     fn from(error: BrokerError) -> Self {
         let message = error.to_string();
         let mut status = match error.code() {
+            // A full disk is a resource running out, not a bug: clients back off and retry.
+            ErrorCode::Storage if matches!(error, BrokerError::DiskFull(_)) => {
+                tonic::Status::resource_exhausted(message)
+            }
             ErrorCode::UnknownQueue | ErrorCode::UnknownSubscription => {
                 tonic::Status::not_found(message)
             }

@@ -58,6 +58,8 @@ pub struct Sidecar {
     pub view: ViewRx,
     /// Every task of the sidecar; a panic in one fails it.
     pub tasks: Arc<supervise::Supervisor>,
+    /// The disk log's counters.
+    log_stats: Option<Arc<qmesh_store::StoreStats>>,
     draining: AtomicBool,
     shutdown: tokio::sync::Notify,
 }
@@ -98,6 +100,12 @@ impl Sidecar {
 
     /// Refreshes the backlog and in-flight gauges.
     pub fn refresh_gauges(&self) {
+        if let Some(stats) = &self.log_stats {
+            self.metrics.log.observe(stats);
+        }
+        let (held, spilled) = self.owner.memory_figures();
+        self.metrics.log.held_bytes.set(held as i64);
+        self.metrics.log.spilled.set(spilled as i64);
         for q in self.owner.stats() {
             for s in q.subscriptions {
                 let labels = metrics::SubLabel {
@@ -324,10 +332,12 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     }
 
     let metrics = Arc::new(Metrics::default());
+    let log_stats = disk.stats();
     let memory: Arc<dyn OwnerLog> = Arc::new(owner::log::MemoryLog);
     let limits = Limits {
         max_bytes: args.max_owned_bytes,
         max_messages: args.max_owned_messages,
+        memory: args.memory_budget(),
     };
     let owner = Owner::start(
         view_rx.clone(),
@@ -375,6 +385,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         metrics,
         view: view_rx,
         tasks: Arc::clone(&tasks),
+        log_stats,
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::Notify::new(),
     });
@@ -565,6 +576,13 @@ async fn hand_over(sidecar: &Sidecar, me: &peer_wire::SidecarId, deadline: Insta
                     .owner
                     .owned_messages(&queue, 200, HAND_OVER_BATCH_BYTES);
                 if messages.is_empty() {
+                    // Spilled messages are handed over too, once read back into memory.
+                    if sidecar.owner.spilled(&queue) {
+                        if !sidecar.owner.page_in_queue(&queue).await {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        continue;
+                    }
                     break false;
                 }
                 batch_no += 1;

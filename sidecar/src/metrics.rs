@@ -60,6 +60,100 @@ pub struct Metrics {
     pub in_flight: Family<SubLabel, Gauge>,
     publish_latency: Family<QueueLabel, Histogram, fn() -> Histogram>,
     e2e_latency: Family<SubLabel, Histogram, fn() -> Histogram>,
+    /// The disk log and the owner's memory (refreshed on scrape).
+    pub log: LogMetrics,
+}
+
+/// The disk log's counters and the owner's held and spilled figures, copied from the log's own
+/// counters when scraped.
+#[derive(Debug, Default)]
+pub struct LogMetrics {
+    appends: Counter,
+    fsyncs: Counter,
+    written: Counter,
+    page_reads: Counter,
+    page_read_bytes: Counter,
+    relocated: Counter,
+    segments_deleted: Counter,
+    write_errors: Counter,
+    /// Memory the owner's held messages take (with bookkeeping and remembered ids).
+    pub held_bytes: Gauge,
+    /// Messages kept in the log only (spilled), not yet read back.
+    pub spilled: Gauge,
+}
+
+impl LogMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let counters: [(&str, &str, &Counter); 8] = [
+            ("log_appends", "Message records made durable", &self.appends),
+            ("log_fsyncs", "fsync calls of the log", &self.fsyncs),
+            (
+                "log_written_bytes",
+                "Bytes written to the log",
+                &self.written,
+            ),
+            (
+                "log_page_reads",
+                "Reads of spilled messages back from the log (0 while consumers keep up)",
+                &self.page_reads,
+            ),
+            (
+                "log_page_read_bytes",
+                "Bytes read back from the log for spilled messages",
+                &self.page_read_bytes,
+            ),
+            (
+                "log_relocated",
+                "Live messages copied forward so old segments could be deleted",
+                &self.relocated,
+            ),
+            (
+                "log_segments_deleted",
+                "Log segments deleted once nothing in them was owed",
+                &self.segments_deleted,
+            ),
+            (
+                "log_write_errors",
+                "Failed writes or fsyncs of the log (a full disk among them)",
+                &self.write_errors,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "owner_held_bytes",
+            "Memory the owner's held messages take, within --memory-budget",
+            self.held_bytes.clone(),
+        );
+        registry.register(
+            "owner_spilled_messages",
+            "Messages kept in the log only until there is memory to read them back",
+            self.spilled.clone(),
+        );
+    }
+
+    /// Copies the log's counters.
+    pub fn observe(&self, stats: &qmesh_store::StoreStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let pairs = [
+            (&self.appends, &stats.appends),
+            (&self.fsyncs, &stats.fsyncs),
+            (&self.written, &stats.bytes),
+            (&self.page_reads, &stats.page_reads),
+            (&self.page_read_bytes, &stats.page_read_bytes),
+            (&self.relocated, &stats.relocated),
+            (&self.segments_deleted, &stats.segments_deleted),
+            (&self.write_errors, &stats.write_errors),
+        ];
+        for (counter, value) in pairs {
+            let value = value.load(Relaxed);
+            let seen = counter.get();
+            if value > seen {
+                counter.inc_by(value - seen);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -157,7 +251,10 @@ impl Default for Metrics {
             "Time from publish to hand-over to a consumer app",
             e2e_latency.clone(),
         );
+        let log = LogMetrics::default();
+        log.register(&mut registry);
         Self {
+            log,
             registry,
             published,
             publish_errors,

@@ -67,7 +67,7 @@ struct Copy {
     pending: Vec<(String, u32)>,
     size: u64,
     /// Sequence in the per-owner log (`None`: memory only).
-    local: Option<u64>,
+    local: Option<(u64, qmesh_store::Position)>,
 }
 
 #[derive(Default)]
@@ -158,6 +158,7 @@ impl ReplicaStore {
                         for (sub, _) in &rec.pending {
                             log.settle(&rec.queue, sub, rec.sequence, Outcome::Acked);
                         }
+                        log.release(rec.at);
                         continue;
                     };
                     let size = message_size(&rec.message);
@@ -169,7 +170,7 @@ impl ReplicaStore {
                             message: Arc::new(rec.message),
                             pending: rec.pending,
                             size,
-                            local: Some(rec.sequence),
+                            local: Some((rec.sequence, rec.at)),
                         },
                     );
                 }
@@ -390,13 +391,13 @@ impl ReplicaStore {
                             let local = log.append_next(&queue, &stored, &subs).await;
                             message = Arc::unwrap_or_clone(stored);
                             message.headers.remove(OWNER_SEQUENCE);
-                            let local = local?;
+                            let (local, at) = local?;
                             for (sub, attempts) in &pending {
                                 if *attempts > 0 {
                                     log.attempted(&queue, sub, local, *attempts);
                                 }
                             }
-                            Some(local)
+                            Some((local, at))
                         }
                         None => None,
                     };
@@ -462,10 +463,11 @@ impl ReplicaStore {
         for seq in &gone {
             if let Some(copy) = o.copies.remove(seq) {
                 freed += copy.size;
-                if let (Some(log), Some(local)) = (&o.log, copy.local) {
+                if let (Some(log), Some((local, at))) = (&o.log, copy.local) {
                     for (sub, _) in &copy.pending {
                         log.settle(&copy.queue, sub, local, Outcome::Acked);
                     }
+                    log.release(at);
                 }
             }
         }

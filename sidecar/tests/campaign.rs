@@ -750,7 +750,11 @@ async fn run_campaign(c: Campaign) {
         .arg("--replica-timeout")
         .arg("3s")
         .arg("--fsync")
-        .arg("interval:5ms");
+        .arg("interval:5ms")
+        // A small memory budget: backlogs built up under the faults spill to the log and are read
+        // back, so the campaign checks paging too.
+        .arg("--memory-budget")
+        .arg("256Ki");
     for name in PRODUCERS {
         builder = builder.sidecar(name, &[("app", "shop")]);
     }
@@ -907,29 +911,6 @@ async fn run_campaign(c: Campaign) {
 }
 
 /// A small tmpfs the test mounted (root only), unmounted when dropped — also when the test fails.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Option<Self> {
-        std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-            .then(|| Self(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 fn history_path(seed: u64) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos/history-{seed}.jsonl"))
 }

@@ -1,9 +1,21 @@
-//! [`DiskLog`]: segment files, group commit, replay, garbage collection and compaction.
+//! [`DiskLog`]: segment files, group commit, garbage collection, and the calls the owner makes to
+//! spill, page in and relocate.
+//!
+//! ```text
+//!   append / relocate ──▶ channel (in call order) ──▶ writer thread: one write + one fsync per batch
+//!   settle / attempt / spill / paged-in ──▶ side buffer ──▶ written after the batch's messages
+//!   release(position) ──▶ the segment's live count −1 ──▶ head segments with none live are deleted
+//! ```
+//!
+//! The writer keeps no per-message index: a segment's live count goes up with each message record
+//! written to it and down when the owner releases the message. Replay ([`crate::replay`]) rebuilds
+//! the counts from what is still owed.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::VecDeque,
     fs::{self, File, OpenOptions},
-    io::{Read, Seek, SeekFrom, Write},
+    future::Future,
+    io::{Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
@@ -16,11 +28,13 @@ use std::{
 use qmesh_proto::v1;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
+use crate::{
+    Outcome, Position, Recovered, RecoveredSpill, Remembered, StoreError,
     dedup::{self, DedupJournal},
+    pages::{self, Page, Want, segment_path},
     record::{self, Body},
+    replay::{self, Segment},
 };
-use crate::{Outcome, Recovered, Remembered, StoreError};
 
 /// When appends are made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,9 +106,8 @@ pub struct StoreConfig {
     pub fsync: FsyncPolicy,
     /// Most bytes written in one batch.
     pub max_batch_bytes: usize,
-    /// Appends waiting for the writer at most (backpressure beyond).
-    pub queue_depth: usize,
-    /// Compact (copy live messages of the oldest segment forward) once there are more segments.
+    /// Beyond this many segments, the owner is asked to copy the live messages of the oldest
+    /// forward (relocation) when that frees segments.
     pub max_segments: usize,
 }
 
@@ -106,7 +119,6 @@ impl StoreConfig {
             segment_bytes: 64 * 1024 * 1024,
             fsync: FsyncPolicy::Always,
             max_batch_bytes: 4 * 1024 * 1024,
-            queue_depth: 4096,
             max_segments: 8,
         }
     }
@@ -131,20 +143,91 @@ pub struct StoreStats {
     pub write_errors: AtomicU64,
     /// Segments deleted by garbage collection.
     pub segments_deleted: AtomicU64,
-    /// Live messages copied forward by compaction.
+    /// Live messages copied forward (relocated) so old segments can go.
     pub relocated: AtomicU64,
+    /// Releases of a segment that had no live message left (a bookkeeping error; kept, counted).
+    pub release_errors: AtomicU64,
+    /// Reads of spilled messages back from the log (page-ins).
+    pub page_reads: AtomicU64,
+    /// Bytes read back by page-ins.
+    pub page_read_bytes: AtomicU64,
 }
 
 enum Op {
-    Append {
+    Write {
+        record: Pending,
+        reply: oneshot::Sender<Result<Position, StoreError>>,
+    },
+    Release(u64),
+    Wake,
+    Flush(oneshot::Sender<std::io::Result<()>>),
+}
+
+/// A message record waiting for the writer.
+enum Pending {
+    Message {
         queue: String,
         sequence: u64,
         message: Arc<v1::Message>,
         pending: Vec<String>,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
-    Wake,
-    Flush(oneshot::Sender<std::io::Result<()>>),
+    Relocated {
+        queue: String,
+        target: u64,
+        message: Arc<v1::Message>,
+        pending: Vec<(String, u32)>,
+    },
+}
+
+impl Pending {
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Message { message, .. } | Self::Relocated { message, .. } => {
+                message.payload.len() + 64
+            }
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Message {
+                queue,
+                sequence,
+                message,
+                pending,
+            } => record::encode_message(*sequence, queue, message, pending, out),
+            Self::Relocated {
+                queue,
+                target,
+                message,
+                pending,
+            } => record::encode(
+                0,
+                &Body::Relocated {
+                    queue: queue.clone(),
+                    message: (**message).clone(),
+                    pending: pending.clone(),
+                    target: *target,
+                },
+                out,
+            ),
+        }
+    }
+
+    /// Whether the record holds a message someone still owes (counted live in its segment).
+    fn live(&self) -> bool {
+        match self {
+            Self::Message { pending, .. } => !pending.is_empty(),
+            Self::Relocated { .. } => true,
+        }
+    }
+
+    fn sequence(&self) -> u64 {
+        match self {
+            Self::Message { sequence, .. } => *sequence,
+            Self::Relocated { target, .. } => *target,
+        }
+    }
 }
 
 /// Most settlement and attempt records waiting for the writer (they pile up only while the disk
@@ -155,13 +238,21 @@ const MAX_SIDE_RECORDS: usize = 1_000_000;
 pub struct DiskLog {
     /// Held for as long as the log is open: one process per log directory.
     _lock: fs::File,
+    dir: PathBuf,
     first_free: u64,
     numbering: AtomicU64,
-    tx: mpsc::Sender<Op>,
+    /// Unbounded: what waits here is bounded by the caller's admission (the owner's memory bound).
+    /// A send never waits, so records are written in call order.
+    tx: mpsc::UnboundedSender<Op>,
     side: Arc<Mutex<Vec<Body>>>,
     recovered: Mutex<Vec<Recovered>>,
+    spills: Mutex<Vec<RecoveredSpill>>,
     remembered: Mutex<Vec<Remembered>>,
     stats: Arc<StoreStats>,
+    /// The segment being written.
+    active: Arc<AtomicU64>,
+    /// Live messages in segments below this one should be relocated (0: none).
+    relocate_below: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for DiskLog {
@@ -191,6 +282,13 @@ fn lock_dir(dir: &std::path::Path) -> std::io::Result<fs::File> {
     }
 }
 
+/// Resolves a write's reply.
+async fn answer(
+    reply: oneshot::Receiver<Result<Position, StoreError>>,
+) -> Result<Position, StoreError> {
+    reply.await.map_err(|_| StoreError::Stopped)?
+}
+
 impl DiskLog {
     /// Opens (replaying) or creates the log in `config.dir`, and starts its writer thread.
     /// Fails if another process has the log open (`LOCK`, released by the kernel even on `kill -9`).
@@ -198,9 +296,15 @@ impl DiskLog {
         fs::create_dir_all(&config.dir)?;
         let lock = lock_dir(&config.dir)?;
         let stats = Arc::new(StoreStats::default());
-        let (writer, recovered, remembered) = Writer::open(config.clone(), Arc::clone(&stats))?;
+        let relocate_below = Arc::new(AtomicU64::new(0));
+        let (writer, replayed, remembered) = Writer::open(
+            config.clone(),
+            Arc::clone(&stats),
+            Arc::clone(&relocate_below),
+        )?;
         let first_free = writer.next_seq;
-        let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
+        let active = Arc::clone(&writer.active_id);
+        let (tx, rx) = mpsc::unbounded_channel();
         let side = Arc::new(Mutex::new(Vec::new()));
         let writer_side = Arc::clone(&side);
         std::thread::Builder::new()
@@ -213,19 +317,23 @@ impl DiskLog {
                 .spawn(move || {
                     while !tick.is_closed() {
                         std::thread::sleep(every);
-                        let _ = tick.try_send(Op::Wake);
+                        let _ = tick.send(Op::Wake);
                     }
                 })?;
         }
         Ok(Self {
             _lock: lock,
+            dir: config.dir,
             tx,
             side,
-            recovered: Mutex::new(recovered),
+            recovered: Mutex::new(replayed.recovered),
+            spills: Mutex::new(replayed.spills),
             remembered: Mutex::new(remembered),
             stats,
             first_free,
             numbering: AtomicU64::new(first_free),
+            active,
+            relocate_below,
         })
     }
 
@@ -235,26 +343,25 @@ impl DiskLog {
     }
 
     /// Appends with the next sequence of the log's own numbering (for callers that do not number
-    /// messages themselves, like tools and benchmarks); returns the sequence once durable.
+    /// messages themselves, like tools and benchmarks); returns the sequence and where the record
+    /// is once durable.
     pub async fn append_next(
         &self,
         queue: &str,
         message: &Arc<v1::Message>,
         pending: &[String],
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(u64, Position), StoreError> {
         let sequence = self.numbering.fetch_add(1, Ordering::SeqCst);
-        self.append(queue, sequence, message, pending)
-            .await
-            .map(|()| sequence)
+        let at = self.append(queue, sequence, message, pending).await?;
+        Ok((sequence, at))
     }
 
-    /// Writes every pending settle/attempt record and fsyncs: once this returns, everything
-    /// recorded before is durable.
+    /// Writes every pending side record and fsyncs: once this returns, everything recorded before
+    /// is durable.
     pub async fn flush(&self) -> std::io::Result<()> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Op::Flush(reply))
-            .await
             .map_err(|_| std::io::Error::other("the log writer stopped"))?;
         answer
             .await
@@ -265,9 +372,17 @@ impl DiskLog {
         let mut side = self.side.lock().unwrap_or_else(|e| e.into_inner());
         if side.len() >= MAX_SIDE_RECORDS {
             // The disk has refused writes for a long while. Settlements and attempt counts may go
-            // (a restart redelivers, at-least-once); remembered ids stay.
+            // (a restart redelivers, at-least-once); remembered ids and spill records stay.
             let before = side.len();
-            side.retain(|b| matches!(b, Body::Remember { .. }));
+            side.retain(|b| {
+                matches!(
+                    b,
+                    Body::Remember { .. }
+                        | Body::Spill { .. }
+                        | Body::PagedIn { .. }
+                        | Body::SpillEnd { .. }
+                )
+            });
             self.stats
                 .write_errors
                 .fetch_add((before - side.len()) as u64, Ordering::Relaxed);
@@ -278,30 +393,65 @@ impl DiskLog {
         }
         side.push(body);
         drop(side);
-        let _ = self.tx.try_send(Op::Wake);
+        let _ = self.tx.send(Op::Wake);
     }
-}
 
-impl DiskLog {
-    /// Persists message `sequence` owed to `pending` subscriptions; resolves once it is durable
-    /// (per the fsync policy).
-    pub async fn append(
+    fn write(&self, record: Pending) -> impl Future<Output = Result<Position, StoreError>> + use<> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Op::Write { record, reply }).is_err() {
+            let (failed, rx) = oneshot::channel();
+            let _ = failed.send(Err(StoreError::Stopped));
+            return answer(rx);
+        }
+        answer(rx)
+    }
+
+    /// Persists message `sequence` owed to `pending` subscriptions; resolves, with where it is,
+    /// once it is durable (per the fsync policy). Records are written in the order of the calls,
+    /// which is made when this is called, not when the future is first polled.
+    pub fn append(
         &self,
         queue: &str,
         sequence: u64,
         message: &Arc<v1::Message>,
         pending: &[String],
-    ) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let op = Op::Append {
+    ) -> impl Future<Output = Result<Position, StoreError>> + use<> {
+        self.write(Pending::Message {
             queue: queue.to_owned(),
             sequence,
             message: Arc::clone(message),
             pending: pending.to_vec(),
-            reply,
-        };
-        self.tx.send(op).await.map_err(|_| StoreError::Stopped)?;
-        answer.await.map_err(|_| StoreError::Stopped)?.map(|_| ())
+        })
+    }
+
+    /// Writes a fresh copy of a live message (its sequence, owing subscriptions and attempts) at
+    /// the head of the log, so the segment of its old copy can go. The caller releases the old copy
+    /// once this resolves.
+    pub fn relocate(
+        &self,
+        queue: &str,
+        sequence: u64,
+        message: &Arc<v1::Message>,
+        pending: Vec<(String, u32)>,
+    ) -> impl Future<Output = Result<Position, StoreError>> + use<> {
+        self.write(Pending::Relocated {
+            queue: queue.to_owned(),
+            target: sequence,
+            message: Arc::clone(message),
+            pending,
+        })
+    }
+
+    /// The message record at `at` is no longer needed (settled everywhere, or superseded by a
+    /// relocated copy): its segment can go once nothing else in it or before it is live.
+    pub fn release(&self, at: Position) {
+        let _ = self.tx.send(Op::Release(at.segment));
+    }
+
+    /// Live messages in segments below the returned one should be relocated: that lets old
+    /// segments go. `None` while the log is short or its head is mostly live.
+    pub fn relocation_target(&self) -> Option<u64> {
+        Some(self.relocate_below.load(Ordering::Relaxed)).filter(|&s| s > 0)
     }
 
     /// The first sequence never used by a message in this log.
@@ -330,9 +480,73 @@ impl DiskLog {
         });
     }
 
-    /// Everything unsettled, in sequence order, as of the open (taken once).
+    /// Records that messages of `queue` from sequence `from` on are kept on disk only; paging them
+    /// in starts at `cursor`.
+    pub fn spill(&self, queue: &str, from: u64, cursor: Position) {
+        self.side(Body::Spill {
+            queue: queue.to_owned(),
+            from,
+            segment: cursor.segment,
+            offset: cursor.offset,
+        });
+    }
+
+    /// Records a page-in of `queue` through sequence `through`; the next starts at `resume`.
+    pub fn paged_in(&self, queue: &str, through: u64, resume: Position) {
+        self.side(Body::PagedIn {
+            queue: queue.to_owned(),
+            through,
+            segment: resume.segment,
+            offset: resume.offset,
+        });
+    }
+
+    /// Records that every spilled message of `queue` is back in memory.
+    pub fn spill_end(&self, queue: &str) {
+        self.side(Body::SpillEnd {
+            queue: queue.to_owned(),
+        });
+    }
+
+    /// Reads spilled messages of `queue` back from `cursor`: sequences above `after`, stopping at
+    /// the first at or above `below` (not yet completed) or once `max_bytes` are read. Blocking
+    /// file reads; the read-ahead is one large buffer.
+    pub fn read_spilled(
+        &self,
+        queue: &str,
+        cursor: Position,
+        after: u64,
+        below: u64,
+        max_bytes: usize,
+    ) -> std::io::Result<Page> {
+        let last = self.active.load(Ordering::SeqCst);
+        let page = pages::read(
+            &self.dir,
+            cursor,
+            last,
+            Want {
+                queue,
+                after,
+                below,
+                until: None,
+                max_bytes,
+            },
+        )?;
+        self.stats.page_reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .page_read_bytes
+            .fetch_add(page.bytes_read, Ordering::Relaxed);
+        Ok(page)
+    }
+
+    /// What the owner held in memory at the last stop, in sequence order (taken once).
     pub fn recover(&self) -> Vec<Recovered> {
         std::mem::take(&mut *self.recovered.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Queues whose newest messages were on disk only at the last stop (taken once).
+    pub fn recover_spills(&self) -> Vec<RecoveredSpill> {
+        std::mem::take(&mut *self.spills.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Remembers a stored message's id until `until` in the dedup journal.
@@ -353,58 +567,19 @@ impl DiskLog {
 
 // === impl Writer ===
 
-/// Where a live message is, and who still owes it.
-struct Live {
-    segment: u64,
-    offset: u64,
-    len: u32,
-    queue: Name,
-    pending: Vec<(Name, u32)>,
-}
-
-/// Queue and subscription names, shared by every index entry that mentions them.
-type Name = Arc<str>;
-
-/// Interns names so the index does not allocate per message.
-#[derive(Default)]
-struct Names(std::collections::HashSet<Name>);
-
-impl Names {
-    fn get(&mut self, name: &str) -> Name {
-        if let Some(n) = self.0.get(name) {
-            return Arc::clone(n);
-        }
-        let n: Name = Arc::from(name);
-        self.0.insert(Arc::clone(&n));
-        n
-    }
-}
-
-struct Segment {
-    id: u64,
-    /// Unsettled messages whose latest copy is in this segment.
-    live: u64,
-    /// Messages (and relocated copies) ever written to it.
-    total: u64,
-}
-
 struct Writer {
     config: StoreConfig,
     stats: Arc<StoreStats>,
     segments: VecDeque<Segment>,
     active: File,
     active_size: u64,
-    live: HashMap<u64, Live>,
-    names: Names,
+    active_id: Arc<AtomicU64>,
+    relocate_below: Arc<AtomicU64>,
     next_seq: u64,
     last_fsync: Instant,
     dirty: bool,
     dedup: DedupJournal,
     dedup_buf: Vec<u8>,
-}
-
-fn segment_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("{id:020}.log"))
 }
 
 fn sync_dir(dir: &Path) {
@@ -418,7 +593,8 @@ impl Writer {
     fn open(
         config: StoreConfig,
         stats: Arc<StoreStats>,
-    ) -> std::io::Result<(Self, Vec<Recovered>, Vec<Remembered>)> {
+        relocate_below: Arc<AtomicU64>,
+    ) -> std::io::Result<(Self, replay::Replayed, Vec<Remembered>)> {
         let dir = config.dir.clone();
         let (dedup, remembered) = DedupJournal::open(dir.clone())?;
         let mut ids: Vec<u64> = Vec::new();
@@ -438,155 +614,76 @@ impl Writer {
             }
         }
         ids.sort_unstable();
-        let mut segments: VecDeque<Segment> = VecDeque::new();
-        let mut live: HashMap<u64, Live> = HashMap::new();
-        let mut messages: BTreeMap<u64, v1::Message> = BTreeMap::new();
-        let mut next_seq = 1;
-        let mut stop_after: Option<usize> = None;
-        for (index, &id) in ids.iter().enumerate() {
-            let path = segment_path(&dir, id);
-            // Record by record: one record in memory at a time, never a whole segment.
-            let mut reader = SegmentReader::open(&path)?;
-            let mut segment = Segment {
-                id,
-                live: 0,
-                total: 0,
-            };
-            loop {
-                let pos = reader.pos as usize;
-                // A message numbered u64::MAX leaves no next sequence: no writer makes one, so it is
-                // corruption like any other.
-                let next = reader.next()?.and_then(|r| match &r {
-                    Some((u64::MAX, Body::Message { .. }, _))
-                    | Some((
-                        _,
-                        Body::Relocated {
-                            target: u64::MAX, ..
-                        },
-                        _,
-                    )) => Err(record::DecodeError::Corrupt("sequence out of range")),
-                    _ => Ok(r),
-                });
-                match next {
-                    Ok(None) => break,
-                    Ok(Some((seq, body, used))) => {
-                        match &body {
-                            Body::Message { .. } => next_seq = next_seq.max(seq.saturating_add(1)),
-                            Body::Relocated { target, .. } => {
-                                next_seq = next_seq.max(target.saturating_add(1))
-                            }
-                            Body::Floor { next } => next_seq = next_seq.max(*next),
-                            Body::Settle { .. } | Body::Attempt { .. } | Body::Remember { .. } => {}
-                        }
-                        stats.recovered_records.fetch_add(1, Ordering::Relaxed);
-                        apply(
-                            &mut live,
-                            &mut segments,
-                            &mut segment,
-                            &mut messages,
-                            seq,
-                            body,
-                            pos as u64,
-                            used as u32,
-                        );
-                    }
-                    Err(error) => {
-                        let dropped = reader.size - pos as u64;
-                        stats.dropped_bytes.fetch_add(dropped, Ordering::Relaxed);
-                        tracing::warn!(
-                            segment = %path.display(), offset = pos, dropped_bytes = dropped, ?error,
-                            "log replay stopped at a torn or corrupt record; truncating there and keeping everything before"
-                        );
-                        let f = OpenOptions::new().write(true).open(&path)?;
-                        f.set_len(pos as u64)?;
-                        f.sync_all()?;
-                        stop_after = Some(index);
-                        break;
-                    }
-                }
-            }
-            segments.push_back(segment);
-            if stop_after.is_some() {
-                break;
-            }
-        }
-        if let Some(index) = stop_after {
-            for &id in &ids[index + 1..] {
-                let path = segment_path(&dir, id);
-                let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                stats.dropped_bytes.fetch_add(size, Ordering::Relaxed);
-                tracing::warn!(segment = %path.display(), "segment after a corrupt record set aside as .dropped");
-                let _ = fs::rename(&path, path.with_extension("log.dropped"));
-            }
-        }
-        let recovered: Vec<Recovered> = live
-            .iter()
-            .filter_map(|(seq, l)| {
-                messages.get(seq).map(|m| {
-                    let r = Recovered {
-                        queue: l.queue.to_string(),
-                        sequence: *seq,
-                        message: m.clone(),
-                        pending: l.pending.iter().map(|(s, a)| (s.to_string(), *a)).collect(),
-                    };
-                    (*seq, r)
-                })
-            })
-            .collect::<BTreeMap<u64, Recovered>>()
-            .into_values()
-            .collect();
+        let mut replayed = replay::replay(&dir, &ids, &stats)?;
+        let segments = std::mem::take(&mut replayed.segments);
         let new_id = segments.back().map_or(1, |s| s.id + 1);
         let active = OpenOptions::new()
             .create(true)
             .append(true)
             .open(segment_path(&dir, new_id))?;
         sync_dir(&dir);
-        segments.push_back(Segment {
-            id: new_id,
-            live: 0,
-            total: 0,
-        });
         let mut writer = Self {
             config,
             stats,
             segments,
             active,
             active_size: 0,
-            live,
-            names: Names::default(),
-            next_seq,
+            active_id: Arc::new(AtomicU64::new(new_id)),
+            relocate_below,
+            next_seq: replayed.next_seq,
             last_fsync: Instant::now(),
             dirty: false,
             dedup,
             dedup_buf: Vec::new(),
         };
+        writer.segments.push_back(Segment {
+            id: new_id,
+            live: 0,
+            total: 0,
+        });
         writer.write_floor();
         writer.collect_garbage();
-        writer.compact();
-        Ok((writer, recovered, remembered))
+        Ok((writer, replayed, remembered))
     }
 
     fn active_id(&self) -> u64 {
         self.segments.back().map_or(0, |s| s.id)
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Op>, side: Arc<Mutex<Vec<Body>>>) {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>, side: Arc<Mutex<Vec<Body>>>) {
         let mut buf = Vec::with_capacity(self.config.max_batch_bytes);
         while let Some(first) = rx.blocking_recv() {
+            // Side records are taken before the channel is drained: every record written or queued
+            // before a settlement was recorded is in this batch, and messages are written first —
+            // a settlement never lands before the record it settles.
+            let mut side_records =
+                std::mem::take(&mut *side.lock().unwrap_or_else(|e| e.into_inner()));
             let mut ops = vec![first];
             let mut bytes = 0usize;
-            while bytes < self.config.max_batch_bytes {
+            let mut cut = false;
+            loop {
+                if bytes >= self.config.max_batch_bytes {
+                    cut = true;
+                    break;
+                }
                 match rx.try_recv() {
                     Ok(op) => {
-                        if let Op::Append { message, .. } = &op {
-                            bytes += message.payload.len() + 64;
+                        if let Op::Write { record, .. } = &op {
+                            bytes += record.bytes();
                         }
                         ops.push(op);
                     }
                     Err(_) => break,
                 }
             }
-            let side_records = std::mem::take(&mut *side.lock().unwrap_or_else(|e| e.into_inner()));
+            if cut && !side_records.is_empty() {
+                // Writes queued before these side records may still wait in the channel: the side
+                // records go with a later batch.
+                let mut waiting = side.lock().unwrap_or_else(|e| e.into_inner());
+                let later = std::mem::take(&mut *waiting);
+                waiting.append(&mut side_records);
+                waiting.extend(later);
+            }
             self.write_batch(ops, side_records, &side, &mut buf);
         }
         let _ = self.active.sync_data();
@@ -594,20 +691,22 @@ impl Writer {
 
     fn write_batch(
         &mut self,
-        mut ops: Vec<Op>,
+        ops: Vec<Op>,
         side_records: Vec<Body>,
         side: &Mutex<Vec<Body>>,
         buf: &mut Vec<u8>,
     ) {
         let mut flushes = Vec::new();
-        for op in &mut ops {
-            if matches!(op, Op::Flush(_))
-                && let Op::Flush(reply) = std::mem::replace(op, Op::Wake)
-            {
-                flushes.push(reply);
+        let mut writes = Vec::new();
+        for op in ops {
+            match op {
+                Op::Flush(reply) => flushes.push(reply),
+                Op::Write { record, reply } => writes.push((record, reply)),
+                Op::Release(segment) => self.release(segment),
+                Op::Wake => {}
             }
         }
-        self.write_records(ops, side_records, side, buf);
+        self.write_records(writes, side_records, side, buf);
         if !flushes.is_empty() {
             let result = self.sync();
             if result.is_ok() {
@@ -621,46 +720,51 @@ impl Writer {
                 let _ = reply.send(answer);
             }
         }
+        self.collect_garbage();
+        self.update_relocation_target();
+    }
+
+    fn release(&mut self, segment: u64) {
+        match self.segments.iter_mut().find(|s| s.id == segment) {
+            Some(s) if s.live > 0 => s.live -= 1,
+            _ => {
+                self.stats.release_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    segment,
+                    "a release for a segment with no live message; ignored"
+                );
+            }
+        }
     }
 
     fn write_records(
         &mut self,
-        ops: Vec<Op>,
+        writes: Vec<(Pending, oneshot::Sender<Result<Position, StoreError>>)>,
         side_records: Vec<Body>,
         side: &Mutex<Vec<Body>>,
         buf: &mut Vec<u8>,
     ) {
         buf.clear();
         let start_size = self.active_size;
-        let mut replies = Vec::new();
         let mut placed = Vec::new();
-        for op in ops {
-            if let Op::Append {
-                queue,
-                sequence: seq,
-                message,
-                pending,
-                reply,
-            } = op
-            {
-                let at = buf.len();
-                let offset = start_size + at as u64;
-                record::encode_message(seq, &queue, &message, &pending, buf);
-                if !record::fits(buf.len() - at) {
-                    // Replay would reject it (and cut the log there): refuse it now instead.
-                    let size = buf.len() - at;
-                    buf.truncate(at);
-                    let _ = reply.send(Err(StoreError::TooLarge {
-                        size,
-                        limit: record::MAX_RECORD,
-                    }));
-                    continue;
-                }
-                let len = (start_size + buf.len() as u64 - offset) as u32;
-                self.next_seq = self.next_seq.max(seq.saturating_add(1));
-                placed.push((seq, offset, len, queue, pending));
-                replies.push((seq, reply));
+        for (record, reply) in writes {
+            let at = buf.len();
+            record.encode(buf);
+            let size = buf.len() - at;
+            if !record::fits(size) {
+                // Replay would reject it (and cut the log there): refuse it now instead.
+                buf.truncate(at);
+                let _ = reply.send(Err(StoreError::TooLarge {
+                    size,
+                    limit: record::MAX_RECORD,
+                }));
+                continue;
             }
+            self.next_seq = self.next_seq.max(record.sequence().saturating_add(1));
+            if matches!(record, Pending::Relocated { .. }) {
+                self.stats.relocated.fetch_add(1, Ordering::Relaxed);
+            }
+            placed.push((start_size + at as u64, size as u32, record.live(), reply));
         }
         // Remembered ids go to the dedup journal first: a settlement written after them must
         // never be on disk without them. If the journal cannot be written, the side records wait.
@@ -680,17 +784,15 @@ impl Writer {
                 Vec::new()
             }
         };
-        let mut side_applied = Vec::new();
-        for body in side_records {
-            // Settlement records are identified by their target; their own sequence is unused.
-            record::encode(0, &body, buf);
-            side_applied.push(body);
+        for body in &side_records {
+            // Side records are identified by their target; their own sequence is unused.
+            record::encode(0, body, buf);
         }
         if buf.is_empty() {
             self.maybe_interval_fsync();
             return;
         }
-        let must_sync = !replies.is_empty() && self.config.fsync == FsyncPolicy::Always;
+        let must_sync = !placed.is_empty() && self.config.fsync == FsyncPolicy::Always;
         let result = self
             .active
             .write_all(buf)
@@ -704,18 +806,24 @@ impl Writer {
             {
                 self.roll();
             }
-            // The settlements are known even if not yet durable: apply them to the index so that
-            // fully settled head segments can be deleted — which is what frees a full disk — and
-            // keep them queued to be written once there is room (applying twice is harmless).
-            for body in &side_applied {
-                self.apply_side(body.clone());
-            }
-            self.collect_garbage();
+            // Kept to be written once there is room; releases already freed what they could,
+            // which is what frees a full disk.
             side.lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .extend(side_applied);
-            for (_, reply) in replies {
-                let _ = reply.send(Err(StoreError::Io(error.to_string())));
+                .extend(side_records);
+            let failure = if matches!(
+                error.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) {
+                StoreError::DiskFull {
+                    dir: self.config.dir.display().to_string(),
+                    error: error.to_string(),
+                }
+            } else {
+                StoreError::Io(error.to_string())
+            };
+            for (.., reply) in placed {
+                let _ = reply.send(Err(failure.clone()));
             }
             return;
         }
@@ -727,39 +835,23 @@ impl Writer {
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.stats
             .appends
-            .fetch_add(replies.len() as u64, Ordering::Relaxed);
+            .fetch_add(placed.len() as u64, Ordering::Relaxed);
         let active = self.active_id();
-        for (seq, offset, len, queue, pending) in placed {
-            if pending.is_empty() {
-                continue;
-            }
-            self.live.insert(
-                seq,
-                Live {
-                    segment: active,
-                    offset,
-                    len,
-                    queue: self.names.get(&queue),
-                    pending: pending.iter().map(|p| (self.names.get(p), 0)).collect(),
-                },
-            );
+        for (offset, len, live, reply) in placed {
             if let Some(s) = self.segments.back_mut() {
-                s.live += 1;
                 s.total += 1;
+                s.live += u64::from(live);
             }
-        }
-        for body in side_applied {
-            self.apply_side(body);
-        }
-        for (seq, reply) in replies {
-            let _ = reply.send(Ok(seq));
+            let _ = reply.send(Ok(Position {
+                segment: active,
+                offset,
+                len,
+            }));
         }
         self.maybe_interval_fsync();
         if self.active_size >= self.config.segment_bytes {
             self.roll();
         }
-        self.collect_garbage();
-        self.compact();
     }
 
     fn sync(&mut self) -> std::io::Result<()> {
@@ -780,44 +872,6 @@ impl Writer {
                 tracing::error!(%error, "periodic fsync failed");
             }
             self.dirty = false;
-        }
-    }
-
-    fn apply_side(&mut self, body: Body) {
-        match body {
-            Body::Settle {
-                subscription,
-                target,
-                ..
-            } => {
-                let Some(l) = self.live.get_mut(&target) else {
-                    return;
-                };
-                l.pending.retain(|(s, _)| **s != *subscription);
-                if l.pending.is_empty() {
-                    let segment = l.segment;
-                    self.live.remove(&target);
-                    if let Some(s) = self.segments.iter_mut().find(|s| s.id == segment) {
-                        s.live = s.live.saturating_sub(1);
-                    }
-                }
-            }
-            Body::Attempt {
-                subscription,
-                target,
-                attempts,
-                ..
-            } => {
-                if let Some(l) = self.live.get_mut(&target)
-                    && let Some(p) = l.pending.iter_mut().find(|(s, _)| **s == *subscription)
-                {
-                    p.1 = attempts;
-                }
-            }
-            Body::Message { .. }
-            | Body::Relocated { .. }
-            | Body::Remember { .. }
-            | Body::Floor { .. } => {}
         }
     }
 
@@ -855,6 +909,7 @@ impl Writer {
                     live: 0,
                     total: 0,
                 });
+                self.active_id.store(id, Ordering::SeqCst);
                 self.write_floor();
             }
             Err(error) => {
@@ -887,278 +942,26 @@ impl Writer {
         }
     }
 
-    /// Copies the live messages of the oldest segment forward once there are too many segments,
-    /// so replay time stays bounded however long a few messages stay unsettled.
-    fn compact(&mut self) {
-        // A mostly settled head is worth copying forward; so is any head that pins settled segments
-        // behind it (parked or slow messages would otherwise keep every later segment on disk).
-        // A log that is live all through (a backlog) is left alone: moving it would only rewrite it.
-        while self.segments.len() > self.config.max_segments.max(2)
-            && self.segments.front().is_some_and(|h| {
-                h.live * 2 <= h.total
-                    || self
-                        .segments
-                        .iter()
-                        .skip(1)
-                        .take(self.segments.len().saturating_sub(2))
-                        .any(|s| s.live == 0)
+    /// Beyond `max_segments`, asks for the live messages of the oldest segment to be copied forward
+    /// when that is worth it: a mostly settled head, or one that pins settled segments behind it
+    /// (parked or slow messages would otherwise keep every later segment on disk). A log that is
+    /// live all through (a backlog) is left alone: moving it would only rewrite it.
+    fn update_relocation_target(&mut self) {
+        let n = self.segments.len();
+        let target = self
+            .segments
+            .front()
+            .filter(|h| {
+                n > self.config.max_segments.max(2)
+                    && (h.live * 2 <= h.total
+                        || self
+                            .segments
+                            .iter()
+                            .skip(1)
+                            .take(n - 2)
+                            .any(|s| s.live == 0))
             })
-        {
-            let before = self.segments.len();
-            self.compact_head();
-            if self.segments.len() >= before {
-                break;
-            }
-        }
-    }
-
-    fn compact_head(&mut self) {
-        let Some(head) = self.segments.front().map(|s| s.id) else {
-            return;
-        };
-        let mut moving: Vec<(u64, u64, u32)> = self
-            .live
-            .iter()
-            .filter(|(_, l)| l.segment == head)
-            .map(|(seq, l)| (*seq, l.offset, l.len))
-            .collect();
-        moving.sort_unstable();
-        let Ok(mut file) = File::open(segment_path(&self.config.dir, head)) else {
-            return;
-        };
-        let mut buf = Vec::new();
-        let mut placed = Vec::new();
-        for (seq, offset, len) in moving {
-            let mut raw = vec![0u8; len as usize];
-            if file
-                .seek(SeekFrom::Start(offset))
-                .and_then(|_| file.read_exact(&mut raw))
-                .is_err()
-            {
-                return;
-            }
-            let Ok((_, Body::Message { message, .. } | Body::Relocated { message, .. }, _)) =
-                record::decode(&raw)
-            else {
-                return;
-            };
-            let Some(l) = self.live.get(&seq) else {
-                continue;
-            };
-            let new_seq = 0;
-            let before = buf.len();
-            let at = self.active_size + before as u64;
-            record::encode(
-                new_seq,
-                &Body::Relocated {
-                    queue: l.queue.to_string(),
-                    message,
-                    pending: l.pending.iter().map(|(s, a)| (s.to_string(), *a)).collect(),
-                    target: seq,
-                },
-                &mut buf,
-            );
-            if !record::fits(buf.len() - before) {
-                // Too big to copy forward with its state: it stays where it is.
-                buf.truncate(before);
-                return;
-            }
-            placed.push((seq, at, (self.active_size + buf.len() as u64 - at) as u32));
-        }
-        if self
-            .active
-            .write_all(&buf)
-            .and_then(|()| self.sync())
-            .is_err()
-        {
-            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-            let _ = self.active.set_len(self.active_size);
-            return;
-        }
-        self.active_size += buf.len() as u64;
-        let active = self.active_id();
-        let moved = placed.len() as u64;
-        for (seq, offset, len) in placed {
-            if let Some(l) = self.live.get_mut(&seq) {
-                *l = Live {
-                    segment: active,
-                    offset,
-                    len,
-                    queue: Arc::clone(&l.queue),
-                    pending: std::mem::take(&mut l.pending),
-                };
-            }
-        }
-        if let Some(s) = self.segments.back_mut() {
-            s.live += moved;
-            s.total += moved;
-        }
-        if let Some(s) = self.segments.front_mut() {
-            s.live = 0;
-        }
-        self.stats.relocated.fetch_add(moved, Ordering::Relaxed);
-        tracing::info!(segment = head, moved, "compacted the oldest log segment");
-        self.collect_garbage();
-    }
-}
-
-/// What [`SegmentReader::next`] finds: a record `(seq, body, bytes)`, the clean end (`None`), or
-/// where the good data ends.
-type Next = Result<Option<(u64, Body, usize)>, record::DecodeError>;
-
-/// Reads a segment file record by record, holding one record at a time.
-struct SegmentReader {
-    file: std::io::BufReader<File>,
-    buf: Vec<u8>,
-    size: u64,
-    pos: u64,
-}
-
-impl SegmentReader {
-    fn open(path: &Path) -> std::io::Result<Self> {
-        let file = File::open(path)?;
-        let size = file.metadata()?.len();
-        Ok(Self {
-            file: std::io::BufReader::with_capacity(256 * 1024, file),
-            buf: Vec::new(),
-            size,
-            pos: 0,
-        })
-    }
-
-    /// The next record (`None` at the clean end), or where the good data ends.
-    fn next(&mut self) -> std::io::Result<Next> {
-        let left = self.size - self.pos;
-        if left == 0 {
-            return Ok(Ok(None));
-        }
-        if left < record::HEADER as u64 {
-            return Ok(Err(record::DecodeError::Torn));
-        }
-        self.buf.resize(record::HEADER, 0);
-        self.file.read_exact(&mut self.buf)?;
-        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if !(9..=record::MAX_RECORD).contains(&len) {
-            return Ok(Err(record::DecodeError::Corrupt(
-                "record length out of range",
-            )));
-        }
-        if left < (record::HEADER + len) as u64 {
-            return Ok(Err(record::DecodeError::Torn));
-        }
-        self.buf.resize(record::HEADER + len, 0);
-        self.file.read_exact(&mut self.buf[record::HEADER..])?;
-        let decoded = record::decode(&self.buf);
-        if let Ok((_, _, used)) = &decoded {
-            self.pos += *used as u64;
-        }
-        Ok(decoded.map(Some))
-    }
-}
-
-/// Applies one replayed record to the index.
-#[allow(clippy::too_many_arguments)]
-fn apply(
-    live: &mut HashMap<u64, Live>,
-    earlier: &mut VecDeque<Segment>,
-    current: &mut Segment,
-    messages: &mut BTreeMap<u64, v1::Message>,
-    seq: u64,
-    body: Body,
-    offset: u64,
-    len: u32,
-) {
-    let mut release = |segment: u64| {
-        if let Some(s) = earlier.iter_mut().find(|s| s.id == segment) {
-            s.live = s.live.saturating_sub(1);
-        }
-    };
-    match body {
-        Body::Message {
-            queue,
-            message,
-            pending,
-        } => {
-            if pending.is_empty() {
-                return;
-            }
-            live.insert(
-                seq,
-                Live {
-                    segment: current.id,
-                    offset,
-                    len,
-                    queue: Arc::from(queue),
-                    pending: pending.into_iter().map(|p| (Name::from(p), 0)).collect(),
-                },
-            );
-            messages.insert(seq, message);
-            current.live += 1;
-            current.total += 1;
-        }
-        Body::Relocated {
-            queue,
-            message,
-            pending,
-            target,
-        } => {
-            if let Some(old) = live.remove(&target) {
-                if old.segment == current.id {
-                    current.live = current.live.saturating_sub(1);
-                } else {
-                    release(old.segment);
-                }
-            }
-            live.insert(
-                target,
-                Live {
-                    segment: current.id,
-                    offset,
-                    len,
-                    queue: Arc::from(queue),
-                    pending: pending
-                        .into_iter()
-                        .map(|(p, a)| (Name::from(p), a))
-                        .collect(),
-                },
-            );
-            messages.insert(target, message);
-            current.live += 1;
-            current.total += 1;
-        }
-        Body::Settle {
-            subscription,
-            target,
-            ..
-        } => {
-            let Some(l) = live.get_mut(&target) else {
-                return;
-            };
-            l.pending.retain(|(s, _)| **s != *subscription);
-            if l.pending.is_empty() {
-                let segment = l.segment;
-                live.remove(&target);
-                messages.remove(&target);
-                if segment == current.id {
-                    current.live = current.live.saturating_sub(1);
-                } else {
-                    release(segment);
-                }
-            }
-        }
-        Body::Attempt {
-            subscription,
-            target,
-            attempts,
-            ..
-        } => {
-            if let Some(l) = live.get_mut(&target)
-                && let Some(p) = l.pending.iter_mut().find(|(s, _)| **s == *subscription)
-            {
-                p.1 = attempts;
-            }
-        }
-        // Kept in the dedup journal, never in segments; floors are read by replay itself.
-        Body::Remember { .. } | Body::Floor { .. } => {}
+            .map_or(0, |h| h.id + 1);
+        self.relocate_below.store(target, Ordering::Relaxed);
     }
 }

@@ -17,9 +17,12 @@
 
 pub mod dedup;
 mod disk;
+mod pages;
 pub mod record;
+mod replay;
 
 pub use disk::{DiskLog, FsyncPolicy, StoreConfig, StoreStats};
+pub use pages::{Page, Paged};
 
 use qmesh_proto::v1;
 
@@ -34,7 +37,17 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
-    /// The write or fsync failed (a full disk, an I/O error); nothing of it is kept.
+    /// The disk holding the log is full; nothing of the write is kept.
+    #[error(
+        "the disk holding the message log ({dir}) is full: {error}; publishes are refused until settled messages free space"
+    )]
+    DiskFull {
+        /// The log directory.
+        dir: String,
+        /// The operating system's words.
+        error: String,
+    },
+    /// The write or fsync failed (an I/O error); nothing of it is kept.
     #[error("could not persist the message: {0}")]
     Io(String),
     /// The writer thread is gone.
@@ -51,6 +64,28 @@ pub enum Outcome {
     DeadLettered,
 }
 
+/// Where a record is in the log: its segment, offset and framed length.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// Segment id (the file name's number).
+    pub segment: u64,
+    /// Byte offset of the record in the segment.
+    pub offset: u64,
+    /// Framed length of the record.
+    pub len: u32,
+}
+
+impl Position {
+    /// The position just after this record.
+    pub fn end(self) -> Self {
+        Self {
+            segment: self.segment,
+            offset: self.offset + u64::from(self.len),
+            len: 0,
+        }
+    }
+}
+
 /// A message recovered from the log at start.
 #[derive(Clone, Debug)]
 pub struct Recovered {
@@ -58,6 +93,8 @@ pub struct Recovered {
     pub queue: String,
     /// Its sequence.
     pub sequence: u64,
+    /// Where its latest copy is.
+    pub at: Position,
     /// The message, `publish_time` set.
     pub message: v1::Message,
     /// Subscriptions that still owe an ack, with delivery attempts so far.
@@ -75,4 +112,24 @@ pub struct Remembered {
     pub sequence: u64,
     /// When the queue's dedup window for it ends.
     pub until: std::time::SystemTime,
+}
+
+/// A queue whose newest messages were on disk only (spilled) at the last stop, recovered at start:
+/// the owner goes on paging them in from `cursor`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveredSpill {
+    /// Queue.
+    pub queue: String,
+    /// First spilled sequence.
+    pub from: u64,
+    /// Where the next page-in reads from.
+    pub cursor: Position,
+    /// Highest sequence already paged in.
+    pub paged_through: u64,
+    /// Spilled messages not yet paged in.
+    pub messages: u64,
+    /// Their record bytes.
+    pub bytes: u64,
+    /// Per owing subscription, how many of them it owes.
+    pub by_subscription: Vec<(String, u64)>,
 }

@@ -86,6 +86,35 @@ pub enum Body {
         /// The message's original sequence.
         target: u64,
     },
+    /// The owner stopped keeping new messages of `queue` in memory from sequence `from` on: they
+    /// stay in the log only, from `(segment, offset)`, until it pages them in.
+    Spill {
+        /// Queue.
+        queue: String,
+        /// First sequence kept on disk only.
+        from: u64,
+        /// Segment of that message's record.
+        segment: u64,
+        /// Offset of that record.
+        offset: u64,
+    },
+    /// The owner read spilled messages of `queue` back into memory, through sequence `through`;
+    /// the next page-in starts at `(segment, offset)`.
+    PagedIn {
+        /// Queue.
+        queue: String,
+        /// Highest sequence now in memory.
+        through: u64,
+        /// Segment the next page-in reads from.
+        segment: u64,
+        /// Offset it reads from.
+        offset: u64,
+    },
+    /// Every spilled message of `queue` is back in memory: new ones are kept there again.
+    SpillEnd {
+        /// Queue.
+        queue: String,
+    },
 }
 
 const KIND_MESSAGE: u8 = 1;
@@ -94,6 +123,9 @@ const KIND_ATTEMPT: u8 = 3;
 const KIND_RELOCATED: u8 = 4;
 const KIND_REMEMBER: u8 = 5;
 const KIND_FLOOR: u8 = 6;
+const KIND_SPILL: u8 = 7;
+const KIND_PAGED_IN: u8 = 8;
+const KIND_SPILL_END: u8 = 9;
 
 /// Why decoding stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +216,40 @@ pub fn encode(seq: u64, body: &Body, out: &mut Vec<u8>) {
             out.extend_from_slice(&target.to_le_bytes());
             out.extend_from_slice(&until_ms.to_le_bytes());
         }
+        Body::Spill {
+            queue,
+            from,
+            segment,
+            offset,
+        } => {
+            out.extend_from_slice(&[0u8; HEADER]);
+            out.extend_from_slice(&seq.to_le_bytes());
+            out.push(KIND_SPILL);
+            put_str(out, queue);
+            for v in [from, segment, offset] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Body::PagedIn {
+            queue,
+            through,
+            segment,
+            offset,
+        } => {
+            out.extend_from_slice(&[0u8; HEADER]);
+            out.extend_from_slice(&seq.to_le_bytes());
+            out.push(KIND_PAGED_IN);
+            put_str(out, queue);
+            for v in [through, segment, offset] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Body::SpillEnd { queue } => {
+            out.extend_from_slice(&[0u8; HEADER]);
+            out.extend_from_slice(&seq.to_le_bytes());
+            out.push(KIND_SPILL_END);
+            put_str(out, queue);
+        }
         Body::Relocated {
             queue,
             message,
@@ -214,8 +280,35 @@ fn seal(start: usize, out: &mut [u8]) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Decodes the record at the start of `buf`: `(seq, body, bytes used)`.
-pub fn decode(buf: &[u8]) -> Result<(u64, Body, usize), DecodeError> {
+/// Checks the record at the start of `buf` and, when it is a message, returns its sequence and
+/// queue without decoding the message (replay passes over spilled messages this way).
+pub fn peek_message(buf: &[u8]) -> Result<Option<MessageHead>, DecodeError> {
+    let data = checked(buf)?;
+    let mut r = Reader { buf: data, pos: 0 };
+    let seq = r.u64()?;
+    if r.u8()? != KIND_MESSAGE {
+        return Ok(None);
+    }
+    let queue = r.string()?;
+    let n = r.u32()? as usize;
+    r.take(n)?;
+    let n = r.u32()? as usize;
+    let mut pending = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        pending.push(r.string()?);
+    }
+    if r.pos != data.len() {
+        return Err(DecodeError::Corrupt("trailing bytes in record"));
+    }
+    Ok(Some(MessageHead {
+        seq,
+        queue,
+        pending,
+    }))
+}
+
+/// The checked bytes after the header of the record at the start of `buf`.
+fn checked(buf: &[u8]) -> Result<&[u8], DecodeError> {
     if buf.len() < HEADER {
         return Err(DecodeError::Torn);
     }
@@ -231,6 +324,13 @@ pub fn decode(buf: &[u8]) -> Result<(u64, Body, usize), DecodeError> {
     if crc32c::crc32c(data) != crc {
         return Err(DecodeError::Corrupt("checksum mismatch"));
     }
+    Ok(data)
+}
+
+/// Decodes the record at the start of `buf`: `(seq, body, bytes used)`.
+pub fn decode(buf: &[u8]) -> Result<(u64, Body, usize), DecodeError> {
+    let data = checked(buf)?;
+    let len = data.len();
     let mut r = Reader { buf: data, pos: 0 };
     let seq = r.u64()?;
     let body = match r.u8()? {
@@ -276,6 +376,19 @@ pub fn decode(buf: &[u8]) -> Result<(u64, Body, usize), DecodeError> {
             }
         }
         KIND_FLOOR => Body::Floor { next: r.u64()? },
+        KIND_SPILL => Body::Spill {
+            queue: r.string()?,
+            from: r.u64()?,
+            segment: r.u64()?,
+            offset: r.u64()?,
+        },
+        KIND_PAGED_IN => Body::PagedIn {
+            queue: r.string()?,
+            through: r.u64()?,
+            segment: r.u64()?,
+            offset: r.u64()?,
+        },
+        KIND_SPILL_END => Body::SpillEnd { queue: r.string()? },
         KIND_REMEMBER => Body::Remember {
             queue: r.string()?,
             id: r.string()?,
@@ -288,6 +401,17 @@ pub fn decode(buf: &[u8]) -> Result<(u64, Body, usize), DecodeError> {
         return Err(DecodeError::Corrupt("trailing bytes in record"));
     }
     Ok((seq, body, HEADER + len))
+}
+
+/// A message record's sequence, queue and owing subscriptions, read without decoding the message.
+#[derive(Debug)]
+pub struct MessageHead {
+    /// Sequence.
+    pub seq: u64,
+    /// Queue.
+    pub queue: String,
+    /// Subscriptions that owe an ack.
+    pub pending: Vec<String>,
 }
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
@@ -399,6 +523,21 @@ mod tests {
                 until_ms: 1_780_000_000_000,
             },
             Body::Floor { next: 42 },
+            Body::Spill {
+                queue: "orders".into(),
+                from: 10,
+                segment: 3,
+                offset: 4096,
+            },
+            Body::PagedIn {
+                queue: "orders".into(),
+                through: 12,
+                segment: 3,
+                offset: 8192,
+            },
+            Body::SpillEnd {
+                queue: "orders".into(),
+            },
         ]
     }
 
@@ -410,6 +549,21 @@ mod tests {
             let (seq, decoded, used) = decode(&buf).unwrap();
             assert_eq!((seq, &decoded, used), (i as u64 + 1, &body, buf.len()));
         }
+    }
+
+    #[test]
+    fn a_peeked_message_head_matches_the_decoded_record() {
+        let mut buf = Vec::new();
+        encode(5, &samples()[0], &mut buf);
+        let head = peek_message(&buf).unwrap().unwrap();
+        assert_eq!((head.seq, head.queue.as_str()), (5, "orders"));
+        assert_eq!(
+            head.pending,
+            vec!["billing".to_owned(), "shipping".to_owned()]
+        );
+        let mut settle = Vec::new();
+        encode(0, &samples()[1], &mut settle);
+        assert!(peek_message(&settle).unwrap().is_none());
     }
 
     #[test]

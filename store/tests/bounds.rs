@@ -110,28 +110,57 @@ async fn parked_messages_do_not_pin_every_later_segment() {
     let log = DiskLog::open(c).unwrap();
     let subs = ["a".to_owned()];
     // Two messages that stay owed (parked) make up most of the head segment.
-    log.append("q", 1, &message("parked-1", 1900), &subs)
-        .await
-        .unwrap();
-    log.append("q", 2, &message("parked-2", 1900), &subs)
-        .await
-        .unwrap();
-    // Then lots of traffic that is settled at once.
+    let mut parked = Vec::new();
+    for (seq, id) in [(1, "parked-1"), (2, "parked-2")] {
+        let m = message(id, 1900);
+        let at = log.append("q", seq, &m, &subs).await.unwrap();
+        parked.push((seq, m, at));
+    }
+    // Then lots of traffic that is settled at once; the owner relocates what the log asks for.
     for seq in 3..400 {
-        log.append("q", seq, &message("m", 500), &subs)
+        let at = log
+            .append("q", seq, &message("m", 500), &subs)
             .await
             .unwrap();
         log.settle("q", "a", seq, Outcome::Acked);
+        log.release(at);
+        if seq % 10 == 0 {
+            log.flush().await.unwrap();
+            if let Some(below) = log.relocation_target() {
+                for (seq, m, at) in parked.iter_mut() {
+                    if at.segment < below {
+                        let to = log
+                            .relocate("q", *seq, m, vec![("a".to_owned(), 3)])
+                            .await
+                            .unwrap();
+                        log.release(*at);
+                        *at = to;
+                    }
+                }
+            }
+        }
     }
     log.flush().await.unwrap();
     let n = segments(dir.path());
     assert!(n <= 6, "{n} segments kept for two live messages");
+    assert!(
+        log.stats()
+            .relocated
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
     drop(log);
     let mut c = config(dir.path());
     c.segment_bytes = 4096;
     let log = DiskLog::open(c).unwrap();
-    let ids: Vec<String> = log.recover().into_iter().map(|r| r.message.id).collect();
+    let recovered = log.recover();
+    let ids: Vec<String> = recovered.iter().map(|r| r.message.id.clone()).collect();
     assert_eq!(ids, ["parked-1", "parked-2"]);
+    assert_eq!(
+        recovered[0].pending,
+        vec![("a".to_owned(), 3)],
+        "attempts travel with the copy"
+    );
 }
 
 /// Found by fuzzing (fuzz/regressions/log_replay): a well-formed record carrying the largest

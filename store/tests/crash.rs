@@ -54,7 +54,7 @@ fn crash_child() {
                         payload: vec![b'p'; 200].into(),
                         ..Default::default()
                     });
-                    let seq = log
+                    let (seq, at) = log
                         .append_next("q", &message, &["s".to_owned()])
                         .await
                         .unwrap();
@@ -64,6 +64,7 @@ fn crash_child() {
                         // outcome open, and the parent must not count that as a loss.
                         writeln!(out.lock().unwrap(), "P {seq}").unwrap();
                         log.settle("q", "s", seq, Outcome::Acked);
+                        log.release(at);
                         log.flush().await.unwrap();
                         writeln!(out.lock().unwrap(), "S {seq}").unwrap();
                     }

@@ -55,18 +55,23 @@ async fn a_full_disk_fails_appends_clearly_keeps_what_was_acknowledged_and_recov
     let dir = fs.0.path().join("log");
     let log = DiskLog::open(config(&dir)).unwrap();
     let mut acked = Vec::new();
+    let mut places = Vec::new();
     let error = loop {
         match log
             .append_next("q", &message(acked.len()), &["a".to_owned()])
             .await
         {
-            Ok(seq) => acked.push(seq),
+            Ok((seq, at)) => {
+                acked.push(seq);
+                places.push(at);
+            }
             Err(e) => break e,
         }
         assert!(acked.len() < 1000, "a 1 MiB disk never filled");
     };
     println!("disk full after {} appends of 8 KiB: {error}", acked.len());
-    assert!(matches!(error, StoreError::Io(_)), "{error:?}");
+    assert!(matches!(error, StoreError::DiskFull { .. }), "{error:?}");
+    assert!(error.to_string().contains("is full"), "{error}");
     assert!(error.to_string().contains("No space left"), "{error}");
     assert!(acked.len() > 50);
     // Still full: still a clear error, not a hang or a panic.
@@ -93,13 +98,14 @@ async fn a_full_disk_fails_appends_clearly_keeps_what_was_acknowledged_and_recov
 
     // Settling frees whole segments; then appends work again.
     let keep = acked[acked.len() - 1];
-    for &seq in &acked[..acked.len() - 1] {
+    for (&seq, &at) in acked[..acked.len() - 1].iter().zip(&places) {
         log.settle("q", "a", seq, Outcome::Acked);
+        log.release(at);
     }
     let mut again = None;
     for attempt in 0..50 {
         let _ = log.flush().await;
-        if let Ok(seq) = log
+        if let Ok((seq, _)) = log
             .append_next("q", &message(5000 + attempt), &["a".to_owned()])
             .await
         {

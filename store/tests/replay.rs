@@ -40,8 +40,36 @@ fn config(dir: &Path) -> StoreConfig {
 /// Model: sequence → (queue, id, owing subscription → attempts).
 type Model = BTreeMap<u64, (String, String, BTreeMap<String, u32>)>;
 
+/// Where each unsettled message's record is (what the owner keeps to release it).
+type Places = BTreeMap<u64, qmesh_store::Position>;
+
+/// Copies live messages out of the segments the log asks to vacate, as the owner does.
+async fn relocate(log: &DiskLog, model: &Model, places: &mut Places) {
+    let Some(below) = log.relocation_target() else {
+        return;
+    };
+    for (seq, at) in places.iter_mut() {
+        if at.segment >= below {
+            continue;
+        }
+        let (queue, id, owing) = &model[seq];
+        let message = std::sync::Arc::new(v1::Message {
+            id: id.clone(),
+            ..Default::default()
+        });
+        let pending: Vec<(String, u32)> = owing.iter().map(|(s, a)| (s.clone(), *a)).collect();
+        let to = log.relocate(queue, *seq, &message, pending).await.unwrap();
+        log.release(*at);
+        *at = to;
+    }
+}
+
 fn state_of(log: &DiskLog) -> Model {
-    log.recover()
+    model_of(log.recover())
+}
+
+fn model_of(recovered: Vec<qmesh_store::Recovered>) -> Model {
+    recovered
         .into_iter()
         .map(|r| {
             (
@@ -56,6 +84,7 @@ async fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
     let mut log = DiskLog::open(config(dir.path())).unwrap();
     let mut model: Model = BTreeMap::new();
+    let mut places: Places = BTreeMap::new();
     let mut n = 0;
     for op in ops {
         match op {
@@ -74,7 +103,10 @@ async fn run(ops: Vec<Op>) {
                     payload: vec![1u8; size].into(),
                     ..Default::default()
                 });
-                let seq = log.append_next(&queue, &message, &pending).await.unwrap();
+                let (seq, at) = log.append_next(&queue, &message, &pending).await.unwrap();
+                if !pending.is_empty() {
+                    places.insert(seq, at);
+                }
                 model.insert(
                     seq,
                     (queue, id, pending.into_iter().map(|s| (s, 0)).collect()),
@@ -92,6 +124,9 @@ async fn run(ops: Vec<Op>) {
                 }
                 if owing.is_empty() {
                     model.remove(&seq);
+                    if let Some(at) = places.remove(&seq) {
+                        log.release(at);
+                    }
                 }
             }
             Op::Attempt {
@@ -114,9 +149,17 @@ async fn run(ops: Vec<Op>) {
                 log.flush().await.unwrap();
                 drop(log);
                 log = DiskLog::open(config(dir.path())).unwrap();
-                assert_eq!(state_of(&log), model, "state after restart");
+                let recovered = log.recover();
+                places = recovered.iter().map(|r| (r.sequence, r.at)).collect();
+                assert_eq!(model_of(recovered), model, "state after restart");
+                relocate(&log, &model, &mut places).await;
             }
         }
+    }
+    // The owner relocates what the log asks it to, about once a second.
+    for _ in 0..4 {
+        log.flush().await.unwrap();
+        relocate(&log, &model, &mut places).await;
     }
     log.flush().await.unwrap();
     drop(log);

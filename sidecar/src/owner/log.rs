@@ -1,30 +1,41 @@
 //! What the owner persists, behind a small trait: the delivery engine keeps its working state in
-//! memory and writes through this log so that a restart rebuilds exactly the state before it.
+//! memory — within a budget — and writes through this log so that a restart rebuilds exactly the
+//! state before it.
 //!
-//! `append` resolves once the message is durable (per the log's fsync policy); settlements are
-//! written in order behind it but not awaited: losing the last settlements in a crash means a
-//! redelivery, never a lost message (at-least-once).
+//! ```text
+//!   append ──(queued at the call, in call order)──▶ durable ──▶ Position
+//!   settle / attempted / remember ──▶ written behind the appends, not awaited
+//!   spill ▸ read_spilled ▸ paged_in ▸ spill_end ──▶ a queue's newest messages kept on disk only
+//!   release(position) ──▶ the log may delete what nothing owes any more; relocate copies a
+//!                          long-lived message forward so its old segment can go
+//! ```
+//!
+//! Losing the last settlements in a crash means a redelivery, never a lost message (at-least-once).
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use qmesh_proto::v1;
 
 use crate::error::BrokerError;
 
-pub use qmesh_store::{Outcome, Recovered, Remembered};
+pub use qmesh_store::{Outcome, Page, Paged, Position, Recovered, RecoveredSpill, Remembered};
+
+/// A record on its way to the log: resolves, with where it is, once durable.
+pub type Written = BoxFuture<'static, Result<Position, BrokerError>>;
 
 /// The owner's durable record.
-#[tonic::async_trait]
 pub trait OwnerLog: Send + Sync + 'static {
     /// Persists message `sequence` (assigned by the owner, see [`OwnerLog::next_sequence`]) owed to
-    /// `pending` subscriptions; resolves once it is durable.
-    async fn append(
+    /// `pending` subscriptions. The record is queued when this is called — calls made in sequence
+    /// order are written in sequence order — and the future resolves once it is durable.
+    fn append(
         &self,
         queue: &str,
         sequence: u64,
         message: &Arc<v1::Message>,
         pending: &[String],
-    ) -> Result<(), BrokerError>;
+    ) -> Written;
 
     /// The first sequence never used by a message in this log: the owner numbers new messages from
     /// here, in the order they were published (which is what makes per-key order hold).
@@ -38,7 +49,7 @@ pub trait OwnerLog: Send + Sync + 'static {
     /// Records a delivery attempt (so a restart does not reset `maxDeliveries` counting).
     fn attempted(&self, queue: &str, subscription: &str, sequence: u64, attempts: u32);
 
-    /// Everything unsettled, in sequence order, as of the last start.
+    /// What the owner held in memory, in sequence order, as of the last start.
     fn recover(&self) -> Vec<Recovered>;
 
     /// Remembers a stored message's id until `until` (its queue's dedup window), so a retry after
@@ -50,22 +61,75 @@ pub trait OwnerLog: Send + Sync + 'static {
     fn recover_remembered(&self) -> Vec<Remembered> {
         Vec::new()
     }
+
+    /// Whether messages can be kept on disk only and read back (spilled): false for memory.
+    fn pages(&self) -> bool {
+        false
+    }
+
+    /// Nothing owes the message recorded at `at` any more.
+    fn release(&self, _at: Position) {}
+
+    /// Messages of `queue` from sequence `from` on are kept on disk only, readable from `cursor`.
+    fn spill(&self, _queue: &str, _from: u64, _cursor: Position) {}
+
+    /// Spilled messages of `queue` through `through` are back in memory; the next read starts at
+    /// `resume`.
+    fn paged_in(&self, _queue: &str, _through: u64, _resume: Position) {}
+
+    /// Every spilled message of `queue` is back in memory.
+    fn spill_end(&self, _queue: &str) {}
+
+    /// Reads spilled messages of `queue` back (blocking file reads): sequences above `after`, up to
+    /// the first at or above `below`, about `max_bytes` of them.
+    fn read_spilled(
+        &self,
+        _queue: &str,
+        _cursor: Position,
+        _after: u64,
+        _below: u64,
+        _max_bytes: usize,
+    ) -> Result<Page, BrokerError> {
+        Ok(Page {
+            at_end: true,
+            ..Page::default()
+        })
+    }
+
+    /// Queues whose newest messages were on disk only, as of the last start.
+    fn recover_spills(&self) -> Vec<RecoveredSpill> {
+        Vec::new()
+    }
+
+    /// Messages whose record is in a segment below this one should be relocated.
+    fn relocation_target(&self) -> Option<u64> {
+        None
+    }
+
+    /// The log's counters (disk logs only).
+    fn stats(&self) -> Option<Arc<qmesh_store::StoreStats>> {
+        None
+    }
+
+    /// Writes a fresh copy of a live message with its owing subscriptions and attempts.
+    fn relocate(
+        &self,
+        _queue: &str,
+        _sequence: u64,
+        _message: &Arc<v1::Message>,
+        _pending: Vec<(String, u32)>,
+    ) -> Written {
+        Box::pin(async { Err(BrokerError::Internal("this log does not relocate".into())) })
+    }
 }
 
 /// `durability: Memory`: nothing is written and nothing survives a restart.
 #[derive(Debug, Default)]
 pub struct MemoryLog;
 
-#[tonic::async_trait]
 impl OwnerLog for MemoryLog {
-    async fn append(
-        &self,
-        _: &str,
-        _: u64,
-        _: &Arc<v1::Message>,
-        _: &[String],
-    ) -> Result<(), BrokerError> {
-        Ok(())
+    fn append(&self, _: &str, _: u64, _: &Arc<v1::Message>, _: &[String]) -> Written {
+        Box::pin(async { Ok(Position::default()) })
     }
 
     fn settle(&self, _: &str, _: &str, _: u64, _: Outcome) {}
@@ -79,21 +143,24 @@ impl OwnerLog for MemoryLog {
 
 impl From<qmesh_store::StoreError> for BrokerError {
     fn from(error: qmesh_store::StoreError) -> Self {
-        Self::Storage(error.to_string())
+        match error {
+            qmesh_store::StoreError::DiskFull { .. } => Self::DiskFull(error.to_string()),
+            _ => Self::Storage(error.to_string()),
+        }
     }
 }
 
 /// `durability: Disk`: the log in the data directory.
-#[tonic::async_trait]
 impl OwnerLog for qmesh_store::DiskLog {
-    async fn append(
+    fn append(
         &self,
         queue: &str,
         sequence: u64,
         message: &Arc<v1::Message>,
         pending: &[String],
-    ) -> Result<(), BrokerError> {
-        Ok(qmesh_store::DiskLog::append(self, queue, sequence, message, pending).await?)
+    ) -> Written {
+        let written = qmesh_store::DiskLog::append(self, queue, sequence, message, pending);
+        Box::pin(async move { Ok(written.await?) })
     }
 
     fn next_sequence(&self) -> u64 {
@@ -118,5 +185,60 @@ impl OwnerLog for qmesh_store::DiskLog {
 
     fn recover_remembered(&self) -> Vec<Remembered> {
         qmesh_store::DiskLog::recover_remembered(self)
+    }
+
+    fn pages(&self) -> bool {
+        true
+    }
+
+    fn release(&self, at: Position) {
+        qmesh_store::DiskLog::release(self, at);
+    }
+
+    fn spill(&self, queue: &str, from: u64, cursor: Position) {
+        qmesh_store::DiskLog::spill(self, queue, from, cursor);
+    }
+
+    fn paged_in(&self, queue: &str, through: u64, resume: Position) {
+        qmesh_store::DiskLog::paged_in(self, queue, through, resume);
+    }
+
+    fn spill_end(&self, queue: &str) {
+        qmesh_store::DiskLog::spill_end(self, queue);
+    }
+
+    fn read_spilled(
+        &self,
+        queue: &str,
+        cursor: Position,
+        after: u64,
+        below: u64,
+        max_bytes: usize,
+    ) -> Result<Page, BrokerError> {
+        qmesh_store::DiskLog::read_spilled(self, queue, cursor, after, below, max_bytes)
+            .map_err(|e| BrokerError::Storage(format!("could not read spilled messages back: {e}")))
+    }
+
+    fn recover_spills(&self) -> Vec<RecoveredSpill> {
+        qmesh_store::DiskLog::recover_spills(self)
+    }
+
+    fn relocation_target(&self) -> Option<u64> {
+        qmesh_store::DiskLog::relocation_target(self)
+    }
+
+    fn stats(&self) -> Option<Arc<qmesh_store::StoreStats>> {
+        Some(qmesh_store::DiskLog::stats(self))
+    }
+
+    fn relocate(
+        &self,
+        queue: &str,
+        sequence: u64,
+        message: &Arc<v1::Message>,
+        pending: Vec<(String, u32)>,
+    ) -> Written {
+        let written = qmesh_store::DiskLog::relocate(self, queue, sequence, message, pending);
+        Box::pin(async move { Ok(written.await?) })
     }
 }

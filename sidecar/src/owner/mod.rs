@@ -58,10 +58,13 @@ pub struct Settings {
 /// Sidecar-wide bounds on what the owner holds.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Most bytes of unsettled messages over all queues.
+    /// Most bytes of unsettled messages over all queues, held or spilled (the disk budget).
     pub max_bytes: u64,
     /// Most unsettled messages over all queues.
     pub max_messages: u64,
+    /// Most memory the held messages, their bookkeeping and remembered ids take: beyond it, disk
+    /// queues spill their newest messages to the log and memory queues refuse publishes.
+    pub memory: u64,
 }
 
 struct OwnedQueue {
@@ -69,6 +72,8 @@ struct OwnedQueue {
     wake: Notify,
     log: Arc<dyn OwnerLog>,
     limiter: Mutex<Option<(control::RateLimit, Arc<DefaultDirectRateLimiter>)>>,
+    /// One page-in at a time.
+    paging: tokio::sync::Mutex<()>,
 }
 
 impl OwnedQueue {
@@ -88,6 +93,7 @@ pub struct Owner {
     draining: AtomicBool,
     metrics: Arc<Metrics>,
     recovered: Mutex<HashMap<String, Vec<log::Recovered>>>,
+    spills: Mutex<HashMap<String, log::RecoveredSpill>>,
     remembered: Mutex<HashMap<String, Vec<log::Remembered>>>,
     next_sequence: std::sync::atomic::AtomicU64,
     replicas: Arc<Replicas>,
@@ -116,6 +122,12 @@ impl Drop for Admission<'_> {
         admitted.1 = admitted.1.saturating_sub(1);
     }
 }
+
+/// Most bytes one page-in reads.
+const PAGE_IN_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most messages relocated per queue per second.
+const RELOCATE_BATCH: usize = 10_000;
 
 /// Headers set on dead letters.
 pub mod headers {
@@ -160,6 +172,7 @@ impl Owner {
             draining: AtomicBool::new(false),
             metrics,
             recovered: Mutex::new(HashMap::new()),
+            spills: Mutex::new(HashMap::new()),
             remembered: Mutex::new(HashMap::new()),
             next_sequence: std::sync::atomic::AtomicU64::new(0),
             replicas,
@@ -194,13 +207,20 @@ impl Owner {
             recovered.entry(rec.queue.clone()).or_default().push(rec);
         }
         let count: usize = recovered.values().map(Vec::len).sum();
-        if count > 0 {
+        let mut spills = self.spills.lock().unwrap_or_else(|e| e.into_inner());
+        for spill in self.disk.recover_spills() {
+            spills.insert(spill.queue.clone(), spill);
+        }
+        let spilled: u64 = spills.values().map(|s| s.messages).sum();
+        if count > 0 || spilled > 0 {
             tracing::info!(
-                messages = count,
-                queues = recovered.len(),
+                held = count,
+                spilled,
+                queues = recovered.len().max(spills.len()),
                 "recovered unsettled messages from the log"
             );
         }
+        drop(spills);
         let mut remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
         let ids = self.disk.recover_remembered();
         if !ids.is_empty() {
@@ -230,6 +250,13 @@ impl Owner {
                 .keys()
                 .cloned(),
         );
+        waiting.extend(
+            self.spills
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
         for name in waiting {
             let _ = self.queue_for(view, &name);
         }
@@ -246,7 +273,12 @@ impl Owner {
             .remove(name)
             .unwrap_or_default();
         let records = recovered.remove(name).unwrap_or_default();
-        if records.is_empty() && ids.is_empty() {
+        let spill = self
+            .spills
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if records.is_empty() && ids.is_empty() && spill.is_none() {
             return;
         }
         let now = Instant::now();
@@ -273,8 +305,28 @@ impl Owner {
                 );
             }
             if !rec.pending.is_empty() {
-                state.restore(rec.sequence, Arc::new(rec.message), rec.pending, now);
+                state.restore(
+                    rec.sequence,
+                    Arc::new(rec.message),
+                    rec.pending,
+                    rec.at,
+                    now,
+                );
             }
+        }
+        // After what was held: held messages are never counted as spilled.
+        if let Some(spill) = spill {
+            state.resume_spill(
+                queue::Spill {
+                    from: spill.from,
+                    cursor: spill.cursor,
+                    paged_through: spill.paged_through,
+                    messages: spill.messages,
+                    bytes: spill.bytes,
+                },
+                spill.by_subscription,
+                now,
+            );
         }
         drop(state);
         drop(recovered);
@@ -298,10 +350,7 @@ impl Owner {
 
     /// Messages still owed to some subscription, over all queues.
     pub fn backlog(&self) -> u64 {
-        self.queues()
-            .iter()
-            .map(|q| q.lock().messages.len() as u64)
-            .sum()
+        self.queues().iter().map(|q| q.lock().backlog()).sum()
     }
 
     fn queues(&self) -> Vec<Arc<OwnedQueue>> {
@@ -344,6 +393,7 @@ impl Owner {
                 Arc::clone(&self.memory)
             },
             limiter: Mutex::new(None),
+            paging: tokio::sync::Mutex::new(()),
         });
         queues.insert(name.to_owned(), Arc::clone(&q));
         drop(queues);
@@ -453,7 +503,8 @@ impl Owner {
         if let Some(duplicate) = duplicate {
             return answer_duplicate(&message.id, duplicate).await;
         }
-        let _admission = self.admit(queue, size)?;
+        let spills = q.log.pages() && policy.publish_ack() != control::PublishAck::Replicated;
+        let _admission = self.admit(queue, size, spills)?;
         self.make_room(q, queue, &policy, size).await?;
         // publishAck: Replicated — a replica must be there before anything is written.
         let replicated = policy.publish_ack() == control::PublishAck::Replicated;
@@ -468,6 +519,8 @@ impl Owner {
         // Numbered here, in publish order, under the queue's lock; the log may complete appends
         // in any order. The id is checked again under the same lock: of two publishes of one id
         // racing here, exactly one is stored.
+        // The record is queued under the same lock, so a queue's records are in the log in
+        // sequence order (what paging spilled messages back in relies on).
         let reserved = {
             let mut state = q.lock();
             match state.duplicate_of(&id, now) {
@@ -475,16 +528,15 @@ impl Owner {
                 None => {
                     let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
                     state.reserve(sequence, &id, now);
-                    Ok(sequence)
+                    Ok((sequence, q.log.append(queue, sequence, &message, &pending)))
                 }
             }
         };
-        let sequence = match reserved {
-            Ok(sequence) => sequence,
+        let (sequence, appended) = match reserved {
+            Ok(reserved) => reserved,
             Err(duplicate) => return answer_duplicate(&id, duplicate).await,
         };
         // The copy goes out while the log writes, so the two waits overlap.
-        let appended = q.log.append(queue, sequence, &message, &pending);
         let (appended, confirmed) = match replica {
             None => (appended.await, Ok(())),
             Some(addr) => {
@@ -506,14 +558,17 @@ impl Owner {
                 )
             }
         };
-        if let Err(error) = appended {
-            q.lock().abandon(sequence, &id, &error);
-            if replicated {
-                self.replicas.cancel(sequence);
+        let at = match appended {
+            Ok(at) => at,
+            Err(error) => {
+                q.lock().abandon(sequence, &id, &error);
+                if replicated {
+                    self.replicas.cancel(sequence);
+                }
+                q.wake.notify_one();
+                return Err(error);
             }
-            q.wake.notify_one();
-            return Err(error);
-        }
+        };
         if let Err(reason) = confirmed {
             // Written here but not replicated: it must not be delivered as if acknowledged.
             for sub in &pending {
@@ -523,14 +578,20 @@ impl Owner {
                 queue: queue.to_owned(),
                 reason,
             };
-            q.lock().abandon(sequence, &id, &error);
+            {
+                let mut state = q.lock();
+                state.abandon(sequence, &id, &error);
+                // Replicated queues never spill: nothing will read this record back.
+                state.released.push(at);
+            }
             self.replicas.cancel(sequence);
             q.wake.notify_one();
             tracing::warn!(queue, sequence, %error, "publish refused: no replica confirmed its copy");
             return Err(error);
         }
         self.remember(q, queue, &message, sequence);
-        q.lock().insert(sequence, message, pending, now);
+        let pending = pending.into_iter().map(|s| (s, 0)).collect();
+        self.place(q, queue, sequence, message, pending, at, replicated, now);
         q.wake.notify_one();
         self.metrics.published(queue);
         if replicated {
@@ -562,28 +623,186 @@ impl Owner {
         q.log.remember(queue, &message.id, sequence, until);
     }
 
-    /// Admits a message of `size` bytes into the sidecar's memory bound — owned messages with their
-    /// bookkeeping, dedup ids, and every publish or adoption still in progress — or refuses it. The
-    /// admission is held until the message is in its queue's state (or has failed).
-    fn admit(&self, queue: &str, size: u64) -> Result<Admission<'_>, BrokerError> {
-        let (owned_bytes, owned_messages) = self.queues().iter().fold((0, 0), |(b, m), q| {
-            let s = q.lock();
-            (
-                b + s.bytes + s.messages.len() as u64 * queue::ENTRY_OVERHEAD + s.dedup_bytes,
-                m + s.messages.len() as u64,
-            )
+    /// Memory held over all queues: messages with their bookkeeping and remembered ids.
+    fn memory_held(&self) -> u64 {
+        self.queues().iter().map(|q| q.lock().memory()).sum()
+    }
+
+    /// Inserts a durable message into its queue: held while memory is within budget, else (a disk
+    /// queue that is not replicated) spilled to the log, to be paged in when there is room.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &self,
+        q: &OwnedQueue,
+        queue: &str,
+        sequence: u64,
+        message: Arc<v1::Message>,
+        pending: Vec<(String, u32)>,
+        at: log::Position,
+        replicated: bool,
+        now: Instant,
+    ) {
+        let cost = queue::message_size(&message) + queue::ENTRY_OVERHEAD;
+        let room = !q.log.pages() || replicated || self.memory_held() + cost <= self.limits.memory;
+        let mut state = q.lock();
+        let placed = state.insert(sequence, message, pending, at, room, now);
+        if let queue::Placed::SpillStarted { from, cursor } = placed {
+            // Under the queue's lock: the spill is in the log before any page-in of it.
+            q.log.spill(queue, from, cursor);
+            drop(state);
+            tracing::info!(
+                queue,
+                from,
+                budget = self.limits.memory,
+                "memory budget reached: newer messages stay on disk until there is room"
+            );
+        }
+    }
+
+    /// Keeps a queue's memory and log in shape: hands settled records to the log for release,
+    /// pages spilled messages back in while memory has room, and (`relocate`) copies long-lived
+    /// messages out of old segments so those can be deleted.
+    async fn maintain(self: &Arc<Self>, q: &Arc<OwnedQueue>, name: &str, relocate: bool) {
+        let released = std::mem::take(&mut q.lock().released);
+        for at in released {
+            q.log.release(at);
+        }
+        self.page_in(q, name).await;
+        if relocate {
+            self.relocate(q, name);
+        }
+    }
+
+    /// Reads spilled messages back while held memory is below three quarters of the budget, a few
+    /// MiB at a time, in order.
+    async fn page_in(self: &Arc<Self>, q: &Arc<OwnedQueue>, name: &str) {
+        let _paging = q.paging.lock().await;
+        loop {
+            let Some((cursor, after, below)) = q.lock().page_request() else {
+                return;
+            };
+            let low = self.limits.memory / 4 * 3;
+            let held = self.memory_held();
+            if held >= low {
+                return;
+            }
+            let max = usize::try_from(low - held)
+                .unwrap_or(usize::MAX)
+                .min(PAGE_IN_BYTES);
+            let log = Arc::clone(&q.log);
+            let queue = name.to_owned();
+            let read = tokio::task::spawn_blocking(move || {
+                log.read_spilled(&queue, cursor, after, below, max)
+            })
+            .await;
+            let page = match read {
+                Ok(Ok(page)) => page,
+                Ok(Err(error)) => {
+                    tracing::error!(%error, queue = name, "paging spilled messages in failed; trying again later");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, queue = name, "the page-in task failed; trying again later");
+                    return;
+                }
+            };
+            let moved = page.resume != cursor;
+            let mut state = q.lock();
+            let Some(paged) = state.paged_in(page, Instant::now()) else {
+                return;
+            };
+            // Under the queue's lock: the page-in is in the log before any settlement of what it
+            // brought in.
+            if paged.messages > 0 || moved {
+                q.log.paged_in(name, paged.through, paged.resume);
+            }
+            if paged.ended {
+                q.log.spill_end(name);
+            }
+            drop(state);
+            if paged.messages > 0 {
+                q.wake.notify_one();
+            }
+            if paged.ended {
+                tracing::info!(queue = name, "every spilled message is back in memory");
+            }
+            if paged.ended || (paged.messages == 0 && !moved) {
+                return;
+            }
+        }
+    }
+
+    /// Copies held messages whose records pin old segments forward in the log.
+    fn relocate(self: &Arc<Self>, q: &Arc<OwnedQueue>, name: &str) {
+        let Some(target) = q.log.relocation_target() else {
+            return;
+        };
+        // Queued under the queue's lock, with the state it has now: no settlement recorded after
+        // this is written before the copy.
+        let (moving, writes): (Vec<_>, Vec<_>) = {
+            let state = q.lock();
+            state
+                .to_relocate(target, RELOCATE_BATCH)
+                .into_iter()
+                .map(|m| {
+                    let write = q
+                        .log
+                        .relocate(name, m.sequence, &m.message, m.pending.clone());
+                    ((m.sequence, m.from), write)
+                })
+                .unzip()
+        };
+        if moving.is_empty() {
+            return;
+        }
+        let q = Arc::clone(q);
+        let name = name.to_owned();
+        self.tasks.spawn(format!("owner relocation {name}"), async move {
+            let results = futures::future::join_all(writes).await;
+            let mut state = q.lock();
+            let mut failed = 0;
+            for ((sequence, from), result) in moving.into_iter().zip(results) {
+                match result {
+                    Ok(to) => state.relocated(sequence, from, to),
+                    Err(_) => failed += 1,
+                }
+            }
+            drop(state);
+            if failed > 0 {
+                tracing::warn!(queue = %name, failed, "could not relocate some messages; they stay where they are");
+            }
         });
+    }
+
+    /// Admits a message of `size` bytes into the sidecar's bounds — the bytes and messages owned
+    /// (held or spilled, `--max-owned-bytes` / `--max-owned-messages`), and for messages that cannot
+    /// spill (memory or replicated queues) the memory budget — counting every publish or adoption
+    /// still in progress, or refuses it. The admission is held until the message is in its queue's
+    /// state (or has failed).
+    fn admit(&self, queue: &str, size: u64, spills: bool) -> Result<Admission<'_>, BrokerError> {
+        let (owned_bytes, owned_messages, held) =
+            self.queues().iter().fold((0, 0, 0), |(b, m, h), q| {
+                let s = q.lock();
+                (b + s.backlog_bytes(), m + s.backlog(), h + s.memory())
+            });
         let cost = size + queue::ENTRY_OVERHEAD;
         let mut admitted = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
+        let full = |limit: &str| BrokerError::BacklogFull {
+            queue: queue.to_owned(),
+            limit: limit.into(),
+            retry_after: Duration::from_secs(1),
+        };
         if owned_bytes + admitted.0 + cost > self.limits.max_bytes
             || owned_messages + admitted.1 + 1 > self.limits.max_messages
         {
-            return Err(BrokerError::BacklogFull {
-                queue: queue.to_owned(),
-                limit: "the sidecar's memory bound (--max-owned-bytes / --max-owned-messages)"
-                    .into(),
-                retry_after: Duration::from_secs(1),
-            });
+            return Err(full(
+                "the sidecar's bound on owned messages (--max-owned-bytes / --max-owned-messages)",
+            ));
+        }
+        if !spills && held + admitted.0 + cost > self.limits.memory {
+            return Err(full(
+                "the sidecar's memory budget (--memory-budget); durability: Memory and publishAck: Replicated queues cannot spill to disk",
+            ));
         }
         admitted.0 += cost;
         admitted.1 += 1;
@@ -602,10 +821,11 @@ impl Owner {
         loop {
             let over = {
                 let s = q.lock();
-                let count = s.messages.len() as u64;
+                let count = s.backlog();
                 if retention.max_messages > 0 && count + 1 > retention.max_messages {
                     Some(format!("maxMessages {}", retention.max_messages))
-                } else if retention.max_bytes > 0 && s.bytes + size > retention.max_bytes {
+                } else if retention.max_bytes > 0 && s.backlog_bytes() + size > retention.max_bytes
+                {
                     Some(format!("maxBytes {}", retention.max_bytes))
                 } else {
                     None
@@ -775,6 +995,8 @@ impl Owner {
     async fn run_queue(self: Arc<Self>, name: String, q: Arc<OwnedQueue>) {
         let mut last_expiry_check = Instant::now();
         loop {
+            let relocate = last_expiry_check.elapsed() >= Duration::from_secs(1);
+            self.maintain(&q, &name, relocate).await;
             let now = Instant::now();
             let mut dead = Vec::new();
             let (outgoing, next, demand) = {
@@ -816,7 +1038,10 @@ impl Owner {
                     .routes
                     .iter()
                     .map(|r| {
-                        let ready = state.subs.get(&r.subscription).map_or(0, |s| s.ready.len());
+                        let ready = state
+                            .subs
+                            .get(&r.subscription)
+                            .map_or(0, |s| s.ready_work());
                         (links_for(r), r.subscription.clone(), ready)
                     })
                     .collect();
@@ -1116,7 +1341,11 @@ impl Owner {
         let message = Arc::new(owned.message.unwrap_or_default());
         // Taken over like a publish: within this sidecar's memory bound, or refused (the sender
         // tries another peer; a replica keeps its copy and tries again).
-        let _admission = self.admit(&queue, queue::message_size(&message))?;
+        let spills = {
+            let state = q.lock();
+            q.log.pages() && !state.replicated()
+        };
+        let _admission = self.admit(&queue, queue::message_size(&message), spills)?;
         // Every owing subscription is kept, also those this sidecar's view lacks (dormant until
         // they appear or the removal grace passes): a hand-over never drops what is owed.
         let pending: Vec<(String, u32)> = owned
@@ -1128,27 +1357,30 @@ impl Owner {
             return Ok(());
         }
         let now = Instant::now();
-        let sequence = {
+        let subs: Vec<String> = pending.iter().map(|(s, _)| s.clone()).collect();
+        let (sequence, appended) = {
             let mut state = q.lock();
             let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
             state.reserve(sequence, &message.id, now);
-            sequence
+            (sequence, q.log.append(&queue, sequence, &message, &subs))
         };
-        let subs: Vec<String> = pending.iter().map(|(s, _)| s.clone()).collect();
-        if let Err(error) = q.log.append(&queue, sequence, &message, &subs).await {
-            q.lock().abandon(sequence, &message.id, &error);
-            return Err(error);
-        }
+        let at = match appended.await {
+            Ok(at) => at,
+            Err(error) => {
+                q.lock().abandon(sequence, &message.id, &error);
+                return Err(error);
+            }
+        };
         for (sub, attempts) in &pending {
             if *attempts > 0 {
                 q.log.attempted(&queue, sub, sequence, *attempts);
             }
         }
         self.remember(&q, &queue, &message, sequence);
+        let replicated = q.lock().replicated();
+        self.place(&q, &queue, sequence, message, pending, at, replicated, now);
         {
-            let mut state = q.lock();
-            state.appending.remove(&sequence);
-            state.restore(sequence, message, pending, now);
+            let state = q.lock();
             // Replicated queues: the copy follows in the background (or with the next re-sync).
             if state.replicated()
                 && let Pick::Up(addr) = self.replicas.pick(&queue)
@@ -1299,7 +1531,7 @@ impl Owner {
             .iter()
             .filter_map(|q| {
                 let s = q.lock();
-                (!s.messages.is_empty()).then(|| s.name.clone())
+                (s.backlog() > 0).then(|| s.name.clone())
             })
             .collect()
     }
@@ -1326,6 +1558,33 @@ impl Owner {
             out.push(owned_message(&state, *seq, entry));
         }
         out
+    }
+
+    /// Memory held by messages over all queues, and messages spilled (in the log only).
+    pub fn memory_figures(&self) -> (u64, u64) {
+        self.queues().iter().fold((0, 0), |(held, spilled), q| {
+            let s = q.lock();
+            (
+                held + s.memory(),
+                spilled + s.spill.as_ref().map_or(0, |sp| sp.messages),
+            )
+        })
+    }
+
+    /// Whether `queue` has spilled messages (in the log only, not yet read back).
+    pub fn spilled(&self, queue: &str) -> bool {
+        self.get_queue(queue)
+            .is_some_and(|q| q.lock().spill.is_some())
+    }
+
+    /// Reads spilled messages of `queue` back now, if memory has room; returns whether any came.
+    pub async fn page_in_queue(self: &Arc<Self>, queue: &str) -> bool {
+        let Some(q) = self.get_queue(queue) else {
+            return false;
+        };
+        let before = q.lock().messages.len();
+        self.page_in(&q, queue).await;
+        q.lock().messages.len() > before
     }
 
     /// Forgets messages another sidecar now owns.
@@ -1361,15 +1620,15 @@ impl Owner {
                 let s = q.lock();
                 QueueFigures {
                     queue: s.name.clone(),
-                    backlog_messages: s.messages.len() as u64,
-                    backlog_bytes: s.bytes,
+                    backlog_messages: s.backlog(),
+                    backlog_bytes: s.backlog_bytes(),
                     published_total: s.published_total,
                     subscriptions: s
                         .subs
                         .iter()
                         .map(|(name, sub)| SubFigures {
                             subscription: name.clone(),
-                            backlog: sub.backlog() as u64,
+                            backlog: sub.backlog(),
                             in_flight: sub.in_flight.len() as u64,
                             dead_lettered_total: sub.dead_lettered_total,
                             parked: sub.parked.len() as u64,

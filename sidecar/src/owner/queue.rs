@@ -7,7 +7,13 @@
 //!   publish ──▶ ready ──dispatch (credit)──▶ in flight ──ack──▶ settled
 //!                 ▲                              │ nack / timeout / link lost
 //!                 └──── waiting (backoff) ◀──────┘──(attempts ≥ max)──▶ dead letter
+//!
+//!   memory budget reached ──▶ spill: newer messages stay in the log only (counted, not held)
+//!   room again ──▶ page-in: read back from the log, in order ──▶ ready
 //! ```
+//!
+//! What memory holds is always the oldest part of the backlog: spilled messages are newer than
+//! every held one, so order, overflow (oldest first) and expiry work on what is held.
 
 use std::{
     cmp::Reverse,
@@ -18,6 +24,7 @@ use std::{
 
 use qmesh_proto::{control, v1};
 
+use super::log::{Page, Position};
 use crate::error::BrokerError;
 
 /// One unsettled message.
@@ -25,6 +32,8 @@ use crate::error::BrokerError;
 pub struct Entry {
     /// The message (shared with in-flight deliveries).
     pub message: Arc<v1::Message>,
+    /// Where its record is in the log (released once settled everywhere).
+    pub at: Position,
     /// Payload + header bytes, for retention accounting.
     pub size: u64,
     /// Subscriptions that still owe an ack.
@@ -69,6 +78,8 @@ pub struct SubState {
     /// Since when the subscription is missing from the view (dormant: nothing is delivered, nothing
     /// it owes is dropped until the removal grace has passed).
     pub removed_at: Option<Instant>,
+    /// Messages it owes that are spilled (in the log only, not yet paged in).
+    pub spilled: u64,
     /// Totals.
     pub delivered_total: u64,
     /// Totals.
@@ -80,9 +91,15 @@ pub struct SubState {
 }
 
 impl SubState {
-    /// Messages this subscription still owes (ready, waiting, in flight, parked).
-    pub fn backlog(&self) -> usize {
-        self.ready.len() + self.waiting.len() + self.in_flight.len() + self.parked.len()
+    /// Messages this subscription still owes (ready, waiting, in flight, parked, spilled).
+    pub fn backlog(&self) -> u64 {
+        (self.ready.len() + self.waiting.len() + self.in_flight.len() + self.parked.len()) as u64
+            + self.spilled
+    }
+
+    /// Messages ready for delivery, held or spilled.
+    pub fn ready_work(&self) -> usize {
+        self.ready.len() + self.spilled as usize
     }
 
     fn busy(&mut self, key: &str) {
@@ -245,6 +262,69 @@ pub struct QueueState {
     pub removed: Vec<u64>,
     /// Sequences being dead-lettered by overflow or expiry (claimed, not yet evicted).
     evicting: BTreeSet<u64>,
+    /// Newer messages kept in the log only, while memory is short.
+    pub spill: Option<Spill>,
+    /// Highest sequence reserved so far.
+    last_reserved: u64,
+    /// Records of messages settled everywhere, for the log to release.
+    pub released: Vec<Position>,
+}
+
+/// A queue's spilled range: messages from `from` on that are in the log only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spill {
+    /// First spilled sequence.
+    pub from: u64,
+    /// Where the next page-in reads.
+    pub cursor: Position,
+    /// Highest sequence paged in so far.
+    pub paged_through: u64,
+    /// Spilled messages not yet paged in.
+    pub messages: u64,
+    /// Their record bytes.
+    pub bytes: u64,
+}
+
+/// A held message to copy forward in the log.
+#[derive(Debug)]
+pub struct Relocation {
+    /// Sequence.
+    pub sequence: u64,
+    /// The message.
+    pub message: Arc<v1::Message>,
+    /// Owing subscriptions with attempts so far.
+    pub pending: Vec<(String, u32)>,
+    /// Where its record is now.
+    pub from: Position,
+}
+
+/// Where an inserted message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// Held in memory.
+    Held,
+    /// Spilled (in the log only).
+    Spilled,
+    /// Held, and memory is full: messages from `from` on are spilled, readable from `cursor`.
+    SpillStarted {
+        /// First spilled sequence.
+        from: u64,
+        /// Where paging in will read.
+        cursor: Position,
+    },
+}
+
+/// What a page-in did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedIn {
+    /// Highest sequence now held.
+    pub through: u64,
+    /// Where the next page-in reads.
+    pub resume: Position,
+    /// Every spilled message is held again.
+    pub ended: bool,
+    /// Messages paged in.
+    pub messages: usize,
 }
 
 /// A publish whose id was seen inside the dedup window.
@@ -281,7 +361,131 @@ impl QueueState {
             appending: BTreeSet::new(),
             removed: Vec::new(),
             evicting: BTreeSet::new(),
+            spill: None,
+            last_reserved: 0,
+            released: Vec::new(),
         }
+    }
+
+    /// Messages owed, held and spilled.
+    pub fn backlog(&self) -> u64 {
+        self.messages.len() as u64 + self.spill.as_ref().map_or(0, |s| s.messages)
+    }
+
+    /// Bytes owed, held and spilled.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.bytes + self.spill.as_ref().map_or(0, |s| s.bytes)
+    }
+
+    /// Memory the held messages take, with their bookkeeping and remembered ids.
+    pub fn memory(&self) -> u64 {
+        self.bytes + self.messages.len() as u64 * ENTRY_OVERHEAD + self.dedup_bytes
+    }
+
+    /// Continues a spill recovered from the log.
+    pub fn resume_spill(
+        &mut self,
+        spill: Spill,
+        by_subscription: Vec<(String, u64)>,
+        now: Instant,
+    ) {
+        for (sub, n) in by_subscription {
+            self.subs
+                .entry(sub)
+                .or_insert_with(|| SubState {
+                    removed_at: Some(now),
+                    ..SubState::default()
+                })
+                .spilled += n;
+        }
+        self.last_reserved = self.last_reserved.max(spill.from.saturating_sub(1));
+        self.spill = Some(spill);
+    }
+
+    /// What the next page-in reads: `(cursor, after, below)` — sequences above `after`, stopping at
+    /// `below`, the first still being persisted.
+    pub fn page_request(&self) -> Option<(Position, u64, u64)> {
+        let spill = self.spill.as_ref()?;
+        let below = self.appending.first().copied().unwrap_or(u64::MAX);
+        Some((spill.cursor, spill.paged_through, below))
+    }
+
+    /// Held messages whose record is in a segment below `segment`, for relocation: at most `max`,
+    /// with their owing subscriptions and attempts.
+    pub fn to_relocate(&self, segment: u64, max: usize) -> Vec<Relocation> {
+        self.messages
+            .iter()
+            .filter(|(_, e)| e.at.segment > 0 && e.at.segment < segment)
+            .take(max)
+            .map(|(seq, e)| Relocation {
+                sequence: *seq,
+                message: Arc::clone(&e.message),
+                pending: e
+                    .pending
+                    .iter()
+                    .map(|sub| (sub.clone(), self.attempts_of(sub, *seq)))
+                    .collect(),
+                from: e.at,
+            })
+            .collect()
+    }
+
+    /// A relocation of `sequence` from `from` wrote its copy at `to`: the message now lives there,
+    /// and the old record is released — or, settled meanwhile, the copy is.
+    pub fn relocated(&mut self, sequence: u64, from: Position, to: Position) {
+        match self.messages.get_mut(&sequence) {
+            Some(entry) if entry.at == from => {
+                entry.at = to;
+                self.released.push(from);
+            }
+            _ => self.released.push(to),
+        }
+    }
+
+    /// Holds spilled messages read back from the log, in order.
+    pub fn paged_in(&mut self, page: Page, now: Instant) -> Option<PagedIn> {
+        let spill = self.spill.as_mut()?;
+        let mut through = spill.paged_through;
+        let mut messages = 0;
+        let mut held = Vec::new();
+        for paged in page.messages {
+            if paged.sequence <= spill.paged_through || self.messages.contains_key(&paged.sequence)
+            {
+                continue;
+            }
+            spill.messages = spill.messages.saturating_sub(1);
+            spill.bytes = spill.bytes.saturating_sub(u64::from(paged.at.len));
+            through = through.max(paged.sequence);
+            messages += 1;
+            held.push(paged);
+        }
+        spill.paged_through = through;
+        spill.cursor = page.resume;
+        let ended = spill.messages == 0;
+        if ended {
+            self.spill = None;
+        }
+        for paged in held {
+            for sub in &paged.pending {
+                if let Some(state) = self.subs.get_mut(sub) {
+                    state.spilled = state.spilled.saturating_sub(1);
+                }
+            }
+            let pending = paged.pending.into_iter().map(|s| (s, 0)).collect();
+            self.hold(
+                paged.sequence,
+                Arc::new(paged.message),
+                pending,
+                paged.at,
+                now,
+            );
+        }
+        Some(PagedIn {
+            through,
+            resume: page.resume,
+            ended,
+            messages,
+        })
     }
 
     /// Whether publishes wait for a replica's copy (`publishAck: Replicated`).
@@ -430,6 +634,7 @@ impl QueueState {
     /// so messages go out in publish order even when their appends complete out of order.
     pub fn reserve(&mut self, sequence: u64, id: &str, now: Instant) {
         self.appending.insert(sequence);
+        self.last_reserved = self.last_reserved.max(sequence);
         if let Some(window) = self.dedup_window() {
             self.remember(id, sequence, later(now, window));
         }
@@ -447,26 +652,79 @@ impl QueueState {
         }
     }
 
-    /// Inserts a durable message owed to `pending` (reserved with [`QueueState::reserve`]).
+    /// Inserts a durable message owed to `pending` (reserved with [`QueueState::reserve`]), with
+    /// attempts so far, recorded at `at`. Held in memory when `room`, or spilled — kept in the log
+    /// only, to be paged in later — once memory is short (only when the log can page).
     pub fn insert(
         &mut self,
         sequence: u64,
         message: Arc<v1::Message>,
-        pending: Vec<String>,
+        pending: Vec<(String, u32)>,
+        at: Position,
+        room: bool,
         now: Instant,
-    ) {
-        let size = message_size(&message);
+    ) -> Placed {
         self.appending.remove(&sequence);
         for waiter in self.dedup_waiters.remove(&sequence).unwrap_or_default() {
             let _ = waiter.send(Ok(()));
         }
         self.published_total += 1;
         if pending.is_empty() {
-            return;
+            return Placed::Held;
         }
-        for sub in &pending {
-            if let Some(state) = self.subs.get_mut(sub) {
-                state.ready.insert(sequence);
+        if let Some(spill) = self.spill.as_mut()
+            && sequence >= spill.from
+        {
+            spill.messages += 1;
+            spill.bytes += u64::from(at.len);
+            for (sub, _) in &pending {
+                self.subs
+                    .entry(sub.clone())
+                    .or_insert_with(|| SubState {
+                        removed_at: Some(now),
+                        ..SubState::default()
+                    })
+                    .spilled += 1;
+            }
+            return Placed::Spilled;
+        }
+        let mut placed = Placed::Held;
+        if !room && self.spill.is_none() {
+            // Everything reserved so far is held (it is on its way); later ones are spilled. Their
+            // records all follow this one's.
+            let from = self.last_reserved.saturating_add(1);
+            let cursor = at.end();
+            self.spill = Some(Spill {
+                from,
+                cursor,
+                paged_through: from - 1,
+                messages: 0,
+                bytes: 0,
+            });
+            placed = Placed::SpillStarted { from, cursor };
+        }
+        self.hold(sequence, message, pending, at, now);
+        placed
+    }
+
+    fn hold(
+        &mut self,
+        sequence: u64,
+        message: Arc<v1::Message>,
+        pending: Vec<(String, u32)>,
+        at: Position,
+        now: Instant,
+    ) {
+        let size = message_size(&message);
+        for (sub, attempts) in &pending {
+            // Owed to a subscription this view does not (yet) have: kept for it, dormant.
+            let state = self.subs.entry(sub.clone()).or_insert_with(|| SubState {
+                removed_at: Some(now),
+                ..SubState::default()
+            });
+            state.ready.insert(sequence);
+            if *attempts > 0 {
+                state.attempts.insert(sequence, *attempts);
             }
         }
         self.bytes += size;
@@ -474,39 +732,26 @@ impl QueueState {
             sequence,
             Entry {
                 message,
+                at,
                 size,
-                pending: pending.into_iter().collect(),
+                pending: pending.into_iter().map(|(s, _)| s).collect(),
                 accepted: now,
             },
         );
     }
 
-    /// Re-inserts a recovered message with its attempt counts.
+    /// Re-inserts a recovered message with its attempt counts (held: what the owner held before).
     pub fn restore(
         &mut self,
         sequence: u64,
         message: Arc<v1::Message>,
         pending: Vec<(String, u32)>,
+        at: Position,
         now: Instant,
     ) {
-        let subs: Vec<String> = pending.iter().map(|(s, _)| s.clone()).collect();
-        // Owed to a subscription this view does not (yet) have: kept for it, dormant.
-        for sub in &subs {
-            self.subs.entry(sub.clone()).or_insert_with(|| SubState {
-                removed_at: Some(now),
-                ..SubState::default()
-            });
-        }
         self.reserve(sequence, &message.id.clone(), now);
-        self.insert(sequence, message, subs, now);
+        self.insert(sequence, message, pending, at, true, now);
         self.published_total -= 1;
-        for (sub, attempts) in pending {
-            if let Some(state) = self.subs.get_mut(&sub)
-                && attempts > 0
-            {
-                state.attempts.insert(sequence, attempts);
-            }
-        }
     }
 
     /// Decides deliveries: for each subscription, ready messages in order go to links with credit
@@ -1060,6 +1305,7 @@ impl QueueState {
         }
         if let Some(entry) = self.messages.remove(&sequence) {
             self.bytes -= entry.size;
+            self.released.push(entry.at);
             self.note_removed(sequence);
         }
         owed
@@ -1073,6 +1319,7 @@ impl QueueState {
             && let Some(entry) = self.messages.remove(&sequence)
         {
             self.bytes -= entry.size;
+            self.released.push(entry.at);
             self.note_removed(sequence);
         }
     }
@@ -1087,6 +1334,7 @@ impl QueueState {
         for seq in done {
             if let Some(entry) = self.messages.remove(&seq) {
                 self.bytes -= entry.size;
+                self.released.push(entry.at);
                 self.note_removed(seq);
             }
         }

@@ -329,3 +329,28 @@ pub async fn until_sub_settled(admin: std::net::SocketAddr, subscription: &str, 
         panic!("{e}: stats {:?}", stats(admin).await);
     }
 }
+
+/// A tmpfs mounted on a directory for a test (root may mount one): a small disk that fills up.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`48m`) on `dir`; `None` where mounting is not allowed.
+    pub fn mount(dir: &std::path::Path, size: &str) -> Option<Self> {
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            .then(|| Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

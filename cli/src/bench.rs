@@ -69,6 +69,20 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Peak shaving: publish everything with no consumer running, then start the subscribers and
+    /// measure how fast the backlog drains (and the owner's memory throughout).
+    #[arg(long)]
+    pub burst: bool,
+    /// With `--burst`: `kill -9` the owner once the backlog is in, restart it and measure the time
+    /// until it is ready again.
+    #[arg(long, requires = "burst")]
+    pub kill: bool,
+    /// The sidecars' `--memory-budget`.
+    #[arg(long, default_value = "64Mi")]
+    pub memory_budget: String,
+    /// The sidecars' `--fsync` policy.
+    #[arg(long, default_value = "always")]
+    pub fsync: String,
 }
 
 const MANIFESTS: &str = r#"
@@ -78,7 +92,7 @@ metadata: {name: bench}
 spec:
   durability: DURABILITY
   maxMessageBytes: 16Mi
-  retention: {maxMessages: 2000000}
+  retention: {maxMessages: 100000000}
 ---
 apiVersion: qmesh.io/v1alpha1
 kind: Subscription
@@ -90,15 +104,15 @@ spec:
 "#;
 
 #[derive(Default)]
-struct Latencies(Mutex<Vec<u32>>);
+pub(crate) struct Latencies(Mutex<Vec<u32>>);
 
 impl Latencies {
-    fn push(&self, d: Duration) {
+    pub(crate) fn push(&self, d: Duration) {
         let us = d.as_micros().min(u128::from(u32::MAX)) as u32;
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(us);
     }
 
-    fn summary(&self) -> serde_json::Value {
+    pub(crate) fn summary(&self) -> serde_json::Value {
         let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         v.sort_unstable();
         let p = |q: f64| -> u32 {
@@ -113,7 +127,7 @@ impl Latencies {
 }
 
 /// CPU seconds (user + system) and RSS of a process, from /proc.
-fn process_usage(pid: u32) -> Option<(f64, u64, u64)> {
+pub(crate) fn process_usage(pid: u32) -> Option<(f64, u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -134,29 +148,49 @@ async fn connect(addr: &str) -> anyhow::Result<BrokerClient<tonic::transport::Ch
     crate::client::connect(addr).await
 }
 
+/// Arguments every benchmark sidecar gets.
+fn sidecar_args(args: &BenchArgs) -> Vec<String> {
+    vec![
+        format!("--memory-budget={}", args.memory_budget),
+        format!("--fsync={}", args.fsync),
+        "--max-owned-bytes=64Gi".into(),
+        "--max-owned-messages=100000000".into(),
+    ]
+}
+
+/// Starts the two local sidecars of a benchmark.
+pub(crate) async fn local_mesh(args: &BenchArgs) -> anyhow::Result<LocalMesh> {
+    let binary = crate::local::sidecar_binary()?;
+    let durability = match args.durability {
+        Durability::Disk => "Disk",
+        Durability::Memory => "Memory",
+    };
+    let mut mesh = LocalMesh::start_with(
+        &binary,
+        &MANIFESTS.replace("DURABILITY", durability),
+        &[
+            ("producer", &[("app", "producer")]),
+            ("consumer", &[("app", "consumer")]),
+        ],
+        &sidecar_args(args),
+    )
+    .await?;
+    mesh.wait_ready(Duration::from_secs(15)).await?;
+    Ok(mesh)
+}
+
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.baseline {
         return baseline(args).await;
     }
+    if args.burst {
+        return crate::burst::run(args).await;
+    }
     let (mesh, producer, consumer) = if args.sidecars.len() == 2 {
         (None, args.sidecars[0].clone(), args.sidecars[1].clone())
     } else {
-        let binary = crate::local::sidecar_binary()?;
-        let durability = match args.durability {
-            Durability::Disk => "Disk",
-            Durability::Memory => "Memory",
-        };
-        let mut mesh = LocalMesh::start(
-            &binary,
-            &MANIFESTS.replace("DURABILITY", durability),
-            &[
-                ("producer", &[("app", "producer")]),
-                ("consumer", &[("app", "consumer")]),
-            ],
-        )
-        .await?;
-        mesh.wait_ready(Duration::from_secs(15)).await?;
+        let mesh = local_mesh(&args).await?;
         let p = mesh.sidecar("producer").grpc.to_string();
         let c = mesh.sidecar("consumer").grpc.to_string();
         (Some(mesh), p, c)
@@ -186,63 +220,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let e2e = Arc::new(Latencies::default());
     let publish = Arc::new(Latencies::default());
     let done = Arc::new(tokio::sync::Notify::new());
-    let mut subscribers = Vec::new();
-    for _ in 0..args.subscribers.max(1) {
-        let (addr, received, e2e, done, total) = (
-            consumer.clone(),
-            Arc::clone(&received),
-            Arc::clone(&e2e),
-            Arc::clone(&done),
-            args.msgs,
-        );
-        let mut client = connect(&addr).await?;
-        let (tx, rx) = mpsc::channel(64);
-        tx.send(SubscribeRequest {
-            request: Some(subscribe_request::Request::Open(Open {
-                subscription: "bench".into(),
-                max_in_flight: 1000,
-                manual_credit: false,
-            })),
-        })
-        .await?;
-        let mut inbound = client
-            .subscribe(ReceiverStream::new(rx))
-            .await
-            .context("subscribing to bench")?
-            .into_inner();
-        subscribers.push(tokio::spawn(async move {
-            while let Some(Ok(response)) = inbound.next().await {
-                let Some(subscribe_response::Response::Deliveries(batch)) = response.response
-                else {
-                    continue;
-                };
-                let now = SystemTime::now();
-                let mut receipts = Vec::with_capacity(batch.deliveries.len());
-                for d in batch.deliveries {
-                    if let Some(t) = d
-                        .message
-                        .as_ref()
-                        .and_then(|m| m.publish_time)
-                        .and_then(|t| SystemTime::try_from(t).ok())
-                        && let Ok(lat) = now.duration_since(t)
-                    {
-                        e2e.push(lat);
-                    }
-                    receipts.push(d.receipt);
-                }
-                let n = receipts.len() as u64;
-                let _ = tx
-                    .send(SubscribeRequest {
-                        request: Some(subscribe_request::Request::Ack(Ack { receipts })),
-                    })
-                    .await;
-                if received.fetch_add(n, Ordering::SeqCst) + n >= total {
-                    done.notify_one();
-                }
-            }
-        }));
-    }
-
+    let subscribers = subscribe(
+        &args,
+        &consumer,
+        Arc::clone(&received),
+        Arc::clone(&e2e),
+        Arc::clone(&done),
+    )
+    .await?;
     let bar = crate::progress::bar(args.msgs, "received");
     if args.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -351,8 +336,77 @@ fn print_report(args: &BenchArgs, r: &serde_json::Value) {
     }
 }
 
+/// Opens `args.subscribers` Subscribe streams on `consumer` that ack everything, counting into
+/// `received` (waking `done` once `args.msgs` are in) and recording end-to-end latency.
+pub(crate) async fn subscribe(
+    args: &BenchArgs,
+    consumer: &str,
+    received: Arc<AtomicU64>,
+    e2e: Arc<Latencies>,
+    done: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut subscribers = Vec::new();
+    for _ in 0..args.subscribers.max(1) {
+        let (addr, received, e2e, done, total) = (
+            consumer.to_owned(),
+            Arc::clone(&received),
+            Arc::clone(&e2e),
+            Arc::clone(&done),
+            args.msgs,
+        );
+        let mut client = connect(&addr).await?;
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(SubscribeRequest {
+            request: Some(subscribe_request::Request::Open(Open {
+                subscription: "bench".into(),
+                max_in_flight: 1000,
+                manual_credit: false,
+            })),
+        })
+        .await?;
+        let mut inbound = client
+            .subscribe(ReceiverStream::new(rx))
+            .await
+            .context("subscribing to bench")?
+            .into_inner();
+        subscribers.push(tokio::spawn(async move {
+            while let Some(Ok(response)) = inbound.next().await {
+                let Some(subscribe_response::Response::Deliveries(batch)) = response.response
+                else {
+                    continue;
+                };
+                let now = SystemTime::now();
+                let mut receipts = Vec::with_capacity(batch.deliveries.len());
+                for d in batch.deliveries {
+                    if let Some(t) = d
+                        .message
+                        .as_ref()
+                        .and_then(|m| m.publish_time)
+                        .and_then(|t| SystemTime::try_from(t).ok())
+                        && let Ok(lat) = now.duration_since(t)
+                    {
+                        e2e.push(lat);
+                    }
+                    receipts.push(d.receipt);
+                }
+                let n = receipts.len() as u64;
+                let _ = tx
+                    .send(SubscribeRequest {
+                        request: Some(subscribe_request::Request::Ack(Ack { receipts })),
+                    })
+                    .await;
+                if received.fetch_add(n, Ordering::SeqCst) + n >= total {
+                    done.notify_one();
+                }
+            }
+        }));
+    }
+
+    Ok(subscribers)
+}
+
 /// Publishes `args.msgs` over `args.publishers` pipelined streams, recording publish-ack latency.
-async fn publish_all(
+pub(crate) async fn publish_all(
     args: &BenchArgs,
     addr: &str,
     latencies: Arc<Latencies>,

@@ -75,6 +75,8 @@ pub struct LocalMesh {
     /// The sidecars, in the order given.
     pub sidecars: Vec<LocalSidecar>,
     children: Vec<Child>,
+    /// How each sidecar was started (binary, arguments), to start it again.
+    commands: Vec<(PathBuf, Vec<std::ffi::OsString>)>,
     control: CancellationToken,
 }
 
@@ -84,6 +86,16 @@ impl LocalMesh {
         binary: &Path,
         manifests: &str,
         sidecars: &[(&str, &[(&str, &str)])],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(binary, manifests, sidecars, &[]).await
+    }
+
+    /// Like [`LocalMesh::start`], with `extra` arguments for every sidecar.
+    pub async fn start_with(
+        binary: &Path,
+        manifests: &str,
+        sidecars: &[(&str, &[(&str, &str)])],
+        extra: &[String],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("qmesh-local-").tempdir()?;
         let file = MeshFile::parse(manifests).context("the local mesh's manifests")?;
@@ -95,25 +107,38 @@ impl LocalMesh {
 
         let mut local = Vec::new();
         let mut children = Vec::new();
+        let mut commands = Vec::new();
         for (name, labels) in sidecars {
             let [peer, grpc, http, admin] = free_addrs()?;
             let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
-            let child = Command::new(binary)
-                .args(["--control-plane", &control_plane, "--name", name])
-                .args(["--labels", &labels.join(",")])
-                .args(["--peer-addr", &peer.to_string()])
-                .args(["--grpc-addr", &grpc.to_string()])
-                .args(["--http-addr", &http.to_string()])
-                .args(["--admin-addr", &admin.to_string()])
-                .arg("--data-dir")
-                .arg(dir.path().join(name))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", binary.display()))?;
-            children.push(child);
+            let mut argv: Vec<std::ffi::OsString> = [
+                "--control-plane",
+                &control_plane,
+                "--name",
+                name,
+                "--labels",
+                &labels.join(","),
+                "--peer-addr",
+                &peer.to_string(),
+                "--grpc-addr",
+                &grpc.to_string(),
+                "--http-addr",
+                &http.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+                "--data-dir",
+            ]
+            .iter()
+            .map(Into::into)
+            .collect();
+            argv.push(dir.path().join(name).into());
+            argv.extend(extra.iter().map(Into::into));
+            children.push(spawn(
+                binary,
+                &argv,
+                &dir.path().join(format!("{name}.log")),
+            )?);
+            commands.push((binary.to_path_buf(), argv));
             local.push(LocalSidecar {
                 name: (*name).to_owned(),
                 grpc,
@@ -124,8 +149,24 @@ impl LocalMesh {
             dir,
             sidecars: local,
             children,
+            commands,
             control,
         })
+    }
+
+    /// Kills the sidecar of this name with SIGKILL (no chance to clean up) and starts it again on
+    /// the same data directory and ports.
+    pub fn kill9_and_restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self
+            .sidecars
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("no sidecar {name}"))?;
+        self.children[i].kill()?;
+        self.children[i].wait()?;
+        let (binary, argv) = &self.commands[i];
+        self.children[i] = spawn(binary, argv, &self.dir.path().join(format!("{name}.log")))?;
+        Ok(())
     }
 
     /// Waits until every sidecar answers `/readyz`.
@@ -166,6 +207,11 @@ impl LocalMesh {
             .unwrap_or(&self.sidecars[0])
     }
 
+    /// The data directory of the sidecar of this name.
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     /// The last lines of a sidecar's log.
     pub fn log(&self, name: &str) -> String {
         let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
@@ -173,6 +219,21 @@ impl LocalMesh {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
+}
+
+/// Starts a sidecar process appending its output to `log`.
+fn spawn(binary: &Path, argv: &[std::ffi::OsString], log: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(binary)
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
 }
 
 /// Whether the sidecar with this admin address answers `/readyz` with 200.

@@ -4,6 +4,7 @@
 //! `qmesh run` passes on its command's code.
 
 mod bench;
+mod burst;
 mod client;
 mod demo;
 mod dev;

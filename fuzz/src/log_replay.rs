@@ -16,10 +16,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use qmesh_sidecar::{
-    owner::log::{OwnerLog, Recovered},
-    store::{DiskLog, StoreConfig},
-};
+use qmesh_sidecar::store::{DiskLog, Recovered, StoreConfig};
 
 const RESEAL: u8 = 1;
 const SECOND_SEGMENT: u8 = 2;

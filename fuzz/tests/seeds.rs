@@ -21,7 +21,7 @@ use prost::Message as _;
 use qmesh_fuzz::log_replay::Input;
 use qmesh_proto::{peer, v1};
 use qmesh_sidecar::{
-    owner::log::{Outcome, OwnerLog},
+    owner::log::Outcome,
     store::{
         DiskLog, FsyncPolicy, StoreConfig,
         record::{self, Body},
@@ -99,6 +99,30 @@ fn bodies() -> Vec<(&'static str, Body)> {
         ),
         ("floor", Body::Floor { next: 7 }),
         (
+            "spill",
+            Body::Spill {
+                queue: "orders".into(),
+                from: 4,
+                segment: 1,
+                offset: 300,
+            },
+        ),
+        (
+            "paged-in",
+            Body::PagedIn {
+                queue: "orders".into(),
+                through: 5,
+                segment: 1,
+                offset: 600,
+            },
+        ),
+        (
+            "spill-end",
+            Body::SpillEnd {
+                queue: "orders".into(),
+            },
+        ),
+        (
             "remember",
             Body::Remember {
                 queue: "orders".into(),
@@ -152,6 +176,17 @@ fn real_log(dir: &Path, segment_bytes: u64) {
         log.settle("orders", "shipping", seqs[0], Outcome::Acked);
         log.settle("orders", "billing", seqs[1], Outcome::DeadLettered);
         log.attempted("orders", "shipping", seqs[2], 2);
+        // The newest messages spilled, then two of them read back: replay follows both.
+        let m = Arc::new(message("order-6", b"spilled"));
+        let at = log.append("orders", 7, &m, &subs).await.unwrap();
+        log.spill("orders", 8, at.end());
+        for seq in 8..10 {
+            let m = Arc::new(message(&format!("order-{seq}"), b"spilled"));
+            log.append("orders", seq, &m, &subs).await.unwrap();
+        }
+        log.flush().await.unwrap();
+        let page = log.read_spilled("orders", at.end(), 7, u64::MAX, 1 << 20).unwrap();
+        log.paged_in("orders", 8, page.messages[0].at.end());
         log.flush().await.unwrap();
     });
 }

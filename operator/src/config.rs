@@ -99,6 +99,12 @@ pub struct Args {
     #[arg(long, env = "QMESH_SIDECAR_LOG_LEVEL", default_value = "info")]
     pub sidecar_log_level: String,
 
+    /// Injected sidecar's data volume: the emptyDir's `sizeLimit` and the `ephemeral-storage`
+    /// request; the sidecar owns at most three quarters of it (`--max-owned-bytes`). Annotation
+    /// `qmesh.io/data-size` overrides it per pod.
+    #[arg(long, env = "QMESH_SIDECAR_DATA_SIZE", default_value = "1Gi")]
+    pub sidecar_data_size: String,
+
     /// coordination.k8s.io/v1 Lease (in `--namespace`) for leader election.
     #[arg(long, env = "QMESH_LEASE_NAME", default_value = "qmesh-operator")]
     pub lease_name: String,
@@ -213,6 +219,8 @@ pub struct WebhookConfig {
     pub sidecar_memory_limit: String,
     /// Sidecar log level.
     pub sidecar_log_level: String,
+    /// Sidecar data volume size.
+    pub sidecar_data_size: String,
 }
 
 impl Args {
@@ -253,6 +261,7 @@ impl Args {
             sidecar_memory_request: self.sidecar_memory_request.clone(),
             sidecar_memory_limit: self.sidecar_memory_limit.clone(),
             sidecar_log_level: self.sidecar_log_level.clone(),
+            sidecar_data_size: self.sidecar_data_size.clone(),
         }
     }
 }

@@ -17,6 +17,7 @@ fn template(native: bool) -> SidecarTemplate {
         memory_request: "32Mi".into(),
         memory_limit: "128Mi".into(),
         log_level: "info".into(),
+        data_size: "1Gi".into(),
         control_plane: "qmesh-control.qmesh-system.svc:7443".into(),
         native,
     }
@@ -107,13 +108,44 @@ fn on_1_29_and_later_the_sidecar_is_a_native_init_container() {
 #[test]
 fn annotations_override_resources_and_log_level() {
     let annotated = pod(serde_json::json!({"metadata": {"annotations": {
-        "qmesh.io/sidecar-cpu": "200m", "qmesh.io/sidecar-memory": "256Mi", "qmesh.io/log-level": "debug"
+        "qmesh.io/sidecar-cpu": "200m", "qmesh.io/sidecar-memory": "256Mi", "qmesh.io/log-level": "debug",
+        "qmesh.io/data-size": "8Gi"
     }}}));
     let (out, _) = admit(annotated, false);
     check("annotations", &out);
     let sidecar = &out["spec"]["containers"][1];
     assert_eq!(sidecar["resources"]["requests"]["cpu"], "200m");
     assert_eq!(sidecar["resources"]["limits"]["memory"], "256Mi");
+    // The data volume is sized from the annotation: the emptyDir's limit, the scheduler's request,
+    // and the sidecar's disk budget (three quarters of it).
+    assert_eq!(sidecar["resources"]["requests"]["ephemeral-storage"], "8Gi");
+    let data = out["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "qmesh-data")
+        .unwrap();
+    assert_eq!(data["emptyDir"]["sizeLimit"], "8Gi");
+    let env = sidecar["env"].as_array().unwrap();
+    let value = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+    assert_eq!(
+        value("QMESH_MAX_OWNED_BYTES").unwrap()["value"],
+        ((8u64 << 30) / 4 * 3).to_string()
+    );
+    assert_eq!(
+        value("QMESH_MEMORY_LIMIT").unwrap()["valueFrom"]["resourceFieldRef"]["resource"],
+        "limits.memory"
+    );
+}
+
+#[test]
+fn a_data_size_the_annotation_cannot_parse_falls_back_to_the_default() {
+    let annotated = pod(serde_json::json!({"metadata": {"annotations": {
+        "qmesh.io/data-size": "lots"
+    }}}));
+    let (out, _) = admit(annotated, false);
+    let sidecar = &out["spec"]["containers"][1];
+    assert_eq!(sidecar["resources"]["requests"]["ephemeral-storage"], "1Gi");
 }
 
 #[test]

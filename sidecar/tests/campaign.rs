@@ -869,8 +869,10 @@ async fn run_campaign(c: Campaign) {
             peak / (1024 * 1024)
         ));
     }
+    let mut spills = 0;
     for name in mesh.names() {
         let log = std::fs::read_to_string(mesh.sidecar(&name).log_path()).unwrap_or_default();
+        spills += log.matches("memory budget reached").count();
         if let Some(line) = log.lines().find(|l| l.contains("panicked")) {
             verdict
                 .failures
@@ -879,7 +881,7 @@ async fn run_campaign(c: Campaign) {
     }
     let faults: Vec<String> = counts.0.iter().map(|(k, n)| format!("{k} {n}")).collect();
     eprintln!(
-        "campaign seed {seed}: faults [{}]; published ok {}, unknown {}, refused {}; deliveries {}; dead letters {}; lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault); peak RSS {} MiB; disk-full fault {}",
+        "campaign seed {seed}: faults [{}]; published ok {}, unknown {}, refused {}; deliveries {}; dead letters {}; lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault); peak RSS {} MiB; backlogs spilled to disk {spills} times; disk-full fault {}",
         faults.join(", "),
         verdict.published,
         verdict.unknown,

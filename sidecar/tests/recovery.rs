@@ -288,3 +288,79 @@ async fn a_full_disk_refuses_publishes_clearly_loses_nothing_and_recovers_by_its
         .expect_prefixed("after-", 1, 30, "a publish after the disk freed up")
         .await;
 }
+
+const ORDERED_BURST: &str = "\
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: burst}
+spec:
+  ordering: Key
+  publishers: {matchLabels: {app: producer}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: drain}
+spec:
+  queue: burst
+  consumers: {matchLabels: {app: worker}}
+";
+
+/// Publishers that go away in the middle of their publishes (a client crashing with thousands in
+/// flight) leave nothing half-done behind: every publish already queued for the log completes, so
+/// neither ordered dispatch nor paging in waits for it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_vanishing_mid_publish_do_not_stall_the_queue() {
+    let mesh = mesh()
+        .manifests(ORDERED_BURST)
+        .sidecar("owner", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .arg_for("owner", "--memory-budget=256Ki")
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let owner = mesh.sidecar("owner");
+    let payload = "v".repeat(512);
+    for round in 0..5 {
+        // Thousands of pipelined publishes, and the client is gone before their answers.
+        let mut app = client(&owner.grpc_url()).await;
+        let requests: Vec<v1::PublishRequest> = (0..3000)
+            .map(|i| v1::PublishRequest {
+                queue: "burst".into(),
+                message: Some(message(
+                    &format!("gone-{round}-{i}"),
+                    &format!("k{}", i % 7),
+                    &payload,
+                )),
+                correlation: i,
+            })
+            .collect();
+        let mut answers = app
+            .publish_stream(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        // The first answer is in: the rest are in flight when the call is dropped.
+        let _ = answers.message().await;
+        drop(answers);
+        drop(app);
+    }
+    // Whatever was accepted, later publishes of every key are delivered.
+    let consumer = Consumer::start(
+        "worker",
+        &mesh.sidecar("worker").grpc_url(),
+        "drain",
+        1000,
+        |_| Verdict::Ack,
+    )
+    .await;
+    let after: Vec<v1::Message> = (0..70)
+        .map(|i| message(&format!("after-{i}"), &format!("k{}", i % 7), "after"))
+        .collect();
+    for r in publish_all(&owner.grpc_url(), "burst", after).await {
+        r.expect("accepted");
+    }
+    consumer
+        .expect_prefixed("after-", 70, 60, "publishes after the vanished publishers")
+        .await;
+    until_sub_settled(owner.admin, "drain", 60).await;
+}

@@ -80,7 +80,7 @@ impl Position {
     pub fn end(self) -> Self {
         Self {
             segment: self.segment,
-            offset: self.offset + u64::from(self.len),
+            offset: self.offset.saturating_add(u64::from(self.len)),
             len: 0,
         }
     }

@@ -77,7 +77,10 @@ pub(crate) fn read(dir: &Path, from: Position, last: u64, want: Want<'_>) -> std
             Ok(f) => f,
             // Deleted by garbage collection: nothing of the queue is left in it.
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                segment += 1;
+                let Some(next) = segment.checked_add(1) else {
+                    break;
+                };
+                segment = next;
                 offset = 0;
                 page.resume = Position {
                     segment,
@@ -161,7 +164,7 @@ pub(crate) fn read(dir: &Path, from: Position, last: u64, want: Want<'_>) -> std
             page.at_end = true;
             return Ok(page);
         }
-        segment += 1;
+        segment = segment.saturating_add(1);
         offset = 0;
         page.resume = Position {
             segment,

@@ -83,7 +83,23 @@ impl Kubelet {
                     "status.podIP" => ip.to_string(),
                     other => panic!("unexpected downward-API field {other}"),
                 },
-                _ => continue,
+                // What the kubelet puts there: the container's limit in bytes.
+                (None, None) => match e
+                    .value_from
+                    .as_ref()
+                    .and_then(|f| f.resource_field_ref.as_ref())
+                {
+                    Some(r) if r.resource == "limits.memory" => {
+                        let limit =
+                            &sidecar.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"];
+                        qmesh_api::ByteSize::new(limit.0.as_str())
+                            .bytes()
+                            .unwrap()
+                            .to_string()
+                    }
+                    Some(r) => panic!("unexpected downward-API resource {}", r.resource),
+                    None => continue,
+                },
             };
             env.insert(e.name.clone(), value);
         }
@@ -208,6 +224,7 @@ async fn injected_pods_authenticate_exchange_messages_and_show_up_in_status() {
         memory_request: "32Mi".into(),
         memory_limit: "128Mi".into(),
         log_level: "info".into(),
+        data_size: "1Gi".into(),
         control_plane: "qmesh-control.qmesh-system.svc:7443".into(),
         native: false,
     };

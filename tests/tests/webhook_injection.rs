@@ -128,6 +128,7 @@ async fn the_api_server_calls_the_webhooks_and_rotation_keeps_them_working() {
         sidecar_memory_request: "32Mi".into(),
         sidecar_memory_limit: "128Mi".into(),
         sidecar_log_level: "info".into(),
+        sidecar_data_size: "1Gi".into(),
     };
     let native = webhook::supports_native_sidecars(&client).await;
     assert!(!native, "the test API server is 1.20");

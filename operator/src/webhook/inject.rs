@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
-        Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
-        ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection,
-        Volume, VolumeMount, VolumeProjection,
+        Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+        ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe,
+        ProjectedVolumeSource, ResourceFieldSelector, ResourceRequirements, SeccompProfile,
+        SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
@@ -25,6 +25,8 @@ pub const CPU_ANNOTATION: &str = "qmesh.io/sidecar-cpu";
 pub const MEMORY_ANNOTATION: &str = "qmesh.io/sidecar-memory";
 /// Per-pod overrides.
 pub const LOG_LEVEL_ANNOTATION: &str = "qmesh.io/log-level";
+/// Per-pod overrides: the data volume's size (what the sidecar's backlog may take on disk).
+pub const DATA_SIZE_ANNOTATION: &str = "qmesh.io/data-size";
 
 const DATA_VOLUME: &str = "qmesh-data";
 const TOKEN_VOLUME: &str = "qmesh-token";
@@ -45,6 +47,8 @@ pub struct SidecarTemplate {
     pub memory_limit: String,
     /// Log level.
     pub log_level: String,
+    /// Data volume size (`1Gi`).
+    pub data_size: String,
     /// Control plane address sidecars dial (`host:port`).
     pub control_plane: String,
     /// Inject as a native sidecar (API server ≥ 1.29).
@@ -149,9 +153,27 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
         .get(LOG_LEVEL_ANNOTATION)
         .cloned()
         .unwrap_or_else(|| template.log_level.clone());
+    // The data volume bounds the backlog on disk: the emptyDir's sizeLimit, an ephemeral-storage
+    // request of the same size (so the scheduler places the pod where it fits), and three quarters
+    // of it for messages (the rest is room for log records, segments waiting to be deleted and
+    // relocation).
+    let data_size = annotations
+        .get(DATA_SIZE_ANNOTATION)
+        .filter(|s| {
+            qmesh_api::ByteSize::new(s.as_str())
+                .bytes()
+                .is_ok_and(|b| b > 0)
+        })
+        .cloned()
+        .unwrap_or_else(|| template.data_size.clone());
+    let owned_bytes = qmesh_api::ByteSize::new(data_size.as_str())
+        .bytes()
+        .map(|b| b / 4 * 3)
+        .ok();
     let mut requests = BTreeMap::from([
         ("cpu".to_owned(), Quantity(cpu)),
         ("memory".to_owned(), Quantity(memory.clone())),
+        ("ephemeral-storage".to_owned(), Quantity(data_size.clone())),
     ]);
     let mut limits = BTreeMap::new();
     if let Some(cpu_limit) = &template.cpu_limit {
@@ -170,23 +192,41 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
         name: CONTAINER.into(),
         image: Some(template.image.clone()),
         args: Some(vec!["run".into()]),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            field_env("POD_IP", "status.podIP"),
-            env(
-                "QMESH_CONTROL_PLANE",
-                &format!("http://{}", template.control_plane),
-            ),
-            env("QMESH_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
-            env("QMESH_PEER_ADDR", "0.0.0.0:7070"),
-            env("QMESH_GRPC_LISTEN", "127.0.0.1:7071"),
-            env("QMESH_HTTP_LISTEN", "127.0.0.1:7072"),
-            env("QMESH_ADMIN_LISTEN", "0.0.0.0:7073"),
-            env("QMESH_DATA_DIR", "/var/lib/qmesh"),
-            env("QMESH_LOG_LEVEL", &log_level),
-            env("QMESH_LOG_FORMAT", "json"),
-        ]),
+        env: Some(
+            vec![
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+                field_env("POD_IP", "status.podIP"),
+                env(
+                    "QMESH_CONTROL_PLANE",
+                    &format!("http://{}", template.control_plane),
+                ),
+                env("QMESH_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
+                env("QMESH_PEER_ADDR", "0.0.0.0:7070"),
+                env("QMESH_GRPC_LISTEN", "127.0.0.1:7071"),
+                env("QMESH_HTTP_LISTEN", "127.0.0.1:7072"),
+                env("QMESH_ADMIN_LISTEN", "0.0.0.0:7073"),
+                env("QMESH_DATA_DIR", "/var/lib/qmesh"),
+                env("QMESH_LOG_LEVEL", &log_level),
+                env("QMESH_LOG_FORMAT", "json"),
+                // The memory budget for held messages is derived from the container's limit.
+                EnvVar {
+                    name: "QMESH_MEMORY_LIMIT".into(),
+                    value_from: Some(EnvVarSource {
+                        resource_field_ref: Some(ResourceFieldSelector {
+                            container_name: Some(CONTAINER.into()),
+                            resource: "limits.memory".into(),
+                            divisor: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ]
+            .into_iter()
+            .chain(owned_bytes.map(|b| env("QMESH_MAX_OWNED_BYTES", &b.to_string())))
+            .collect(),
+        ),
         ports: Some(vec![port("qmesh-peer", 7070), port("qmesh-admin", 7073)]),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),
@@ -267,7 +307,10 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.push(Volume {
         name: DATA_VOLUME.into(),
-        empty_dir: Some(Default::default()),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: None,
+            size_limit: Some(Quantity(data_size)),
+        }),
         ..Default::default()
     });
     volumes.push(Volume {

@@ -93,6 +93,7 @@ pub fn template(config: &WebhookConfig, native: bool) -> SidecarTemplate {
         memory_request: config.sidecar_memory_request.clone(),
         memory_limit: config.sidecar_memory_limit.clone(),
         log_level: config.sidecar_log_level.clone(),
+        data_size: config.sidecar_data_size.clone(),
         control_plane: config.control_plane_address.clone(),
         native,
     }

@@ -126,6 +126,9 @@ impl Drop for Admission<'_> {
 /// Most bytes one page-in reads.
 const PAGE_IN_BYTES: usize = 4 * 1024 * 1024;
 
+/// Least bytes one page-in reads (at least one message is always read).
+const MIN_PAGE_IN_BYTES: usize = 64 * 1024;
+
 /// Most messages relocated per queue per second.
 const RELOCATE_BATCH: usize = 10_000;
 
@@ -536,6 +539,39 @@ impl Owner {
             Ok(reserved) => reserved,
             Err(duplicate) => return answer_duplicate(&id, duplicate).await,
         };
+        // Once reserved and queued for the log, the publish runs to its end even if the caller goes
+        // away (a client disconnecting): a reservation left behind would hold back paging and
+        // ordered dispatch for good.
+        let owner = Arc::clone(self);
+        let (q, queue) = (Arc::clone(q), queue.to_owned());
+        tokio::spawn(async move {
+            owner
+                .complete(
+                    &q, &queue, sequence, id, message, pending, replica, deadline, now, appended,
+                )
+                .await
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("the publish task failed: {e}")))?
+    }
+
+    /// The rest of a publish once its sequence is reserved and its record queued: waits for the
+    /// log (and the replica), then places the message in its queue.
+    #[allow(clippy::too_many_arguments)]
+    async fn complete(
+        self: &Arc<Self>,
+        q: &Arc<OwnedQueue>,
+        queue: &str,
+        sequence: u64,
+        id: String,
+        message: Arc<v1::Message>,
+        pending: Vec<String>,
+        replica: Option<String>,
+        deadline: Instant,
+        now: Instant,
+        appended: log::Written,
+    ) -> Result<v1::PublishResponse, BrokerError> {
+        let replicated = replica.is_some();
         // The copy goes out while the log writes, so the two waits overlap.
         let (appended, confirmed) = match replica {
             None => (appended.await, Ok(())),
@@ -681,14 +717,18 @@ impl Owner {
             let Some((cursor, after, below)) = q.lock().page_request() else {
                 return;
             };
+            // Within three quarters of the budget. Beyond it, a subscription whose ready work ran
+            // out is still fed (up to four times the budget): messages held for others — parked,
+            // in flight, owed to a subscription nobody consumes — must not stall it for good.
             let low = self.limits.memory / 4 * 3;
             let held = self.memory_held();
-            if held >= low {
+            let starving = q.lock().starving();
+            if held >= low && !(starving && held < self.limits.memory.saturating_mul(4)) {
                 return;
             }
-            let max = usize::try_from(low - held)
+            let max = usize::try_from(low.saturating_sub(held))
                 .unwrap_or(usize::MAX)
-                .min(PAGE_IN_BYTES);
+                .clamp(MIN_PAGE_IN_BYTES, PAGE_IN_BYTES);
             let log = Arc::clone(&q.log);
             let queue = name.to_owned();
             let read = tokio::task::spawn_blocking(move || {
@@ -783,7 +823,11 @@ impl Owner {
         let (owned_bytes, owned_messages, held) =
             self.queues().iter().fold((0, 0, 0), |(b, m, h), q| {
                 let s = q.lock();
-                (b + s.backlog_bytes(), m + s.backlog(), h + s.memory())
+                (
+                    b + s.backlog_bytes(),
+                    m + s.backlog(),
+                    h + s.memory() + s.dedup_bytes,
+                )
             });
         let cost = size + queue::ENTRY_OVERHEAD;
         let mut admitted = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
@@ -1364,37 +1408,43 @@ impl Owner {
             state.reserve(sequence, &message.id, now);
             (sequence, q.log.append(&queue, sequence, &message, &subs))
         };
-        let at = match appended.await {
-            Ok(at) => at,
-            Err(error) => {
-                q.lock().abandon(sequence, &message.id, &error);
-                return Err(error);
+        // Runs to its end once reserved, like a publish (see `accept`).
+        let owner = Arc::clone(self);
+        tokio::spawn(async move {
+            let at = match appended.await {
+                Ok(at) => at,
+                Err(error) => {
+                    q.lock().abandon(sequence, &message.id, &error);
+                    return Err(error);
+                }
+            };
+            for (sub, attempts) in &pending {
+                if *attempts > 0 {
+                    q.log.attempted(&queue, sub, sequence, *attempts);
+                }
             }
-        };
-        for (sub, attempts) in &pending {
-            if *attempts > 0 {
-                q.log.attempted(&queue, sub, sequence, *attempts);
-            }
-        }
-        self.remember(&q, &queue, &message, sequence);
-        let replicated = q.lock().replicated();
-        self.place(&q, &queue, sequence, message, pending, at, replicated, now);
-        {
-            let state = q.lock();
-            // Replicated queues: the copy follows in the background (or with the next re-sync).
-            if state.replicated()
-                && let Pick::Up(addr) = self.replicas.pick(&queue)
-                && self.replicas.is_synced(&addr, &queue)
-                && let Some(copy) = state
-                    .messages
-                    .get(&sequence)
-                    .map(|e| owned_message(&state, sequence, e))
+            owner.remember(&q, &queue, &message, sequence);
+            let replicated = q.lock().replicated();
+            owner.place(&q, &queue, sequence, message, pending, at, replicated, now);
             {
-                self.replicas.offer(&addr, Arc::new(copy), None);
+                let state = q.lock();
+                // Replicated queues: the copy follows in the background (or with the next re-sync).
+                if state.replicated()
+                    && let Pick::Up(addr) = owner.replicas.pick(&queue)
+                    && owner.replicas.is_synced(&addr, &queue)
+                    && let Some(copy) = state
+                        .messages
+                        .get(&sequence)
+                        .map(|e| owned_message(&state, sequence, e))
+                {
+                    owner.replicas.offer(&addr, Arc::new(copy), None);
+                }
             }
-        }
-        q.wake.notify_one();
-        Ok(())
+            q.wake.notify_one();
+            Ok(())
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("the adoption task failed: {e}")))?
     }
 
     /// Sends a publish's copy and waits (until `deadline`) for a replica's confirmation; when the

@@ -336,6 +336,9 @@ pub enum Duplicate {
     Pending(u64, tokio::sync::oneshot::Receiver<Result<(), BrokerError>>),
 }
 
+/// A subscription with fewer ready messages than this, and spilled ones owed, is paged in for.
+pub const MIN_READY: usize = 64;
+
 /// Upper bound on remembered ids for de-duplication (oldest forgotten first).
 pub const DEDUP_CAPACITY: usize = 1_000_000;
 
@@ -377,9 +380,18 @@ impl QueueState {
         self.bytes + self.spill.as_ref().map_or(0, |s| s.bytes)
     }
 
-    /// Memory the held messages take, with their bookkeeping and remembered ids.
+    /// Memory the held messages take, with their bookkeeping (remembered ids are bounded on their
+    /// own, [`DEDUP_CAPACITY`], and counted in [`QueueState::dedup_bytes`]).
     pub fn memory(&self) -> u64 {
-        self.bytes + self.messages.len() as u64 * ENTRY_OVERHEAD + self.dedup_bytes
+        self.bytes + self.messages.len() as u64 * ENTRY_OVERHEAD
+    }
+
+    /// Whether a subscription owed spilled messages has little ready work left: its backlog must
+    /// be paged in even when memory is over budget, or it would stall behind what others hold.
+    pub fn starving(&self) -> bool {
+        self.subs
+            .values()
+            .any(|s| s.spilled > 0 && s.removed_at.is_none() && s.ready.len() < MIN_READY)
     }
 
     /// Continues a spill recovered from the log.

@@ -153,7 +153,7 @@ fn sidecar_args(args: &BenchArgs) -> Vec<String> {
     vec![
         format!("--memory-budget={}", args.memory_budget),
         format!("--fsync={}", args.fsync),
-        "--max-owned-bytes=64Gi".into(),
+        format!("--max-owned-bytes={}", 64u64 << 30),
         "--max-owned-messages=100000000".into(),
     ]
 }

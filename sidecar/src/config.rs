@@ -123,7 +123,7 @@ pub struct RunArgs {
 
     /// Most bytes of messages this sidecar owns at once, over all queues, held in memory or spilled
     /// to the log (the disk budget; publishes beyond get 429). Size the data volume to it.
-    #[arg(long, env = "QMESH_MAX_OWNED_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    #[arg(long, env = "QMESH_MAX_OWNED_BYTES", default_value = "1Gi", value_parser = parse_bytes)]
     pub max_owned_bytes: u64,
 
     /// Memory for the messages this sidecar holds (with their bookkeeping and remembered ids), over

@@ -158,7 +158,6 @@ enum Op {
         record: Pending,
         reply: oneshot::Sender<Result<Position, StoreError>>,
     },
-    Release(u64),
     Wake,
     Flush(oneshot::Sender<std::io::Result<()>>),
 }
@@ -245,6 +244,11 @@ pub struct DiskLog {
     /// A send never waits, so records are written in call order.
     tx: mpsc::UnboundedSender<Op>,
     side: Arc<Mutex<Vec<Body>>>,
+    /// Segments of released records, applied by the writer with its next batch.
+    releases: Arc<Mutex<Vec<u64>>>,
+    /// A wake-up is on its way to the writer: side records and releases pushed meanwhile ride on
+    /// it (one wake-up per batch, not one per settlement).
+    wake_pending: Arc<std::sync::atomic::AtomicBool>,
     recovered: Mutex<Vec<Recovered>>,
     spills: Mutex<Vec<RecoveredSpill>>,
     remembered: Mutex<Vec<Remembered>>,
@@ -306,10 +310,16 @@ impl DiskLog {
         let active = Arc::clone(&writer.active_id);
         let (tx, rx) = mpsc::unbounded_channel();
         let side = Arc::new(Mutex::new(Vec::new()));
-        let writer_side = Arc::clone(&side);
+        let releases = Arc::new(Mutex::new(Vec::new()));
+        let wake_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pickup = Pickup {
+            side: Arc::clone(&side),
+            releases: Arc::clone(&releases),
+            wake_pending: Arc::clone(&wake_pending),
+        };
         std::thread::Builder::new()
             .name("qmesh-log-writer".into())
-            .spawn(move || writer.run(rx, writer_side))?;
+            .spawn(move || writer.run(rx, pickup))?;
         if let FsyncPolicy::Interval(every) = config.fsync {
             let tick = tx.clone();
             std::thread::Builder::new()
@@ -326,6 +336,8 @@ impl DiskLog {
             dir: config.dir,
             tx,
             side,
+            releases,
+            wake_pending,
             recovered: Mutex::new(replayed.recovered),
             spills: Mutex::new(replayed.spills),
             remembered: Mutex::new(remembered),
@@ -393,7 +405,13 @@ impl DiskLog {
         }
         side.push(body);
         drop(side);
-        let _ = self.tx.send(Op::Wake);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
+            let _ = self.tx.send(Op::Wake);
+        }
     }
 
     fn write(&self, record: Pending) -> impl Future<Output = Result<Position, StoreError>> + use<> {
@@ -445,7 +463,11 @@ impl DiskLog {
     /// The message record at `at` is no longer needed (settled everywhere, or superseded by a
     /// relocated copy): its segment can go once nothing else in it or before it is live.
     pub fn release(&self, at: Position) {
-        let _ = self.tx.send(Op::Release(at.segment));
+        self.releases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(at.segment);
+        self.wake();
     }
 
     /// Live messages in segments below the returned one should be relocated: that lets old
@@ -567,6 +589,13 @@ impl DiskLog {
 
 // === impl Writer ===
 
+/// What the writer picks up besides its channel.
+struct Pickup {
+    side: Arc<Mutex<Vec<Body>>>,
+    releases: Arc<Mutex<Vec<u64>>>,
+    wake_pending: Arc<std::sync::atomic::AtomicBool>,
+}
+
 struct Writer {
     config: StoreConfig,
     stats: Arc<StoreStats>,
@@ -578,6 +607,8 @@ struct Writer {
     next_seq: u64,
     last_fsync: Instant,
     dirty: bool,
+    /// The last write failed (the side records wait for the next operation).
+    failed: bool,
     dedup: DedupJournal,
     dedup_buf: Vec<u8>,
 }
@@ -633,6 +664,7 @@ impl Writer {
             next_seq: replayed.next_seq,
             last_fsync: Instant::now(),
             dirty: false,
+            failed: false,
             dedup,
             dedup_buf: Vec::new(),
         };
@@ -650,9 +682,35 @@ impl Writer {
         self.segments.back().map_or(0, |s| s.id)
     }
 
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>, side: Arc<Mutex<Vec<Body>>>) {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>, pickup: Pickup) {
+        let side = pickup.side;
         let mut buf = Vec::with_capacity(self.config.max_batch_bytes);
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            // Records pushed while a batch was being taken (their wake-up already consumed) are
+            // picked up at once; after a failed write the writer waits for the next operation
+            // instead of spinning on a full disk.
+            let waiting = !self.failed
+                && (!side.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+                    || !pickup
+                        .releases
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_empty());
+            let first = if waiting {
+                rx.try_recv().unwrap_or(Op::Wake)
+            } else {
+                match rx.blocking_recv() {
+                    Some(op) => op,
+                    None => break,
+                }
+            };
+            // Cleared before taking: whatever is pushed from here on sends a new wake-up.
+            pickup.wake_pending.store(false, Ordering::SeqCst);
+            let released =
+                std::mem::take(&mut *pickup.releases.lock().unwrap_or_else(|e| e.into_inner()));
+            for segment in released {
+                self.release(segment);
+            }
             // Side records are taken before the channel is drained: every record written or queued
             // before a settlement was recorded is in this batch, and messages are written first —
             // a settlement never lands before the record it settles.
@@ -702,7 +760,6 @@ impl Writer {
             match op {
                 Op::Flush(reply) => flushes.push(reply),
                 Op::Write { record, reply } => writes.push((record, reply)),
-                Op::Release(segment) => self.release(segment),
                 Op::Wake => {}
             }
         }
@@ -745,6 +802,7 @@ impl Writer {
         buf: &mut Vec<u8>,
     ) {
         buf.clear();
+        self.failed = false;
         let start_size = self.active_size;
         let mut placed = Vec::new();
         for (record, reply) in writes {
@@ -774,6 +832,7 @@ impl Writer {
         let side_records = match self.dedup.write(&remember, &mut self.dedup_buf) {
             Ok(()) => side_records,
             Err(error) => {
+                self.failed = true;
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%error, "dedup journal write failed; settlements wait for it");
                 let mut waiting = side.lock().unwrap_or_else(|e| e.into_inner());
@@ -798,6 +857,7 @@ impl Writer {
             .write_all(buf)
             .and_then(|()| if must_sync { self.sync() } else { Ok(()) });
         if let Err(error) = result {
+            self.failed = true;
             self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(%error, "log write failed; failing this batch's appends");
             // Nothing of this batch may resurface after a restart: cut it off again.

@@ -1367,3 +1367,124 @@ pub fn message_size(message: &v1::Message) -> u64 {
     let headers: usize = message.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
     (message.payload.len() + headers + message.id.len() + message.key.len()) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> QueueState {
+        QueueState::new(control::QueueView {
+            name: "q".into(),
+            routes: vec![control::Route {
+                subscription: "s".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn at(offset: u64) -> Position {
+        Position {
+            segment: 1,
+            offset,
+            len: 100,
+        }
+    }
+
+    fn publish(q: &mut QueueState, seq: u64, room: bool) -> Placed {
+        q.reserve(seq, &format!("m{seq}"), Instant::now());
+        q.insert(
+            seq,
+            Arc::new(v1::Message::default()),
+            vec![("s".into(), 0)],
+            at(seq * 100),
+            room,
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn a_full_memory_spills_the_newer_messages_and_a_page_in_holds_them_again_in_order() {
+        let mut q = state();
+        assert_eq!(publish(&mut q, 1, true), Placed::Held);
+        // Memory is full when 2 completes; 3 was reserved before, so it is still held.
+        q.reserve(3, "m3", Instant::now());
+        let started = q.insert(
+            2,
+            Arc::new(v1::Message::default()),
+            vec![("s".into(), 0)],
+            at(200),
+            false,
+            Instant::now(),
+        );
+        assert_eq!(
+            started,
+            Placed::SpillStarted {
+                from: 4,
+                cursor: at(200).end()
+            }
+        );
+        assert_eq!(
+            q.insert(
+                3,
+                Arc::new(v1::Message::default()),
+                vec![("s".into(), 0)],
+                at(300),
+                true,
+                Instant::now()
+            ),
+            Placed::Held
+        );
+        assert_eq!(publish(&mut q, 4, true), Placed::Spilled);
+        assert_eq!(publish(&mut q, 5, true), Placed::Spilled);
+        assert_eq!((q.messages.len(), q.backlog()), (3, 5));
+        assert_eq!(q.subs["s"].backlog(), 5);
+        let (cursor, after, below) = q.page_request().unwrap();
+        assert_eq!((cursor, after, below), (at(200).end(), 3, u64::MAX));
+        // The log gives 4 back first, then 5: the spill ends once both are held.
+        let page = |seq: u64| Page {
+            messages: vec![qmesh_store::Paged {
+                sequence: seq,
+                at: at(seq * 100),
+                message: v1::Message::default(),
+                pending: vec!["s".into()],
+            }],
+            resume: at(seq * 100).end(),
+            bytes_read: 100,
+            at_end: false,
+        };
+        let first = q.paged_in(page(4), Instant::now()).unwrap();
+        assert_eq!((first.through, first.ended), (4, false));
+        let again = q.paged_in(page(4), Instant::now()).unwrap();
+        assert_eq!(again.messages, 0, "a message is never held twice");
+        let last = q.paged_in(page(5), Instant::now()).unwrap();
+        assert!(last.ended);
+        assert!(q.spill.is_none());
+        assert_eq!(
+            q.subs["s"].ready.iter().copied().collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(publish(&mut q, 6, true), Placed::Held);
+    }
+
+    #[test]
+    fn settled_and_relocated_records_are_released_exactly_once() {
+        let mut q = state();
+        publish(&mut q, 1, true);
+        publish(&mut q, 2, true);
+        let moving = q.to_relocate(2, 10);
+        assert_eq!(moving.len(), 2);
+        let to = Position {
+            segment: 5,
+            offset: 0,
+            len: 100,
+        };
+        q.relocated(1, moving[0].from, to);
+        assert_eq!(q.released, vec![at(100)], "the old copy of 1 goes");
+        q.released.clear();
+        // 2 is settled before its copy is written: the copy goes, not the original twice.
+        q.settle_dead("s", 2);
+        q.relocated(2, moving[1].from, to);
+        assert_eq!(q.released, vec![at(200), to]);
+    }
+}

@@ -19,4 +19,6 @@ COPY --from=build /src/target/release/qmesh-sidecar /usr/local/bin/qmesh-sidecar
 USER 65532:65532
 # Peer API, app gRPC, app HTTP, admin.
 EXPOSE 7070 7071 7072 7073
+# glibc's malloc gives a drained backlog's memory back to the system (docs/storage.md).
+ENV MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=131072
 ENTRYPOINT ["/usr/local/bin/qmesh-sidecar"]

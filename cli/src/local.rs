@@ -229,6 +229,9 @@ fn spawn(binary: &Path, argv: &[std::ffi::OsString], log: &Path) -> anyhow::Resu
         .open(log)?;
     Command::new(binary)
         .args(argv)
+        // As the injector sets them: glibc gives a drained backlog's memory back.
+        .env("MALLOC_ARENA_MAX", "2")
+        .env("MALLOC_TRIM_THRESHOLD_", "131072")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -686,9 +686,11 @@ impl Writer {
         let side = pickup.side;
         let mut buf = Vec::with_capacity(self.config.max_batch_bytes);
         loop {
-            // Records pushed while a batch was being taken (their wake-up already consumed) are
-            // picked up at once; after a failed write the writer waits for the next operation
-            // instead of spinning on a full disk.
+            // Cleared before looking: a record pushed after this sends a wake-up; one pushed
+            // before is seen below (a wake-up taken with the last batch's operations would
+            // otherwise leave later pushes waiting for an unrelated operation). After a failed
+            // write the writer waits for the next operation instead of spinning on a full disk.
+            pickup.wake_pending.store(false, Ordering::SeqCst);
             let waiting = !self.failed
                 && (!side.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
                     || !pickup
@@ -704,8 +706,6 @@ impl Writer {
                     None => break,
                 }
             };
-            // Cleared before taking: whatever is pushed from here on sends a new wake-up.
-            pickup.wake_pending.store(false, Ordering::SeqCst);
             let released =
                 std::mem::take(&mut *pickup.releases.lock().unwrap_or_else(|e| e.into_inner()));
             for segment in released {

@@ -233,7 +233,10 @@ impl SidecarProcess {
             .args(&self.args)
             // Errors and panics in the log as one readable line each, not a page of backtrace.
             .env("RUST_BACKTRACE", "0")
-            .env("RUST_LIB_BACKTRACE", "0");
+            .env("RUST_LIB_BACKTRACE", "0")
+            // As the injector and the image set them (see docs/storage.md).
+            .env("MALLOC_ARENA_MAX", "2")
+            .env("MALLOC_TRIM_THRESHOLD_", "131072");
         // Append, so a restart keeps the earlier incarnation's log for diagnosis.
         self.child = Some(ChildGuard::spawn_appending(
             "qmesh-sidecar",

@@ -209,6 +209,10 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
                 env("QMESH_DATA_DIR", "/var/lib/qmesh"),
                 env("QMESH_LOG_LEVEL", &log_level),
                 env("QMESH_LOG_FORMAT", "json"),
+                // glibc's malloc keeps a drained backlog's memory unless told to give it back: two
+                // arenas and a low trim threshold keep RSS near what the owner holds.
+                env("MALLOC_ARENA_MAX", "2"),
+                env("MALLOC_TRIM_THRESHOLD_", "131072"),
                 // The memory budget for held messages is derived from the container's limit.
                 EnvVar {
                     name: "QMESH_MEMORY_LIMIT".into(),

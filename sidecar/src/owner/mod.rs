@@ -123,6 +123,54 @@ impl Drop for Admission<'_> {
     }
 }
 
+/// Runs a future inline; if it is dropped before the end (its caller went away), the rest runs in a
+/// task of its own. What a publish started — a reserved sequence, a queued record — is finished
+/// either way, without a task per publish on the normal path.
+struct RunToEnd<F: Future + Send + 'static>(Option<std::pin::Pin<Box<F>>>)
+where
+    F::Output: Send;
+
+impl<F: Future + Send + 'static> RunToEnd<F>
+where
+    F::Output: Send,
+{
+    fn new(future: F) -> Self {
+        Self(Some(Box::pin(future)))
+    }
+}
+
+impl<F: Future + Send + 'static> Future for RunToEnd<F>
+where
+    F::Output: Send,
+{
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let Some(future) = self.0.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let output = std::task::ready!(future.as_mut().poll(cx));
+        self.0 = None;
+        std::task::Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for RunToEnd<F>
+where
+    F::Output: Send,
+{
+    fn drop(&mut self) {
+        if let Some(future) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(future);
+        }
+    }
+}
+
 /// Most bytes one page-in reads.
 const PAGE_IN_BYTES: usize = 4 * 1024 * 1024;
 
@@ -544,7 +592,7 @@ impl Owner {
         // ordered dispatch for good.
         let owner = Arc::clone(self);
         let (q, queue) = (Arc::clone(q), queue.to_owned());
-        tokio::spawn(async move {
+        RunToEnd::new(async move {
             owner
                 .complete(
                     &q, &queue, sequence, id, message, pending, replica, deadline, now, appended,
@@ -552,7 +600,6 @@ impl Owner {
                 .await
         })
         .await
-        .map_err(|e| BrokerError::Internal(format!("the publish task failed: {e}")))?
     }
 
     /// The rest of a publish once its sequence is reserved and its record queued: waits for the
@@ -712,6 +759,9 @@ impl Owner {
     /// Reads spilled messages back while held memory is below three quarters of the budget, a few
     /// MiB at a time, in order.
     async fn page_in(self: &Arc<Self>, q: &Arc<OwnedQueue>, name: &str) {
+        if q.lock().spill.is_none() {
+            return;
+        }
         let _paging = q.paging.lock().await;
         loop {
             let Some((cursor, after, below)) = q.lock().page_request() else {
@@ -1410,7 +1460,7 @@ impl Owner {
         };
         // Runs to its end once reserved, like a publish (see `accept`).
         let owner = Arc::clone(self);
-        tokio::spawn(async move {
+        RunToEnd::new(async move {
             let at = match appended.await {
                 Ok(at) => at,
                 Err(error) => {
@@ -1444,7 +1494,6 @@ impl Owner {
             Ok(())
         })
         .await
-        .map_err(|e| BrokerError::Internal(format!("the adoption task failed: {e}")))?
     }
 
     /// Sends a publish's copy and waits (until `deadline`) for a replica's confirmation; when the

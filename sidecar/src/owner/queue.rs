@@ -730,10 +730,18 @@ impl QueueState {
         let size = message_size(&message);
         for (sub, attempts) in &pending {
             // Owed to a subscription this view does not (yet) have: kept for it, dormant.
-            let state = self.subs.entry(sub.clone()).or_insert_with(|| SubState {
-                removed_at: Some(now),
-                ..SubState::default()
-            });
+            if !self.subs.contains_key(sub) {
+                self.subs.insert(
+                    sub.clone(),
+                    SubState {
+                        removed_at: Some(now),
+                        ..SubState::default()
+                    },
+                );
+            }
+            let Some(state) = self.subs.get_mut(sub) else {
+                continue;
+            };
             state.ready.insert(sequence);
             if *attempts > 0 {
                 state.attempts.insert(sequence, *attempts);

@@ -411,6 +411,11 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     let max_message = 64 * 1024 * 1024 + 64 * 1024;
     let peer_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // A peer whose connection went silent (a partition that drops packets, a frozen pod) is
+        // found out here too, not only by the side that dials: its streams end and what they held
+        // — an owner's credits, a consumer's deliveries — is freed.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(
             qmesh_proto::peer::peer_server::PeerServer::new(peer::PeerService::new(
                 Arc::clone(&consumers),

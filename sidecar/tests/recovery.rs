@@ -68,6 +68,7 @@ apiVersion: qmesh.io/v1alpha1
 kind: Queue
 metadata: {name: burst}
 spec:
+  ordering: None
   publishers: {matchLabels: {app: producer}}
 ---
 apiVersion: qmesh.io/v1alpha1
@@ -289,29 +290,13 @@ async fn a_full_disk_refuses_publishes_clearly_loses_nothing_and_recovers_by_its
         .await;
 }
 
-const ORDERED_BURST: &str = "\
-apiVersion: qmesh.io/v1alpha1
-kind: Queue
-metadata: {name: burst}
-spec:
-  ordering: Key
-  publishers: {matchLabels: {app: producer}}
----
-apiVersion: qmesh.io/v1alpha1
-kind: Subscription
-metadata: {name: drain}
-spec:
-  queue: burst
-  consumers: {matchLabels: {app: worker}}
-";
-
 /// Publishers that go away in the middle of their publishes (a client crashing with thousands in
 /// flight) leave nothing half-done behind: every publish already queued for the log completes, so
 /// neither ordered dispatch nor paging in waits for it for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_vanishing_mid_publish_do_not_stall_the_queue() {
     let mesh = mesh()
-        .manifests(ORDERED_BURST)
+        .manifests(&BACKLOG_MESH.replace("ordering: None", "ordering: Key"))
         .sidecar("owner", &[("app", "producer")])
         .sidecar("worker", &[("app", "worker")])
         .arg_for("owner", "--memory-budget=256Ki")

@@ -402,13 +402,7 @@ impl QueueState {
         now: Instant,
     ) {
         for (sub, n) in by_subscription {
-            self.subs
-                .entry(sub)
-                .or_insert_with(|| SubState {
-                    removed_at: Some(now),
-                    ..SubState::default()
-                })
-                .spilled += n;
+            self.sub_or_dormant(&sub, now).spilled += n;
         }
         self.last_reserved = self.last_reserved.max(spill.from.saturating_sub(1));
         self.spill = Some(spill);
@@ -690,13 +684,7 @@ impl QueueState {
             spill.messages += 1;
             spill.bytes += u64::from(at.len);
             for (sub, _) in &pending {
-                self.subs
-                    .entry(sub.clone())
-                    .or_insert_with(|| SubState {
-                        removed_at: Some(now),
-                        ..SubState::default()
-                    })
-                    .spilled += 1;
+                self.sub_or_dormant(sub, now).spilled += 1;
             }
             return Placed::Spilled;
         }
@@ -719,6 +707,21 @@ impl QueueState {
         placed
     }
 
+    /// The state of `sub`; one this view does not (yet) have is created dormant — what it is owed
+    /// is kept for it (no allocation when it exists: this is on the publish path).
+    fn sub_or_dormant(&mut self, sub: &str, now: Instant) -> &mut SubState {
+        if !self.subs.contains_key(sub) {
+            self.subs.insert(
+                sub.to_owned(),
+                SubState {
+                    removed_at: Some(now),
+                    ..SubState::default()
+                },
+            );
+        }
+        self.subs.get_mut(sub).expect("inserted above")
+    }
+
     fn hold(
         &mut self,
         sequence: u64,
@@ -729,19 +732,7 @@ impl QueueState {
     ) {
         let size = message_size(&message);
         for (sub, attempts) in &pending {
-            // Owed to a subscription this view does not (yet) have: kept for it, dormant.
-            if !self.subs.contains_key(sub) {
-                self.subs.insert(
-                    sub.clone(),
-                    SubState {
-                        removed_at: Some(now),
-                        ..SubState::default()
-                    },
-                );
-            }
-            let Some(state) = self.subs.get_mut(sub) else {
-                continue;
-            };
+            let state = self.sub_or_dormant(sub, now);
             state.ready.insert(sequence);
             if *attempts > 0 {
                 state.attempts.insert(sequence, *attempts);

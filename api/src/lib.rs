@@ -13,6 +13,7 @@ mod queue;
 mod selector;
 mod sidecar;
 mod size;
+mod start;
 mod status;
 mod subscription;
 pub mod validate;
@@ -24,6 +25,7 @@ pub use queue::{
 pub use selector::labels_match;
 pub use sidecar::{SidecarDocument, SidecarMetadata, SidecarSpec};
 pub use size::ByteSize;
+pub use start::{StartAt, StartAtError};
 pub use status::{conditions, ready_condition};
 pub use subscription::{
     Backoff, Delivery, DeliveryMode, Filter, Push, Retry, Subscription, SubscriptionSpec,

@@ -128,6 +128,13 @@ pub struct Retention {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age: Option<Duration>,
 
+    /// Acked messages stay in the log this long after they were published (like Kafka's
+    /// `retention.ms`), inside the same byte limits, so a Subscription can start at `Earliest` or a
+    /// time and be rewound (`qmesh sub rewind`). Needs `durability: Disk`. Absent: an acked
+    /// message is gone once every subscription acked it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_acked: Option<Duration>,
+
     /// What a publish does when a limit is reached: `Reject` (refused with 429 /
     /// RESOURCE_EXHAUSTED: backpressure to the publisher), `DropOldest`, or `DeadLetter` (the
     /// oldest message moves to the dead-letter queue).

@@ -7,7 +7,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{Duration, RateLimit};
+use crate::{Duration, RateLimit, StartAt};
 
 /// A Subscription: a named consumer group on one Queue. It receives every message of the Queue
 /// (publish/subscribe); inside it, each message goes to exactly one consumer pod (competing consumers).
@@ -57,6 +57,13 @@ pub struct SubscriptionSpec {
     /// Only messages matching this filter are delivered; the others are skipped for this Subscription.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Filter>,
+
+    /// Where a new Subscription starts: `Latest` (the default: messages published from now on),
+    /// `Earliest` (every message its queue's owners still keep, acked ones included inside the
+    /// Queue's `retention.keepAcked`), or an RFC 3339 time (kept messages published since then).
+    /// Read once, when an owner first serves the Subscription; `qmesh sub rewind` replays later.
+    #[serde(default, skip_serializing_if = "StartAt::is_latest")]
+    pub start_at: StartAt,
 }
 
 /// How messages reach consumer apps.

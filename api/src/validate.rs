@@ -7,7 +7,9 @@ use std::fmt;
 
 use kube::ResourceExt;
 
-use crate::{DeliveryMode, Overflow, Queue, RateLimit, Subscription, selector::check_selector};
+use crate::{
+    DeliveryMode, Durability, Overflow, Queue, RateLimit, Subscription, selector::check_selector,
+};
 
 /// Largest `maxMessageBytes` a Queue may ask for.
 pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
@@ -120,6 +122,20 @@ impl Validate for Queue {
                 "spec.retention.maxAge",
                 "must be longer than 0s",
             ));
+        }
+        if let Some(keep) = spec.retention.keep_acked {
+            if keep.get().is_zero() {
+                errors.push(FieldError::new(
+                    "spec.retention.keepAcked",
+                    "must be longer than 0s; remove the field to drop acked messages at once",
+                ));
+            }
+            if spec.durability == Durability::Memory {
+                errors.push(FieldError::new(
+                    "spec.retention.keepAcked",
+                    "needs durability: Disk (acked messages are kept in the log, and a Memory queue has none)",
+                ));
+            }
         }
         if spec.dedup_window.is_some_and(|w| w.get().is_zero()) {
             errors.push(FieldError::new(
@@ -314,6 +330,7 @@ mod tests {
                 retry: Default::default(),
                 dead_letter_queue: None,
                 filter: None,
+                start_at: Default::default(),
             },
         )
     }
@@ -341,6 +358,37 @@ mod tests {
             },
         );
         assert_eq!(fields(q.validate()), ["spec.deadLetterQueue"]);
+    }
+
+    #[test]
+    fn keeping_acked_messages_needs_a_disk_queue_and_a_real_duration() {
+        let memory = queue(
+            "orders",
+            QueueSpec {
+                durability: Durability::Memory,
+                retention: Retention {
+                    keep_acked: Some(Duration::from_secs(0)),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        let err = memory.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("durability: Disk") && err.contains("0s"),
+            "{err}"
+        );
+        let disk = queue(
+            "orders",
+            QueueSpec {
+                retention: Retention {
+                    keep_acked: Some(Duration::from_secs(3600)),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        assert_eq!(disk.validate(), Ok(()));
     }
 
     #[test]

@@ -527,6 +527,15 @@ impl v1::broker_server::Broker for Echo {
         ))
     }
 
+    async fn rewind(
+        &self,
+        _: tonic::Request<v1::RewindRequest>,
+    ) -> Result<tonic::Response<v1::RewindResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the echo baseline keeps nothing",
+        ))
+    }
+
     type PublishStreamStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<PublishResult, tonic::Status>> + Send>>;
     type SubscribeStream = std::pin::Pin<

@@ -1,10 +1,10 @@
-//! `qmesh pub` and `qmesh sub`: talk to a sidecar's gRPC app API (address from `--addr` or
-//! `$QMESH_GRPC_ADDR`, as `qmesh run` and injected pods set it).
+//! `qmesh pub`, `qmesh sub` and `qmesh sub rewind`: talk to a sidecar's gRPC app API (address from
+//! `--addr` or `$QMESH_GRPC_ADDR`, as `qmesh run` and injected pods set it).
 
 use std::{collections::HashMap, io::Read, time::Duration};
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, Subcommand};
 use qmesh_proto::v1::{
     self, Ack, Nack, Open, PublishRequest, SubscribeRequest, broker_client::BrokerClient,
     subscribe_request, subscribe_response,
@@ -50,9 +50,14 @@ pub struct PubArgs {
 
 /// `qmesh sub`.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct SubArgs {
+    /// What else to do with a subscription.
+    #[command(subcommand)]
+    pub action: Option<SubAction>,
     /// Subscription to consume.
-    pub subscription: String,
+    #[arg(required = true)]
+    pub subscription: Option<String>,
     /// Stop after this many messages (0 = run until interrupted).
     #[arg(long, default_value_t = 0)]
     pub count: u64,
@@ -68,6 +73,67 @@ pub struct SubArgs {
     /// Sidecar gRPC address.
     #[arg(long, env = "QMESH_GRPC_ADDR", default_value = "127.0.0.1:7071")]
     pub addr: String,
+}
+
+/// `qmesh sub <action>`.
+#[derive(Subcommand, Debug)]
+pub enum SubAction {
+    /// Replay a subscription from a time, to reprocess after a consumer bug: every owner of its
+    /// queue delivers again what it still keeps that was published since then (like
+    /// `kafka-consumer-groups --reset-offsets --to-datetime`).
+    Rewind(RewindArgs),
+}
+
+/// `qmesh sub rewind`.
+#[derive(Args, Debug)]
+pub struct RewindArgs {
+    /// Subscription to replay (one the sidecar's pod consumes).
+    pub subscription: String,
+    /// From when: an RFC 3339 time (`2026-12-01T09:30:00Z`) or a duration ago (`15m`, `2h`).
+    #[arg(long)]
+    pub to: String,
+    /// Sidecar gRPC address.
+    #[arg(long, env = "QMESH_GRPC_ADDR", default_value = "127.0.0.1:7071")]
+    pub addr: String,
+}
+
+/// The time `--to` names: an RFC 3339 time, or that long ago.
+fn rewind_time(text: &str) -> anyhow::Result<std::time::SystemTime> {
+    if let Ok(ago) = text.parse::<qmesh_api::Duration>() {
+        return std::time::SystemTime::now()
+            .checked_sub(ago.get())
+            .context("--to: that is before the clock's epoch");
+    }
+    qmesh_api::StartAt::parse_time(text)
+        .map_err(|e| anyhow::anyhow!("--to: {e}, or a duration ago such as 15m"))
+}
+
+/// `qmesh sub rewind`.
+pub async fn rewind(args: RewindArgs) -> anyhow::Result<()> {
+    let to = rewind_time(&args.to)?;
+    let mut client = connect(&args.addr).await?;
+    let answer = client
+        .rewind(v1::RewindRequest {
+            subscription: args.subscription.clone(),
+            to: Some(to.into()),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    println!(
+        "rewind of {}: {} of {} sidecars asked own messages of its queue and replay them",
+        args.subscription, answer.replaying, answer.asked
+    );
+    for missed in &answer.unreachable {
+        eprintln!("not reached (replays nothing): {missed}");
+    }
+    if !answer.unreachable.is_empty() {
+        anyhow::bail!(
+            "{} sidecars could not be asked; run the rewind again once they are back",
+            answer.unreachable.len()
+        );
+    }
+    Ok(())
 }
 
 /// Connects to a sidecar's app API, explaining what to do when nothing answers.
@@ -152,11 +218,18 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
 
 /// `qmesh sub`.
 pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
+    let subscription = match args.action {
+        Some(SubAction::Rewind(rewind_args)) => return rewind(rewind_args).await,
+        None => args
+            .subscription
+            .clone()
+            .context("name the subscription to consume")?,
+    };
     let mut client = connect(&args.addr).await?;
     let (tx, rx) = mpsc::channel(16);
     tx.send(SubscribeRequest {
         request: Some(subscribe_request::Request::Open(Open {
-            subscription: args.subscription.clone(),
+            subscription,
             max_in_flight: args.max_in_flight,
             manual_credit: false,
         })),

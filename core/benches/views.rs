@@ -41,6 +41,7 @@ fn main() {
                     retry: Default::default(),
                     dead_letter_queue: None,
                     filter: None,
+                    start_at: Default::default(),
                 },
             );
             sub.metadata.namespace = Some("shop".into());

@@ -104,6 +104,8 @@ pub struct Route {
     pub delivery: Delivery,
     /// Effective dead-letter queue: the subscription's, else the queue's.
     pub dead_letter_queue: Option<String>,
+    /// Where the subscription starts when an owner first serves it.
+    pub start_at: qmesh_api::StartAt,
 }
 
 /// A subscription served by the sidecar's pod.
@@ -365,6 +367,7 @@ impl MeshState {
                             .clone()
                             .or_else(|| queue.spec.dead_letter_queue.clone())
                             .filter(|dlq| d.queues.contains_key(&ns(dlq))),
+                        start_at: s.spec.start_at,
                     })
                     .collect();
                 QueueView {
@@ -482,6 +485,7 @@ mod tests {
                 retry: Default::default(),
                 dead_letter_queue: None,
                 filter: None,
+                start_at: Default::default(),
             },
         );
         s.metadata.namespace = Some("shop".into());

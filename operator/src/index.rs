@@ -701,6 +701,7 @@ mod tests {
                 retry: Default::default(),
                 dead_letter_queue: None,
                 filter: None,
+                start_at: Default::default(),
             },
         );
         s.metadata.namespace = Some("shop".into());

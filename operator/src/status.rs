@@ -251,6 +251,7 @@ mod tests {
                 retry: Default::default(),
                 dead_letter_queue: None,
                 filter: None,
+                start_at: Default::default(),
             },
         );
         s.metadata.generation = Some(2);

@@ -89,6 +89,7 @@ pub fn queue_policy(spec: &api::QueueSpec) -> control::QueuePolicy {
                 .and_then(|b| b.bytes().ok())
                 .unwrap_or(0),
             max_age: retention.max_age.map(|d| duration(d.get())),
+            keep_acked: retention.keep_acked.map(|d| duration(d.get())),
             overflow: match retention.overflow {
                 api::Overflow::Reject => control::Overflow::Reject,
                 api::Overflow::DropOldest => control::Overflow::DropOldest,
@@ -123,6 +124,15 @@ fn route(r: &core::Route) -> control::Route {
         }),
         ack_timeout: Some(duration(r.delivery.ack_timeout.get())),
         dead_letter_queue: r.dead_letter_queue.clone().unwrap_or_default(),
+        start_at: match r.start_at {
+            api::StartAt::Latest => None,
+            api::StartAt::Earliest => Some(control::StartAt {
+                from: Some(control::start_at::From::Earliest(true)),
+            }),
+            api::StartAt::Time(t) => Some(control::StartAt {
+                from: Some(control::start_at::From::Time(t.into())),
+            }),
+        },
     }
 }
 

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod owner;
 pub mod peer;
 pub mod replica;
+mod rewind;
 pub use qmesh_store as store;
 pub mod supervise;
 pub mod view;
@@ -60,6 +61,8 @@ pub struct Sidecar {
     pub tasks: Arc<supervise::Supervisor>,
     /// The disk log's counters.
     log_stats: Option<Arc<qmesh_store::StoreStats>>,
+    /// This sidecar, as peers know it.
+    me: peer_wire::SidecarId,
     draining: AtomicBool,
     shutdown: tokio::sync::Notify,
 }
@@ -106,6 +109,8 @@ impl Sidecar {
         let (held, spilled) = self.owner.memory_figures();
         self.metrics.log.held_bytes.set(held as i64);
         self.metrics.log.spilled.set(spilled as i64);
+        let kept: u64 = self.owner.stats().iter().map(|q| q.kept_bytes).sum();
+        self.metrics.log.kept_bytes.set(kept as i64);
         for q in self.owner.stats() {
             for s in q.subscriptions {
                 let labels = metrics::SubLabel {
@@ -172,9 +177,12 @@ impl Sidecar {
     /// (`owner`: in flight from here, waiting out a backoff, parked).
     pub fn stats_json(&self) -> serde_json::Value {
         let stats = self.stats();
-        let owned: HashMap<String, owner::SubFigures> = self
-            .owner
-            .stats()
+        let figures = self.owner.stats();
+        let kept: HashMap<String, (u64, u64)> = figures
+            .iter()
+            .map(|q| (q.queue.clone(), (q.kept_messages, q.kept_bytes)))
+            .collect();
+        let owned: HashMap<String, owner::SubFigures> = figures
             .into_iter()
             .flat_map(|q| q.subscriptions)
             .map(|s| (s.subscription.clone(), s))
@@ -185,6 +193,8 @@ impl Sidecar {
             "queues": stats.queues.iter().map(|q| serde_json::json!({
                 "queue": q.queue, "backlog": q.backlog_messages, "backlogBytes": q.backlog_bytes,
                 "published": q.published_total,
+                "kept": kept.get(&q.queue).map_or(0, |k| k.0),
+                "keptBytes": kept.get(&q.queue).map_or(0, |k| k.1),
             })).collect::<Vec<_>>(),
             "subscriptions": stats.subscriptions.iter().map(|s| serde_json::json!({
                 "subscription": s.subscription, "queue": s.queue, "backlog": s.backlog,
@@ -386,6 +396,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         view: view_rx,
         tasks: Arc::clone(&tasks),
         log_stats,
+        me: me.clone(),
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::Notify::new(),
     });

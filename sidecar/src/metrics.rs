@@ -80,6 +80,8 @@ pub struct LogMetrics {
     pub held_bytes: Gauge,
     /// Messages kept in the log only (spilled), not yet read back.
     pub spilled: Gauge,
+    /// Record bytes of acked messages kept for replay.
+    pub kept_bytes: Gauge,
 }
 
 impl LogMetrics {
@@ -130,6 +132,11 @@ impl LogMetrics {
             "owner_spilled_messages",
             "Messages kept in the log only until there is memory to read them back",
             self.spilled.clone(),
+        );
+        registry.register(
+            "owner_kept_bytes",
+            "Record bytes of acked messages kept in the log for replay (retention.keepAcked)",
+            self.kept_bytes.clone(),
         );
     }
 

@@ -58,6 +58,25 @@ impl Peer for PeerService {
     type ReplicateStream = BoxStream<ReplicateAck>;
     type HandOverStream = BoxStream<HandOverAck>;
 
+    async fn rewind(
+        &self,
+        request: Request<peer::PeerRewind>,
+    ) -> Result<Response<peer::PeerRewound>, Status> {
+        let peer::PeerRewind {
+            queue,
+            subscription,
+            from,
+        } = request.into_inner();
+        let from = from
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .ok_or_else(|| Status::invalid_argument("rewind without a valid `from` time"))?;
+        let through = self.owner.rewind(&queue, &subscription, from);
+        Ok(Response::new(peer::PeerRewound {
+            replaying: through.is_some(),
+            through: through.unwrap_or(0),
+        }))
+    }
+
     async fn forward(
         &self,
         request: Request<Streaming<OwnerFrame>>,

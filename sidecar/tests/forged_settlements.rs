@@ -31,6 +31,13 @@ impl Peer for Rogue {
     type ReplicateStream = BoxStream<ReplicateAck>;
     type HandOverStream = BoxStream<HandOverAck>;
 
+    async fn rewind(
+        &self,
+        _: Request<peer::PeerRewind>,
+    ) -> Result<Response<peer::PeerRewound>, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
+
     async fn forward(
         &self,
         request: Request<Streaming<OwnerFrame>>,

@@ -29,7 +29,7 @@ use qmesh_proto::v1;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Outcome, Position, Recovered, RecoveredSpill, Remembered, StoreError,
+    Outcome, Position, Recovered, RecoveredSpill, Remembered, RetainedRun, StoreError,
     dedup::{self, DedupJournal},
     pages::{self, Page, Want, segment_path},
     record::{self, Body},
@@ -255,6 +255,9 @@ pub struct DiskLog {
     stats: Arc<StoreStats>,
     /// The segment being written.
     active: Arc<AtomicU64>,
+    /// The oldest segment on disk.
+    oldest: Arc<AtomicU64>,
+    retained: Mutex<Vec<RetainedRun>>,
     /// Live messages in segments below this one should be relocated (0: none).
     relocate_below: Arc<AtomicU64>,
 }
@@ -308,6 +311,7 @@ impl DiskLog {
         )?;
         let first_free = writer.next_seq;
         let active = Arc::clone(&writer.active_id);
+        let oldest = Arc::clone(&writer.oldest_id);
         let (tx, rx) = mpsc::unbounded_channel();
         let side = Arc::new(Mutex::new(Vec::new()));
         let releases = Arc::new(Mutex::new(Vec::new()));
@@ -340,11 +344,13 @@ impl DiskLog {
             wake_pending,
             recovered: Mutex::new(replayed.recovered),
             spills: Mutex::new(replayed.spills),
+            retained: Mutex::new(replayed.retained),
             remembered: Mutex::new(remembered),
             stats,
             first_free,
             numbering: AtomicU64::new(first_free),
             active,
+            oldest,
             relocate_below,
         })
     }
@@ -552,6 +558,7 @@ impl DiskLog {
                 below,
                 until: None,
                 max_bytes,
+                everything: false,
             },
         )?;
         self.stats.page_reads.fetch_add(1, Ordering::Relaxed);
@@ -559,6 +566,84 @@ impl DiskLog {
             .page_read_bytes
             .fetch_add(page.bytes_read, Ordering::Relaxed);
         Ok(page)
+    }
+
+    /// Reads every message of `queue` still in the log, settled or not, relocated copies included,
+    /// from `cursor` (the oldest segment when `None`): stopping at the first message numbered at or
+    /// above `below` or once `max_bytes` are read. What a replay (`startAt`, rewind) scans.
+    pub fn read_retained(
+        &self,
+        queue: &str,
+        cursor: Option<Position>,
+        below: u64,
+        max_bytes: usize,
+    ) -> std::io::Result<Page> {
+        let last = self.active.load(Ordering::SeqCst);
+        let oldest = Position {
+            segment: self.oldest.load(Ordering::SeqCst),
+            offset: 0,
+            len: 0,
+        };
+        // A cursor in a segment deleted since starts again at the oldest one left.
+        let from = cursor.filter(|c| *c >= oldest).unwrap_or(oldest);
+        let page = pages::read(
+            &self.dir,
+            from,
+            last,
+            Want {
+                queue,
+                after: 0,
+                below,
+                until: None,
+                max_bytes,
+                everything: true,
+            },
+        )?;
+        self.stats.page_reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .page_read_bytes
+            .fetch_add(page.bytes_read, Ordering::Relaxed);
+        Ok(page)
+    }
+
+    /// Settled messages whose records were still in the log at open, per queue and segment (taken
+    /// once): each run must be kept (for replay) or handed back with [`DiskLog::release_run`].
+    pub fn recover_retained(&self) -> Vec<RetainedRun> {
+        std::mem::take(&mut *self.retained.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Nothing needs `messages` settled records in `segment` any more.
+    pub fn release_run(&self, segment: u64, messages: u64) {
+        {
+            let mut releases = self.releases.lock().unwrap_or_else(|e| e.into_inner());
+            for _ in 0..messages {
+                releases.push(segment);
+            }
+        }
+        self.wake();
+    }
+
+    /// Writes a small state file beside the log (replaced whole, atomically, and synced).
+    pub fn save_state(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        {
+            let mut f = fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, bytes)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &path)?;
+        sync_dir(&self.dir);
+        Ok(())
+    }
+
+    /// Reads a state file written by [`DiskLog::save_state`] (`None` if there is none).
+    pub fn load_state(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match fs::read(self.dir.join(name)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// What the owner held in memory at the last stop, in sequence order (taken once).
@@ -603,6 +688,8 @@ struct Writer {
     active: File,
     active_size: u64,
     active_id: Arc<AtomicU64>,
+    /// The oldest segment still on disk (where a replay's scan starts).
+    oldest_id: Arc<AtomicU64>,
     relocate_below: Arc<AtomicU64>,
     next_seq: u64,
     last_fsync: Instant,
@@ -632,7 +719,12 @@ impl Writer {
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.file_type()?.is_dir() || name == "LOCK" || name.ends_with(".ids") {
+            if entry.file_type()?.is_dir()
+                || name == "LOCK"
+                || name.ends_with(".ids")
+                || name.ends_with(".state")
+                || name.ends_with(".state.tmp")
+            {
                 continue;
             }
             match name
@@ -660,6 +752,7 @@ impl Writer {
             active,
             active_size: 0,
             active_id: Arc::new(AtomicU64::new(new_id)),
+            oldest_id: Arc::new(AtomicU64::new(new_id)),
             relocate_below,
             next_seq: replayed.next_seq,
             last_fsync: Instant::now(),
@@ -982,6 +1075,13 @@ impl Writer {
     /// Deletes the oldest segments while everything in them is settled. Only from the front: a
     /// later segment may hold the settle records of messages in an earlier one.
     fn collect_garbage(&mut self) {
+        self.collect_segments();
+        if let Some(front) = self.segments.front() {
+            self.oldest_id.store(front.id, Ordering::SeqCst);
+        }
+    }
+
+    fn collect_segments(&mut self) {
         self.dedup
             .collect(dedup::unix_ms(std::time::SystemTime::now()));
         while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.live == 0) {

@@ -133,3 +133,19 @@ pub struct RecoveredSpill {
     /// Per owing subscription, how many of them it owes.
     pub by_subscription: Vec<(String, u64)>,
 }
+
+/// Settled messages of one queue in one segment, found at open: the owner keeps them for replay
+/// (`retention.keepAcked`) or releases them, with [`DiskLog::release_run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedRun {
+    /// Queue.
+    pub queue: String,
+    /// The segment their records are in.
+    pub segment: u64,
+    /// How many.
+    pub messages: u64,
+    /// Their record bytes.
+    pub bytes: u64,
+    /// Unix milliseconds of the newest publish time among them.
+    pub newest_ms: u64,
+}

@@ -29,6 +29,8 @@ pub struct Page {
     pub bytes_read: u64,
     /// The read reached the end of what is written.
     pub at_end: bool,
+    /// The read stopped at a message numbered at or above what was asked for.
+    pub stopped: bool,
 }
 
 /// One message read back.
@@ -40,8 +42,10 @@ pub struct Paged {
     pub at: Position,
     /// The message.
     pub message: v1::Message,
-    /// Subscriptions that owe an ack (as published).
+    /// Subscriptions that owe an ack (as published, or as relocated).
     pub pending: Vec<String>,
+    /// A relocated copy (the original, if its segment is still there, was read before it).
+    pub copy: bool,
 }
 
 /// What to read.
@@ -56,6 +60,9 @@ pub(crate) struct Want<'a> {
     pub until: Option<Position>,
     /// Stop once this many message bytes are read.
     pub max_bytes: usize,
+    /// Every message of the queue, settled or not, and relocated copies too (a replay's scan);
+    /// otherwise only messages owed to someone as published (a spill's page-in).
+    pub everything: bool,
 }
 
 pub(crate) fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -130,12 +137,37 @@ pub(crate) fn read(dir: &Path, from: Position, last: u64, want: Want<'_>) -> std
                 page.at_end = segment >= last;
                 return Ok(page);
             };
-            if let Some(head) = head
+            if head.is_none() && want.everything {
+                if let Ok((
+                    _,
+                    record::Body::Relocated {
+                        queue,
+                        message,
+                        pending,
+                        target,
+                    },
+                    _,
+                )) = record::decode(&buf)
+                    && queue == want.queue
+                    && target > want.after
+                    && target < want.below
+                {
+                    taken += buf.len();
+                    page.messages.push(Paged {
+                        sequence: target,
+                        at,
+                        message,
+                        pending: pending.into_iter().map(|(s, _)| s).collect(),
+                        copy: true,
+                    });
+                }
+            } else if let Some(head) = head
                 && head.queue == want.queue
-                && !head.pending.is_empty()
+                && (want.everything || !head.pending.is_empty())
             {
                 if head.seq >= want.below {
                     page.resume = Position { len: 0, ..at };
+                    page.stopped = true;
                     return Ok(page);
                 }
                 if head.seq > want.after
@@ -147,6 +179,7 @@ pub(crate) fn read(dir: &Path, from: Position, last: u64, want: Want<'_>) -> std
                         at,
                         message,
                         pending: head.pending,
+                        copy: false,
                     });
                 }
             }

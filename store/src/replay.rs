@@ -23,7 +23,7 @@ use std::{
 use qmesh_proto::v1;
 
 use crate::{
-    Position, Recovered, RecoveredSpill, StoreStats,
+    Position, Recovered, RecoveredSpill, RetainedRun, StoreStats,
     pages::{self, Want, segment_path},
     record::{self, Body},
 };
@@ -43,6 +43,7 @@ pub(crate) struct Replayed {
     pub segments: VecDeque<Segment>,
     pub recovered: Vec<Recovered>,
     pub spills: Vec<RecoveredSpill>,
+    pub retained: Vec<RetainedRun>,
     pub next_seq: u64,
 }
 
@@ -75,7 +76,20 @@ struct State {
     /// Spilled (not held) live messages per segment.
     spilled_in: HashMap<u64, u64>,
     totals: HashMap<u64, u64>,
+    /// Settled messages whose records are still here, per (queue, segment): (count, bytes, newest
+    /// publish time in unix ms).
+    settled: HashMap<(Name, u64), (u64, u64, u64)>,
     next_seq: u64,
+}
+
+/// Unix milliseconds of a message's publish time (0 when it has none).
+fn published_ms(message: &v1::Message) -> u64 {
+    message.publish_time.as_ref().map_or(0, |t| {
+        u64::try_from(t.seconds)
+            .unwrap_or(0)
+            .saturating_mul(1000)
+            .saturating_add(u64::try_from(t.nanos).unwrap_or(0) / 1_000_000)
+    })
 }
 
 /// Replays the segments `ids` (sorted) of `dir`. A torn or corrupt record ends replay: the segment
@@ -162,6 +176,19 @@ impl State {
         self.queues.get_mut(name).expect("inserted above")
     }
 
+    /// A message settled everywhere whose record is at `at`: kept for replay, or released, by the
+    /// owner once it knows the queue's policy.
+    fn note_settled(&mut self, queue: &str, at: Position, message: &v1::Message) {
+        let key = match self.queues.get_key_value(queue) {
+            Some((name, _)) => (Arc::clone(name), at.segment),
+            None => (Name::from(queue), at.segment),
+        };
+        let run = self.settled.entry(key).or_default();
+        run.0 += 1;
+        run.1 += u64::from(at.len);
+        run.2 = run.2.max(published_ms(message));
+    }
+
     fn apply(
         &mut self,
         dir: &Path,
@@ -177,6 +204,9 @@ impl State {
             self.next_seq = self.next_seq.max(head.seq + 1);
             *self.totals.entry(at.segment).or_default() += 1;
             if head.pending.is_empty() {
+                if let (_, Body::Message { queue, message, .. }, _) = record::decode(raw)? {
+                    self.note_settled(&queue, at, &message);
+                }
                 return Ok(());
             }
             let q = self.queue(&head.queue);
@@ -246,8 +276,10 @@ impl State {
                 let q = self.queue(&queue);
                 if let Some(held) = q.held.get_mut(&target) {
                     held.pending.retain(|(s, _)| **s != *subscription);
-                    if held.pending.is_empty() {
-                        q.held.remove(&target);
+                    if held.pending.is_empty()
+                        && let Some(done) = q.held.remove(&target)
+                    {
+                        self.note_settled(&queue, done.at, &done.message);
                     }
                 }
             }
@@ -337,6 +369,7 @@ impl State {
             below: through.saturating_add(1),
             until: Some(until),
             max_bytes: usize::MAX,
+            everything: false,
         };
         let page = match pages::read(dir, spill.cursor, last, want) {
             Ok(page) => page,
@@ -388,6 +421,21 @@ impl State {
 
     fn finish(self, replayed: Vec<u64>) -> Replayed {
         let mut live: HashMap<u64, u64> = self.spilled_in;
+        let mut retained: Vec<RetainedRun> = self
+            .settled
+            .into_iter()
+            .map(|((queue, segment), (messages, bytes, newest_ms))| {
+                *live.entry(segment).or_default() += messages;
+                RetainedRun {
+                    queue: queue.to_string(),
+                    segment,
+                    messages,
+                    bytes,
+                    newest_ms,
+                }
+            })
+            .collect();
+        retained.sort_by(|a, b| (a.segment, &a.queue).cmp(&(b.segment, &b.queue)));
         let mut recovered = Vec::new();
         let mut spills = Vec::new();
         for (queue, q) in self.queues {
@@ -438,6 +486,7 @@ impl State {
             segments,
             recovered,
             spills,
+            retained,
             next_seq: self.next_seq,
         }
     }

@@ -74,6 +74,20 @@ impl Broker for BrokerService {
         ))
     }
 
+    async fn rewind(
+        &self,
+        request: Request<v1::RewindRequest>,
+    ) -> Result<Response<v1::RewindResponse>, Status> {
+        let v1::RewindRequest { subscription, to } = request.into_inner();
+        let to = to
+            .ok_or_else(|| BrokerError::Invalid("rewind without a `to` time".into()))
+            .and_then(|t| {
+                std::time::SystemTime::try_from(t)
+                    .map_err(|e| BrokerError::Invalid(format!("rewind to an invalid time: {e}")))
+            })?;
+        Ok(Response::new(self.sidecar.rewind(&subscription, to).await?))
+    }
+
     async fn publish_stream(
         &self,
         request: Request<Streaming<PublishRequest>>,

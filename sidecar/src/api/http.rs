@@ -8,6 +8,7 @@
 //! | `POST /v1/subscriptions/{sub}/nack` `{"receipts": [...], "delay": "5s", "reason": "..."}` | same |
 //! | `GET /v1/queues/{queue}/held?max=N` (dead letters, parked messages) | `200 {"messages": [{"id", "sequence", "payload" (base64), "headers", "key", "subscriptions": [{"subscription", "attempts", "state", "lastError"}]}], "total"}` |
 //! | `POST /v1/queues/{queue}/redrive` `{"to": "...", "max": N}` (body optional) | `200 {"republished", "unparked", "skipped", "failed": [{"id", "error"}]}` |
+//! | `POST /v1/subscriptions/{sub}/rewind` `{"to": "2026-12-01T09:30:00Z"}` | `200 {"asked", "replaying", "unreachable": [...]}` |
 //!
 //! Errors are `{"error": {"code", "message"}}` with 404 / 403 / 413 / 429 (+ `Retry-After`) / 400 /
 //! 503 / 507 / 500, the same codes as gRPC.
@@ -42,6 +43,7 @@ pub fn router(sidecar: Arc<Sidecar>, max_body: usize) -> Router {
         .route("/v1/subscriptions/{subscription}/nack", post(nack))
         .route("/v1/queues/{queue}/held", get(held))
         .route("/v1/queues/{queue}/redrive", post(redrive))
+        .route("/v1/subscriptions/{subscription}/rewind", post(rewind))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(sidecar)
 }
@@ -341,5 +343,30 @@ async fn redrive(
         "unparked": done.unparked,
         "skipped": done.skipped,
         "failed": failed,
+    })))
+}
+
+#[derive(Deserialize)]
+struct Rewind {
+    to: String,
+}
+
+async fn rewind(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(subscription): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: Rewind = serde_json::from_slice(&body).map_err(|e| {
+        BrokerError::Invalid(format!(
+            "body must be JSON like {{\"to\": \"2026-12-01T09:30:00Z\"}}: {e}"
+        ))
+    })?;
+    let to = qmesh_api::StartAt::parse_time(&body.to)
+        .map_err(|e| BrokerError::Invalid(e.to_string()))?;
+    let done = sidecar.rewind(&subscription, to).await?;
+    Ok(Json(serde_json::json!({
+        "asked": done.asked,
+        "replaying": done.replaying,
+        "unreachable": done.unreachable,
     })))
 }

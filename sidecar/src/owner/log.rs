@@ -8,6 +8,7 @@
 //!   spill ▸ read_spilled ▸ paged_in ▸ spill_end ──▶ a queue's newest messages kept on disk only
 //!   release(position) ──▶ the log may delete what nothing owes any more; relocate copies a
 //!                          long-lived message forward so its old segment can go
+//!   read_retained ──▶ every message still in the log, settled or not: a replay's scan
 //! ```
 //!
 //! Losing the last settlements in a crash means a redelivery, never a lost message (at-least-once).
@@ -19,7 +20,9 @@ use qmesh_proto::v1;
 
 use crate::error::BrokerError;
 
-pub use qmesh_store::{Outcome, Page, Paged, Position, Recovered, RecoveredSpill, Remembered};
+pub use qmesh_store::{
+    Outcome, Page, Paged, Position, Recovered, RecoveredSpill, Remembered, RetainedRun,
+};
 
 /// A record on its way to the log: resolves, with where it is, once durable.
 pub type Written = BoxFuture<'static, Result<Position, BrokerError>>;
@@ -111,6 +114,49 @@ pub trait OwnerLog: Send + Sync + 'static {
         None
     }
 
+    /// Reads every message of `queue` still in the log, settled or not, from `cursor` (the
+    /// oldest segment when `None`), up to the first numbered `below` or about `max_bytes` (blocking
+    /// file reads): a replay's scan.
+    fn read_retained(
+        &self,
+        _queue: &str,
+        _cursor: Option<Position>,
+        _below: u64,
+        _max_bytes: usize,
+    ) -> Result<Page, BrokerError> {
+        Ok(Page {
+            at_end: true,
+            ..Page::default()
+        })
+    }
+
+    /// Settled messages still in the log at the last start, per queue and segment: each run is
+    /// kept (`retention.keepAcked`) or handed back with [`OwnerLog::release_run`].
+    fn recover_retained(&self) -> Vec<RetainedRun> {
+        Vec::new()
+    }
+
+    /// Nothing needs `messages` settled records in `segment` any more.
+    fn release_run(&self, segment: u64, messages: u64) {
+        for _ in 0..messages {
+            self.release(Position {
+                segment,
+                offset: 0,
+                len: 0,
+            });
+        }
+    }
+
+    /// Replaces the owner's small state file (what it remembers beside the log).
+    fn save_state(&self, _bytes: &[u8]) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// The owner's state file as last saved.
+    fn load_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+
     /// Writes a fresh copy of a live message with its owing subscriptions and attempts.
     fn relocate(
         &self,
@@ -149,6 +195,9 @@ impl From<qmesh_store::StoreError> for BrokerError {
         }
     }
 }
+
+/// The owner's state file beside the log: subscriptions served and replays running, per queue.
+pub const OWNER_STATE: &str = "owner.state";
 
 /// `durability: Disk`: the log in the data directory.
 impl OwnerLog for qmesh_store::DiskLog {
@@ -225,6 +274,40 @@ impl OwnerLog for qmesh_store::DiskLog {
 
     fn relocation_target(&self) -> Option<u64> {
         qmesh_store::DiskLog::relocation_target(self)
+    }
+
+    fn read_retained(
+        &self,
+        queue: &str,
+        cursor: Option<Position>,
+        below: u64,
+        max_bytes: usize,
+    ) -> Result<Page, BrokerError> {
+        qmesh_store::DiskLog::read_retained(self, queue, cursor, below, max_bytes)
+            .map_err(|e| BrokerError::Storage(format!("could not read the log for a replay: {e}")))
+    }
+
+    fn recover_retained(&self) -> Vec<RetainedRun> {
+        qmesh_store::DiskLog::recover_retained(self)
+    }
+
+    fn release_run(&self, segment: u64, messages: u64) {
+        qmesh_store::DiskLog::release_run(self, segment, messages);
+    }
+
+    fn save_state(&self, bytes: &[u8]) -> Result<(), BrokerError> {
+        qmesh_store::DiskLog::save_state(self, OWNER_STATE, bytes)
+            .map_err(|e| BrokerError::Storage(format!("could not save {OWNER_STATE}: {e}")))
+    }
+
+    fn load_state(&self) -> Option<Vec<u8>> {
+        match qmesh_store::DiskLog::load_state(self, OWNER_STATE) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::error!(%error, "could not read {OWNER_STATE}; replays and known subscriptions start afresh");
+                None
+            }
+        }
     }
 
     fn stats(&self) -> Option<Arc<qmesh_store::StoreStats>> {

@@ -16,6 +16,7 @@ pub mod links;
 pub mod log;
 pub mod queue;
 pub mod replicas;
+pub mod retain;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -95,6 +96,12 @@ pub struct Owner {
     recovered: Mutex<HashMap<String, Vec<log::Recovered>>>,
     spills: Mutex<HashMap<String, log::RecoveredSpill>>,
     remembered: Mutex<HashMap<String, Vec<log::Remembered>>>,
+    /// Settled records still in the log at start, per queue: kept for replay or released.
+    retained: Mutex<HashMap<String, Vec<log::RetainedRun>>>,
+    /// What each queue remembered beside the log at start (subscriptions served, replays).
+    memos: Mutex<HashMap<String, retain::QueueMemo>>,
+    /// One save of the state file at a time, in order.
+    memo_saving: Mutex<()>,
     next_sequence: std::sync::atomic::AtomicU64,
     replicas: Arc<Replicas>,
     tasks: Arc<Supervisor>,
@@ -225,6 +232,9 @@ impl Owner {
             recovered: Mutex::new(HashMap::new()),
             spills: Mutex::new(HashMap::new()),
             remembered: Mutex::new(HashMap::new()),
+            retained: Mutex::new(HashMap::new()),
+            memos: Mutex::new(HashMap::new()),
+            memo_saving: Mutex::new(()),
             next_sequence: std::sync::atomic::AtomicU64::new(0),
             replicas,
             tasks,
@@ -283,6 +293,51 @@ impl Owner {
         for r in ids {
             remembered.entry(r.queue.clone()).or_default().push(r);
         }
+        drop(remembered);
+        let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        for run in self.disk.recover_retained() {
+            retained.entry(run.queue.clone()).or_default().push(run);
+        }
+        drop(retained);
+        if let Some(bytes) = self.disk.load_state() {
+            match serde_json::from_slice::<HashMap<String, retain::QueueMemo>>(&bytes) {
+                Ok(memos) => *self.memos.lock().unwrap_or_else(|e| e.into_inner()) = memos,
+                Err(error) => tracing::error!(
+                    %error,
+                    "the owner's state file does not parse; replays and known subscriptions start afresh"
+                ),
+            }
+        }
+    }
+
+    /// Saves what every disk queue remembers beside the log (subscriptions served, replays not
+    /// finished).
+    fn save_memos(&self) {
+        let _saving = self.memo_saving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut memos = self.memos.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (name, q) in self.queues.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            if !q.log.pages() {
+                continue;
+            }
+            let state = q.lock();
+            memos.insert(
+                name.clone(),
+                retain::QueueMemo {
+                    subscriptions: state.known.iter().cloned().collect(),
+                    replays: state.replays.iter().cloned().collect(),
+                },
+            );
+        }
+        let bytes = match serde_json::to_vec(&memos) {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::error!(%error, "could not encode the owner's state");
+                return;
+            }
+        };
+        if let Err(error) = self.disk.save_state(&bytes) {
+            tracing::error!(%error, "could not save the owner's state: a restart may replay again, or miss a new subscription's startAt");
+        }
     }
 
     /// Restores recovered messages of every queue that is now in the view.
@@ -303,6 +358,20 @@ impl Owner {
         );
         waiting.extend(
             self.spills
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
+        waiting.extend(
+            self.retained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
+        waiting.extend(
+            self.memos
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .keys()
@@ -329,11 +398,47 @@ impl Owner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        if records.is_empty() && ids.is_empty() && spill.is_none() {
-            return;
-        }
+        let runs = self
+            .retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .unwrap_or_default();
+        let memo = self
+            .memos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
         let now = Instant::now();
         let mut state = q.lock();
+        // Settled records the log kept at start: kept again while inside keepAcked, else released.
+        let keep = state.keep_acked_ms();
+        let now_ms = retain::unix_ms(SystemTime::now());
+        for run in runs {
+            match keep.map(|k| run.newest_ms.saturating_add(k)) {
+                Some(until) if until > now_ms => {
+                    state
+                        .kept
+                        .keep_run(run.segment, run.messages, run.bytes, until);
+                }
+                _ => q.log.release_run(run.segment, run.messages),
+            }
+        }
+        if let Some(memo) = memo {
+            state.known = memo.subscriptions.into_iter().collect();
+            state.replays = memo.replays.into_iter().collect();
+        }
+        if records.is_empty() && ids.is_empty() && spill.is_none() {
+            let joined = state.join_new_routes();
+            drop(state);
+            drop(recovered);
+            if joined {
+                self.save_memos();
+            }
+            q.wake.notify_one();
+            return;
+        }
         let wall = SystemTime::now();
         for r in ids {
             let left = r.until.duration_since(wall).unwrap_or_default();
@@ -379,8 +484,12 @@ impl Owner {
                 now,
             );
         }
+        let joined = state.join_new_routes();
         drop(state);
         drop(recovered);
+        if joined {
+            self.save_memos();
+        }
         q.wake.notify_one();
     }
 
@@ -435,8 +544,17 @@ impl Owner {
             .policy
             .as_ref()
             .is_none_or(|p| p.durability() != control::Durability::Memory);
+        let mut state = QueueState::new(qv);
+        // Routes of a queue this owner starts now are served from here on (a memo, restored
+        // below, says which it served before).
+        state.known = state
+            .view
+            .routes
+            .iter()
+            .map(|r| r.subscription.clone())
+            .collect();
         let q = Arc::new(OwnedQueue {
-            state: Mutex::new(QueueState::new(qv)),
+            state: Mutex::new(state),
             wake: Notify::new(),
             log: if durable {
                 Arc::clone(&self.disk)
@@ -746,13 +864,157 @@ impl Owner {
     /// pages spilled messages back in while memory has room, and (`relocate`) copies long-lived
     /// messages out of old segments so those can be deleted.
     async fn maintain(self: &Arc<Self>, q: &Arc<OwnedQueue>, name: &str, relocate: bool) {
-        let released = std::mem::take(&mut q.lock().released);
+        let (released, runs) = {
+            let mut state = q.lock();
+            let released = std::mem::take(&mut state.released);
+            let settled = std::mem::take(&mut state.settled);
+            let now_ms = retain::unix_ms(SystemTime::now());
+            let mut runs = Vec::new();
+            match state.keep_acked_ms() {
+                Some(keep) => {
+                    for (at, published) in settled {
+                        let until = published.saturating_add(keep);
+                        if until > now_ms {
+                            state.kept.keep(at, until);
+                        } else {
+                            runs.push((at.segment, 1));
+                        }
+                    }
+                    runs.extend(state.kept.expire(now_ms));
+                }
+                None => {
+                    runs.extend(settled.into_iter().map(|(at, _)| (at.segment, 1)));
+                    runs.extend(state.kept.all());
+                }
+            }
+            (released, runs)
+        };
         for at in released {
             q.log.release(at);
         }
+        for (segment, messages) in runs {
+            q.log.release_run(segment, messages);
+        }
         self.page_in(q, name).await;
+        self.replay(q, name).await;
         if relocate {
             self.relocate(q, name);
+        }
+    }
+
+    /// Runs the replay at the front of a queue's list while memory has room: scans the log a page
+    /// at a time, owes what the page covers to the subscription again (a copy records each), and
+    /// finishes once the scan is through.
+    async fn replay(self: &Arc<Self>, q: &Arc<OwnedQueue>, name: &str) {
+        if q.lock().replays.is_empty() {
+            return;
+        }
+        let _paging = q.paging.lock().await;
+        loop {
+            let cursor_below = {
+                let mut state = q.lock();
+                if !q.log.pages() {
+                    if state.replays.is_empty() {
+                        return;
+                    }
+                    let owed = state.replay_held();
+                    drop(state);
+                    if owed > 0 {
+                        q.wake.notify_one();
+                    }
+                    tracing::info!(queue = name, owed, "replayed what this memory queue holds");
+                    continue;
+                }
+                if state.replay_waits() {
+                    return;
+                }
+                state
+                    .replays
+                    .front()
+                    .map(|r| (r.cursor, r.through.saturating_add(1)))
+            };
+            let Some((cursor, below)) = cursor_below else {
+                return;
+            };
+            let low = self.limits.memory / 4 * 3;
+            let held = self.memory_held();
+            let starving = q.lock().starving();
+            if held >= low && !(starving && held < self.limits.memory.saturating_mul(4)) {
+                return;
+            }
+            let max = usize::try_from(low.saturating_sub(held))
+                .unwrap_or(usize::MAX)
+                .clamp(MIN_PAGE_IN_BYTES, PAGE_IN_BYTES);
+            let log = Arc::clone(&q.log);
+            let queue = name.to_owned();
+            let read =
+                tokio::task::spawn_blocking(move || log.read_retained(&queue, cursor, below, max))
+                    .await;
+            let page = match read {
+                Ok(Ok(page)) => page,
+                Ok(Err(error)) => {
+                    tracing::error!(%error, queue = name, "a replay could not read the log; trying again later");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, queue = name, "a replay's read failed; trying again later");
+                    return;
+                }
+            };
+            let now_ms = retain::unix_ms(SystemTime::now());
+            // The copies are queued under the queue's lock, with the state it has now: a later
+            // settlement is written after them.
+            let (step, writes) = {
+                let mut state = q.lock();
+                let Some(mut step) = state.replay_page(page, now_ms) else {
+                    return;
+                };
+                let copies = std::mem::take(&mut step.copies);
+                let writes: Vec<_> = copies
+                    .into_iter()
+                    .map(|c| {
+                        let write = q
+                            .log
+                            .relocate(name, c.sequence, &c.message, c.pending.clone());
+                        (c, write)
+                    })
+                    .collect();
+                (step, writes)
+            };
+            let (copies, writes): (Vec<_>, Vec<_>) = writes.into_iter().unzip();
+            let results = futures::future::join_all(writes).await;
+            let mut failed = 0;
+            {
+                let mut state = q.lock();
+                let now = Instant::now();
+                for (copy, result) in copies.into_iter().zip(results) {
+                    match result {
+                        Ok(to) => state.replay_copied(copy, to, now),
+                        Err(_) => failed += 1,
+                    }
+                }
+            }
+            if failed > 0 {
+                tracing::warn!(
+                    queue = name,
+                    failed,
+                    "a replay could not record some messages; they are not replayed"
+                );
+            }
+            if step.owed > 0 {
+                q.wake.notify_one();
+            }
+            if let Some(done) = step.finished {
+                tracing::info!(
+                    queue = name,
+                    subscription = %done.subscription,
+                    through = done.through,
+                    "replay finished"
+                );
+                self.save_memos();
+            } else if step.owed == 0 && q.lock().replay_waits() {
+                return;
+            }
         }
     }
 
@@ -838,7 +1100,7 @@ impl Owner {
                     let write = q
                         .log
                         .relocate(name, m.sequence, &m.message, m.pending.clone());
-                    ((m.sequence, m.from), write)
+                    (m.sequence, write)
                 })
                 .unzip()
         };
@@ -851,9 +1113,9 @@ impl Owner {
             let results = futures::future::join_all(writes).await;
             let mut state = q.lock();
             let mut failed = 0;
-            for ((sequence, from), result) in moving.into_iter().zip(results) {
+            for (sequence, result) in moving.into_iter().zip(results) {
                 match result {
-                    Ok(to) => state.relocated(sequence, from, to),
+                    Ok(to) => state.relocated(sequence, to),
                     Err(_) => failed += 1,
                 }
             }
@@ -870,16 +1132,39 @@ impl Owner {
     /// still in progress, or refuses it. The admission is held until the message is in its queue's
     /// state (or has failed).
     fn admit(&self, queue: &str, size: u64, spills: bool) -> Result<Admission<'_>, BrokerError> {
-        let (owned_bytes, owned_messages, held) =
-            self.queues().iter().fold((0, 0, 0), |(b, m, h), q| {
+        let queues = self.queues();
+        let (owned_bytes, owned_messages, held, kept) =
+            queues.iter().fold((0, 0, 0, 0), |(b, m, h, k), q| {
                 let s = q.lock();
                 (
                     b + s.backlog_bytes(),
                     m + s.backlog(),
                     h + s.memory() + s.dedup_bytes,
+                    k + s.kept.bytes,
                 )
             });
         let cost = size + queue::ENTRY_OVERHEAD;
+        // Acked messages kept for replay live inside the same disk budget: the oldest go first,
+        // before anything owed is refused.
+        let over = (owned_bytes + kept + cost).saturating_sub(self.limits.max_bytes);
+        if over > 0 && kept > 0 {
+            let mut freed = 0;
+            for q in &queues {
+                if freed >= over {
+                    break;
+                }
+                let runs = {
+                    let mut s = q.lock();
+                    let before = s.kept.bytes;
+                    let runs = s.kept.shed(over - freed);
+                    freed += before - s.kept.bytes;
+                    runs
+                };
+                for (segment, messages) in runs {
+                    q.log.release_run(segment, messages);
+                }
+            }
+        }
         let mut admitted = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
         let full = |limit: &str| BrokerError::BacklogFull {
             queue: queue.to_owned(),
@@ -912,6 +1197,17 @@ impl Owner {
         size: u64,
     ) -> Result<(), BrokerError> {
         let retention = policy.retention.unwrap_or_default();
+        if retention.max_bytes > 0 {
+            // What is only kept for replay goes before anything owed.
+            let runs = {
+                let mut s = q.lock();
+                let total = s.backlog_bytes() + s.kept.bytes + size;
+                s.kept.shed(total.saturating_sub(retention.max_bytes))
+            };
+            for (segment, messages) in runs {
+                q.log.release_run(segment, messages);
+            }
+        }
         loop {
             let over = {
                 let s = q.lock();
@@ -1407,7 +1703,14 @@ impl Owner {
                     wanted.extend(r.consumers.iter().map(|c| c.peer_address.clone()));
                 }
                 if let Some(q) = self.get_queue(&qv.name) {
-                    q.lock().update_view(qv.clone(), Instant::now());
+                    let joined = {
+                        let mut state = q.lock();
+                        state.update_view(qv.clone(), Instant::now());
+                        state.join_new_routes()
+                    };
+                    if joined && q.log.pages() {
+                        self.save_memos();
+                    }
                     q.wake.notify_one();
                 }
             }
@@ -1700,6 +2003,25 @@ impl Owner {
         }
     }
 
+    /// Replays `subscription` of `queue` from messages published at `from` on (`qmesh sub
+    /// rewind`): `Some(through)`, the highest sequence covered, when this owner has the queue and
+    /// the subscription is one of its routes.
+    pub fn rewind(&self, queue: &str, subscription: &str, from: SystemTime) -> Option<u64> {
+        let q = self.get_queue(queue)?;
+        let through = q.lock().rewind(subscription, retain::unix_ms(from))?;
+        if q.log.pages() {
+            self.save_memos();
+        }
+        q.wake.notify_one();
+        tracing::info!(
+            queue,
+            subscription,
+            through,
+            "rewind: replaying from the log"
+        );
+        Some(through)
+    }
+
     /// Other sidecars of the mesh, candidates to take over.
     pub fn peers(&self) -> Vec<String> {
         self.view
@@ -1721,6 +2043,8 @@ impl Owner {
                     queue: s.name.clone(),
                     backlog_messages: s.backlog(),
                     backlog_bytes: s.backlog_bytes(),
+                    kept_messages: s.kept.messages,
+                    kept_bytes: s.kept.bytes,
                     published_total: s.published_total,
                     subscriptions: s
                         .subs
@@ -1749,6 +2073,10 @@ pub struct QueueFigures {
     pub backlog_messages: u64,
     /// Their bytes.
     pub backlog_bytes: u64,
+    /// Acked messages kept in the log for replay (`retention.keepAcked`).
+    pub kept_messages: u64,
+    /// Their record bytes.
+    pub kept_bytes: u64,
     /// Accepted publishes since start.
     pub published_total: u64,
     /// Per subscription.

@@ -24,7 +24,10 @@ use std::{
 
 use qmesh_proto::{control, v1};
 
-use super::log::{Page, Position};
+use super::{
+    log::{Page, Position},
+    retain::{self, Kept, Replay},
+};
 use crate::error::BrokerError;
 
 /// One unsettled message.
@@ -266,8 +269,17 @@ pub struct QueueState {
     pub spill: Option<Spill>,
     /// Highest sequence reserved so far.
     last_reserved: u64,
-    /// Records of messages settled everywhere, for the log to release.
+    /// Records nothing needs any more, for the log to release (old copies of relocated messages).
     pub released: Vec<Position>,
+    /// Records of messages settled everywhere, with their publish time (unix ms): kept for replay
+    /// (`retention.keepAcked`) or released.
+    pub settled: Vec<(Position, u64)>,
+    /// Acked messages kept in the log for replay.
+    pub kept: Kept,
+    /// Replays of a subscription from the log, run one at a time, in order.
+    pub replays: VecDeque<Replay>,
+    /// Subscriptions this owner has served (a new one starts at its `startAt`).
+    pub known: BTreeSet<String>,
 }
 
 /// A queue's spilled range: messages from `from` on that are in the log only.
@@ -327,6 +339,32 @@ pub struct PagedIn {
     pub messages: usize,
 }
 
+/// What one page of a replay decided.
+#[derive(Debug, Default)]
+pub struct ReplayStep {
+    /// Copies to write: every message the page owes to the subscription again.
+    pub copies: Vec<ReplayCopy>,
+    /// Messages owed again.
+    pub owed: usize,
+    /// The scan reached the end of what it covers.
+    pub done: bool,
+    /// The replay that finished with this page.
+    pub finished: Option<Replay>,
+}
+
+/// A message owed again by a replay, to record with who owes it.
+#[derive(Debug)]
+pub struct ReplayCopy {
+    /// Sequence.
+    pub sequence: u64,
+    /// The message.
+    pub message: Arc<v1::Message>,
+    /// Every subscription that owes it, with attempts so far.
+    pub pending: Vec<(String, u32)>,
+    /// It is held already (else: settled and kept, held again once the copy is written).
+    pub held: bool,
+}
+
 /// A publish whose id was seen inside the dedup window.
 #[derive(Debug)]
 pub enum Duplicate {
@@ -367,6 +405,10 @@ impl QueueState {
             spill: None,
             last_reserved: 0,
             released: Vec::new(),
+            settled: Vec::new(),
+            kept: Kept::default(),
+            replays: VecDeque::new(),
+            known: BTreeSet::new(),
         }
     }
 
@@ -392,6 +434,11 @@ impl QueueState {
         self.subs
             .values()
             .any(|s| s.spilled > 0 && s.removed_at.is_none() && s.ready.len() < MIN_READY)
+            || self.replays.front().is_some_and(|r| {
+                self.subs
+                    .get(&r.subscription)
+                    .is_some_and(|s| s.ready.len() < MIN_READY)
+            })
     }
 
     /// Continues a spill recovered from the log.
@@ -438,11 +485,15 @@ impl QueueState {
 
     /// A relocation of `sequence` from `from` wrote its copy at `to`: the message now lives there,
     /// and the old record is released — or, settled meanwhile, the copy is.
-    pub fn relocated(&mut self, sequence: u64, from: Position, to: Position) {
+    ///
+    /// Copies of one message may be on their way at once (compaction, a replay): the newest record
+    /// is the one a restart believes, so the message lives at the latest position, and every other
+    /// is released exactly once.
+    pub fn relocated(&mut self, sequence: u64, to: Position) {
         match self.messages.get_mut(&sequence) {
-            Some(entry) if entry.at == from => {
+            Some(entry) if to > entry.at => {
+                self.released.push(entry.at);
                 entry.at = to;
-                self.released.push(from);
             }
             _ => self.released.push(to),
         }
@@ -492,6 +543,207 @@ impl QueueState {
             ended,
             messages,
         })
+    }
+
+    /// How long acked messages are kept after their publish, in ms (`retention.keepAcked`).
+    pub fn keep_acked_ms(&self) -> Option<u64> {
+        self.view
+            .policy
+            .as_ref()
+            .and_then(|p| p.retention.as_ref())
+            .and_then(|r| r.keep_acked.as_ref())
+            .map(qmesh_proto::convert::std_duration)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// The highest sequence given out so far (what a replay asked for now covers).
+    pub fn last_sequence(&self) -> u64 {
+        self.last_reserved
+    }
+
+    /// Queues a replay of `subscription` from `from_ms`, through every message numbered so far.
+    /// `None` when the subscription is not a route of the queue.
+    pub fn rewind(&mut self, subscription: &str, from_ms: u64) -> Option<u64> {
+        if !self
+            .view
+            .routes
+            .iter()
+            .any(|r| r.subscription == subscription)
+        {
+            return None;
+        }
+        let through = self.last_reserved;
+        self.replays
+            .push_back(Replay::new(subscription.to_owned(), from_ms, through));
+        Some(through)
+    }
+
+    /// Routes this owner has not served before, replayed from their `startAt` (none for
+    /// `Latest`); every route is known afterwards. True when the known set changed.
+    pub fn join_new_routes(&mut self) -> bool {
+        let mut changed = false;
+        let through = self.last_reserved;
+        for route in &self.view.routes {
+            if self.known.contains(&route.subscription) {
+                continue;
+            }
+            changed = true;
+            self.known.insert(route.subscription.clone());
+            let from_ms = match route.start_at.as_ref().and_then(|s| s.from.as_ref()) {
+                None => continue,
+                Some(control::start_at::From::Earliest(_)) => 0,
+                Some(control::start_at::From::Time(t)) => {
+                    std::time::SystemTime::try_from(*t).map_or(0, retain::unix_ms)
+                }
+            };
+            if through > 0 {
+                self.replays
+                    .push_back(Replay::new(route.subscription.clone(), from_ms, through));
+            }
+        }
+        changed
+    }
+
+    /// Whether the replay at the front is waiting for spilled messages to be paged in.
+    pub fn replay_waits(&self) -> bool {
+        match (self.replays.front(), &self.spill) {
+            (Some(r), Some(spill)) => r.waiting_for.is_some_and(|w| spill.paged_through < w),
+            _ => false,
+        }
+    }
+
+    /// Applies a page of the replay at the front to what is held: messages it covers are owed to
+    /// its subscription again — held ones at once, settled ones still kept once their copy is
+    /// written ([`QueueState::replay_copied`]). `None` without a replay.
+    pub fn replay_page(&mut self, page: Page, now_ms: u64) -> Option<ReplayStep> {
+        let mut replay = self.replays.pop_front()?;
+        let keep = self.keep_acked_ms();
+        let mut step = ReplayStep::default();
+        replay.waiting_for = None;
+        for paged in page.messages {
+            if !paged.copy && replay.first_message.is_none() {
+                replay.first_message = Some(paged.sequence);
+            }
+            if paged.copy && replay.first_message.is_some_and(|m| paged.sequence >= m) {
+                continue;
+            }
+            if paged.sequence > replay.through
+                || retain::published_ms(&paged.message) < replay.from_ms
+                || !self
+                    .routes_for(&paged.message)
+                    .contains(&replay.subscription)
+            {
+                continue;
+            }
+            if let Some(spill) = &self.spill
+                && paged.sequence >= spill.from
+                && paged.sequence > spill.paged_through
+                && !self.messages.contains_key(&paged.sequence)
+            {
+                // Spilled: owed to the subscription (or not) once it is held again.
+                replay.cursor = Some(Position { len: 0, ..paged.at });
+                replay.waiting_for = Some(paged.sequence);
+                self.replays.push_front(replay);
+                return Some(step);
+            }
+            if let Some(copy) = self.owe_again(&replay.subscription, paged.sequence) {
+                step.owed += 1;
+                step.copies.push(copy);
+                continue;
+            }
+            if self.messages.contains_key(&paged.sequence)
+                || self.appending.contains(&paged.sequence)
+            {
+                continue;
+            }
+            if keep.is_some_and(|k| retain::published_ms(&paged.message).saturating_add(k) > now_ms)
+            {
+                step.owed += 1;
+                step.copies.push(ReplayCopy {
+                    sequence: paged.sequence,
+                    message: Arc::new(paged.message),
+                    pending: vec![(replay.subscription.clone(), 0)],
+                    held: false,
+                });
+            }
+        }
+        replay.cursor = Some(page.resume);
+        step.done = page.at_end || page.stopped;
+        if step.done {
+            step.finished = Some(replay);
+        } else {
+            self.replays.push_front(replay);
+        }
+        Some(step)
+    }
+
+    /// A held message not owed to `subscription` is owed to it again; returns the copy that records
+    /// it (with every owing subscription and its attempts).
+    fn owe_again(&mut self, subscription: &str, sequence: u64) -> Option<ReplayCopy> {
+        if self.evicting.contains(&sequence) {
+            return None;
+        }
+        let entry = self.messages.get_mut(&sequence)?;
+        if entry.pending.contains(subscription) {
+            return None;
+        }
+        entry.pending.insert(subscription.to_owned());
+        let message = Arc::clone(&entry.message);
+        let owing: Vec<String> = entry.pending.iter().cloned().collect();
+        self.subs.get_mut(subscription)?.ready.insert(sequence);
+        let pending = owing
+            .into_iter()
+            .map(|sub| {
+                let attempts = self.attempts_of(&sub, sequence);
+                (sub, attempts)
+            })
+            .collect();
+        Some(ReplayCopy {
+            sequence,
+            message,
+            pending,
+            held: true,
+        })
+    }
+
+    /// Without a log to scan (`durability: Memory`), the replay at the front covers what is held,
+    /// at once. Returns the messages owed again.
+    pub fn replay_held(&mut self) -> usize {
+        let Some(replay) = self.replays.pop_front() else {
+            return 0;
+        };
+        let covered: Vec<u64> = self
+            .messages
+            .range(..=replay.through)
+            .filter(|(_, e)| {
+                retain::published_ms(&e.message) >= replay.from_ms
+                    && self.routes_for(&e.message).contains(&replay.subscription)
+            })
+            .map(|(seq, _)| *seq)
+            .collect();
+        covered
+            .into_iter()
+            .filter(|seq| self.owe_again(&replay.subscription, *seq).is_some())
+            .count()
+    }
+
+    /// The copy of a replayed message is written at `to`: a held one now lives there; a settled
+    /// one is held again, owed to the replayed subscription.
+    pub fn replay_copied(&mut self, copy: ReplayCopy, to: Position, now: Instant) {
+        if copy.held || self.messages.contains_key(&copy.sequence) {
+            if let Some(entry) = self.messages.get_mut(&copy.sequence) {
+                for (sub, _) in &copy.pending {
+                    if entry.pending.insert(sub.clone())
+                        && let Some(state) = self.subs.get_mut(sub)
+                    {
+                        state.ready.insert(copy.sequence);
+                    }
+                }
+            }
+            self.relocated(copy.sequence, to);
+            return;
+        }
+        self.hold(copy.sequence, copy.message, copy.pending, to, now);
     }
 
     /// Whether publishes wait for a replica's copy (`publishAck: Replicated`).
@@ -676,6 +928,8 @@ impl QueueState {
         }
         self.published_total += 1;
         if pending.is_empty() {
+            // Settled at once (no subscription wanted it): kept for replay like an acked one.
+            self.settled.push((at, retain::published_ms(&message)));
             return Placed::Held;
         }
         if let Some(spill) = self.spill.as_mut()
@@ -1330,7 +1584,8 @@ impl QueueState {
             && let Some(entry) = self.messages.remove(&sequence)
         {
             self.bytes -= entry.size;
-            self.released.push(entry.at);
+            self.settled
+                .push((entry.at, retain::published_ms(&entry.message)));
             self.note_removed(sequence);
         }
     }
@@ -1345,7 +1600,8 @@ impl QueueState {
         for seq in done {
             if let Some(entry) = self.messages.remove(&seq) {
                 self.bytes -= entry.size;
-                self.released.push(entry.at);
+                self.settled
+                    .push((entry.at, retain::published_ms(&entry.message)));
                 self.note_removed(seq);
             }
         }
@@ -1447,10 +1703,12 @@ mod tests {
                 at: at(seq * 100),
                 message: v1::Message::default(),
                 pending: vec!["s".into()],
+                copy: false,
             }],
             resume: at(seq * 100).end(),
             bytes_read: 100,
             at_end: false,
+            stopped: false,
         };
         let first = q.paged_in(page(4), Instant::now()).unwrap();
         assert_eq!((first.through, first.ended), (4, false));
@@ -1478,12 +1736,135 @@ mod tests {
             offset: 0,
             len: 100,
         };
-        q.relocated(1, moving[0].from, to);
-        assert_eq!(q.released, vec![at(100)], "the old copy of 1 goes");
+        let later = Position { offset: 500, ..to };
+        // Two copies of 1 on their way (compaction and a replay), the later written first: the
+        // message lives at the later one, and the original and the earlier copy go, once each.
+        q.relocated(1, later);
+        q.relocated(1, to);
+        assert_eq!(q.released, vec![at(100), to], "the old copies of 1 go");
+        assert_eq!(q.messages[&1].at, later);
         q.released.clear();
-        // 2 is settled before its copy is written: the copy goes, not the original twice.
+        // 2 is settled before its copy is written: the copy goes, and the original is handed
+        // over as settled (kept for replay, or released), not released twice.
         q.settle_dead("s", 2);
-        q.relocated(2, moving[1].from, to);
-        assert_eq!(q.released, vec![at(200), to]);
+        q.relocated(2, to);
+        assert_eq!(q.released, vec![to]);
+        assert_eq!(q.settled, vec![(moving[1].from, 0)]);
+    }
+
+    fn scanned(records: &[(u64, bool)], end: bool) -> Page {
+        Page {
+            messages: records
+                .iter()
+                .map(|&(seq, copy)| qmesh_store::Paged {
+                    sequence: seq,
+                    at: at(seq * 100),
+                    message: v1::Message {
+                        publish_time: Some(std::time::SystemTime::now().into()),
+                        ..Default::default()
+                    },
+                    pending: vec!["s".into()],
+                    copy,
+                })
+                .collect(),
+            resume: at(10_000),
+            bytes_read: 0,
+            at_end: end,
+            stopped: false,
+        }
+    }
+
+    #[test]
+    fn a_new_subscription_starting_at_earliest_is_owed_what_is_held_and_what_is_kept() {
+        let mut q = state();
+        q.view.policy = Some(control::QueuePolicy {
+            retention: Some(control::Retention {
+                keep_acked: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        for seq in 1..=3 {
+            publish(&mut q, seq, true);
+        }
+        q.settle_dead("s", 1);
+        assert_eq!(
+            q.settled.len(),
+            1,
+            "1 is settled everywhere, for the owner to keep"
+        );
+        let mut view = q.view.clone();
+        view.routes.push(control::Route {
+            subscription: "audit".into(),
+            start_at: Some(control::StartAt {
+                from: Some(control::start_at::From::Earliest(true)),
+            }),
+            ..Default::default()
+        });
+        q.update_view(view, Instant::now());
+        assert!(q.join_new_routes());
+        assert!(!q.join_new_routes(), "a route is joined once");
+        assert_eq!(q.replays.len(), 1);
+        assert_eq!(q.replays[0].through, 3);
+        // The scan meets 1 (kept), 2 and 3 (held), and a relocated copy of 2 (a second sighting).
+        let now_ms = retain::unix_ms(std::time::SystemTime::now());
+        let step = q
+            .replay_page(
+                scanned(&[(1, false), (2, false), (3, false), (2, true)], true),
+                now_ms,
+            )
+            .unwrap();
+        assert!(step.done && step.finished.is_some() && q.replays.is_empty());
+        let owed: Vec<(u64, bool)> = step.copies.iter().map(|c| (c.sequence, c.held)).collect();
+        assert_eq!(owed, [(1, false), (2, true), (3, true)]);
+        assert!(step.copies[1].pending.iter().any(|(s, _)| s == "audit"));
+        for (i, copy) in step.copies.into_iter().enumerate() {
+            q.replay_copied(copy, at(20_000 + i as u64 * 100), Instant::now());
+        }
+        assert_eq!(
+            q.subs["audit"].ready.iter().copied().collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert!(
+            !q.messages[&1].pending.contains("s"),
+            "1 is owed to audit only"
+        );
+        assert_eq!(q.messages[&2].at, at(20_100), "2 lives at its newest copy");
+        assert!(q.released.contains(&at(200)));
+    }
+
+    #[test]
+    fn a_replay_passes_over_what_is_no_longer_kept_and_waits_for_spilled_messages() {
+        let mut q = state();
+        publish(&mut q, 1, true);
+        q.settle_dead("s", 1);
+        publish(&mut q, 2, true);
+        q.reserve(3, "m3", Instant::now());
+        let _ = q.insert(
+            3,
+            Arc::new(v1::Message::default()),
+            vec![("s".into(), 0)],
+            at(300),
+            false,
+            Instant::now(),
+        );
+        assert!(q.spill.is_some());
+        publish(&mut q, 4, true);
+        assert_eq!(q.rewind("s", 0), Some(4));
+        assert_eq!(q.rewind("nobody", 0), None);
+        // 1 is settled and the queue keeps nothing acked; 2 and 3 are owed to s already; 4 is
+        // spilled: the scan stops there until it is paged in.
+        let step = q
+            .replay_page(
+                scanned(&[(1, false), (2, false), (3, false), (4, false)], true),
+                0,
+            )
+            .unwrap();
+        assert!(step.copies.is_empty() && !step.done);
+        assert!(q.replay_waits());
+        assert_eq!(q.replays[0].cursor, Some(Position { len: 0, ..at(400) }));
     }
 }

@@ -425,6 +425,9 @@ impl Owner {
                 _ => q.log.release_run(run.segment, run.messages),
             }
         }
+        // A queue new to this owner is written down at once: a subscription created while the
+        // owner is down is then known to be new when it is back.
+        let first_time = memo.is_none() && q.log.pages();
         if let Some(memo) = memo {
             state.known = memo.subscriptions.into_iter().collect();
             state.replays = memo.replays.into_iter().collect();
@@ -433,7 +436,7 @@ impl Owner {
             let joined = state.join_new_routes();
             drop(state);
             drop(recovered);
-            if joined {
+            if joined || first_time {
                 self.save_memos();
             }
             q.wake.notify_one();
@@ -487,7 +490,7 @@ impl Owner {
         let joined = state.join_new_routes();
         drop(state);
         drop(recovered);
-        if joined {
+        if joined || first_time {
             self.save_memos();
         }
         q.wake.notify_one();
@@ -545,6 +548,7 @@ impl Owner {
             .as_ref()
             .is_none_or(|p| p.durability() != control::Durability::Memory);
         let mut state = QueueState::new(qv);
+        state.numbered_through(self.next_sequence.load(Ordering::SeqCst).saturating_sub(1));
         // Routes of a queue this owner starts now are served from here on (a memo, restored
         // below, says which it served before).
         state.known = state

@@ -556,6 +556,12 @@ impl QueueState {
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
+    /// Sequences up to `sequence` were given out before this state existed (by the owner's
+    /// numbering, shared by its queues): a replay asked for now covers them.
+    pub fn numbered_through(&mut self, sequence: u64) {
+        self.last_reserved = self.last_reserved.max(sequence);
+    }
+
     /// The highest sequence given out so far (what a replay asked for now covers).
     pub fn last_sequence(&self) -> u64 {
         self.last_reserved

@@ -42,6 +42,7 @@ metadata: {name: orders}
 spec:
   publishers: {matchLabels: {app: shop}}
   deadLetterQueue: orders-dlq
+  retention: {keepAcked: 1m}
 ---
 apiVersion: qmesh.io/v1alpha1
 kind: Queue

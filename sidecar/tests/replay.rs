@@ -461,3 +461,68 @@ async fn a_rewind_larger_than_the_memory_budget_is_paced_and_arrives_whole() {
         "every replayed message was recorded"
     );
 }
+
+/// Acked messages kept for replay never fill a disk for good: when the log's disk is full they
+/// are given up, and publishing goes on (a few publishes may be refused, and are retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_messages_are_given_up_when_the_disk_is_full() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("shop-1");
+    std::fs::create_dir_all(&data).unwrap();
+    let _disk = Tmpfs::mount(&data, "4m").expect("mounting a tmpfs (the tests run as root)");
+    let mesh = mesh()
+        .manifests(MESH)
+        .sidecar("shop-1", &[("app", "shop")])
+        .sidecar("billing", &[("app", "billing")])
+        .data_dir("shop-1", &data)
+        .arg_for("shop-1", "--segment-bytes=262144")
+        .arg("--fsync=never")
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let url = mesh.sidecar("shop-1").grpc_url();
+    let consumer = Consumer::start(
+        "billing",
+        &mesh.sidecar("billing").grpc_url(),
+        "billing",
+        100,
+        |_| Verdict::Ack,
+    )
+    .await;
+    // 12 MiB of acked messages through a 4 MiB disk, each batch consumed before the next.
+    let payload = "d".repeat(1024);
+    let mut refused = 0;
+    for batch in 0..120 {
+        let mut left: Vec<v1::Message> = (0..100)
+            .map(|i| message(&format!("m-{batch}-{i}"), "", &payload))
+            .collect();
+        for _attempt in 0..20 {
+            let results = publish_all(&url, "orders", left.clone()).await;
+            let mut again = Vec::new();
+            for (m, r) in left.into_iter().zip(results) {
+                if let Err(e) = r {
+                    assert_eq!(e.code, v1::ErrorCode::Storage as i32, "{e:?}");
+                    refused += 1;
+                    again.push(m);
+                }
+            }
+            left = again;
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(left.is_empty(), "batch {batch}: the disk stayed full");
+        consumer
+            .expect_prefixed("m-", (batch + 1) * 100, 20, "billing")
+            .await;
+    }
+    let (distinct, _) = tally(consumer.stop().into_iter().map(|r| r.id));
+    assert_eq!(distinct.len(), 12_000, "every message delivered");
+    let log = std::fs::read_to_string(mesh.sidecar("shop-1").log_path()).unwrap();
+    assert!(
+        log.contains("are given up to make room"),
+        "the kept messages were given up ({refused} publishes refused meanwhile)"
+    );
+    println!("{refused} publishes refused while the disk was full, then accepted");
+}

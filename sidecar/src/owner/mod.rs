@@ -766,6 +766,9 @@ impl Owner {
         let at = match appended {
             Ok(at) => at,
             Err(error) => {
+                if matches!(error, BrokerError::DiskFull(_)) {
+                    self.shed_kept("the log's disk is full");
+                }
                 q.lock().abandon(sequence, &id, &error);
                 if replicated {
                     self.replicas.cancel(sequence);
@@ -2004,6 +2007,28 @@ impl Owner {
                 q.log.settle(&m.queue, &sub, m.sequence, Outcome::Acked);
             }
             q.wake.notify_one();
+        }
+    }
+
+    /// Gives up every acked message kept for replay, on every queue: what is owed comes first.
+    fn shed_kept(&self, why: &str) {
+        let mut messages = 0;
+        for q in self.queues() {
+            let runs = {
+                let mut s = q.lock();
+                messages += s.kept.messages;
+                s.kept.all()
+            };
+            for (segment, n) in runs {
+                q.log.release_run(segment, n);
+            }
+        }
+        if messages > 0 {
+            tracing::warn!(
+                messages,
+                why,
+                "acked messages kept for replay (retention.keepAcked) are given up to make room"
+            );
         }
     }
 

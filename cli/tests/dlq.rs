@@ -1,7 +1,8 @@
-//! `qmesh dlq peek` / `redrive` against real sidecars: dead letters are listed with their reason and
-//! origin, redriven to their original queue and delivered again (every one, once); messages parked
-//! by a subscription without a dead-letter queue are listed and redelivered with a fresh delivery
-//! count through the HTTP mirror.
+//! `qmesh dlq peek` / `redrive` and `qmesh sub rewind` against real sidecars: dead letters are
+//! listed with their reason and origin, redriven to their original queue and delivered again (every
+//! one, once); messages parked by a subscription without a dead-letter queue are listed and
+//! redelivered with a fresh delivery count through the HTTP mirror; acked messages a queue keeps
+//! are replayed by a rewind.
 
 #![allow(clippy::unwrap_used)]
 
@@ -55,6 +56,20 @@ spec:
   queue: jobs
   consumers: {matchLabels: {app: billing}}
   retry: {maxDeliveries: 1}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: ledger}
+spec:
+  publishers: {matchLabels: {app: shop}}
+  retention: {keepAcked: 1h}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: ledger-readers}
+spec:
+  queue: ledger
+  consumers: {matchLabels: {app: billing}}
 "#;
 
 fn qmesh(args: &[&str]) -> Output {
@@ -233,4 +248,76 @@ async fn dead_letters_are_peeked_with_reasons_and_redriven_to_their_queue() {
     .await
     .unwrap();
     drop(mesh);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_replays_what_was_acked_and_says_what_it_reached() {
+    let mesh = MeshBuilder::new()
+        .manifests(MANIFESTS)
+        .sidecar("shop", &[("app", "shop")])
+        .sidecar("billing", &[("app", "billing")])
+        .start(Path::new(&sidecar_binary()))
+        .await
+        .unwrap();
+    let shop = mesh.sidecar("shop").grpc.to_string();
+    let billing = mesh.sidecar("billing").grpc.to_string();
+    tokio::task::spawn_blocking(move || {
+        ok(&[
+            "pub", "ledger", "entry", "--id", "entry", "--count", "4", "--addr", &shop,
+        ]);
+        let ids = |text: &str| -> BTreeSet<String> {
+            json_lines(text)
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let first = ids(&ok(&[
+            "sub",
+            "ledger-readers",
+            "--count",
+            "4",
+            "--json",
+            "--addr",
+            &billing,
+        ]));
+        assert_eq!(first.len(), 4, "{first:?}");
+        let out = ok(&[
+            "sub",
+            "rewind",
+            "ledger-readers",
+            "--to",
+            "10m",
+            "--addr",
+            &billing,
+        ]);
+        assert!(out.contains("1 of 2 sidecars"), "{out}");
+        let again = ids(&ok(&[
+            "sub",
+            "ledger-readers",
+            "--count",
+            "4",
+            "--json",
+            "--addr",
+            &billing,
+        ]));
+        assert_eq!(again, first, "the acked entries, replayed");
+
+        let unknown = qmesh(&["sub", "rewind", "nobody", "--to", "10m", "--addr", &billing]);
+        assert_eq!(unknown.status.code(), Some(3));
+        assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown subscription"));
+        let bad = qmesh(&[
+            "sub",
+            "rewind",
+            "ledger-readers",
+            "--to",
+            "yesterday",
+            "--addr",
+            &billing,
+        ]);
+        assert_eq!(bad.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains("RFC 3339") && err.contains("15m"), "{err}");
+    })
+    .await
+    .unwrap();
 }

@@ -7,6 +7,8 @@
 //!   consumer's `PeerNack`) → [`convert::std_duration`] → `min(MAX_NACK_DELAY)` → [`queue::later`]
 //!   (the owner);
 //! * redrive bodies `{"to", "max"}` (empty or whitespace = defaults);
+//! * rewind bodies `{"to": "<RFC 3339>"}`, the time through the wire's `Timestamp` and back to the
+//!   owner's unix milliseconds, and printed again;
 //! * poll and held query strings (`max=N&wait=5s`, `serde_urlencoded` as axum's `Query` uses), `wait`
 //!   through `parse_duration` capped at 60 s;
 //! * the raw input as a duration, a size and an fsync policy, with the duration's `Display` read
@@ -24,7 +26,7 @@ use std::{
 use qmesh_proto::{convert, v1};
 use qmesh_sidecar::{
     config,
-    owner::queue,
+    owner::{queue, retain},
     store::{FsyncPolicy, record},
 };
 use serde::Deserialize;
@@ -53,6 +55,12 @@ struct Redrive {
     max: usize,
 }
 
+/// `http::Rewind`.
+#[derive(Deserialize, Debug)]
+struct Rewind {
+    to: String,
+}
+
 /// `http::PollQuery`.
 #[derive(Deserialize, Debug)]
 struct PollQuery {
@@ -70,6 +78,7 @@ struct HeldQuery {
 pub fn run(data: &[u8]) {
     settle(data);
     redrive(data);
+    rewind(data);
     queries(data);
     if let Ok(text) = std::str::from_utf8(data) {
         scalars(text);
@@ -106,6 +115,22 @@ fn redrive(body: &[u8]) {
     } else {
         serde_json::from_slice(body).ok()
     };
+}
+
+fn rewind(body: &[u8]) {
+    let Ok(rewind) = serde_json::from_slice::<Rewind>(body) else {
+        return;
+    };
+    let Ok(to) = qmesh_api::StartAt::parse_time(&rewind.to) else {
+        return;
+    };
+    // The sidecar sends the time to every owner as a protobuf timestamp …
+    let wire: prost_types::Timestamp = to.into();
+    let back = std::time::SystemTime::try_from(wire).expect("a parsed time crosses the wire");
+    assert_eq!(back, to, "a rewind time changed on its way over the wire");
+    // … which the owner compares with publish times in unix milliseconds.
+    let _ = retain::unix_ms(back);
+    let _ = qmesh_api::StartAt::Time(back).to_string();
 }
 
 fn queries(query: &[u8]) {

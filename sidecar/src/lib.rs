@@ -182,6 +182,8 @@ impl Sidecar {
             .iter()
             .map(|q| (q.queue.clone(), (q.kept_messages, q.kept_bytes)))
             .collect();
+        let credits: HashMap<String, serde_json::Value> =
+            self.consumers.credit_state().into_iter().collect();
         let owned: HashMap<String, owner::SubFigures> = figures
             .into_iter()
             .flat_map(|q| q.subscriptions)
@@ -189,6 +191,7 @@ impl Sidecar {
             .collect();
         serde_json::json!({
             "viewVersion": self.view.borrow().version(),
+            "links": self.owner.link_credits(),
             "ready": self.is_ready(),
             "queues": stats.queues.iter().map(|q| serde_json::json!({
                 "queue": q.queue, "backlog": q.backlog_messages, "backlogBytes": q.backlog_bytes,
@@ -203,6 +206,7 @@ impl Sidecar {
                 "owner": owned.get(&s.subscription).map(|o| serde_json::json!({
                     "inFlight": o.in_flight, "waiting": o.waiting, "parked": o.parked,
                 })),
+                "credits": credits.get(&s.subscription),
             })).collect::<Vec<_>>(),
         })
     }

@@ -4,7 +4,9 @@
 //! ```text
 //!   other sidecars ──▶ proxy (127.x.y.z:free) ──▶ sidecar's real peer port
 //!                        Pass: bytes flow both ways
-//!                        Blackhole: connections stay open, nothing is forwarded (a partition)
+//!                        Blackhole: connections stay open, nothing gets through (a partition:
+//!                                   TCP holds what was sent, and delivers it if the link heals
+//!                                   before a timeout ends the connection)
 //!                        Reset: every connection is closed, new ones are refused at once
 //! ```
 
@@ -29,7 +31,9 @@ use tokio::{
 pub enum ProxyMode {
     /// Forward everything.
     Pass = 0,
-    /// Keep connections, forward nothing (packets lost in a partition).
+    /// Keep connections, forward nothing (a partition). Nothing is read either: TCP keeps what was
+    /// sent, as it does when packets are lost and retransmitted — a connection never loses bytes
+    /// in the middle and carries on, which would be no network's behaviour.
     Blackhole = 1,
     /// Close every connection and refuse new ones (the peer is unreachable).
     Reset = 2,
@@ -124,10 +128,10 @@ async fn pump(
         match mode.load(Ordering::SeqCst) {
             m if m == ProxyMode::Reset as u8 => return,
             m if m == ProxyMode::Blackhole as u8 => {
-                // Read and drop: the sender sees its bytes leave, the receiver never gets them.
-                tokio::select! {
-                    n = from.read(&mut buf) => if matches!(n, Ok(0) | Err(_)) { return },
-                    r = changed.changed() => if r.is_err() { return },
+                // Nothing moves until the mode changes: the sender's bytes wait in the kernel's
+                // buffers (and then in its own), like a link that drops packets TCP resends.
+                if changed.changed().await.is_err() {
+                    return;
                 }
             }
             _ => {
@@ -180,9 +184,16 @@ mod tests {
         assert_eq!(&buf, b"ping");
 
         proxy.set(ProxyMode::Blackhole);
-        c.write_all(b"lost").await.unwrap();
+        c.write_all(b"held").await.unwrap();
         let silent = tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf)).await;
         assert!(silent.is_err(), "a blackholed connection delivered bytes");
+        // Healed in time: what was sent meanwhile arrives, nothing lost in the middle.
+        proxy.set(ProxyMode::Pass);
+        tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut buf))
+            .await
+            .expect("bytes held by a partition arrive once it heals")
+            .unwrap();
+        assert_eq!(&buf, b"held");
 
         proxy.set(ProxyMode::Reset);
         let closed = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))

@@ -300,6 +300,41 @@ impl Consumers {
             .collect()
     }
 
+    /// The credit state of each served subscription, for the admin stats: connected apps, the
+    /// window credits may fill, and per owner stream what it was granted and what is held here.
+    pub fn credit_state(&self) -> Vec<(String, serde_json::Value)> {
+        let streams: HashMap<u64, String> = self
+            .streams()
+            .iter()
+            .map(|(id, s)| (*id, s.owner.clone()))
+            .collect();
+        self.subs()
+            .values()
+            .map(|sub| {
+                let st = sub.lock();
+                let accounts: Vec<serde_json::Value> = st
+                    .accounts
+                    .iter()
+                    .map(|(id, a)| {
+                        serde_json::json!({
+                            "stream": id, "owner": streams.get(id), "granted": a.granted,
+                            "held": a.held, "demand": a.demand, "revoking": a.revoking,
+                        })
+                    })
+                    .collect();
+                let buffered = st.buffer.len();
+                drop(st);
+                (
+                    sub.name.clone(),
+                    serde_json::json!({
+                        "apps": sub.consumers(), "window": sub.effective_window(),
+                        "buffered": buffered, "streams": accounts,
+                    }),
+                )
+            })
+            .collect()
+    }
+
     async fn follow_view(self: Arc<Self>) {
         let mut rx = self.view.clone();
         loop {

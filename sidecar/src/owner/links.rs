@@ -133,6 +133,23 @@ impl Links {
         .unwrap_or(false)
     }
 
+    /// Every link with its connection and the credits and demand it holds per subscription, for
+    /// the admin stats.
+    pub fn credit_table(&self) -> Vec<serde_json::Value> {
+        self.lock()
+            .iter()
+            .map(|(addr, link)| {
+                let connection = link.connection.lock().unwrap_or_else(|e| e.into_inner());
+                match connection.as_ref() {
+                    Some(c) => serde_json::json!({
+                        "consumer": addr, "link": c.id, "credits": c.credits, "demand": c.demand,
+                    }),
+                    None => serde_json::json!({ "consumer": addr, "link": null }),
+                }
+            })
+            .collect()
+    }
+
     /// Returns a credit that was taken but not used.
     pub fn return_credit(&self, id: u64, subscription: &str) {
         self.with_connection(id, |c| {

@@ -2051,6 +2051,11 @@ impl Owner {
         Some(through)
     }
 
+    /// The links to consumer sidecars with the credits they hold (admin stats).
+    pub fn link_credits(&self) -> Vec<serde_json::Value> {
+        self.links.credit_table()
+    }
+
     /// Other sidecars of the mesh, candidates to take over.
     pub fn peers(&self) -> Vec<String> {
         self.view

@@ -178,7 +178,7 @@ pub(crate) fn read(dir: &Path, from: Position, last: u64, want: Want<'_>) -> std
                         sequence: head.seq,
                         at,
                         message,
-                        pending: head.pending,
+                        pending: head.pending.iter().map(|s| (*s).to_owned()).collect(),
                         copy: false,
                     });
                 }

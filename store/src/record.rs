@@ -282,20 +282,22 @@ fn seal(start: usize, out: &mut [u8]) {
 
 /// Checks the record at the start of `buf` and, when it is a message, returns its sequence and
 /// queue without decoding the message (replay passes over spilled messages this way).
-pub fn peek_message(buf: &[u8]) -> Result<Option<MessageHead>, DecodeError> {
+/// Borrows from `buf`: replay passes over millions of spilled messages, and allocates nothing for
+/// each but the list of who owes it.
+pub fn peek_message(buf: &[u8]) -> Result<Option<MessageHead<'_>>, DecodeError> {
     let data = checked(buf)?;
     let mut r = Reader { buf: data, pos: 0 };
     let seq = r.u64()?;
     if r.u8()? != KIND_MESSAGE {
         return Ok(None);
     }
-    let queue = r.string()?;
+    let queue = r.str()?;
     let n = r.u32()? as usize;
     r.take(n)?;
     let n = r.u32()? as usize;
     let mut pending = Vec::with_capacity(n.min(1024));
     for _ in 0..n {
-        pending.push(r.string()?);
+        pending.push(r.str()?);
     }
     if r.pos != data.len() {
         return Err(DecodeError::Corrupt("trailing bytes in record"));
@@ -405,13 +407,13 @@ pub fn decode(buf: &[u8]) -> Result<(u64, Body, usize), DecodeError> {
 
 /// A message record's sequence, queue and owing subscriptions, read without decoding the message.
 #[derive(Debug)]
-pub struct MessageHead {
+pub struct MessageHead<'a> {
     /// Sequence.
     pub seq: u64,
     /// Queue.
-    pub queue: String,
+    pub queue: &'a str,
     /// Subscriptions that owe an ack.
-    pub pending: Vec<String>,
+    pub pending: Vec<&'a str>,
 }
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
@@ -435,8 +437,8 @@ struct Reader<'a> {
     pos: usize,
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self
             .pos
             .checked_add(n)
@@ -463,6 +465,11 @@ impl Reader<'_> {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
+    }
+
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let n = self.u32()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError::Corrupt("invalid UTF-8"))
     }
 
     fn string(&mut self) -> Result<String, DecodeError> {
@@ -556,11 +563,8 @@ mod tests {
         let mut buf = Vec::new();
         encode(5, &samples()[0], &mut buf);
         let head = peek_message(&buf).unwrap().unwrap();
-        assert_eq!((head.seq, head.queue.as_str()), (5, "orders"));
-        assert_eq!(
-            head.pending,
-            vec!["billing".to_owned(), "shipping".to_owned()]
-        );
+        assert_eq!((head.seq, head.queue), (5, "orders"));
+        assert_eq!(head.pending, vec!["billing", "shipping"]);
         let mut settle = Vec::new();
         encode(0, &samples()[1], &mut settle);
         assert!(peek_message(&settle).unwrap().is_none());

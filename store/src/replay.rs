@@ -209,7 +209,7 @@ impl State {
                 }
                 return Ok(());
             }
-            let q = self.queue(&head.queue);
+            let q = self.queue(head.queue);
             if let Some(spill) = q.spill.as_mut()
                 && head.seq >= spill.from
                 && head.seq > spill.paged_through
@@ -217,7 +217,12 @@ impl State {
                 spill.messages += 1;
                 spill.bytes += u64::from(at.len);
                 for p in &head.pending {
-                    *spill.by_sub.entry(Name::from(p.as_str())).or_default() += 1;
+                    match spill.by_sub.get_mut(*p) {
+                        Some(n) => *n += 1,
+                        None => {
+                            spill.by_sub.insert(Name::from(*p), 1);
+                        }
+                    }
                 }
                 *self.spilled_in.entry(at.segment).or_default() += 1;
                 return Ok(());

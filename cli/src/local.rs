@@ -217,7 +217,21 @@ impl LocalMesh {
         let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
             .unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        let tail = lines.len().saturating_sub(20);
+        // A panic's message comes before its backtrace: keep its first line even when the
+        // backtrace fills the tail.
+        let first_failure = lines[..tail]
+            .iter()
+            .position(|l| l.contains("panicked at") || l.starts_with("Error:"));
+        // The line after "panicked at …:" is the panic's message.
+        let mut shown: Vec<&str> = first_failure
+            .map(|i| lines[i..(i + 2).min(tail)].to_vec())
+            .unwrap_or_default();
+        if !shown.is_empty() {
+            shown.push("…");
+        }
+        shown.extend_from_slice(&lines[tail..]);
+        shown.join("\n")
     }
 }
 

@@ -1,7 +1,8 @@
 //! The fault campaign (Jepsen-style): five real sidecars of one mesh, producers publishing with ids
 //! and keys, consumer apps that ack, nack, stay slow, hold deliveries and disconnect, and a seeded
 //! schedule of faults — kill -9, SIGTERM hand-over, frozen pods, partitions (a TCP proxy in front
-//! of every peer port), app disconnects, a full disk. A checker reads the recorded history (never
+//! of every peer port), app disconnects, a full disk — while `analytics` is rewound now and then
+//! (replays from the log under all of it). A checker reads the recorded history (never
 //! the system's own counters) and verifies the promises, each named as a sentence.
 //!
 //! ```text
@@ -12,7 +13,8 @@
 //!
 //! CI runs four fixed seeds for a short while; `hack/chaos.sh --minutes N
 //! [--seed S]` runs a long one (the ignored test `long_campaign`, reading `QMESH_CHAOS_MINUTES`
-//! and `QMESH_CHAOS_SEED`).
+//! and `QMESH_CHAOS_SEED`). `QMESH_CHAOS_DEBUG=1` keeps the history and the sidecars' logs of a
+//! campaign that passed too.
 
 #![allow(clippy::unwrap_used)]
 
@@ -293,6 +295,40 @@ async fn produce(
     }
 }
 
+/// Rewinds `analytics` on the auditor's sidecar every few seconds, to 5–15 s back, until
+/// `stop`: replays from the log run under kill -9, partitions and full disks like everything else.
+/// Each attempt is recorded from its start to its answer (or its failure).
+async fn rewind_now_and_then(url: String, seed: u64, history: Arc<History>, stop: Arc<AtomicBool>) {
+    let mut rng = Rng(seed);
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(rng.millis(3000, 8000)).await;
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        // Far enough back to reach past what the (slow, holding) analytics app still owes.
+        let to = std::time::SystemTime::now() - rng.millis(5_000, 15_000);
+        history.record(json!({"kind": "rewind", "phase": "start", "sub": "analytics"}));
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut client = v1::broker_client::BrokerClient::connect(url.clone())
+                .await
+                .ok()?;
+            client
+                .rewind(v1::RewindRequest {
+                    subscription: "analytics".into(),
+                    to: Some(to.into()),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        })
+        .await
+        .ok()
+        .flatten();
+        history.record(json!({"kind": "rewind", "phase": "end", "sub": "analytics",
+            "replaying": answer.map(|a| a.replaying)}));
+    }
+}
+
 /// A consumer app on one sidecar and subscription: takes deliveries and acks, nacks, holds or
 /// works slowly on them; reconnects whenever its stream ends or it is told to disconnect.
 async fn consume(
@@ -522,6 +558,7 @@ struct Verdict {
     duplicates: u64,
     redeliveries: u64,
     repeats_after_faults: u64,
+    repeats_after_rewinds: u64,
 }
 
 fn check(history: &[Value]) -> Verdict {
@@ -619,6 +656,17 @@ fn check(history: &[Value]) -> Verdict {
         }
     }
     faults.extend(open_faults.values().map(|t| (*t, f64::MAX)));
+    // Rewinds (`analytics`, 5–15 s back): each from its start to its answer.
+    let mut rewinds: Vec<(f64, f64)> = Vec::new();
+    let mut rewinding: Option<f64> = None;
+    for e in history.iter().filter(|e| e["kind"] == "rewind") {
+        let t = e["t"].as_f64().unwrap_or(0.0);
+        match e["phase"].as_str() {
+            Some("start") => rewinding = Some(t),
+            _ => rewinds.extend(rewinding.take().map(|start| (start, t))),
+        }
+    }
+    rewinds.extend(rewinding.map(|start| (start, f64::MAX)));
     let settled_at: HashMap<(&str, &str, u64), f64> = history
         .iter()
         .filter(|e| e["kind"] == "settle")
@@ -629,6 +677,16 @@ fn check(history: &[Value]) -> Verdict {
                     e["id"].as_str().unwrap_or_default(),
                     e["attempt"].as_u64().unwrap_or(0),
                 ),
+                e["t"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    let publish_t: HashMap<&str, f64> = history
+        .iter()
+        .filter(|e| e["kind"] == "publish")
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap_or_default(),
                 e["t"].as_f64().unwrap_or(0.0),
             )
         })
@@ -653,8 +711,17 @@ fn check(history: &[Value]) -> Verdict {
             let fault_between = faults
                 .iter()
                 .any(|(start, end)| *start - 0.5 <= t1 && t0 <= end + 2.0);
+            // A rewind covers what was published before it answered; its scan runs after, so a
+            // message first delivered meanwhile may come again once it is acked.
+            let published = publish_t.get(id).copied().unwrap_or(0.0);
+            let rewound = *sub == "analytics"
+                && rewinds
+                    .iter()
+                    .any(|(start, end)| *start <= t1 && published <= *end);
             if failed || late {
                 v.redeliveries += 1;
+            } else if rewound {
+                v.repeats_after_rewinds += 1;
             } else if fault_between {
                 v.repeats_after_faults += 1;
             } else {
@@ -752,10 +819,11 @@ async fn run_campaign(c: Campaign) {
         .arg("3s")
         .arg("--fsync")
         .arg("interval:5ms")
-        // A small memory budget: backlogs built up under the faults spill to the log and are read
-        // back, so the campaign checks paging too.
+        // The smallest memory budget: backlogs built up under the faults spill to the log and are
+        // read back, so the campaign checks paging too (at 256 KiB, once partitions stopped losing
+        // bytes, they no longer did).
         .arg("--memory-budget")
-        .arg("256Ki");
+        .arg("64Ki");
     for name in PRODUCERS {
         builder = builder.sidecar(name, &[("app", "shop")]);
     }
@@ -796,6 +864,13 @@ async fn run_campaign(c: Campaign) {
             Arc::clone(&stop),
         )));
     }
+    // Replays under the faults: `analytics` is rewound 5–15 s now and then.
+    let rewinder = tokio::spawn(rewind_now_and_then(
+        mesh.sidecar("auditor").grpc_url(),
+        seed ^ 0xEE,
+        Arc::clone(&history),
+        Arc::clone(&stop),
+    ));
     // Memory: sampled after every fault and while draining.
     let peak = Arc::new(AtomicU64::new(0));
 
@@ -825,6 +900,7 @@ async fn run_campaign(c: Campaign) {
     for p in producers {
         let _ = p.await;
     }
+    let _ = rewinder.await;
     // Faults are over: the mesh must drain (no stall), with consumers acking everything now.
     calm.store(true, Ordering::SeqCst);
     let mut stalled = None;
@@ -892,9 +968,17 @@ async fn run_campaign(c: Campaign) {
         }
     }
     let faults: Vec<String> = counts.0.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let rewound: Vec<u64> = events
+        .iter()
+        .filter(|e| e["kind"] == "rewind" && e["phase"] == "end")
+        .map(|e| e["replaying"].as_u64().unwrap_or(0))
+        .collect();
     eprintln!(
-        "campaign seed {seed}: faults [{}]; published ok {}, unknown {}, refused {}; deliveries {}; dead letters {}; lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault); peak RSS {} MiB; backlogs spilled to disk {spills} times; disk-full fault {}",
+        "campaign seed {seed}: faults [{}]; rewinds {} ({} answered, {} owners replaying); published ok {}, unknown {}, refused {}; deliveries {}; dead letters {}; lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault, {} after a rewind); peak RSS {} MiB; backlogs spilled to disk {spills} times; disk-full fault {}",
         faults.join(", "),
+        rewound.len(),
+        rewound.iter().filter(|r| **r > 0).count(),
+        rewound.iter().sum::<u64>(),
         verdict.published,
         verdict.unknown,
         verdict.refused,
@@ -904,11 +988,23 @@ async fn run_campaign(c: Campaign) {
         verdict.duplicates,
         verdict.redeliveries,
         verdict.repeats_after_faults,
+        verdict.repeats_after_rewinds,
         peak / (1024 * 1024),
         if mounted { "on" } else { "off (no tmpfs)" },
     );
     if !verdict.failures.is_empty() {
         // The sidecars' own logs go next to the history, for diagnosis.
+        let dir = history_path(seed).with_extension("logs");
+        let _ = std::fs::create_dir_all(&dir);
+        for name in mesh.names() {
+            let _ = std::fs::copy(
+                mesh.sidecar(&name).log_path(),
+                dir.join(format!("{name}.log")),
+            );
+        }
+    }
+    if std::env::var("QMESH_CHAOS_DEBUG").is_ok() {
+        history.save(&history_path(seed));
         let dir = history_path(seed).with_extension("logs");
         let _ = std::fs::create_dir_all(&dir);
         for name in mesh.names() {

@@ -943,30 +943,13 @@ impl Owner {
             let Some((cursor, below)) = cursor_below else {
                 return;
             };
-            let low = self.limits.memory / 4 * 3;
-            let held = self.memory_held();
-            let starving = q.lock().starving();
-            if held >= low && !(starving && held < self.limits.memory.saturating_mul(4)) {
+            let Some(max) = self.read_room(q) else {
                 return;
-            }
-            let max = usize::try_from(low.saturating_sub(held))
-                .unwrap_or(usize::MAX)
-                .clamp(MIN_PAGE_IN_BYTES, PAGE_IN_BYTES);
-            let log = Arc::clone(&q.log);
+            };
             let queue = name.to_owned();
-            let read =
-                tokio::task::spawn_blocking(move || log.read_retained(&queue, cursor, below, max))
-                    .await;
-            let page = match read {
-                Ok(Ok(page)) => page,
-                Ok(Err(error)) => {
-                    tracing::error!(%error, queue = name, "a replay could not read the log; trying again later");
-                    return;
-                }
-                Err(error) => {
-                    tracing::error!(%error, queue = name, "a replay's read failed; trying again later");
-                    return;
-                }
+            let read = move |log: &dyn OwnerLog| log.read_retained(&queue, cursor, below, max);
+            let Some(page) = read_log(q, name, "a replay", read).await else {
+                return;
             };
             let now_ms = retain::unix_ms(SystemTime::now());
             // The copies are queued under the queue's lock, with the state it has now: a later
@@ -1036,34 +1019,14 @@ impl Owner {
             let Some((cursor, after, below)) = q.lock().page_request() else {
                 return;
             };
-            // Within three quarters of the budget. Beyond it, a subscription whose ready work ran
-            // out is still fed (up to four times the budget): messages held for others — parked,
-            // in flight, owed to a subscription nobody consumes — must not stall it for good.
-            let low = self.limits.memory / 4 * 3;
-            let held = self.memory_held();
-            let starving = q.lock().starving();
-            if held >= low && !(starving && held < self.limits.memory.saturating_mul(4)) {
+            let Some(max) = self.read_room(q) else {
                 return;
-            }
-            let max = usize::try_from(low.saturating_sub(held))
-                .unwrap_or(usize::MAX)
-                .clamp(MIN_PAGE_IN_BYTES, PAGE_IN_BYTES);
-            let log = Arc::clone(&q.log);
+            };
             let queue = name.to_owned();
-            let read = tokio::task::spawn_blocking(move || {
-                log.read_spilled(&queue, cursor, after, below, max)
-            })
-            .await;
-            let page = match read {
-                Ok(Ok(page)) => page,
-                Ok(Err(error)) => {
-                    tracing::error!(%error, queue = name, "paging spilled messages in failed; trying again later");
-                    return;
-                }
-                Err(error) => {
-                    tracing::error!(%error, queue = name, "the page-in task failed; trying again later");
-                    return;
-                }
+            let read =
+                move |log: &dyn OwnerLog| log.read_spilled(&queue, cursor, after, below, max);
+            let Some(page) = read_log(q, name, "paging spilled messages in", read).await else {
+                return;
             };
             let moved = page.resume != cursor;
             let mut state = q.lock();
@@ -1089,6 +1052,24 @@ impl Owner {
                 return;
             }
         }
+    }
+
+    /// How many bytes a read back from the log (a page-in, a replay) may bring into memory now:
+    /// while held memory is within three quarters of the budget. Beyond it, a subscription whose
+    /// ready work ran out is still fed (up to four times the budget): messages held for others —
+    /// parked, in flight, owed to a subscription nobody consumes — must not stall it for good.
+    fn read_room(&self, q: &OwnedQueue) -> Option<usize> {
+        let low = self.limits.memory / 4 * 3;
+        let held = self.memory_held();
+        let starving = q.lock().starving();
+        if held >= low && !(starving && held < self.limits.memory.saturating_mul(4)) {
+            return None;
+        }
+        Some(
+            usize::try_from(low.saturating_sub(held))
+                .unwrap_or(usize::MAX)
+                .clamp(MIN_PAGE_IN_BYTES, PAGE_IN_BYTES),
+        )
     }
 
     /// Copies held messages whose records pin old segments forward in the log.
@@ -2132,6 +2113,28 @@ pub struct SubFigures {
     pub parked: u64,
     /// Waiting out a retry backoff or a nack's delay.
     pub waiting: u64,
+}
+
+/// Runs a blocking read of a queue's log off the async threads; a failure is logged (`what` failed)
+/// and the caller tries again later.
+async fn read_log(
+    q: &OwnedQueue,
+    name: &str,
+    what: &str,
+    read: impl FnOnce(&dyn OwnerLog) -> Result<log::Page, BrokerError> + Send + 'static,
+) -> Option<log::Page> {
+    let log = Arc::clone(&q.log);
+    match tokio::task::spawn_blocking(move || read(log.as_ref())).await {
+        Ok(Ok(page)) => Some(page),
+        Ok(Err(error)) => {
+            tracing::error!(%error, queue = name, "{what} could not read the log; trying again later");
+            None
+        }
+        Err(error) => {
+            tracing::error!(%error, queue = name, "{what}: the read task failed; trying again later");
+            None
+        }
+    }
 }
 
 /// One owned message with its owing subscriptions and attempts, as handed over or replicated.

@@ -374,6 +374,10 @@ pub enum Duplicate {
     Pending(u64, tokio::sync::oneshot::Receiver<Result<(), BrokerError>>),
 }
 
+/// Most replays a queue keeps waiting (one per subscription beyond the running one: repeated
+/// rewinds of a waiting subscription merge).
+pub const MAX_REPLAYS: usize = 256;
+
 /// A subscription with fewer ready messages than this, and spilled ones owed, is paged in for.
 pub const MIN_READY: usize = 64;
 
@@ -579,6 +583,21 @@ impl QueueState {
             return None;
         }
         let through = self.last_reserved;
+        // A rewind of a subscription already waiting its turn widens that one (the one running
+        // has scanned past where it started); the list stays bounded whoever asks how often.
+        if let Some(waiting) = self
+            .replays
+            .iter_mut()
+            .skip(1)
+            .find(|r| r.subscription == subscription)
+        {
+            waiting.from_ms = waiting.from_ms.min(from_ms);
+            waiting.through = waiting.through.max(through);
+            return Some(through);
+        }
+        if self.replays.len() >= MAX_REPLAYS {
+            return None;
+        }
         self.replays
             .push_back(Replay::new(subscription.to_owned(), from_ms, through));
         Some(through)
@@ -1861,6 +1880,12 @@ mod tests {
         publish(&mut q, 4, true);
         assert_eq!(q.rewind("s", 0), Some(4));
         assert_eq!(q.rewind("nobody", 0), None);
+        // Rewinding again while one waits widens the waiting one: the list stays bounded.
+        assert_eq!(q.rewind("s", 5), Some(4));
+        assert_eq!(q.rewind("s", 9), Some(4));
+        assert_eq!(q.replays.len(), 2);
+        assert_eq!(q.replays[1].from_ms, 5);
+        q.replays.truncate(1);
         // 1 is settled and the queue keeps nothing acked; 2 and 3 are owed to s already; 4 is
         // spilled: the scan stops there until it is paged in.
         let step = q

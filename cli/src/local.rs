@@ -3,7 +3,7 @@
 //! that join it with their labels, and stops them (SIGTERM, then kill) when dropped.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -40,21 +40,6 @@ pub fn sidecar_binary() -> anyhow::Result<PathBuf> {
         "qmesh-sidecar not found next to qmesh or on PATH: build it with \
          `cargo build --release --bin qmesh-sidecar` (or set QMESH_SIDECAR_BIN)"
     )
-}
-
-/// Four distinct free loopback addresses (all bound at once while choosing).
-fn free_addrs() -> anyhow::Result<[SocketAddr; 4]> {
-    let held = [
-        TcpListener::bind("127.0.0.1:0")?,
-        TcpListener::bind("127.0.0.1:0")?,
-        TcpListener::bind("127.0.0.1:0")?,
-        TcpListener::bind("127.0.0.1:0")?,
-    ];
-    let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); 4];
-    for (addr, listener) in addrs.iter_mut().zip(&held) {
-        *addr = listener.local_addr()?;
-    }
-    Ok(addrs)
 }
 
 /// Addresses of one local sidecar.
@@ -109,7 +94,7 @@ impl LocalMesh {
         let mut children = Vec::new();
         let mut commands = Vec::new();
         for (name, labels) in sidecars {
-            let [peer, grpc, http, admin] = free_addrs()?;
+            let addresses_file = dir.path().join(format!("{name}.addresses.json"));
             let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let mut argv: Vec<std::ffi::OsString> = [
                 "--control-plane",
@@ -118,31 +103,48 @@ impl LocalMesh {
                 name,
                 "--labels",
                 &labels.join(","),
-                "--peer-addr",
-                &peer.to_string(),
-                "--grpc-addr",
-                &grpc.to_string(),
-                "--http-addr",
-                &http.to_string(),
-                "--admin-addr",
-                &admin.to_string(),
                 "--data-dir",
             ]
             .iter()
             .map(Into::into)
             .collect();
             argv.push(dir.path().join(name).into());
+            argv.push("--addresses-file".into());
+            argv.push(addresses_file.clone().into());
             argv.extend(extra.iter().map(Into::into));
-            children.push(spawn(
-                binary,
-                &argv,
-                &dir.path().join(format!("{name}.log")),
-            )?);
+            let log = dir.path().join(format!("{name}.log"));
+            // Port 0: the kernel picks free ports and the sidecar says which, so no other process
+            // can take one between choosing and binding.
+            let mut first = argv.clone();
+            for flag in ["--peer-addr", "--grpc-addr", "--http-addr", "--admin-addr"] {
+                first.push(flag.into());
+                first.push("127.0.0.1:0".into());
+            }
+            let mut child = spawn(binary, &first, &log)?;
+            let bound = match read_addresses(&addresses_file, &mut child, &log).await {
+                Ok(bound) => bound,
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e.context(format!("starting sidecar {name}")));
+                }
+            };
+            children.push(child);
+            // A restart binds the same ports again.
+            for (flag, addr) in [
+                ("--peer-addr", bound.peer),
+                ("--grpc-addr", bound.grpc),
+                ("--http-addr", bound.http),
+                ("--admin-addr", bound.admin),
+            ] {
+                argv.push(flag.into());
+                argv.push(addr.to_string().into());
+            }
             commands.push((binary.to_path_buf(), argv));
             local.push(LocalSidecar {
                 name: (*name).to_owned(),
-                grpc,
-                admin,
+                grpc: bound.grpc,
+                admin: bound.admin,
             });
         }
         Ok(Self {
@@ -232,6 +234,51 @@ impl LocalMesh {
         }
         shown.extend_from_slice(&lines[tail..]);
         shown.join("\n")
+    }
+}
+
+/// Where a sidecar listens, as its `--addresses-file` says.
+#[derive(serde::Deserialize)]
+pub struct BoundAddresses {
+    /// Peer API.
+    pub peer: SocketAddr,
+    /// App gRPC API.
+    pub grpc: SocketAddr,
+    /// App HTTP API.
+    pub http: SocketAddr,
+    /// Admin port.
+    pub admin: SocketAddr,
+}
+
+/// How long a starting sidecar may take to bind its ports.
+const BIND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits for a sidecar started with `--addresses-file path` to write it; fails with the end of its
+/// log if it exits first.
+pub async fn read_addresses(
+    path: &Path,
+    child: &mut Child,
+    log: &Path,
+) -> anyhow::Result<BoundAddresses> {
+    let deadline = Instant::now() + BIND_TIMEOUT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return serde_json::from_str(&text)
+                .with_context(|| format!("the addresses file {}", path.display()));
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(10).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "the sidecar exited ({status}) before listening:\n{}",
+                tail.join("\n")
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("the sidecar did not bind its ports in {BIND_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -11,12 +11,13 @@
 //! ```
 
 use std::{
-    net::{SocketAddr, TcpListener},
-    path::PathBuf,
+    net::SocketAddr,
+    path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
 
+use crate::local::BoundAddresses;
 use anyhow::{Context, bail};
 use clap::Args;
 use nix::{sys::signal::Signal, unistd::Pid};
@@ -87,26 +88,6 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Loopback addresses for the sidecar: the given ports, else free ones — all bound at once while
-/// choosing, so no two are the same.
-fn loopback_addrs(ports: [Option<u16>; 4]) -> anyhow::Result<[SocketAddr; 4]> {
-    let mut held = Vec::new();
-    let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); 4];
-    for (addr, port) in addrs.iter_mut().zip(ports) {
-        let port = match port {
-            Some(p) => p,
-            None => {
-                let listener = TcpListener::bind("127.0.0.1:0")?;
-                let port = listener.local_addr()?.port();
-                held.push(listener);
-                port
-            }
-        };
-        addr.set_port(port);
-    }
-    Ok(addrs)
-}
-
 fn default_data_dir(namespace: &str, app_id: &str) -> PathBuf {
     let base = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
@@ -158,7 +139,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| default_data_dir(&args.namespace, &args.app_id));
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let [peer, grpc, http, admin] = loopback_addrs([None, args.grpc_port, args.http_port, None])?;
+    // The given ports, else port 0: the sidecar binds what the kernel picks and writes which.
+    let loopback = |port: Option<u16>| SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0)));
+    let addresses_file = data_dir.join("sidecar.addresses.json");
+    match std::fs::remove_file(&addresses_file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", addresses_file.display()));
+        }
+        _ => {}
+    }
     let labels = if args.labels.is_empty() {
         vec![("app".to_owned(), args.app_id.clone())]
     } else {
@@ -180,10 +169,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .args(["--control-plane", &args.control_plane])
         .args(["--name", &args.app_id, "--namespace", &args.namespace])
         .args(["--labels", &labels_flag])
-        .args(["--peer-addr", &peer.to_string()])
-        .args(["--grpc-addr", &grpc.to_string()])
-        .args(["--http-addr", &http.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
+        .args(["--peer-addr", &loopback(None).to_string()])
+        .args(["--grpc-addr", &loopback(args.grpc_port).to_string()])
+        .args(["--http-addr", &loopback(args.http_port).to_string()])
+        .args(["--admin-addr", &loopback(None).to_string()])
+        .arg("--addresses-file")
+        .arg(&addresses_file)
         .arg("--data-dir")
         .arg(&data_dir)
         .args([
@@ -205,10 +196,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("starting {}", binary.display()))?;
     let mut sidecar = Sidecar { child, log };
 
-    if let Err(error) = wait_ready(&mut sidecar, admin, &args).await {
-        sidecar.stop(Duration::from_secs(1)).await;
-        return Err(error);
-    }
+    let (grpc, http) = match wait_ready(&mut sidecar, &addresses_file, &args).await {
+        Ok(bound) => (bound.grpc, bound.http),
+        Err(error) => {
+            sidecar.stop(Duration::from_secs(1)).await;
+            return Err(error);
+        }
+    };
     eprintln!(
         "qmesh run: sidecar {}/{} ready (labels {labels_flag}) — gRPC {grpc}, HTTP {http}; log {}",
         args.namespace,
@@ -225,12 +219,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Waits until the sidecar has said where it listens and answers `/readyz` there.
 async fn wait_ready(
     sidecar: &mut Sidecar,
-    admin: SocketAddr,
+    addresses_file: &Path,
     args: &RunArgs,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<BoundAddresses> {
     let deadline = Instant::now() + args.ready_timeout;
+    let mut bound: Option<BoundAddresses> = None;
     loop {
         if let Some(status) = sidecar.child.try_wait()? {
             bail!(
@@ -238,8 +234,18 @@ async fn wait_ready(
                 sidecar.log_tail()
             );
         }
-        if crate::local::ready(admin).await {
-            return Ok(());
+        if bound.is_none()
+            && let Ok(text) = std::fs::read_to_string(addresses_file)
+        {
+            bound = Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("the addresses file {}", addresses_file.display()))?,
+            );
+        }
+        if let Some(addresses) = &bound
+            && crate::local::ready(addresses.admin).await
+        {
+            return Ok(bound.take().expect("just checked"));
         }
         if Instant::now() > deadline {
             bail!(

@@ -98,6 +98,12 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_ADMIN_LISTEN")]
     pub admin_addr: Option<SocketAddr>,
 
+    /// After binding, write the four addresses it listens on to this file as JSON
+    /// (`{"peer":…,"grpc":…,"http":…,"admin":…}`, written whole by a rename): with port 0 in the
+    /// addresses above, how a launcher learns the ports the kernel chose.
+    #[arg(long, env = "QMESH_ADDRESSES_FILE")]
+    pub addresses_file: Option<PathBuf>,
+
     /// Directory of the message log (an emptyDir in a pod).
     #[arg(long, env = "QMESH_DATA_DIR", default_value = "/var/lib/qmesh")]
     pub data_dir: PathBuf,

@@ -225,6 +225,56 @@ pub struct Addresses {
     pub admin: SocketAddr,
 }
 
+impl Addresses {
+    /// Writes the addresses as JSON to `path`, whole (a temporary file renamed over it).
+    fn write_to(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let text = serde_json::json!({
+            "peer": self.peer.to_string(),
+            "grpc": self.grpc.to_string(),
+            "http": self.http.to_string(),
+            "admin": self.admin.to_string(),
+        })
+        .to_string();
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, text)
+            .and_then(|()| std::fs::rename(&partial, path))
+            .with_context(|| format!("writing the addresses file {}", path.display()))
+    }
+}
+
+/// The four listening sockets of a sidecar.
+struct Listeners {
+    peer: TcpListener,
+    grpc: TcpListener,
+    http: TcpListener,
+    admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds every address; returns the sockets and the addresses they really have (port 0 is
+    /// the kernel's choice).
+    async fn bind(addresses: Addresses) -> anyhow::Result<(Self, Addresses)> {
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {what} address {addr}"))
+        };
+        let listeners = Self {
+            peer: bind("peer", addresses.peer).await?,
+            grpc: bind("gRPC", addresses.grpc).await?,
+            http: bind("HTTP", addresses.http).await?,
+            admin: bind("admin", addresses.admin).await?,
+        };
+        let bound = Addresses {
+            peer: listeners.peer.local_addr()?,
+            grpc: listeners.grpc.local_addr()?,
+            http: listeners.http.local_addr()?,
+            admin: listeners.admin.local_addr()?,
+        };
+        Ok((listeners, bound))
+    }
+}
+
 fn resolve_addresses(args: &RunArgs) -> anyhow::Result<(Addresses, Option<String>)> {
     let doc = match (&args.mesh_file, &args.name) {
         (Some(path), Some(name)) => {
@@ -293,6 +343,11 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         .context("--name (or POD_NAME) is required")?;
     let namespace = args.namespace.clone();
     let (addresses, advertised) = resolve_addresses(&args)?;
+    // Bound before anything is announced: with port 0 the kernel's choice is what peers are told.
+    let (listeners, addresses) = Listeners::bind(addresses).await?;
+    if let Some(path) = &args.addresses_file {
+        addresses.write_to(path)?;
+    }
     let peer_address = advertised
         .or_else(|| {
             args.pod_ip
@@ -406,18 +461,12 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     });
     let _ = sidecar_tx.send(Some(Arc::clone(&sidecar)));
 
-    let peer_listener = TcpListener::bind(addresses.peer)
-        .await
-        .with_context(|| format!("binding peer address {}", addresses.peer))?;
-    let grpc_listener = TcpListener::bind(addresses.grpc)
-        .await
-        .with_context(|| format!("binding gRPC address {}", addresses.grpc))?;
-    let http_listener = TcpListener::bind(addresses.http)
-        .await
-        .with_context(|| format!("binding HTTP address {}", addresses.http))?;
-    let admin_listener = TcpListener::bind(addresses.admin)
-        .await
-        .with_context(|| format!("binding admin address {}", addresses.admin))?;
+    let Listeners {
+        peer: peer_listener,
+        grpc: grpc_listener,
+        http: http_listener,
+        admin: admin_listener,
+    } = listeners;
     tracing::info!(
         %name, %namespace, peer = %addresses.peer, advertised = %peer_address, grpc = %addresses.grpc,
         http = %addresses.http, admin = %addresses.admin, "qmesh sidecar listening"
@@ -483,9 +532,23 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
             anyhow::bail!("{reason}");
         }
     }
-    drain(&sidecar, args.shutdown_grace, &me).await;
+    // The grace period bounds the whole drain, whatever a peer or the disk does meanwhile.
+    let bound = args.shutdown_grace + DRAIN_OVERRUN;
+    if tokio::time::timeout(bound, drain(&sidecar, args.shutdown_grace, &me))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?bound,
+            "drain did not finish within the grace period; what is still owned stays in the log"
+        );
+    }
     Ok(())
 }
+
+/// How long a drain may run past the grace period (a last log write, releasing replicas) before the
+/// sidecar exits anyway.
+const DRAIN_OVERRUN: Duration = Duration::from_secs(2);
 
 /// Accepted connections with Nagle's algorithm off: small gRPC frames (acks, credits, publish
 /// answers) must not wait for a delayed ACK.
@@ -617,8 +680,13 @@ async fn hand_over(sidecar: &Sidecar, me: &peer_wire::SidecarId, deadline: Insta
                         .await?
                         .into_inner();
                     acks.message().await
-                }
-                .await;
+                };
+                // A peer that does not answer before the grace ends keeps nothing: what it did not
+                // acknowledge stays owned here, in the log.
+                let Ok(answer) = tokio::time::timeout_at(deadline.into(), answer).await else {
+                    tracing::warn!(%peer, %queue, "peer did not answer the hand-over before the grace period ended");
+                    return;
+                };
                 match answer {
                     Ok(Some(ack)) => {
                         let adopted = (ack.adopted as usize).min(messages.len());

@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match cli.command {
             Some(Command::Drain { admin_addr }) => drain(admin_addr).await,
             Some(Command::Run) | None => {
@@ -43,7 +43,10 @@ fn main() -> anyhow::Result<()> {
                 qmesh_sidecar::run(cli.run, Arc::new(disk)).await
             }
         }
-    })
+    });
+    // A blocking read still under way does not hold the exit: what it read is in the log anyway.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// Asks a local sidecar to drain and waits until its admin port stops answering.

@@ -26,13 +26,6 @@ async fn a_log_in_use_cannot_be_opened_twice() {
 fn a_second_sidecar_on_the_same_data_dir_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = dir.path().join("mesh.yaml");
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     std::fs::write(
         &mesh,
         "apiVersion: qmesh.io/v1alpha1\nkind: Queue\nmetadata: {name: q}\nspec: {}\n---\n\
@@ -52,7 +45,7 @@ fn a_second_sidecar_on_the_same_data_dir_refuses_to_start() {
             .args(["--admin-addr", &format!("127.0.0.1:{}", ports[3])]);
         c
     };
-    let mut first = sidecar([free(), free(), free(), free()])
+    let mut first = sidecar([0, 0, 0, 0])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -80,7 +73,7 @@ fn a_second_sidecar_on_the_same_data_dir_refuses_to_start() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let second = sidecar([free(), free(), free(), free()]).output().unwrap();
+    let second = sidecar([0, 0, 0, 0]).output().unwrap();
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("in use by another process"), "{stderr}");

@@ -195,6 +195,31 @@ impl Mesh {
     }
 }
 
+/// Lines of each sidecar's log shown when a test fails.
+const FAILURE_LOG_LINES: usize = 60;
+
+impl Drop for Mesh {
+    /// A failing test shows what each sidecar logged last: the log files go with the mesh's
+    /// temporary directory.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (name, sidecar) in &self.sidecars {
+            let text = std::fs::read_to_string(&sidecar.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(FAILURE_LOG_LINES)..];
+            eprintln!(
+                "──── last {} lines of sidecar {name}'s log ────",
+                tail.len()
+            );
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// One sidecar process of a mesh.
 pub struct SidecarProcess {
     /// Its name (the `Sidecar` document).

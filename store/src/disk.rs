@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     Outcome, Position, Recovered, RecoveredSpill, Remembered, RetainedRun, StoreError,
     dedup::{self, DedupJournal},
+    index,
     pages::{self, Page, Want, segment_path},
     record::{self, Body},
     replay::{self, Segment},
@@ -137,6 +138,8 @@ pub struct StoreStats {
     pub bytes: AtomicU64,
     /// Records replayed at start.
     pub recovered_records: AtomicU64,
+    /// Segments replayed at start from their index, without reading their messages.
+    pub indexed_segments: AtomicU64,
     /// Bytes dropped at start (torn tail, corruption, foreign files).
     pub dropped_bytes: AtomicU64,
     /// Failed writes or fsyncs.
@@ -698,6 +701,8 @@ struct Writer {
     failed: bool,
     dedup: DedupJournal,
     dedup_buf: Vec<u8>,
+    /// Sealed segments to index, for the indexing thread.
+    indexer: std::sync::mpsc::Sender<u64>,
 }
 
 fn sync_dir(dir: &Path) {
@@ -716,9 +721,14 @@ impl Writer {
         let dir = config.dir.clone();
         let (dedup, remembered) = DedupJournal::open(dir.clone())?;
         let mut ids: Vec<u64> = Vec::new();
+        let mut indexes: Vec<u64> = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            if index::is_index_file(&name) {
+                indexes.extend(index::indexed_segment(&name));
+                continue;
+            }
             if entry.file_type()?.is_dir()
                 || name == "LOCK"
                 || name.ends_with(".ids")
@@ -737,6 +747,12 @@ impl Writer {
             }
         }
         ids.sort_unstable();
+        // An index whose segment is gone (collected while it was being written) goes too.
+        for id in indexes {
+            if ids.binary_search(&id).is_err() {
+                index::remove(&dir, id);
+            }
+        }
         let mut replayed = replay::replay(&dir, &ids, &stats)?;
         let segments = std::mem::take(&mut replayed.segments);
         let new_id = segments.back().map_or(1, |s| s.id + 1);
@@ -745,6 +761,18 @@ impl Writer {
             .append(true)
             .open(segment_path(&dir, new_id))?;
         sync_dir(&dir);
+        let (indexer, sealed) = std::sync::mpsc::channel::<u64>();
+        let index_dir = dir.clone();
+        std::thread::Builder::new()
+            .name("qmesh-log-index".into())
+            .spawn(move || {
+                for id in sealed {
+                    if let Err(error) = index::build(&index_dir, id) {
+                        tracing::warn!(%error, segment = id, "could not index a sealed segment; the next start reads it whole");
+                        index::remove(&index_dir, id);
+                    }
+                }
+            })?;
         let mut writer = Self {
             config,
             stats,
@@ -760,6 +788,7 @@ impl Writer {
             failed: false,
             dedup,
             dedup_buf: Vec::new(),
+            indexer,
         };
         writer.segments.push_back(Segment {
             id: new_id,
@@ -1044,10 +1073,11 @@ impl Writer {
         }
     }
 
-    /// Starts a new active segment.
+    /// Starts a new active segment; the one before is sealed and indexed in the background.
     fn roll(&mut self) {
         let _ = self.active.sync_data();
-        let id = self.active_id() + 1;
+        let sealed = self.active_id();
+        let id = sealed + 1;
         match OpenOptions::new()
             .create(true)
             .append(true)
@@ -1064,6 +1094,7 @@ impl Writer {
                 });
                 self.active_id.store(id, Ordering::SeqCst);
                 self.write_floor();
+                let _ = self.indexer.send(sealed);
             }
             Err(error) => {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -1091,6 +1122,7 @@ impl Writer {
             let path = segment_path(&self.config.dir, s.id);
             match fs::remove_file(&path) {
                 Ok(()) => {
+                    index::remove(&self.config.dir, s.id);
                     self.stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(error) => {

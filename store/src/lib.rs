@@ -17,6 +17,7 @@
 
 pub mod dedup;
 mod disk;
+mod index;
 mod pages;
 pub mod record;
 mod replay;

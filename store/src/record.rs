@@ -293,7 +293,7 @@ pub fn peek_message(buf: &[u8]) -> Result<Option<MessageHead<'_>>, DecodeError> 
     }
     let queue = r.str()?;
     let n = r.u32()? as usize;
-    r.take(n)?;
+    let message = r.take(n)?;
     let n = r.u32()? as usize;
     let mut pending = Vec::with_capacity(n.min(1024));
     for _ in 0..n {
@@ -305,6 +305,7 @@ pub fn peek_message(buf: &[u8]) -> Result<Option<MessageHead<'_>>, DecodeError> 
     Ok(Some(MessageHead {
         seq,
         queue,
+        message,
         pending,
     }))
 }
@@ -412,8 +413,39 @@ pub struct MessageHead<'a> {
     pub seq: u64,
     /// Queue.
     pub queue: &'a str,
+    /// The message, protobuf-encoded (not decoded).
+    pub message: &'a [u8],
     /// Subscriptions that owe an ack.
     pub pending: Vec<&'a str>,
+}
+
+/// The one field of a message that replay needs without the rest: decoding it passes over the
+/// payload without copying it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PublishTimeOnly {
+    #[prost(message, optional, tag = "5")]
+    publish_time: Option<prost_types::Timestamp>,
+}
+
+/// Unix milliseconds of a message's publish time (0 when it has none or it is negative).
+pub fn published_ms(message: &v1::Message) -> u64 {
+    timestamp_ms(message.publish_time.as_ref())
+}
+
+/// [`published_ms`] of a protobuf-encoded message, without decoding its payload (0 when it does
+/// not decode).
+pub fn published_ms_of(encoded: &[u8]) -> u64 {
+    use prost::Message as _;
+    PublishTimeOnly::decode(encoded).map_or(0, |m| timestamp_ms(m.publish_time.as_ref()))
+}
+
+fn timestamp_ms(t: Option<&prost_types::Timestamp>) -> u64 {
+    t.map_or(0, |t| {
+        u64::try_from(t.seconds)
+            .unwrap_or(0)
+            .saturating_mul(1000)
+            .saturating_add(u64::try_from(t.nanos).unwrap_or(0) / 1_000_000)
+    })
 }
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {

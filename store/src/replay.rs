@@ -23,9 +23,9 @@ use std::{
 use qmesh_proto::v1;
 
 use crate::{
-    Position, Recovered, RecoveredSpill, RetainedRun, StoreStats,
+    Position, Recovered, RecoveredSpill, RetainedRun, StoreStats, index,
     pages::{self, Want, segment_path},
-    record::{self, Body},
+    record::{self, Body, published_ms},
 };
 
 /// A segment and how many live messages (latest copies still owed) it holds.
@@ -51,7 +51,9 @@ type Name = Arc<str>;
 
 struct Held {
     at: Position,
-    message: v1::Message,
+    /// Read from the segment once replay ends when it came from an index.
+    message: Option<v1::Message>,
+    published_ms: u64,
     pending: Vec<(Name, u32)>,
 }
 
@@ -82,16 +84,6 @@ struct State {
     next_seq: u64,
 }
 
-/// Unix milliseconds of a message's publish time (0 when it has none).
-fn published_ms(message: &v1::Message) -> u64 {
-    message.publish_time.as_ref().map_or(0, |t| {
-        u64::try_from(t.seconds)
-            .unwrap_or(0)
-            .saturating_mul(1000)
-            .saturating_add(u64::try_from(t.nanos).unwrap_or(0) / 1_000_000)
-    })
-}
-
 /// Replays the segments `ids` (sorted) of `dir`. A torn or corrupt record ends replay: the segment
 /// is truncated there and later segments are set aside as `.dropped`.
 pub(crate) fn replay(dir: &Path, ids: &[u64], stats: &StoreStats) -> std::io::Result<Replayed> {
@@ -102,9 +94,22 @@ pub(crate) fn replay(dir: &Path, ids: &[u64], stats: &StoreStats) -> std::io::Re
     let mut stop_after: Option<usize> = None;
     let mut replayed = Vec::new();
     let last = ids.last().copied().unwrap_or(0);
-    for (index, &id) in ids.iter().enumerate() {
+    for (n, &id) in ids.iter().enumerate() {
         let path = segment_path(dir, id);
         let mut reader = SegmentReader::open(&path)?;
+        if index::usable(dir, id, reader.size)? {
+            state.replay_index(dir, last, id, stats)?;
+            stats.indexed_segments.fetch_add(1, Ordering::Relaxed);
+            replayed.push(id);
+            continue;
+        }
+        // Read whole, and indexed on the way: every segment but the new active one is sealed
+        // once the log is open.
+        let mut builder = index::Builder::new(dir, id)
+            .inspect_err(
+                |error| tracing::warn!(%error, segment = %path.display(), "cannot index a segment"),
+            )
+            .ok();
         loop {
             let pos = reader.pos;
             match reader.next()? {
@@ -118,36 +123,53 @@ pub(crate) fn replay(dir: &Path, ids: &[u64], stats: &StoreStats) -> std::io::Re
                     match state.apply(dir, last, at, raw) {
                         Ok(()) => {
                             stats.recovered_records.fetch_add(1, Ordering::Relaxed);
+                            if let Some(b) = builder.as_mut()
+                                && let Err(error) = b.add(pos, raw)
+                            {
+                                tracing::warn!(%error, segment = %path.display(), "cannot index a segment");
+                                builder = None;
+                            }
                         }
                         Err(error) => {
                             stop(&path, reader.size, pos, error, stats)?;
-                            stop_after = Some(index);
+                            reader.size = pos;
+                            stop_after = Some(n);
                             break;
                         }
                     }
                 }
                 Err(error) => {
                     stop(&path, reader.size, pos, error, stats)?;
-                    stop_after = Some(index);
+                    reader.size = pos;
+                    stop_after = Some(n);
                     break;
                 }
             }
+        }
+        match builder.map(|b| b.finish(reader.size)) {
+            Some(Ok(())) => {}
+            Some(Err(error)) => {
+                tracing::warn!(%error, segment = %path.display(), "cannot index a segment");
+                index::remove(dir, id);
+            }
+            None => index::remove(dir, id),
         }
         replayed.push(id);
         if stop_after.is_some() {
             break;
         }
     }
-    if let Some(index) = stop_after {
-        for &id in &ids[index + 1..] {
+    if let Some(n) = stop_after {
+        for &id in &ids[n + 1..] {
             let path = segment_path(dir, id);
             let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             stats.dropped_bytes.fetch_add(size, Ordering::Relaxed);
             tracing::warn!(segment = %path.display(), "segment after a corrupt record set aside as .dropped");
             let _ = fs::rename(&path, path.with_extension("log.dropped"));
+            index::remove(dir, id);
         }
     }
-    Ok(state.finish(replayed))
+    Ok(state.finish(dir, replayed, stats))
 }
 
 fn stop(
@@ -178,7 +200,7 @@ impl State {
 
     /// A message settled everywhere whose record is at `at`: kept for replay, or released, by the
     /// owner once it knows the queue's policy.
-    fn note_settled(&mut self, queue: &str, at: Position, message: &v1::Message) {
+    fn note_settled(&mut self, queue: &str, at: Position, published_ms: u64) {
         let key = match self.queues.get_key_value(queue) {
             Some((name, _)) => (Arc::clone(name), at.segment),
             None => (Name::from(queue), at.segment),
@@ -186,7 +208,109 @@ impl State {
         let run = self.settled.entry(key).or_default();
         run.0 += 1;
         run.1 += u64::from(at.len);
-        run.2 = run.2.max(published_ms(message));
+        run.2 = run.2.max(published_ms);
+    }
+
+    /// Replays segment `id` from its index (checked whole by [`index::usable`]).
+    fn replay_index(
+        &mut self,
+        dir: &Path,
+        last: u64,
+        id: u64,
+        stats: &StoreStats,
+    ) -> std::io::Result<()> {
+        let result = index::for_each(dir, id, |entry| {
+            stats.recovered_records.fetch_add(1, Ordering::Relaxed);
+            match entry {
+                index::Entry::Head {
+                    offset,
+                    len,
+                    seq,
+                    queue,
+                    published_ms,
+                    pending,
+                } => {
+                    let at = Position {
+                        segment: id,
+                        offset,
+                        len,
+                    };
+                    self.apply_message(at, seq, queue, pending, published_ms, None)
+                }
+                index::Entry::Record { offset, raw } => {
+                    let at = Position {
+                        segment: id,
+                        offset,
+                        len: raw.len() as u32,
+                    };
+                    self.apply(dir, last, at, raw)
+                }
+            }
+        })?;
+        result.map_err(|error| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the index of segment {id} changed while it was replayed: {error:?}"),
+            )
+        })
+    }
+
+    /// A message record at `at` (its bytes `raw` when read from the segment, `None` from an index).
+    fn apply_message(
+        &mut self,
+        at: Position,
+        seq: u64,
+        queue: &str,
+        pending: Vec<&str>,
+        published_ms: u64,
+        raw: Option<&[u8]>,
+    ) -> Result<(), record::DecodeError> {
+        // A message numbered u64::MAX leaves no next sequence: no writer makes one.
+        if seq == u64::MAX {
+            return Err(record::DecodeError::Corrupt("sequence out of range"));
+        }
+        self.next_seq = self.next_seq.max(seq + 1);
+        *self.totals.entry(at.segment).or_default() += 1;
+        if pending.is_empty() {
+            self.note_settled(queue, at, published_ms);
+            return Ok(());
+        }
+        let q = self.queue(queue);
+        if let Some(spill) = q.spill.as_mut()
+            && seq >= spill.from
+            && seq > spill.paged_through
+        {
+            spill.messages += 1;
+            spill.bytes += u64::from(at.len);
+            for p in &pending {
+                match spill.by_sub.get_mut(*p) {
+                    Some(n) => *n += 1,
+                    None => {
+                        spill.by_sub.insert(Name::from(*p), 1);
+                    }
+                }
+            }
+            *self.spilled_in.entry(at.segment).or_default() += 1;
+            return Ok(());
+        }
+        let message = match raw {
+            Some(raw) => match record::decode(raw)? {
+                (_, Body::Message { message, .. }, _) => Some(message),
+                _ => return Err(record::DecodeError::Corrupt("not a message record")),
+            },
+            None => None,
+        };
+        let pending = pending.into_iter().map(|p| (Name::from(p), 0)).collect();
+        q.held.insert(
+            seq,
+            Held {
+                at,
+                message,
+                published_ms,
+                pending,
+            },
+        );
+        Ok(())
     }
 
     fn apply(
@@ -197,53 +321,15 @@ impl State {
         raw: &[u8],
     ) -> Result<(), record::DecodeError> {
         if let Some(head) = record::peek_message(raw)? {
-            // A message numbered u64::MAX leaves no next sequence: no writer makes one.
-            if head.seq == u64::MAX {
-                return Err(record::DecodeError::Corrupt("sequence out of range"));
-            }
-            self.next_seq = self.next_seq.max(head.seq + 1);
-            *self.totals.entry(at.segment).or_default() += 1;
-            if head.pending.is_empty() {
-                if let (_, Body::Message { queue, message, .. }, _) = record::decode(raw)? {
-                    self.note_settled(&queue, at, &message);
-                }
-                return Ok(());
-            }
-            let q = self.queue(head.queue);
-            if let Some(spill) = q.spill.as_mut()
-                && head.seq >= spill.from
-                && head.seq > spill.paged_through
-            {
-                spill.messages += 1;
-                spill.bytes += u64::from(at.len);
-                for p in &head.pending {
-                    match spill.by_sub.get_mut(*p) {
-                        Some(n) => *n += 1,
-                        None => {
-                            spill.by_sub.insert(Name::from(*p), 1);
-                        }
-                    }
-                }
-                *self.spilled_in.entry(at.segment).or_default() += 1;
-                return Ok(());
-            }
-            let (_, body, _) = record::decode(raw)?;
-            if let Body::Message { message, .. } = body {
-                let pending = head
-                    .pending
-                    .into_iter()
-                    .map(|p| (Name::from(p), 0))
-                    .collect();
-                q.held.insert(
-                    head.seq,
-                    Held {
-                        at,
-                        message,
-                        pending,
-                    },
-                );
-            }
-            return Ok(());
+            let published = record::published_ms_of(head.message);
+            return self.apply_message(
+                at,
+                head.seq,
+                head.queue,
+                head.pending,
+                published,
+                Some(raw),
+            );
         }
         let (_, body, _) = record::decode(raw)?;
         match body {
@@ -267,7 +353,8 @@ impl State {
                     target,
                     Held {
                         at,
-                        message,
+                        published_ms: published_ms(&message),
+                        message: Some(message),
                         pending,
                     },
                 );
@@ -284,7 +371,7 @@ impl State {
                     if held.pending.is_empty()
                         && let Some(done) = q.held.remove(&target)
                     {
-                        self.note_settled(&queue, done.at, &done.message);
+                        self.note_settled(&queue, done.at, done.published_ms);
                     }
                 }
             }
@@ -408,7 +495,8 @@ impl State {
                 paged.sequence,
                 Held {
                     at: paged.at,
-                    message: paged.message,
+                    published_ms: published_ms(&paged.message),
+                    message: Some(paged.message),
                     pending,
                 },
             );
@@ -424,7 +512,7 @@ impl State {
         }
     }
 
-    fn finish(self, replayed: Vec<u64>) -> Replayed {
+    fn finish(self, dir: &Path, replayed: Vec<u64>, stats: &StoreStats) -> Replayed {
         let mut live: HashMap<u64, u64> = self.spilled_in;
         let mut retained: Vec<RetainedRun> = self
             .settled
@@ -443,14 +531,32 @@ impl State {
         retained.sort_by(|a, b| (a.segment, &a.queue).cmp(&(b.segment, &b.queue)));
         let mut recovered = Vec::new();
         let mut spills = Vec::new();
+        let mut segments = Segments::new(dir);
         for (queue, q) in self.queues {
             for (sequence, held) in q.held {
+                let message = match held.message {
+                    Some(message) => message,
+                    None => match segments.message_at(held.at) {
+                        Ok(message) => message,
+                        Err(error) => {
+                            stats
+                                .dropped_bytes
+                                .fetch_add(u64::from(held.at.len), Ordering::Relaxed);
+                            tracing::error!(
+                                %error, queue = %queue, sequence, segment = held.at.segment,
+                                offset = held.at.offset,
+                                "a message its segment's index names could not be read back; it is lost"
+                            );
+                            continue;
+                        }
+                    },
+                };
                 *live.entry(held.at.segment).or_default() += 1;
                 recovered.push(Recovered {
                     queue: queue.to_string(),
                     sequence,
                     at: held.at,
-                    message: held.message,
+                    message,
                     pending: held
                         .pending
                         .into_iter()
@@ -493,6 +599,50 @@ impl State {
             spills,
             retained,
             next_seq: self.next_seq,
+        }
+    }
+}
+
+/// Reads single records back by position (held messages replayed from an index), keeping the
+/// last segment file open.
+struct Segments<'a> {
+    dir: &'a Path,
+    open: Option<(u64, File)>,
+    buf: Vec<u8>,
+}
+
+impl<'a> Segments<'a> {
+    fn new(dir: &'a Path) -> Self {
+        Self {
+            dir,
+            open: None,
+            buf: Vec::new(),
+        }
+    }
+
+    fn message_at(&mut self, at: Position) -> std::io::Result<v1::Message> {
+        use std::os::unix::fs::FileExt;
+        let file = match &self.open {
+            Some((id, file)) if *id == at.segment => file,
+            _ => {
+                let file = File::open(segment_path(self.dir, at.segment))?;
+                &self.open.insert((at.segment, file)).1
+            }
+        };
+        self.buf.resize(at.len as usize, 0);
+        file.read_exact_at(&mut self.buf, at.offset)?;
+        match record::decode(&self.buf) {
+            Ok((_, Body::Message { message, .. } | Body::Relocated { message, .. }, _)) => {
+                Ok(message)
+            }
+            Ok(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a message record",
+            )),
+            Err(error) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{error:?}"),
+            )),
         }
     }
 }

@@ -21,7 +21,7 @@ use kube::{
 };
 use tempfile::TempDir;
 
-use crate::process::{ChildGuard, free_port, wait_for};
+use crate::process::{ChildGuard, wait_for};
 
 /// The admin token the test server accepts (user `qmesh-test-admin`, group `system:masters`).
 const ADMIN_TOKEN: &str = "qmesh-test-admin-token";
@@ -64,7 +64,8 @@ impl KubeApiServer {
 
         let assets = assets_dir()?;
         let root = dir.path();
-        let (etcd_port, etcd_peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        let [etcd_port, etcd_peer_port, api_port] =
+            crate::process::free_ports_on(std::net::Ipv4Addr::LOCALHOST)?;
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
 

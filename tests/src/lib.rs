@@ -13,7 +13,7 @@ pub mod proxy;
 
 pub use apiserver::{KubeApiServer, SERVICE_CIDR};
 pub use mesh::{Mesh, MeshBuilder, SidecarProcess};
-pub use process::{free_port, wait_for};
+pub use process::{free_port, free_ports_on, wait_for};
 pub use proxy::{Proxy, ProxyMode};
 
 /// The repository root, for tests that read `crds/`, `examples/` or `charts/`.

@@ -17,7 +17,7 @@ use anyhow::Context;
 use tempfile::TempDir;
 
 use crate::{
-    process::{ChildGuard, free_port_on, loopback_ip, wait_for},
+    process::{ChildGuard, free_ports_on, loopback_ip, wait_for},
     proxy::Proxy,
 };
 
@@ -97,13 +97,13 @@ impl MeshBuilder {
             // Each sidecar on its own loopback address, like a pod on its own IP.
             let ip = loopback_ip();
             let addr = |p: u16| SocketAddr::from((ip, p));
-            let free_port = || free_port_on(ip);
+            let [peer_port, front_port, grpc_port, http_port, admin_port] = free_ports_on(ip)?;
             let mut args = self.args.clone();
             args.extend(self.own_args.get(name).cloned().unwrap_or_default());
-            let listen_peer = addr(free_port()?);
+            let listen_peer = addr(peer_port);
             // Proxied: the mesh file (what peers dial) names the proxy; the sidecar listens behind.
             let peer = if self.proxied {
-                let front = addr(free_port()?);
+                let front = addr(front_port);
                 proxies.insert(name.clone(), Proxy::start(front, listen_peer).await?);
                 args.push("--peer-addr".into());
                 args.push(listen_peer.to_string());
@@ -114,9 +114,9 @@ impl MeshBuilder {
             let s = SidecarProcess {
                 name: name.clone(),
                 peer,
-                grpc: addr(free_port()?),
-                http: addr(free_port()?),
-                admin: addr(free_port()?),
+                grpc: addr(grpc_port),
+                http: addr(http_port),
+                admin: addr(admin_port),
                 data_dir: self
                     .data_dirs
                     .get(name)
@@ -274,18 +274,30 @@ impl SidecarProcess {
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let admin = self.admin;
+        let child = self.child.as_mut().context("not running")?;
         let result = wait_for(
             "sidecar readiness",
             // Generous: on a loaded 2-core machine running the whole suite, fsyncs can crawl.
             Duration::from_secs(60),
-            || async move {
-                crate::http::request("GET", admin, "/readyz", &[], b"")
-                    .await
-                    .ok()
-                    .filter(|r| r.status == 200)
+            || {
+                // A process that exited will not become ready: fail at once, with its log.
+                let exited = child.try_status();
+                async move {
+                    if let Some(code) = exited {
+                        return Some(Err(anyhow::anyhow!(
+                            "exited ({code:?}) before it was ready"
+                        )));
+                    }
+                    crate::http::request("GET", admin, "/readyz", &[], b"")
+                        .await
+                        .ok()
+                        .filter(|r| r.status == 200)
+                        .map(|_| Ok(()))
+                }
             },
         )
-        .await;
+        .await
+        .and_then(|ready| ready);
         result.with_context(|| {
             format!(
                 "{} did not become ready; log:\n{}",

@@ -10,10 +10,25 @@ use std::{
 
 use anyhow::{Context, bail};
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again at once).
+/// A free TCP port on 127.0.0.1 (bound and released). For several ports of one process, use
+/// [`free_ports_on`]: a port released may be handed out again by the next bind.
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// `N` different free ports on `ip`, all bound at once while choosing (one released before the next
+/// is chosen could come back as the next).
+pub fn free_ports_on<const N: usize>(ip: std::net::Ipv4Addr) -> anyhow::Result<[u16; N]> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for port in &mut ports {
+        let listener =
+            TcpListener::bind((ip, 0)).with_context(|| format!("binding a free port on {ip}"))?;
+        *port = listener.local_addr()?.port();
+        held.push(listener);
+    }
+    Ok(ports)
 }
 
 /// A random loopback address other than 127.0.0.1 (all of 127.0.0.0/8 is loopback on Linux), so
@@ -26,13 +41,6 @@ pub fn loopback_ip() -> std::net::Ipv4Addr {
         ((r >> 8) % 256) as u8,
         1 + ((r >> 16) % 250) as u8,
     )
-}
-
-/// A free port on `ip`.
-pub fn free_port_on(ip: std::net::Ipv4Addr) -> anyhow::Result<u16> {
-    let listener =
-        TcpListener::bind((ip, 0)).with_context(|| format!("binding a free port on {ip}"))?;
-    Ok(listener.local_addr()?.port())
 }
 
 fn rand_u32() -> u32 {

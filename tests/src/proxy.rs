@@ -150,7 +150,7 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::process::{free_port_on, loopback_ip};
+    use crate::process::{free_ports_on, loopback_ip};
 
     async fn echo_server() -> SocketAddr {
         let listener = TcpListener::bind((loopback_ip(), 0)).await.unwrap();
@@ -174,9 +174,12 @@ mod tests {
     async fn passes_blackholes_and_resets() {
         let target = echo_server().await;
         let ip = loopback_ip();
-        let proxy = Proxy::start(SocketAddr::from((ip, free_port_on(ip).unwrap())), target)
-            .await
-            .unwrap();
+        let proxy = Proxy::start(
+            SocketAddr::from((ip, free_ports_on::<1>(ip).unwrap()[0])),
+            target,
+        )
+        .await
+        .unwrap();
         let mut c = TcpStream::connect(proxy.listen).await.unwrap();
         c.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];

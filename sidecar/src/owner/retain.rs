@@ -160,13 +160,8 @@ pub fn unix_ms(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Unix milliseconds of a message's publish time (0 when it has none).
-pub fn published_ms(message: &qmesh_proto::v1::Message) -> u64 {
-    message
-        .publish_time
-        .and_then(|t| std::time::SystemTime::try_from(t).ok())
-        .map_or(0, unix_ms)
-}
+/// Unix milliseconds of a message's publish time (0 when it has none): what replay reads back.
+pub use qmesh_store::record::published_ms;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@ use kube::{
 };
 use qmesh_api::{Queue, Subscription};
 use qmesh_operator::Config;
-use qmesh_tests::{KubeApiServer, free_port, repo_root, wait_for};
+use qmesh_tests::{KubeApiServer, free_ports_on, repo_root, wait_for};
 use tokio_util::sync::CancellationToken;
 
 /// Generous deadline for anything the operator does in reaction to a change.
@@ -67,8 +67,9 @@ impl Operator {
     /// Starts a replica named `identity` in namespace `default`, its config adjusted by `configure`.
     pub fn start(client: Client, identity: &str, configure: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::new("default", identity);
-        config.control_addr = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-        config.metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+        let [control, metrics] = free_ports_on(std::net::Ipv4Addr::LOCALHOST).unwrap();
+        config.control_addr = SocketAddr::from(([127, 0, 0, 1], control));
+        config.metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics));
         config.lease_duration = Duration::from_secs(4);
         configure(&mut config);
         let shutdown = CancellationToken::new();

@@ -19,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::record::{self, DecodeError};
+use crate::record::{self, DecodeError, Reader, put_str};
 
 const MAGIC: &[u8; 8] = b"QMIDX\0\0\x01";
 const TAG_HEAD: u8 = 1;
@@ -154,11 +154,6 @@ impl Builder {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
 /// Indexes the sealed segment `id` of `dir` by reading it whole. A segment gone meanwhile (garbage
 /// collected) leaves no index behind.
 pub(crate) fn build(dir: &Path, id: u64) -> std::io::Result<()> {
@@ -191,12 +186,12 @@ pub(crate) fn build(dir: &Path, id: u64) -> std::io::Result<()> {
 }
 
 /// Reads the index of segment `id`, entry by entry.
-struct Reader {
+struct IndexFile {
     file: BufReader<File>,
     buf: Vec<u8>,
 }
 
-impl Reader {
+impl IndexFile {
     fn open(dir: &Path, id: u64) -> std::io::Result<Option<Self>> {
         let file = match File::open(index_path(dir, id)) {
             Ok(f) => f,
@@ -249,7 +244,7 @@ impl Reader {
 /// Whether segment `id` (of `size` bytes) has a whole, intact index of that size: every entry's
 /// checksum, and the trailer's count and size.
 pub(crate) fn usable(dir: &Path, id: u64, size: u64) -> std::io::Result<bool> {
-    let Some(mut reader) = Reader::open(dir, id)? else {
+    let Some(mut reader) = IndexFile::open(dir, id)? else {
         return Ok(false);
     };
     let mut entries = 0u64;
@@ -258,7 +253,7 @@ pub(crate) fn usable(dir: &Path, id: u64, size: u64) -> std::io::Result<bool> {
             return Ok(false);
         };
         if data[12] == TAG_END {
-            let mut r = Fields::new(data);
+            let mut r = Reader::new(data);
             let (indexed, _, _, count) = (r.u64(), r.u32(), r.u8(), r.u64());
             return Ok(indexed == Ok(size)
                 && count == Ok(entries)
@@ -277,7 +272,7 @@ pub(crate) fn for_each(
     id: u64,
     mut each: impl FnMut(Entry<'_>) -> Result<(), DecodeError>,
 ) -> std::io::Result<Result<(), DecodeError>> {
-    let Some(mut reader) = Reader::open(dir, id)? else {
+    let Some(mut reader) = IndexFile::open(dir, id)? else {
         return Ok(Err(DecodeError::Corrupt("index gone")));
     };
     while let Some(entry) = reader.next()? {
@@ -285,7 +280,7 @@ pub(crate) fn for_each(
             Ok(data) => data,
             Err(e) => return Ok(Err(e)),
         };
-        let mut r = Fields::new(data);
+        let mut r = Reader::new(data);
         let decoded = (|| {
             let offset = r.u64()?;
             let len = r.u32()?;
@@ -331,49 +326,4 @@ pub(crate) fn for_each(
         }
     }
     Ok(Err(DecodeError::Torn))
-}
-
-/// Little-endian fields of an index entry.
-struct Fields<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Fields<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(DecodeError::Corrupt("length overflow"))?;
-        let s = self
-            .buf
-            .get(self.pos..end)
-            .ok_or(DecodeError::Corrupt("field past index entry end"))?;
-        self.pos = end;
-        Ok(s)
-    }
-
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-
-    fn str(&mut self) -> Result<&'a str, DecodeError> {
-        let n = self.u32()? as usize;
-        std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError::Corrupt("invalid UTF-8"))
-    }
 }

@@ -67,6 +67,18 @@ pub struct Sidecar {
     shutdown: tokio::sync::Notify,
 }
 
+/// Headers apps may not set: the broker's own (`qmesh-dead-letter-reason`, `qmesh-original-queue`,
+/// …), which dead-letter routing and redrive trust.
+pub const RESERVED_HEADER_PREFIX: &str = "qmesh-";
+
+/// The first header of an app's message that only the broker may set.
+fn reserved_header(message: &v1::Message) -> Option<&str> {
+    message.headers.keys().map(String::as_str).find(|name| {
+        name.get(..RESERVED_HEADER_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX))
+    })
+}
+
 impl Sidecar {
     /// Publishes an app's message (metrics and latency around [`Owner::publish`]).
     pub async fn publish(
@@ -75,7 +87,14 @@ impl Sidecar {
         message: v1::Message,
     ) -> Result<v1::PublishResponse, BrokerError> {
         let started = Instant::now();
-        let result = self.owner.publish(queue, message).await;
+        let result = match reserved_header(&message) {
+            Some(name) => Err(BrokerError::Invalid(format!(
+                "header {name:?} is reserved: headers starting with \"{RESERVED_HEADER_PREFIX}\" are \
+                 set by the broker (dead-letter reasons, redrive origins, replica bookkeeping); \
+                 rename it"
+            ))),
+            None => self.owner.publish(queue, message).await,
+        };
         match &result {
             Ok(_) => self
                 .metrics

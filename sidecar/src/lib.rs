@@ -525,7 +525,10 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         http_listener,
         api::http::router(Arc::clone(&sidecar), max_message),
     );
-    let admin_server = axum::serve(admin_listener, admin::router(Arc::clone(&sidecar)));
+    let admin_server = axum::serve(
+        admin_listener,
+        admin::router(Arc::clone(&sidecar)).into_make_service_with_connect_info::<SocketAddr>(),
+    );
 
     let servers = async {
         tokio::try_join!(

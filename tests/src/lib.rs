@@ -8,6 +8,7 @@
 mod apiserver;
 pub mod http;
 pub mod mesh;
+pub mod netns;
 mod process;
 pub mod proxy;
 

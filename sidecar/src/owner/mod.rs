@@ -1724,13 +1724,28 @@ impl Owner {
             .queue_for(&view, &queue)
             .ok_or_else(|| BrokerError::UnknownQueue(queue.clone()))?;
         let message = Arc::new(owned.message.unwrap_or_default());
+        // The queue's message limit holds for what is taken over as for a publish: a peer cannot
+        // put in what no app could.
+        let size = queue::message_size(&message);
+        if let Some(limit) = view
+            .queue(&queue)
+            .and_then(|qv| qv.policy.as_ref())
+            .map(|p| p.max_message_bytes)
+            && size > limit.max(1)
+        {
+            return Err(BrokerError::TooLarge {
+                queue: queue.clone(),
+                size: size as usize,
+                limit,
+            });
+        }
         // Taken over like a publish: within this sidecar's memory bound, or refused (the sender
         // tries another peer; a replica keeps its copy and tries again).
         let spills = {
             let state = q.lock();
             q.log.pages() && !state.replicated()
         };
-        let _admission = self.admit(&queue, queue::message_size(&message), spills)?;
+        let _admission = self.admit(&queue, size, spills)?;
         // Every owing subscription is kept, also those this sidecar's view lacks (dormant until
         // they appear or the removal grace passes): a hand-over never drops what is owed.
         let pending: Vec<(String, u32)> = owned

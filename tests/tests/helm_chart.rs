@@ -252,6 +252,8 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
         ("create", "events", "shop"),
         ("update", "leases.coordination.k8s.io", "qmesh-system"),
         ("create", "secrets", "qmesh-system"),
+        ("get", "secrets/qmesh-webhook-tls", "qmesh-system"),
+        ("update", "secrets/qmesh-webhook-tls", "qmesh-system"),
         (
             "patch",
             "mutatingwebhookconfigurations/qmesh-sidecar-injector",
@@ -266,6 +268,10 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
     for (verb, resource, ns) in [
         ("delete", "pods", "default"),
         ("get", "secrets", "default"),
+        // Only its own Secret, by name: no other, no listing or watching of Secrets.
+        ("get", "secrets/someone-elses", "qmesh-system"),
+        ("list", "secrets", "qmesh-system"),
+        ("watch", "secrets", "qmesh-system"),
         ("create", "leases.coordination.k8s.io", "default"),
         (
             "patch",

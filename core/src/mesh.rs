@@ -57,7 +57,8 @@ pub struct MeshView {
     pub queues: Vec<QueueView>,
     /// Subscriptions whose consumers run beside this sidecar.
     pub subscriptions: Vec<ServedSubscription>,
-    /// Other ready sidecars of the namespace (replication and hand-over candidates).
+    /// Other ready sidecars that may own one of this sidecar's queues (replication and hand-over
+    /// candidates), sorted; no other sidecar of the namespace is named.
     pub peers: Vec<PeerEndpoint>,
     /// The namespace's valid queues this sidecar may not publish to (for a clear 403).
     pub other_queues: Vec<String>,
@@ -409,13 +410,16 @@ impl MeshState {
             })
             .collect();
 
-        let peers = self
-            .sidecars
-            .range(SidecarKey::new(namespace, String::new())..)
-            .take_while(|(k, _)| k.namespace == namespace)
-            .filter(|(k, info)| info.ready && *k != key)
-            .map(|(k, info)| endpoint(k, info))
+        // Only the ready sidecars that may own one of this sidecar's queues: where a hand-over or
+        // a replica of them can go. The rest of the namespace is not named.
+        let peers: BTreeSet<PeerEndpoint> = owned
+            .iter()
+            .filter_map(|name| d.owners.get(&ns(name)))
+            .flatten()
+            .filter(|p| p.name != key.name)
+            .cloned()
             .collect();
+        let peers = peers.into_iter().collect();
 
         let other_queues = d
             .names
@@ -537,6 +541,29 @@ mod tests {
         sidecar(&mut mesh, "billing-3", "billing", false);
         sidecar(&mut mesh, "shipping-1", "shipping", true);
         mesh
+    }
+
+    #[test]
+    fn a_view_names_only_the_peers_that_may_own_its_queues() {
+        let mut mesh = shop();
+        sidecar(&mut mesh, "checkout-2", "checkout", true);
+        sidecar(&mut mesh, "checkout-3", "checkout", false);
+        sidecar(&mut mesh, "ops-1", "ops", true);
+        let peers = |name: &str| -> Vec<String> {
+            mesh.view_for(&SidecarKey::new("shop", name))
+                .unwrap()
+                .peers
+                .into_iter()
+                .map(|p| p.name)
+                .collect()
+        };
+        // checkout owns orders and orders-dlq: the other ready checkout pod and ops (which may own
+        // orders-dlq) — not the consumers, not a pod that is not ready.
+        assert_eq!(peers("checkout-1"), ["checkout-2", "ops-1"]);
+        // ops owns only orders-dlq, which checkout pods own too (to dead-letter into it).
+        assert_eq!(peers("ops-1"), ["checkout-1", "checkout-2"]);
+        // A consumer that may own nothing is told of no peer.
+        assert!(peers("billing-1").is_empty());
     }
 
     #[test]

@@ -144,6 +144,13 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_MEMORY_LIMIT")]
     pub memory_limit: Option<u64>,
 
+    /// Most streams one connection to the peer port may have open at once (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`): a sidecar needs a few per peer (a forward link, a replica
+    /// link, a hand-over); a peer that opens more waits, and one that ignores the setting has its
+    /// extra streams refused.
+    #[arg(long, env = "QMESH_MAX_PEER_STREAMS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_peer_streams: u32,
+
     /// Most messages this sidecar owns at once, over all queues (publishes beyond get 429).
     #[arg(long, env = "QMESH_MAX_OWNED_MESSAGES", default_value_t = 10_000_000)]
     pub max_owned_messages: u64,

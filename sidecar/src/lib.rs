@@ -494,6 +494,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     let max_message = 64 * 1024 * 1024 + 64 * 1024;
     let peer_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(args.max_peer_streams))
         // A peer whose connection went silent (a partition that drops packets, a frozen pod) is
         // found out here too, not only by the side that dials: its streams end and what they held
         // — an owner's credits, a consumer's deliveries — is freed.

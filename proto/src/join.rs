@@ -23,7 +23,7 @@ use std::{
 
 use futures::Stream;
 use qmesh_core::{MeshView, SidecarKey};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -89,7 +89,14 @@ pub struct ControlService<S> {
     source: Arc<S>,
     sessions: AtomicU64,
     shutdown: CancellationToken,
+    /// Joins not yet admitted (waiting for `Hello`, or being authenticated).
+    joining: Arc<Semaphore>,
+    max_joining: usize,
 }
+
+/// Joins that may be in admission at once by default: a flood of connections that never say
+/// `Hello`, or of tokens to review, waits its turn instead of piling up TokenReviews.
+pub const MAX_JOINING: usize = 64;
 
 impl<S> std::fmt::Debug for ControlService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -106,7 +113,17 @@ impl<S: MeshSource> ControlService<S> {
             source,
             sessions: AtomicU64::new(1),
             shutdown,
+            joining: Arc::new(Semaphore::new(MAX_JOINING)),
+            max_joining: MAX_JOINING,
         }
+    }
+
+    /// At most `max` joins in admission at once; more are refused with `RESOURCE_EXHAUSTED` (the
+    /// sidecar retries with backoff). Joined sidecars do not count.
+    pub fn max_joining(mut self, max: usize) -> Self {
+        self.joining = Arc::new(Semaphore::new(max));
+        self.max_joining = max;
+        self
     }
 
     /// Serves on `listener` until `shutdown`.
@@ -135,6 +152,12 @@ impl<S: MeshSource> Control for ControlService<S> {
         &self,
         request: Request<Streaming<SidecarReport>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
+        let Ok(admission) = Arc::clone(&self.joining).try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "{} sidecars are joining at once, the most this control plane admits together; retry shortly",
+                self.max_joining
+            )));
+        };
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(SidecarReport {
@@ -150,7 +173,7 @@ impl<S: MeshSource> Control for ControlService<S> {
             id: self.sessions.fetch_add(1, Ordering::Relaxed),
             shutdown: self.shutdown.clone(),
         };
-        tokio::spawn(session.run(hello, inbound, tx));
+        tokio::spawn(session.run(hello, inbound, tx, admission));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -173,11 +196,19 @@ type Outbound = mpsc::Sender<Result<ControlUpdate, Status>>;
 // === impl Session ===
 
 impl<S: MeshSource> Session<S> {
-    async fn run(self, hello: Hello, inbound: Streaming<SidecarReport>, tx: Outbound) {
+    async fn run(
+        self,
+        hello: Hello,
+        inbound: Streaming<SidecarReport>,
+        tx: Outbound,
+        admission: OwnedSemaphorePermit,
+    ) {
         let key = SidecarKey::new(&hello.namespace, &hello.name);
         let span = tracing::info_span!("sidecar", namespace = %key.namespace, pod = %key.name, session = self.id);
         let session = async {
-            if let Err(reason) = self.source.admit(&hello, self.id).await {
+            let admitted = self.source.admit(&hello, self.id).await;
+            drop(admission);
+            if let Err(reason) = admitted {
                 tracing::warn!(%reason, "sidecar rejected");
                 self.source.observe(JoinEvent::Rejected);
                 let update = ControlUpdate {

@@ -290,6 +290,15 @@ impl ReplicaStore {
         )
     }
 
+    /// The queue's `maxMessageBytes`, when this sidecar may own it.
+    fn max_message_bytes(&self, queue: &str) -> Option<u64> {
+        let view = self.view.borrow();
+        view.queue(queue)?
+            .policy
+            .as_ref()
+            .map(|p| p.max_message_bytes)
+    }
+
     /// Persists a batch of copies from `owner`; resolves once every one is durable. Refused (the
     /// stream is then reset) when a copy is malformed, names a queue this sidecar may not own, or
     /// the store is full. Copies it already holds are not written twice.
@@ -327,6 +336,15 @@ impl ReplicaStore {
                 return Err(status);
             };
             let size = message_size(&message);
+            // What no app could publish to the queue, no owner may copy into it.
+            if let Some(limit) = self.max_message_bytes(&m.queue)
+                && size > limit.max(1)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "copy {} of {size} bytes exceeds queue {:?}'s maxMessageBytes of {limit}",
+                    m.sequence, m.queue
+                )));
+            }
             bytes += size;
             new.push((m.sequence, m.queue, message, m.pending, size, durable));
         }

@@ -290,13 +290,14 @@ impl ReplicaStore {
         )
     }
 
-    /// The queue's `maxMessageBytes`, when this sidecar may own it.
+    /// The queue's `maxMessageBytes`, when this sidecar may own it (0: not sent, no limit).
     fn max_message_bytes(&self, queue: &str) -> Option<u64> {
         let view = self.view.borrow();
         view.queue(queue)?
             .policy
             .as_ref()
             .map(|p| p.max_message_bytes)
+            .filter(|&limit| limit > 0)
     }
 
     /// Persists a batch of copies from `owner`; resolves once every one is durable. Refused (the
@@ -338,7 +339,7 @@ impl ReplicaStore {
             let size = message_size(&message);
             // What no app could publish to the queue, no owner may copy into it.
             if let Some(limit) = self.max_message_bytes(&m.queue)
-                && size > limit.max(1)
+                && size > limit
             {
                 return Err(Status::invalid_argument(format!(
                     "copy {} of {size} bytes exceeds queue {:?}'s maxMessageBytes of {limit}",

@@ -246,6 +246,9 @@ pub struct DiskLog {
     /// Unbounded: what waits here is bounded by the caller's admission (the owner's memory bound).
     /// A send never waits, so records are written in call order.
     tx: mpsc::UnboundedSender<Op>,
+    /// The writer thread, joined on drop: the directory's lock is released only once nothing
+    /// writes to it any more.
+    writer: Option<std::thread::JoinHandle<()>>,
     side: Arc<Mutex<Vec<Body>>>,
     /// Segments of released records, applied by the writer with its next batch.
     releases: Arc<Mutex<Vec<u64>>>,
@@ -263,6 +266,19 @@ pub struct DiskLog {
     retained: Mutex<Vec<RetainedRun>>,
     /// Live messages in segments below this one should be relocated (0: none).
     relocate_below: Arc<AtomicU64>,
+}
+
+impl Drop for DiskLog {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after what it was given; then the lock goes (after
+        // this, with the fields).
+        drop(std::mem::replace(&mut self.tx, mpsc::unbounded_channel().0));
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("the log writer thread panicked");
+        }
+    }
 }
 
 impl std::fmt::Debug for DiskLog {
@@ -324,21 +340,26 @@ impl DiskLog {
             releases: Arc::clone(&releases),
             wake_pending: Arc::clone(&wake_pending),
         };
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("qmesh-log-writer".into())
             .spawn(move || writer.run(rx, pickup))?;
         if let FsyncPolicy::Interval(every) = config.fsync {
-            let tick = tx.clone();
+            // Weak: the ticker does not keep the writer alive once the log is dropped.
+            let tick = tx.downgrade();
             std::thread::Builder::new()
                 .name("qmesh-log-fsync".into())
                 .spawn(move || {
-                    while !tick.is_closed() {
+                    loop {
                         std::thread::sleep(every);
-                        let _ = tick.send(Op::Wake);
+                        match tick.upgrade() {
+                            Some(tx) if tx.send(Op::Wake).is_ok() => {}
+                            _ => return,
+                        }
                     }
                 })?;
         }
         Ok(Self {
+            writer: Some(writer),
             _lock: lock,
             dir: config.dir,
             tx,
@@ -725,6 +746,12 @@ impl Writer {
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            if index::is_partial(&name) {
+                if index::is_abandoned(&name) {
+                    let _ = fs::remove_file(entry.path());
+                }
+                continue;
+            }
             if index::is_index_file(&name) {
                 indexes.extend(index::indexed_segment(&name));
                 continue;

@@ -32,31 +32,46 @@ pub(crate) fn index_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.index"))
 }
 
+/// A partial index of its own for each builder (two may index one segment at once: the background
+/// thread of a log just closed, and the replay of the next open); the rename puts one in place.
 fn partial_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("{id:020}.index.tmp"))
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{id:020}.index.tmp-{}-{n}", std::process::id()))
 }
 
 /// Whether a file of the log directory is an index (or a partial one) — not a segment.
 pub(crate) fn is_index_file(name: &str) -> bool {
-    name.ends_with(".index") || name.ends_with(".index.tmp")
+    name.ends_with(".index") || is_partial(name)
+}
+
+/// Whether a file of the log directory is a partial index (being written, or left by a crash).
+pub(crate) fn is_partial(name: &str) -> bool {
+    name.contains(".index.tmp")
+}
+
+/// Whether a partial index was left by another process (a crash): this process's own may still
+/// be being written.
+pub(crate) fn is_abandoned(name: &str) -> bool {
+    name.split_once(".index.tmp-")
+        .and_then(|(_, rest)| rest.split_once('-'))
+        .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        .is_none_or(|pid| pid != std::process::id())
 }
 
 /// The segment id an index file belongs to.
 pub(crate) fn indexed_segment(name: &str) -> Option<u64> {
-    name.strip_suffix(".index")
-        .or_else(|| name.strip_suffix(".index.tmp"))
-        .and_then(|n| n.parse().ok())
+    name.split_once(".index").and_then(|(n, _)| n.parse().ok())
 }
 
 /// Removes a segment's index (with the segment, or when the segment changed).
 pub(crate) fn remove(dir: &Path, id: u64) {
-    for path in [index_path(dir, id), partial_path(dir, id)] {
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => {
-                tracing::warn!(error = %e, index = %path.display(), "could not remove a segment index");
-            }
-            _ => {}
+    let path = index_path(dir, id);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => {
+            tracing::warn!(error = %e, index = %path.display(), "could not remove a segment index");
         }
+        _ => {}
     }
 }
 
@@ -79,6 +94,7 @@ pub(crate) enum Entry<'a> {
 pub(crate) struct Builder {
     dir: PathBuf,
     id: u64,
+    partial: PathBuf,
     out: BufWriter<File>,
     entries: u64,
     buf: Vec<u8>,
@@ -86,11 +102,13 @@ pub(crate) struct Builder {
 
 impl Builder {
     pub fn new(dir: &Path, id: u64) -> std::io::Result<Self> {
-        let mut out = BufWriter::with_capacity(256 * 1024, File::create(partial_path(dir, id))?);
+        let partial = partial_path(dir, id);
+        let mut out = BufWriter::with_capacity(256 * 1024, File::create(&partial)?);
         out.write_all(MAGIC)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             id,
+            partial,
             out,
             entries: 0,
             buf: Vec::new(),
@@ -137,12 +155,16 @@ impl Builder {
         self.buf.push(TAG_END);
         self.buf.extend_from_slice(&self.entries.to_le_bytes());
         self.seal_entry()?;
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_data()?;
-        fs::rename(
-            partial_path(&self.dir, self.id),
-            index_path(&self.dir, self.id),
-        )
+        let done = self
+            .out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_data())
+            .and_then(|()| fs::rename(&self.partial, index_path(&self.dir, self.id)));
+        if done.is_err() {
+            let _ = fs::remove_file(&self.partial);
+        }
+        done
     }
 
     fn seal_entry(&mut self) -> std::io::Result<()> {
@@ -172,8 +194,7 @@ pub(crate) fn build(dir: &Path, id: u64) -> std::io::Result<()> {
             Err(error) => {
                 // Replay truncates a segment there; a sealed one is left to it, unindexed.
                 tracing::warn!(segment = %path.display(), offset, ?error, "not indexing a segment with a bad record");
-                drop(builder);
-                remove(dir, id);
+                let _ = fs::remove_file(&builder.partial);
                 return Ok(());
             }
         }

@@ -1731,7 +1731,8 @@ impl Owner {
             .queue(&queue)
             .and_then(|qv| qv.policy.as_ref())
             .map(|p| p.max_message_bytes)
-            && size > limit.max(1)
+            .filter(|&limit| limit > 0)
+            && size > limit
         {
             return Err(BrokerError::TooLarge {
                 queue: queue.clone(),

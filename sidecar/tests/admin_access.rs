@@ -5,27 +5,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::{
-    net::SocketAddr,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+mod common;
 
+use std::{net::SocketAddr, time::Duration};
+
+use common::Standalone;
 use qmesh_tests::{http, netns::NetNs};
 
 const MESH: &str = "apiVersion: qmesh.io/v1alpha1\nkind: Queue\nmetadata: {name: secret-orders}\nspec: {}\n---\n\
     apiVersion: qmesh.io/v1alpha1\nkind: Sidecar\nmetadata: {name: a}\n\
     spec: {peerAddress: \"127.0.0.1:0\", grpcAddress: \"127.0.0.1:0\", httpAddress: \"127.0.0.1:0\", adminAddress: \"0.0.0.0:0\"}\n";
-
-/// Kills the sidecar when the test ends, passed or not.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// An HTTP request from inside the namespace (curl there); returns the status line and body.
 fn from_ns(ns: &NetNs, method: &str, url: &str) -> (u16, String) {
@@ -53,34 +42,8 @@ fn from_ns(ns: &NetNs, method: &str, url: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_stats_are_refused_from_off_the_pod_and_work_from_loopback() {
     let ns = NetNs::create().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mesh = dir.path().join("mesh.yaml");
-    std::fs::write(&mesh, MESH).unwrap();
-    let file = dir.path().join("addresses.json");
-    let mut child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_qmesh-sidecar"))
-            .arg("--mesh-file")
-            .arg(&mesh)
-            .args(["--name", "a", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .arg("--addresses-file")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            break text;
-        }
-        assert!(child.0.try_wait().unwrap().is_none(), "the sidecar exited");
-        assert!(Instant::now() < deadline, "no addresses file in 30 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let admin: SocketAddr = json["admin"].as_str().unwrap().parse().unwrap();
+    let mut sidecar = Standalone::start(MESH).await;
+    let admin = sidecar.addr("admin");
     let local = SocketAddr::from(([127, 0, 0, 1], admin.port()));
     qmesh_tests::wait_for("readiness", Duration::from_secs(30), || async move {
         http::request("GET", local, "/readyz", &[], b"")
@@ -92,7 +55,7 @@ async fn drain_and_stats_are_refused_from_off_the_pod_and_work_from_loopback() {
     .unwrap();
 
     // A queue in the stats: one message published to it.
-    let app: SocketAddr = json["http"].as_str().unwrap().parse().unwrap();
+    let app = sidecar.addr("http");
     let published = http::request("POST", app, "/v1/queues/secret-orders/messages", &[], b"m")
         .await
         .unwrap();
@@ -112,7 +75,7 @@ async fn drain_and_stats_are_refused_from_off_the_pod_and_work_from_loopback() {
     assert_eq!(code, 200, "probes answer from anywhere");
     let (code, _) = from_ns(&ns, "GET", &format!("{remote}/metrics"));
     assert_eq!(code, 200, "metrics stay scrapeable");
-    assert!(child.0.try_wait().unwrap().is_none(), "still running");
+    assert!(sidecar.running(), "still running");
 
     let stats = http::request("GET", local, "/v1/stats", &[], b"")
         .await
@@ -123,12 +86,14 @@ async fn drain_and_stats_are_refused_from_off_the_pod_and_work_from_loopback() {
         .await
         .unwrap();
     assert_eq!(drain.status, 202);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "drained from loopback, still running after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    qmesh_tests::wait_for(
+        "the drained sidecar to exit",
+        Duration::from_secs(30),
+        || {
+            let exited = !sidecar.running();
+            async move { exited.then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
 }

@@ -354,3 +354,65 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// A sidecar started alone from a mesh file (as document `a`) whose addresses may use port 0, and
+/// where it says it listens (`--addresses-file`); killed when dropped.
+pub struct Standalone {
+    child: std::process::Child,
+    /// `peer`, `grpc`, `http` and `admin` as written by the sidecar.
+    pub addresses: serde_json::Value,
+    _dir: tempfile::TempDir,
+}
+
+impl Standalone {
+    /// Starts it and waits (30 s) until it has bound its ports.
+    pub async fn start(mesh_file: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = dir.path().join("mesh.yaml");
+        std::fs::write(&mesh, mesh_file).unwrap();
+        let file = dir.path().join("addresses.json");
+        let mut child = std::process::Command::new(SIDECAR)
+            .arg("--mesh-file")
+            .arg(&mesh)
+            .args(["--name", "a", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .arg("--addresses-file")
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let text = wait_for("the addresses file", Duration::from_secs(30), || {
+            let exited = child.try_wait().unwrap();
+            let text = std::fs::read_to_string(&file).ok();
+            async move {
+                assert!(exited.is_none(), "the sidecar exited ({exited:?})");
+                text
+            }
+        })
+        .await
+        .unwrap();
+        Self {
+            child,
+            addresses: serde_json::from_str(&text).unwrap(),
+            _dir: dir,
+        }
+    }
+
+    /// The address it gives for `what` (`peer`, `grpc`, `http`, `admin`).
+    pub fn addr(&self, what: &str) -> std::net::SocketAddr {
+        self.addresses[what].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

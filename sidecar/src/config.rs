@@ -59,6 +59,12 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_CONTROL_PLANE")]
     pub control_plane: Option<String>,
 
+    /// Directory holding this sidecar's certificate (`tls.crt`, `tls.key`, `ca.crt`), issued by the
+    /// mesh CA; re-read when it changes. Without it, a sidecar that joins a control plane asks it
+    /// for a certificate.
+    #[arg(long, env = "QMESH_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+
     /// File holding the token presented to the control plane (projected service-account token).
     #[arg(long, env = "QMESH_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,

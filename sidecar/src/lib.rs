@@ -15,6 +15,7 @@ pub mod config;
 pub mod consumer;
 pub mod control;
 pub mod error;
+pub mod identity;
 pub mod metrics;
 pub mod owner;
 pub mod peer;
@@ -419,6 +420,20 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         anyhow::bail!("give either --mesh-file or --control-plane");
     }
 
+    // Who this sidecar is on the peer port.
+    let credentials = match &args.identity_dir {
+        Some(dir) => {
+            let (credentials, material) = identity::load(dir)?;
+            tasks.spawn(
+                "identity reload",
+                identity::follow_dir(dir.clone(), Arc::clone(&credentials), material),
+            );
+            Some(credentials)
+        }
+        None => None,
+    };
+    let dialer = identity::Dialer::new(credentials.clone(), view_rx.clone());
+
     let metrics = Arc::new(Metrics::default());
     let log_stats = disk.stats();
     let memory: Arc<dyn OwnerLog> = Arc::new(owner::log::MemoryLog);
@@ -436,6 +451,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
             limits,
             replica_timeout: args.replica_timeout,
             removed_grace: args.removed_subscription_grace,
+            dialer,
         },
         Arc::clone(&metrics),
         Arc::clone(&tasks),
@@ -492,7 +508,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     );
 
     let max_message = 64 * 1024 * 1024 + 64 * 1024;
-    let peer_server = tonic::transport::Server::builder()
+    let peer_router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(args.max_peer_streams))
         // A peer whose connection went silent (a partition that drops packets, a frozen pod) is
@@ -507,11 +523,25 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
                 replicas,
                 me.clone(),
                 Arc::clone(&tasks),
+                sidecar.view.clone(),
+                credentials.is_some(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-        )
-        .serve_with_incoming(incoming(peer_listener));
+        );
+    let peer_server: futures::future::BoxFuture<'_, Result<(), tonic::transport::Error>> =
+        match &credentials {
+            Some(credentials) => {
+                let credentials = Arc::clone(credentials);
+                Box::pin(
+                    peer_router.serve_with_incoming(qmesh_identity::transport::accept(
+                        peer_listener,
+                        Arc::new(move || credentials.server()),
+                    )),
+                )
+            }
+            None => Box::pin(peer_router.serve_with_incoming(incoming(peer_listener))),
+        };
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
@@ -668,7 +698,7 @@ async fn hand_over(sidecar: &Sidecar, me: &peer_wire::SidecarId, deadline: Insta
                 Ok(e) => e.connect_timeout(Duration::from_secs(2)),
                 Err(_) => continue,
             };
-            let Ok(channel) = endpoint.connect().await else {
+            let Ok(channel) = sidecar.owner.dialer().connect(endpoint, &peer, None).await else {
                 continue;
             };
             let mut client = PeerClient::new(channel)

@@ -5,10 +5,17 @@
 //! not decode, malformed copies — gets its stream reset with a logged reason; what it had sent is
 //! redelivered (Forward) or re-sent and its publishes failed (Replicate) by the owner, so nothing
 //! is lost.
+//!
+//! Who may call comes from the client's certificate ([`PeerInfo`]), never from a frame: the name
+//! an owner, a replicating owner or a handing-over sidecar gives must be its certificate's, and
+//! it must be a sidecar this one's view works with — an owner of a served subscription for
+//! `Forward` (checked again per delivery), a peer for `Replicate` and `HandOver`, a consumer of the
+//! subscription for `Rewind`. Anyone else gets `PERMISSION_DENIED` and nothing is touched.
 
 use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
+use qmesh_identity::{PeerInfo, WorkloadId};
 use qmesh_proto::peer::{
     self, ConsumerFrame, HandOverAck, HandOverBatch, OwnerFrame, ReplicateAck, ReplicateFrame,
     consumer_frame, owner_frame, peer_server::Peer, replicate_frame,
@@ -17,7 +24,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{consumer::Consumers, replica::ReplicaStore};
+use crate::{consumer::Consumers, replica::ReplicaStore, view::ViewRx};
+
+/// The client's address, over TLS or not.
+fn remote_of<T>(request: &Request<T>) -> Option<std::net::SocketAddr> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.remote)
+        .or_else(|| request.remote_addr())
+}
 
 /// Bound on frames queued towards one owner.
 const OUTBOUND: usize = 1024;
@@ -29,6 +45,9 @@ pub struct PeerService {
     replicas: Arc<ReplicaStore>,
     me: peer::SidecarId,
     tasks: Arc<crate::supervise::Supervisor>,
+    view: ViewRx,
+    /// Whether callers are authenticated (mutual TLS); without, nothing is checked.
+    tls: bool,
 }
 
 impl PeerService {
@@ -39,6 +58,8 @@ impl PeerService {
         replicas: Arc<ReplicaStore>,
         me: peer::SidecarId,
         tasks: Arc<crate::supervise::Supervisor>,
+        view: ViewRx,
+        tls: bool,
     ) -> Self {
         Self {
             consumers,
@@ -46,6 +67,53 @@ impl PeerService {
             replicas,
             me,
             tasks,
+            view,
+            tls,
+        }
+    }
+
+    /// The authenticated caller, which must be a sidecar of this namespace.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Option<Arc<WorkloadId>>, Status> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let id = PeerInfo::require(request.extensions().get::<PeerInfo>())?;
+        if id.namespace != self.me.namespace {
+            return Err(Status::permission_denied(format!(
+                "{id} is not a sidecar of namespace {}",
+                self.me.namespace
+            )));
+        }
+        Ok(Some(id))
+    }
+
+    /// Refuses a frame naming a sidecar other than the caller's certificate.
+    fn claims(caller: Option<&WorkloadId>, claimed: &str, what: &str) -> Result<(), Status> {
+        match caller {
+            Some(id) if id.sidecar != claimed => Err(Status::permission_denied(format!(
+                "{what} names sidecar {claimed:?}, but the client certificate is {id}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a caller that is not among the view's peers (the sidecars that may own one of
+    /// this sidecar's queues).
+    fn is_peer(&self, caller: Option<&WorkloadId>, what: &str) -> Result<(), Status> {
+        let Some(id) = caller else { return Ok(()) };
+        if self
+            .view
+            .borrow()
+            .wire
+            .peers
+            .iter()
+            .any(|p| p.name == id.sidecar)
+        {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "{id} may not {what}: it may own none of the queues this sidecar does"
+            )))
         }
     }
 }
@@ -62,11 +130,25 @@ impl Peer for PeerService {
         &self,
         request: Request<peer::PeerRewind>,
     ) -> Result<Response<peer::PeerRewound>, Status> {
+        let caller = self.caller(&request)?;
         let peer::PeerRewind {
             queue,
             subscription,
             from,
         } = request.into_inner();
+        if let Some(id) = &caller {
+            let consumes = self.view.borrow().queue(&queue).is_some_and(|q| {
+                q.routes.iter().any(|r| {
+                    r.subscription == subscription
+                        && r.consumers.iter().any(|c| c.name == id.sidecar)
+                })
+            });
+            if !consumes {
+                return Err(Status::permission_denied(format!(
+                    "{id} is not a consumer of subscription {subscription} of queue {queue}"
+                )));
+            }
+        }
         let from = from
             .and_then(|t| std::time::SystemTime::try_from(t).ok())
             .ok_or_else(|| Status::invalid_argument("rewind without a valid `from` time"))?;
@@ -81,7 +163,8 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<OwnerFrame>>,
     ) -> Result<Response<Self::ForwardStream>, Status> {
-        let remote = request.remote_addr();
+        let caller = self.caller(&request)?;
+        let remote = remote_of(&request);
         let mut inbound = request.into_inner();
         let owner = match inbound.message().await? {
             Some(OwnerFrame {
@@ -95,6 +178,15 @@ impl Peer for PeerService {
                 ));
             }
         };
+        Self::claims(caller.as_deref(), &owner.name, "Forward's hello")?;
+        if let Some(id) = &caller
+            && !self.consumers.owner_known(&id.sidecar)
+        {
+            tracing::warn!(?remote, caller = %id, "forward stream refused: not an owner of a served subscription");
+            return Err(Status::permission_denied(format!(
+                "{id} owns no queue of a subscription consumed here"
+            )));
+        }
         let (tx, rx) = mpsc::channel(OUTBOUND);
         tx.send(Ok(ConsumerFrame {
             frame: Some(consumer_frame::Frame::Welcome(peer::Welcome {
@@ -146,7 +238,8 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<ReplicateFrame>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
-        let remote = request.remote_addr();
+        let caller = self.caller(&request)?;
+        let remote = remote_of(&request);
         let mut inbound = request.into_inner();
         let owner = match inbound.message().await? {
             Some(ReplicateFrame {
@@ -162,6 +255,8 @@ impl Peer for PeerService {
                 ));
             }
         };
+        Self::claims(caller.as_deref(), &owner.name, "Replicate's owner")?;
+        self.is_peer(caller.as_deref(), "replicate here")?;
         let guard = self.replicas.open_stream(&owner, &self.me).inspect_err(|status| {
             tracing::warn!(?remote, owner = %owner.name, reason = %status.message(), "replicate stream refused");
         })?;
@@ -216,11 +311,19 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<HandOverBatch>>,
     ) -> Result<Response<Self::HandOverStream>, Status> {
+        let caller = self.caller(&request)?;
+        self.is_peer(caller.as_deref(), "hand messages over")?;
         let mut inbound = request.into_inner();
         let owner = Arc::clone(&self.owner);
         let (tx, rx) = mpsc::channel(16);
         self.tasks.spawn("hand-over stream", async move {
             while let Ok(Some(batch)) = inbound.message().await {
+                let from = batch.from.as_ref().map(|f| f.name.as_str()).unwrap_or_default();
+                if let Err(status) = Self::claims(caller.as_deref(), from, "a hand-over batch") {
+                    tracing::warn!(reason = %status.message(), "hand-over stream reset");
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
                 let mut error = None;
                 let count = batch.messages.len();
                 let mut adopted = 0u32;

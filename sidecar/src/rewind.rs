@@ -28,11 +28,11 @@ impl Sidecar {
             let served = view
                 .subscription(subscription)
                 .ok_or_else(|| BrokerError::UnknownSubscription(subscription.to_owned()))?;
-            let owners: Vec<String> = served
+            let owners: Vec<(String, String)> = served
                 .owners
                 .iter()
                 .filter(|o| o.name != self.me.name)
-                .map(|o| o.peer_address.clone())
+                .map(|o| (o.name.clone(), o.peer_address.clone()))
                 .collect();
             (served.queue.clone(), owners)
         };
@@ -48,10 +48,14 @@ impl Sidecar {
             subscription: subscription.to_owned(),
             from: Some(to.into()),
         };
-        let asks = owners.into_iter().map(|addr| {
+        let asks = owners.into_iter().map(|(name, addr)| {
             let request = request.clone();
             async move {
-                let result = tokio::time::timeout(ASK_TIMEOUT, ask(&addr, request)).await;
+                let result = tokio::time::timeout(
+                    ASK_TIMEOUT,
+                    ask(self.owner.dialer(), &name, &addr, request),
+                )
+                .await;
                 (addr, result)
             }
         });
@@ -78,11 +82,19 @@ impl Sidecar {
     }
 }
 
-async fn ask(addr: &str, request: PeerRewind) -> Result<bool, String> {
+async fn ask(
+    dialer: &crate::identity::Dialer,
+    name: &str,
+    addr: &str,
+    request: PeerRewind,
+) -> Result<bool, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2));
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let channel = dialer
+        .connect(endpoint, addr, Some(name))
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     let answer = PeerClient::new(channel)
         .rewind(request)
         .await

@@ -33,18 +33,23 @@ async fn neither_a_hand_over_nor_a_replica_copy_may_exceed_the_queues_limit() {
     let mesh = mesh()
         .manifests(MESH)
         .sidecar("owner", &[("app", "producer")])
+        .sidecar("peer", &[("app", "producer")])
         .start(Path::new(SIDECAR))
         .await
         .unwrap();
     let node = mesh.sidecar("owner");
-    let mut peer_client = PeerClient::connect(format!("http://{}", node.peer))
-        .await
-        .unwrap();
+    // A real peer of the queue (a publisher too), with its own certificate.
+    let mut peer_client = PeerClient::new(mesh.peer_channel("peer", "owner").await.unwrap());
+    let peer_id = peer::SidecarId {
+        namespace: "default".into(),
+        name: "peer".into(),
+        incarnation: 1,
+    };
     let mut big = message("big", "", "");
     big.payload = vec![7u8; 8 * 1024].into();
     let mut acks = peer_client
         .hand_over(tokio_stream::iter(vec![peer::HandOverBatch {
-            from: None,
+            from: Some(peer_id.clone()),
             batch: 1,
             messages: vec![peer::OwnedMessage {
                 queue: "small".into(),
@@ -76,11 +81,7 @@ async fn neither_a_hand_over_nor_a_replica_copy_may_exceed_the_queues_limit() {
     // The same message as a replica's copy.
     let (tx, rx) = mpsc::channel(4);
     tx.send(ReplicateFrame {
-        frame: Some(replicate_frame::Frame::Owner(peer::SidecarId {
-            namespace: "default".into(),
-            name: "forger".into(),
-            incarnation: 1,
-        })),
+        frame: Some(replicate_frame::Frame::Owner(peer_id)),
     })
     .await
     .unwrap();

@@ -199,9 +199,8 @@ async fn extreme_values_on_every_api_get_an_answer_and_break_nothing() {
     }
 
     // --- peer API ---
-    let mut peer_client = PeerClient::connect(format!("http://{}", node.peer))
-        .await
-        .unwrap()
+    // As the real peer (a valid identity the view knows), so the extremes reach past the checks.
+    let mut peer_client = PeerClient::new(mesh.peer_channel("peer", "node").await.unwrap())
         .max_encoding_message_size(64 * 1024 * 1024);
     let hello = OwnerFrame {
         frame: Some(owner_frame::Frame::Hello(peer::Hello {
@@ -287,7 +286,11 @@ async fn extreme_values_on_every_api_get_an_answer_and_break_nothing() {
     }
     let hand_over = peer_client
         .hand_over(tokio_stream::iter(vec![peer::HandOverBatch {
-            from: None,
+            from: Some(peer::SidecarId {
+                namespace: "default".into(),
+                name: "peer".into(),
+                incarnation: u64::MAX,
+            }),
             batch: u64::MAX,
             messages: vec![peer::OwnedMessage {
                 queue: "jobs".into(),

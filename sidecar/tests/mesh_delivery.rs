@@ -933,9 +933,48 @@ async fn a_peer_speaking_garbage_or_breaking_the_protocol_is_reset_and_nothing_i
         .unwrap();
     drop(raw);
 
-    let mut client = PeerClient::connect(format!("http://{target}"))
+    // Without a certificate: the TLS handshake fails, nothing is read.
+    let plaintext = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+            .unwrap()
+            .connect()
+            .await?;
+        PeerClient::new(channel)
+            .rewind(peer::PeerRewind::default())
+            .await
+            .map_err(|s| anyhow::anyhow!("{s}"))?;
+        anyhow::Ok(())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(20), plaintext)
         .await
-        .unwrap();
+        .expect("a plaintext client is refused, not left hanging");
+    assert!(answer.is_err(), "plaintext must not be served");
+    // A valid certificate of a sidecar outside the mesh: refused before the first frame.
+    let mut intruder = PeerClient::new(mesh.peer_channel("intruder", "billing-1").await.unwrap());
+    let hello_as = |name: &str| OwnerFrame {
+        frame: Some(owner_frame::Frame::Hello(peer::Hello {
+            owner: Some(peer::SidecarId {
+                namespace: "default".into(),
+                name: name.into(),
+                incarnation: 1,
+            }),
+            protocol_revision: 1,
+        })),
+    };
+    let err = intruder
+        .forward(tokio_stream::iter(vec![hello_as("intruder")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // ... and claiming to be the real owner does not help.
+    let err = intruder
+        .forward(tokio_stream::iter(vec![hello_as("checkout")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    // The real owner's identity, breaking the protocol.
+    let mut client = PeerClient::new(mesh.peer_channel("checkout", "billing-1").await.unwrap());
     // Deliveries before hello.
     let delivery = peer::PeerDelivery {
         subscription: "billing".into(),
@@ -955,17 +994,9 @@ async fn a_peer_speaking_garbage_or_breaking_the_protocol_is_reset_and_nothing_i
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
-    // Hello, then a delivery nobody granted credit for.
-    let hello = OwnerFrame {
-        frame: Some(owner_frame::Frame::Hello(peer::Hello {
-            owner: Some(peer::SidecarId {
-                namespace: "default".into(),
-                name: "intruder".into(),
-                incarnation: 1,
-            }),
-            protocol_revision: 1,
-        })),
-    };
+    // Hello, then far more deliveries than any credit granted (the owner's own identity: what
+    // fits the credit is a real delivery, the rest a protocol violation).
+    let hello = hello_as("checkout");
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(hello).await.unwrap();
     let mut inbound = client
@@ -973,9 +1004,16 @@ async fn a_peer_speaking_garbage_or_breaking_the_protocol_is_reset_and_nothing_i
         .await
         .unwrap()
         .into_inner();
+    let flood = (0..20_000u64)
+        .map(|i| peer::PeerDelivery {
+            sequence: 1_000_000 + i,
+            message: Some(message(&format!("flood-{i}"), "", "x")),
+            ..delivery.clone()
+        })
+        .collect();
     tx.send(OwnerFrame {
         frame: Some(owner_frame::Frame::Deliveries(peer::DeliveryBatch {
-            deliveries: vec![delivery],
+            deliveries: flood,
         })),
     })
     .await
@@ -999,12 +1037,17 @@ async fn a_peer_speaking_garbage_or_breaking_the_protocol_is_reset_and_nothing_i
     .await;
     assert!(results.iter().all(Result::is_ok));
     until("every order after the attacks", 20, || {
-        billing.count() >= 50
+        billing.count_prefixed("after-") >= 50
     })
     .await;
-    let (ids, dups) = tally(billing.ids());
+    let (ids, dups) = tally(
+        billing
+            .ids()
+            .into_iter()
+            .filter(|i| i.starts_with("after-")),
+    );
     assert_eq!((ids.len(), dups), (50, 0));
-    assert!(!ids.contains("forged"));
+    assert!(!billing.ids().iter().any(|i| i == "forged"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

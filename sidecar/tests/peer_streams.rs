@@ -33,17 +33,13 @@ async fn a_peer_connection_holds_at_most_the_stream_limit_open() {
     let mesh = mesh()
         .manifests(MESH)
         .sidecar("node", &[("app", "producer")])
+        .sidecar("node-2", &[("app", "producer")])
         .arg("--max-peer-streams")
         .arg("4")
         .start(Path::new(SIDECAR))
         .await
         .unwrap();
-    let url = format!("http://{}", mesh.sidecar("node").peer);
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = mesh.peer_channel("node-2", "node").await.unwrap();
     // Four hand-over streams that stay open (their request streams never end).
     let mut open = Vec::new();
     for _ in 0..4 {
@@ -67,7 +63,7 @@ async fn a_peer_connection_holds_at_most_the_stream_limit_open() {
         "a fifth stream on the connection must wait"
     );
     // Another connection is served meanwhile.
-    let mut other = PeerClient::connect(url).await.unwrap();
+    let mut other = PeerClient::new(mesh.peer_channel("node-2", "node").await.unwrap());
     let answered = tokio::time::timeout(Duration::from_secs(10), other.rewind(rewind())).await;
     assert!(answered.is_ok(), "another connection is not held up");
     // One stream ends: the fifth goes through.

@@ -341,7 +341,6 @@ async fn hostile_replicate_streams_are_reset_and_lose_nothing() {
         .start(Path::new(SIDECAR))
         .await
         .unwrap();
-    let target = format!("http://{}", mesh.sidecar("shop-2").peer);
     let owner = |name: &str| ReplicateFrame {
         frame: Some(Frame::Owner(SidecarId {
             name: name.into(),
@@ -363,40 +362,59 @@ async fn hostile_replicate_streams_are_reset_and_lose_nothing() {
     let batch = |m: OwnedMessage| ReplicateFrame {
         frame: Some(Frame::Messages(ReplicaBatch { messages: vec![m] })),
     };
-    let attacks: Vec<(&str, Vec<ReplicateFrame>, tonic::Code)> = vec![
+    // (who the client certificate says, what it sends, the answer)
+    let attacks: Vec<(&str, &str, Vec<ReplicateFrame>, tonic::Code)> = vec![
         (
             "no owner first",
+            "shop-1",
             vec![batch(copy("orders", true))],
             tonic::Code::InvalidArgument,
         ),
         (
-            "owner name escaping the directory",
+            "an owner name other than the certificate's",
+            "shop-1",
             vec![owner("../../etc")],
-            tonic::Code::InvalidArgument,
+            tonic::Code::PermissionDenied,
         ),
         (
             "impersonating the replica itself",
+            "shop-1",
             vec![owner("shop-2")],
-            tonic::Code::InvalidArgument,
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "a valid certificate of a sidecar outside the mesh",
+            "mallory",
+            vec![owner("mallory"), batch(copy("orders", true))],
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "a sidecar of the mesh that may not own the queue",
+            "billing",
+            vec![owner("billing"), batch(copy("orders", true))],
+            tonic::Code::PermissionDenied,
         ),
         (
             "a copy without a message",
-            vec![owner("mallory"), batch(copy("orders", false))],
+            "shop-1",
+            vec![owner("shop-1"), batch(copy("orders", false))],
             tonic::Code::InvalidArgument,
         ),
         (
             "a copy of a queue the replica may not own",
-            vec![owner("mallory"), batch(copy("secret", true))],
+            "shop-1",
+            vec![owner("shop-1"), batch(copy("secret", true))],
             tonic::Code::FailedPrecondition,
         ),
         (
             "a second owner frame",
-            vec![owner("mallory"), owner("mallory")],
+            "shop-1",
+            vec![owner("shop-1"), owner("shop-1")],
             tonic::Code::InvalidArgument,
         ),
     ];
-    for (what, frames, expected) in attacks {
-        let mut client = PeerClient::connect(target.clone()).await.unwrap();
+    for (what, who, frames, expected) in attacks {
+        let mut client = PeerClient::new(mesh.peer_channel(who, "shop-2").await.unwrap());
         let code = match client.replicate(tokio_stream::iter(frames)).await {
             Err(status) => status.code(),
             Ok(response) => {

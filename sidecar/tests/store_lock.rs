@@ -33,10 +33,15 @@ fn a_second_sidecar_on_the_same_data_dir_refuses_to_start() {
          spec: {peerAddress: \"127.0.0.1:1\", grpcAddress: \"127.0.0.1:2\", httpAddress: \"127.0.0.1:3\", adminAddress: \"127.0.0.1:4\"}\n",
     )
     .unwrap();
+    let identity = dir.path().join("identity");
+    qmesh_tests::mesh::issue_identity(&qmesh_tests::mesh::test_ca().unwrap(), "a", &identity)
+        .unwrap();
     let sidecar = |ports: [u16; 4]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_qmesh-sidecar"));
         c.arg("--mesh-file")
             .arg(&mesh)
+            .arg("--identity-dir")
+            .arg(&identity)
             .args(["--name", "a", "--data-dir"])
             .arg(dir.path().join("data"))
             .args(["--peer-addr", &format!("127.0.0.1:{}", ports[0])])

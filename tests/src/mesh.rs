@@ -2,7 +2,8 @@
 //! Subscriptions a test gives plus one `Sidecar` document per process, each on its own free
 //! loopback ports, started, killed (`SIGKILL`), stopped (`SIGTERM`), frozen (`SIGSTOP`) and
 //! restarted on demand. With [`MeshBuilder::proxied`], peers reach each sidecar through a
-//! [`Proxy`] the test controls (partitions).
+//! [`Proxy`] the test controls (partitions). Every mesh has its own CA ([`Mesh::ca`]) and every
+//! sidecar a certificate from it, so peers speak mutual TLS as in a cluster.
 
 use std::{
     collections::BTreeMap,
@@ -90,6 +91,7 @@ impl MeshBuilder {
     /// Writes the mesh file and starts every sidecar from `binary`, waiting until all are ready.
     pub async fn start(self, binary: &Path) -> anyhow::Result<Mesh> {
         let dir = tempfile::Builder::new().prefix("qmesh-mesh-").tempdir()?;
+        let ca = test_ca()?;
         let mut text = self.manifests.clone();
         let mut sidecars = BTreeMap::new();
         let mut proxies = BTreeMap::new();
@@ -98,7 +100,10 @@ impl MeshBuilder {
             let ip = loopback_ip();
             let addr = |p: u16| SocketAddr::from((ip, p));
             let [peer_port, front_port, grpc_port, http_port, admin_port] = free_ports_on(ip)?;
-            let mut args = self.args.clone();
+            let identity = dir.path().join(format!("{name}.identity"));
+            issue_identity(&ca, name, &identity)?;
+            let mut args = vec!["--identity-dir".to_owned(), identity.display().to_string()];
+            args.extend(self.args.clone());
             args.extend(self.own_args.get(name).cloned().unwrap_or_default());
             let listen_peer = addr(peer_port);
             // Proxied: the mesh file (what peers dial) names the proxy; the sidecar listens behind.
@@ -146,6 +151,7 @@ impl MeshBuilder {
         }
         std::fs::write(dir.path().join("mesh.yaml"), text)?;
         let mut mesh = Mesh {
+            ca,
             _dir: dir,
             sidecars,
             proxies,
@@ -162,6 +168,7 @@ impl MeshBuilder {
 
 /// A running local mesh; every process is killed when it is dropped.
 pub struct Mesh {
+    ca: qmesh_identity::Authority,
     sidecars: BTreeMap<String, SidecarProcess>,
     proxies: BTreeMap<String, Proxy>,
     // Last: the processes are gone before their directory.
@@ -187,6 +194,21 @@ impl Mesh {
     /// The proxy in front of a sidecar's peer port (meshes built with [`MeshBuilder::proxied`]).
     pub fn proxy(&self, name: &str) -> &Proxy {
         &self.proxies[name]
+    }
+
+    /// The mesh's certificate authority (to mint identities for impostors and rotations).
+    pub fn ca(&self) -> &qmesh_identity::Authority {
+        &self.ca
+    }
+
+    /// A channel to `target`'s peer port presenting a certificate from the mesh's CA for sidecar
+    /// `as_sidecar` (a member of the mesh, or an impostor with a valid certificate).
+    pub async fn peer_channel(
+        &self,
+        as_sidecar: &str,
+        target: &str,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        peer_channel(&self.ca, as_sidecar, self.sidecar(target).peer, target).await
     }
 
     /// Where the mesh keeps its files (mesh file, logs, data directories).
@@ -396,4 +418,58 @@ impl SidecarProcess {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
+}
+
+/// The trust domain of test meshes.
+pub const TEST_TRUST_DOMAIN: &str = "qmesh.local";
+
+/// A new CA for a test mesh.
+pub fn test_ca() -> anyhow::Result<qmesh_identity::Authority> {
+    Ok(qmesh_identity::Authority::generate(
+        TEST_TRUST_DOMAIN,
+        Duration::from_secs(7 * 86_400),
+        None,
+    )?)
+}
+
+/// The workload identity of sidecar `name` of namespace `default` in a test mesh.
+pub fn test_identity(name: &str) -> qmesh_identity::WorkloadId {
+    qmesh_identity::WorkloadId {
+        trust_domain: TEST_TRUST_DOMAIN.into(),
+        namespace: "default".into(),
+        service_account: "default".into(),
+        sidecar: name.into(),
+    }
+}
+
+/// Writes a certificate for sidecar `name` from `ca` into `dir` (for `--identity-dir`).
+pub fn issue_identity(
+    ca: &qmesh_identity::Authority,
+    name: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    ca.issue_material(&test_identity(name), qmesh_identity::CERTIFICATE_TTL)?
+        .write_to(dir)
+        .with_context(|| format!("writing the identity of {name} to {}", dir.display()))
+}
+
+/// A channel to the peer port at `addr` of sidecar `target`, presenting a certificate from `ca`
+/// for sidecar `as_sidecar`.
+pub async fn peer_channel(
+    ca: &qmesh_identity::Authority,
+    as_sidecar: &str,
+    addr: SocketAddr,
+    target: &str,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let material =
+        ca.issue_material(&test_identity(as_sidecar), qmesh_identity::CERTIFICATE_TTL)?;
+    let config = std::sync::Arc::new(qmesh_identity::tls::mesh_client(&material)?);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5));
+    Ok(qmesh_identity::transport::connect(
+        &endpoint,
+        std::sync::Arc::new(move || std::sync::Arc::clone(&config)),
+        &qmesh_identity::sidecar_dns_name("default", target),
+    )
+    .await?)
 }

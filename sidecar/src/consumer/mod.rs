@@ -417,6 +417,29 @@ impl Consumers {
     // === owner streams (peer API, server side) ===
 
     /// Registers a new owner stream; returns its id.
+    /// Whether the sidecar behind owner stream `stream` is one the view names as an owner of
+    /// `sub`'s queue (a publisher of it): only those may deliver.
+    fn is_owner_of(&self, stream: u64, sub: &LocalSub) -> bool {
+        let Some(owner) = self.streams().get(&stream).map(|s| s.owner.clone()) else {
+            return false;
+        };
+        sub.settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .owners
+            .iter()
+            .any(|o| o.name == owner)
+    }
+
+    /// Whether the view names `sidecar` as an owner of any subscription served here.
+    pub fn owner_known(&self, sidecar: &str) -> bool {
+        self.view
+            .borrow()
+            .subscriptions()
+            .iter()
+            .any(|s| s.owners.iter().any(|o| o.name == sidecar))
+    }
+
     pub fn register(&self, owner: String, tx: FrameTx) -> u64 {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         self.streams()
@@ -459,6 +482,14 @@ impl Consumers {
                 return Err(tonic::Status::invalid_argument(
                     "delivery without a message",
                 ));
+            }
+            if !self.is_owner_of(stream, &sub) {
+                let reason = format!(
+                    "this stream's sidecar is not an owner of the queue of subscription {}",
+                    delivery.subscription
+                );
+                refused.push(undelivered(&delivery, &reason));
+                continue;
             }
             let present = sub.has_consumer();
             let mut st = sub.lock();

@@ -18,6 +18,8 @@ use std::{
 
 use qmesh_proto::peer::{self, OwnerFrame, consumer_frame, owner_frame, peer_client::PeerClient};
 use tokio::sync::mpsc;
+
+use crate::identity::Dialer;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
 /// What links report to the owner.
@@ -68,6 +70,7 @@ struct Link {
 pub struct Links {
     me: peer::SidecarId,
     tasks: Arc<crate::supervise::Supervisor>,
+    dialer: Arc<Dialer>,
     links: Mutex<HashMap<String, Arc<Link>>>,
     next_id: AtomicU64,
     events: mpsc::Sender<LinkEvent>,
@@ -79,10 +82,12 @@ impl Links {
         me: peer::SidecarId,
         events: mpsc::Sender<LinkEvent>,
         tasks: Arc<crate::supervise::Supervisor>,
+        dialer: Arc<Dialer>,
     ) -> Arc<Self> {
         Arc::new(Self {
             me,
             tasks,
+            dialer,
             links: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             events,
@@ -252,7 +257,7 @@ impl Links {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect().await?;
+        let channel = self.dialer.connect(endpoint, addr, None).await?;
         let mut client = PeerClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);

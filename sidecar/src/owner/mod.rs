@@ -34,6 +34,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::{
     error::BrokerError,
+    identity::Dialer,
     metrics::Metrics,
     supervise::Supervisor,
     view::{View, ViewRx},
@@ -54,6 +55,8 @@ pub struct Settings {
     pub replica_timeout: Duration,
     /// How long a subscription may be missing from the view before what it owes is dropped.
     pub removed_grace: Duration,
+    /// Dials peers (consumers, replicas).
+    pub dialer: Arc<Dialer>,
 }
 
 /// Sidecar-wide bounds on what the owner holds.
@@ -86,6 +89,7 @@ impl OwnedQueue {
 /// The owner of this sidecar's messages.
 pub struct Owner {
     view: ViewRx,
+    dialer: Arc<Dialer>,
     disk: Arc<dyn OwnerLog>,
     memory: Arc<dyn OwnerLog>,
     queues: RwLock<HashMap<String, Arc<OwnedQueue>>>,
@@ -217,15 +221,22 @@ impl Owner {
             limits,
             replica_timeout,
             removed_grace,
+            dialer,
         } = settings;
         let (events_tx, events_rx) = mpsc::channel(8192);
-        let replicas = Replicas::new(me.clone(), replica_timeout, Arc::clone(&tasks));
+        let replicas = Replicas::new(
+            me.clone(),
+            replica_timeout,
+            Arc::clone(&tasks),
+            Arc::clone(&dialer),
+        );
         let owner = Arc::new(Self {
             view,
             disk,
             memory,
             queues: RwLock::new(HashMap::new()),
-            links: Links::new(me, events_tx, Arc::clone(&tasks)),
+            links: Links::new(me, events_tx, Arc::clone(&tasks), Arc::clone(&dialer)),
+            dialer,
             limits,
             draining: AtomicBool::new(false),
             metrics,
@@ -2054,6 +2065,11 @@ impl Owner {
     }
 
     /// Other sidecars of the mesh, candidates to take over.
+    pub fn dialer(&self) -> &Arc<Dialer> {
+        &self.dialer
+    }
+
+    /// Addresses of the peers in the view.
     pub fn peers(&self) -> Vec<String> {
         self.view
             .borrow()

@@ -30,6 +30,8 @@ use qmesh_proto::{
     },
 };
 use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::identity::Dialer;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
 /// Most copies in one `ReplicaBatch`.
@@ -153,6 +155,7 @@ struct Inner {
 
 /// The owner's replica links.
 pub struct Replicas {
+    dialer: Arc<Dialer>,
     me: peer::SidecarId,
     tasks: Arc<crate::supervise::Supervisor>,
     timeout: Duration,
@@ -174,10 +177,12 @@ impl Replicas {
         me: peer::SidecarId,
         timeout: Duration,
         tasks: Arc<crate::supervise::Supervisor>,
+        dialer: Arc<Dialer>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             me,
             tasks,
+            dialer,
             timeout,
             inner: Mutex::new(Inner {
                 ranked: Vec::new(),
@@ -397,10 +402,11 @@ impl Replicas {
         let wake = Arc::new(Notify::new());
         let task = self.this.upgrade().map(|this| {
             let addr = peer.peer_address.clone();
+            let name = peer.name.clone();
             let wake = Arc::clone(&wake);
             self.tasks
                 .spawn(format!("replica link to {addr}"), async move {
-                    this.run(addr, wake).await
+                    this.run(addr, name, wake).await
                 })
         });
         tracing::debug!(replica = %peer.name, peer = %peer.peer_address, "opening a replica link");
@@ -420,7 +426,7 @@ impl Replicas {
         }
     }
 
-    async fn run(self: Arc<Self>, addr: String, wake: Arc<Notify>) {
+    async fn run(self: Arc<Self>, addr: String, name: String, wake: Arc<Notify>) {
         let backoff = qmesh_api::Backoff {
             initial: qmesh_api::Duration::from_millis(50),
             max: qmesh_api::Duration::from_millis(2_000),
@@ -428,7 +434,7 @@ impl Replicas {
         };
         let mut failures = 0u32;
         loop {
-            let result = self.connect_once(&addr, &wake).await;
+            let result = self.connect_once(&addr, &name, &wake).await;
             let error = match result {
                 Ok(()) => {
                     failures = 0;
@@ -460,13 +466,13 @@ impl Replicas {
         }
     }
 
-    async fn connect_once(&self, addr: &str, wake: &Notify) -> anyhow::Result<()> {
+    async fn connect_once(&self, addr: &str, name: &str, wake: &Notify) -> anyhow::Result<()> {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect().await?;
+        let channel = self.dialer.connect(endpoint, addr, Some(name)).await?;
         let mut client = PeerClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024 + 65536)
             .max_encoding_message_size(64 * 1024 * 1024 + 65536);
@@ -632,10 +638,12 @@ mod tests {
             name: "me".into(),
             ..Default::default()
         };
+        let (_view_tx, view) = tokio::sync::watch::channel(Arc::default());
         let replicas = Replicas::new(
             me,
             Duration::from_millis(300),
             crate::supervise::Supervisor::new(),
+            Dialer::new(None, view),
         );
         let started = Instant::now();
         let err = replicas

@@ -371,9 +371,14 @@ impl Standalone {
         let mesh = dir.path().join("mesh.yaml");
         std::fs::write(&mesh, mesh_file).unwrap();
         let file = dir.path().join("addresses.json");
+        let identity = dir.path().join("identity");
+        qmesh_tests::mesh::issue_identity(&qmesh_tests::mesh::test_ca().unwrap(), "a", &identity)
+            .unwrap();
         let mut child = std::process::Command::new(SIDECAR)
             .arg("--mesh-file")
             .arg(&mesh)
+            .arg("--identity-dir")
+            .arg(&identity)
             .args(["--name", "a", "--data-dir"])
             .arg(dir.path().join("data"))
             .arg("--addresses-file")

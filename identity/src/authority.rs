@@ -317,3 +317,24 @@ pub fn not_after(pem: &[u8]) -> Result<SystemTime, Error> {
     let secs = cert.validity().not_after.timestamp();
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
 }
+
+/// An authority that may be replaced while in use (a rotation): signers take the current one.
+#[derive(Debug)]
+pub struct SharedAuthority(std::sync::RwLock<std::sync::Arc<Authority>>);
+
+impl SharedAuthority {
+    /// Shares `authority`.
+    pub fn new(authority: Authority) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self(std::sync::RwLock::new(std::sync::Arc::new(authority))))
+    }
+
+    /// The authority signing now.
+    pub fn current(&self) -> std::sync::Arc<Authority> {
+        std::sync::Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Signs with `authority` from now on.
+    pub fn replace(&self, authority: Authority) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(authority);
+    }
+}

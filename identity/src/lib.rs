@@ -15,7 +15,7 @@ pub mod id;
 pub mod tls;
 pub mod transport;
 
-pub use authority::{Authority, Issued, Material};
+pub use authority::{Authority, Issued, Material, SharedAuthority};
 pub use id::{WorkloadId, sidecar_dns_name};
 pub use tls::Credentials;
 pub use transport::PeerInfo;

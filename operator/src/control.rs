@@ -60,13 +60,14 @@ pub struct ReviewedToken {
     pub error: Option<String>,
 }
 
-/// Decides whether a reviewed token proves the `Hello`'s identity. `pod_service_account` is the
-/// service account of the claimed pod as indexed (used when the token names no pod).
+/// Decides whether a reviewed token proves the `Hello`'s identity, and returns the service account
+/// it runs as. `pod_service_account` is the service account of the claimed pod as indexed (used
+/// when the token names no pod).
 pub fn check_identity(
     hello: &Hello,
     review: &ReviewedToken,
     pod_service_account: Option<&str>,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let Some(username) = &review.username else {
         return Err(format!(
             "token not authenticated{}",
@@ -93,9 +94,9 @@ pub fn check_identity(
             pods.join(","),
             hello.name
         )),
-        Some(_) => Ok(()),
+        Some(_) => Ok(account.to_owned()),
         None => match pod_service_account {
-            Some(sa) if sa == account => Ok(()),
+            Some(sa) if sa == account => Ok(account.to_owned()),
             Some(sa) => Err(format!(
                 "pod {:?} runs as service account {sa:?}, the token is {account:?}'s",
                 hello.name
@@ -133,9 +134,17 @@ impl SidecarAuth {
         })
     }
 
-    async fn check(&self, hello: &Hello, index: &Index) -> Result<(), String> {
+    /// The service account `hello`'s token proves (`Insecure`: the indexed pod's, unchecked).
+    async fn check(&self, hello: &Hello, index: &Index) -> Result<String, String> {
         let client = match self {
-            Self::Insecure => return Ok(()),
+            Self::Insecure => {
+                let key = SidecarKey::new(&hello.namespace, &hello.name);
+                return Ok(index
+                    .sidecar(&key)
+                    .map(|s| s.service_account)
+                    .filter(|sa| !sa.is_empty())
+                    .unwrap_or_else(|| "default".to_owned()));
+            }
             Self::TokenReview(client) => client,
         };
         if hello.token.is_empty() {
@@ -187,6 +196,10 @@ pub fn control_plane(
 impl MeshSource for IndexSource {
     /// Waits (briefly) for the index to be complete and to know the pod, then authenticates.
     async fn admit(&self, hello: &Hello, _session: u64) -> Result<(), String> {
+        self.service_account(hello).await.map(drop)
+    }
+
+    async fn service_account(&self, hello: &Hello) -> Result<String, String> {
         let key = SidecarKey::new(&hello.namespace, &hello.name);
         let mut changes = self.index.subscribe_changes();
         let known = async {
@@ -268,7 +281,10 @@ mod tests {
     #[test]
     fn a_bound_token_of_the_claimed_pod_is_accepted() {
         let r = review(Some("system:serviceaccount:shop:worker"), Some(&["w-1"]));
-        assert_eq!(check_identity(&hello("shop", "w-1"), &r, None), Ok(()));
+        assert_eq!(
+            check_identity(&hello("shop", "w-1"), &r, None),
+            Ok("worker".to_owned())
+        );
     }
 
     #[test]
@@ -285,7 +301,7 @@ mod tests {
         let r = review(Some("system:serviceaccount:shop:worker"), None);
         assert_eq!(
             check_identity(&hello("shop", "w-1"), &r, Some("worker")),
-            Ok(())
+            Ok("worker".to_owned())
         );
         assert!(check_identity(&hello("shop", "w-1"), &r, Some("admin")).is_err());
         assert!(check_identity(&hello("shop", "w-1"), &r, None).is_err());

@@ -11,6 +11,10 @@
 //! ```
 //! A view is sent only when it differs from the last one sent on this stream; versions increase per
 //! stream, starting above the `known_view_version` the sidecar reports.
+//!
+//! `Certify` signs a sidecar's own key with the mesh CA ([`ControlService::authority`]) for the
+//! identity [`MeshSource::service_account`] verified; with [`ControlService::tls`] the service
+//! is served over TLS, which sidecars verify against the trust bundle.
 
 use std::{
     pin::Pin,
@@ -28,9 +32,12 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use qmesh_identity::{SharedAuthority, WorkloadId, transport::ServerConfigs};
+
 use crate::{
     control::{
-        ControlUpdate, Hello, MeshStatus, Rejected, SidecarReport, Stats, StatusRequest,
+        Certified, CertifyRequest, ControlUpdate, Hello, MeshStatus, Rejected, SidecarReport,
+        Stats, StatusRequest,
         control_server::{Control, ControlServer},
         control_update::Update,
         sidecar_report::Report,
@@ -60,6 +67,10 @@ pub trait MeshSource: Send + Sync + 'static {
     /// Decides whether `hello` may join (and registers a self-announcing sidecar); may wait
     /// briefly, e.g. for the index to learn the pod. `Err` carries the reason sent in `Rejected`.
     async fn admit(&self, hello: &Hello, session: u64) -> Result<(), String>;
+
+    /// The service account `hello` proves to run as, for its certificate (checked as `admit`
+    /// checks, without registering anything). `Err` carries the reason the request is refused.
+    async fn service_account(&self, hello: &Hello) -> Result<String, String>;
 
     /// The sidecar's current view; `None` once it is no longer part of the mesh.
     fn view_for(&self, key: &SidecarKey) -> Option<MeshView>;
@@ -92,7 +103,13 @@ pub struct ControlService<S> {
     /// Joins not yet admitted (waiting for `Hello`, or being authenticated).
     joining: Arc<Semaphore>,
     max_joining: usize,
+    authority: Option<Arc<SharedAuthority>>,
+    certificate_ttl: Duration,
+    tls: Option<ServerConfigs>,
 }
+
+/// Largest certificate signing request accepted.
+const MAX_CSR_BYTES: usize = 16 * 1024;
 
 /// Joins that may be in admission at once by default: a flood of connections that never say
 /// `Hello`, or of tokens to review, waits its turn instead of piling up TokenReviews.
@@ -115,7 +132,23 @@ impl<S: MeshSource> ControlService<S> {
             shutdown,
             joining: Arc::new(Semaphore::new(MAX_JOINING)),
             max_joining: MAX_JOINING,
+            authority: None,
+            certificate_ttl: qmesh_identity::CERTIFICATE_TTL,
+            tls: None,
         }
+    }
+
+    /// Signs sidecar certificates with `authority`, valid for `ttl`.
+    pub fn authority(mut self, authority: Arc<SharedAuthority>, ttl: Duration) -> Self {
+        self.authority = Some(authority);
+        self.certificate_ttl = ttl;
+        self
+    }
+
+    /// Serves over TLS with the configuration `configs` gives at each handshake.
+    pub fn tls(mut self, configs: ServerConfigs) -> Self {
+        self.tls = Some(configs);
+        self
     }
 
     /// At most `max` joins in admission at once; more are refused with `RESOURCE_EXHAUSTED` (the
@@ -132,13 +165,26 @@ impl<S: MeshSource> ControlService<S> {
         listener: tokio::net::TcpListener,
     ) -> Result<(), tonic::transport::Error> {
         let shutdown = self.shutdown.clone();
-        tonic::transport::Server::builder()
-            .add_service(ControlServer::new(self))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                shutdown.cancelled_owned(),
-            )
-            .await
+        let tls = self.tls.clone();
+        let router = tonic::transport::Server::builder().add_service(ControlServer::new(self));
+        match tls {
+            Some(configs) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        qmesh_identity::transport::accept(listener, configs),
+                        shutdown.cancelled_owned(),
+                    )
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(listener),
+                        shutdown.cancelled_owned(),
+                    )
+                    .await
+            }
+        }
     }
 }
 
@@ -182,6 +228,58 @@ impl<S: MeshSource> Control for ControlService<S> {
         request: Request<StatusRequest>,
     ) -> Result<Response<MeshStatus>, Status> {
         self.source.status(request.get_ref()).map(Response::new)
+    }
+
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<Certified>, Status> {
+        let Some(authority) = &self.authority else {
+            return Err(Status::unimplemented(
+                "this control plane issues no certificates",
+            ));
+        };
+        let Ok(_admission) = Arc::clone(&self.joining).try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "{} sidecars are joining at once, the most this control plane admits together; retry shortly",
+                self.max_joining
+            )));
+        };
+        let CertifyRequest { hello, csr } = request.into_inner();
+        let hello = hello.ok_or_else(|| Status::invalid_argument("Certify without hello"))?;
+        if csr.len() > MAX_CSR_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the certificate signing request is {} bytes, more than {MAX_CSR_BYTES}",
+                csr.len()
+            )));
+        }
+        let service_account =
+            match tokio::time::timeout(HELLO_TIMEOUT, self.source.service_account(&hello)).await {
+                Ok(Ok(sa)) => sa,
+                Ok(Err(reason)) => {
+                    tracing::warn!(namespace = %hello.namespace, pod = %hello.name, %reason, "certificate refused");
+                    self.source.observe(JoinEvent::Rejected);
+                    return Err(Status::permission_denied(reason));
+                }
+                Err(_) => return Err(Status::deadline_exceeded("identity not verified within 10s")),
+            };
+        let ca = authority.current();
+        let id = WorkloadId {
+            trust_domain: ca.trust_domain().to_owned(),
+            namespace: hello.namespace.clone(),
+            service_account,
+            sidecar: hello.name.clone(),
+        };
+        let issued = ca
+            .issue(&csr, &id, self.certificate_ttl)
+            .map_err(|e| Status::invalid_argument(format!("cannot certify {id}: {e}")))?;
+        tracing::info!(identity = %id, "certificate issued");
+        Ok(Response::new(Certified {
+            certificate_chain: issued.chain_pem,
+            trust_bundle: issued.bundle_pem,
+            not_after: Some(issued.not_after.into()),
+            spiffe_id: id.spiffe_id(),
+        }))
     }
 }
 

@@ -45,6 +45,9 @@ pub struct DevArgs {
     /// Address to serve the control plane on (sidecars and `qmesh run` join it here).
     #[arg(long, env = "QMESH_DEV_LISTEN", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
+    /// Where the local CA is kept (made on first use); `qmesh run` and `qmesh get` trust its `ca.crt`.
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
     /// How often the manifests are checked for changes.
     #[arg(long, default_value = "500ms", value_parser = crate::parse_duration)]
     pub poll_interval: Duration,
@@ -64,19 +67,37 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             )
         })?;
     let shutdown = CancellationToken::new();
+    let ca_dir = args
+        .ca_dir
+        .clone()
+        .unwrap_or_else(crate::local_ca::default_dir);
+    let (authority, tls) = crate::local_ca::control_plane(
+        crate::local_ca::load_or_create(&ca_dir)?,
+        &[args.listen.ip()],
+    )?;
     {
         let summary = source.summary();
+        let bundle = crate::local_ca::bundle_path(&ca_dir);
         println!(
-            "qmesh dev: control plane on http://{} — {summary}",
+            "qmesh dev: control plane on https://{} — {summary}",
             listener.local_addr()?
         );
         println!(
-            "  join it with: qmesh run --app-id NAME --labels app=NAME --control-plane http://{} -- <command>",
-            listener.local_addr()?
+            "  local CA: {} (sidecars get certificates from it; peers speak mutual TLS)",
+            bundle.display()
+        );
+        println!(
+            "  join it with: qmesh run --app-id NAME --labels app=NAME --control-plane https://{} --trust-bundle {} -- <command>",
+            listener.local_addr()?,
+            bundle.display()
         );
     }
-    let server =
-        tokio::spawn(ControlService::new(Arc::clone(&source), shutdown.clone()).serve(listener));
+    let server = tokio::spawn(
+        ControlService::new(Arc::clone(&source), shutdown.clone())
+            .authority(authority, qmesh_identity::CERTIFICATE_TTL)
+            .tls(tls)
+            .serve(listener),
+    );
     let watcher = tokio::spawn(watch_manifests(
         manifests,
         stamp,

@@ -56,9 +56,12 @@ pub struct GetArgs {
     #[arg(
         long,
         env = "QMESH_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:7000"
+        default_value = "https://127.0.0.1:7000"
     )]
     pub control_plane: String,
+    /// Roots the local control plane's certificate must chain to (default: the local CA's `ca.crt`).
+    #[arg(long, env = "QMESH_TRUST_BUNDLE_FILE", value_name = "PATH")]
+    pub trust_bundle: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
@@ -73,7 +76,13 @@ pub async fn run(args: GetArgs) -> anyhow::Result<()> {
     };
     let status = match &args.kubeconfig {
         Some(path) => from_cluster(path, &namespace).await?,
-        None => from_control_plane(&args.control_plane, &namespace).await?,
+        None => {
+            let bundle = args
+                .trust_bundle
+                .clone()
+                .unwrap_or_else(|| crate::local_ca::bundle_path(&crate::local_ca::default_dir()));
+            from_control_plane(&args.control_plane, &bundle, &namespace).await?
+        }
     };
     let table = render(
         &status,
@@ -97,14 +106,15 @@ pub async fn run(args: GetArgs) -> anyhow::Result<()> {
 }
 
 /// The mesh status from a local control plane.
-pub async fn from_control_plane(endpoint: &str, namespace: &str) -> anyhow::Result<MeshStatus> {
+pub async fn from_control_plane(
+    endpoint: &str,
+    trust_bundle: &std::path::Path,
+    namespace: &str,
+) -> anyhow::Result<MeshStatus> {
     let hint = || {
         format!("no control plane at {endpoint} — is `qmesh dev` running? (or pass --kubeconfig)")
     };
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .with_context(|| format!("bad control-plane address {endpoint:?}"))?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .connect()
+    let channel = crate::local_ca::connect(endpoint, trust_bundle)
         .await
         .with_context(hint)?;
     let status = ControlClient::new(channel)

@@ -85,9 +85,16 @@ impl LocalMesh {
         let dir = tempfile::Builder::new().prefix("qmesh-local-").tempdir()?;
         let file = MeshFile::parse(manifests).context("the local mesh's manifests")?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let control_plane = format!("http://{}", listener.local_addr()?);
+        let control_plane = format!("https://{}", listener.local_addr()?);
         let control = CancellationToken::new();
-        let service = ControlService::new(Arc::new(DevSource::new(file).quiet()), control.clone());
+        // Its own CA: the mesh speaks mutual TLS like any other.
+        let ca_dir = dir.path().join("ca");
+        let (authority, tls) =
+            crate::local_ca::control_plane(crate::local_ca::load_or_create(&ca_dir)?, &[])?;
+        let trust_bundle = crate::local_ca::bundle_path(&ca_dir);
+        let service = ControlService::new(Arc::new(DevSource::new(file).quiet()), control.clone())
+            .authority(authority, qmesh_identity::CERTIFICATE_TTL)
+            .tls(tls);
         tokio::spawn(service.serve(listener));
 
         let mut local = Vec::new();
@@ -109,6 +116,8 @@ impl LocalMesh {
             .map(Into::into)
             .collect();
             argv.push(dir.path().join(name).into());
+            argv.push("--trust-bundle".into());
+            argv.push(trust_bundle.clone().into());
             argv.push("--addresses-file".into());
             argv.push(addresses_file.clone().into());
             argv.extend(extra.iter().map(Into::into));

@@ -11,6 +11,7 @@ mod dev;
 mod dlq;
 mod get;
 mod local;
+mod local_ca;
 mod progress;
 mod run;
 mod signals;

@@ -58,9 +58,13 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "QMESH_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:7000"
+        default_value = "https://127.0.0.1:7000"
     )]
     pub control_plane: String,
+    /// Roots the control plane's certificate must chain to (default: the local CA's `ca.crt`,
+    /// made by `qmesh dev`).
+    #[arg(long, env = "QMESH_TRUST_BUNDLE_FILE", value_name = "PATH")]
+    pub trust_bundle: Option<PathBuf>,
     /// The sidecar's message log (kept across runs). Default: `$XDG_STATE_HOME/qmesh/<namespace>/<app-id>`.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -133,6 +137,18 @@ impl Sidecar {
 /// Runs the command beside its sidecar; fails with [`ExitWith`] when the command does.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let binary = crate::local::sidecar_binary()?;
+    let trust_bundle = args
+        .trust_bundle
+        .clone()
+        .unwrap_or_else(|| crate::local_ca::bundle_path(&crate::local_ca::default_dir()));
+    if args.control_plane.starts_with("https://") && !trust_bundle.is_file() {
+        bail!(
+            "no trust bundle at {} to verify the control plane {} with — is `qmesh dev` running? \
+             (it makes the local CA; or pass --trust-bundle)",
+            trust_bundle.display(),
+            args.control_plane
+        );
+    }
     let data_dir = args
         .data_dir
         .clone()
@@ -167,6 +183,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut command = Command::new(&binary);
     command
         .args(["--control-plane", &args.control_plane])
+        .arg("--trust-bundle")
+        .arg(&trust_bundle)
         .args(["--name", &args.app_id, "--namespace", &args.namespace])
         .args(["--labels", &labels_flag])
         .args(["--peer-addr", &loopback(None).to_string()])

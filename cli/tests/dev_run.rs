@@ -42,6 +42,11 @@ fn qmesh() -> Command {
     );
     let mut command = Command::new(qmesh);
     command.env("QMESH_SIDECAR_BIN", sidecar);
+    // This test's own local CA (`qmesh dev` makes it, `qmesh run` / `get` trust it).
+    command.env(
+        "QMESH_LOCAL_CA_DIR",
+        std::env::temp_dir().join(format!("qmesh-test-ca-{}", std::process::id())),
+    );
     command
 }
 
@@ -156,7 +161,7 @@ fn qmesh_run_apps_exchange_messages_through_qmesh_dev() {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let control = format!("http://{listen}");
+    let control = format!("https://{listen}");
 
     let dev = Running::start(qmesh().args(["dev", "-f"]).arg(&manifests).args([
         "--listen",
@@ -334,7 +339,7 @@ fn qmesh_run_without_a_control_plane_says_what_to_start() {
         .port();
     let out = qmesh()
         .args(["run", "--app-id", "lonely", "--ready-timeout", "2s"])
-        .args(["--control-plane", &format!("http://127.0.0.1:{port}")])
+        .args(["--control-plane", &format!("https://127.0.0.1:{port}")])
         .arg("--data-dir")
         .arg(dir.path())
         .args(["--", "true"])
@@ -349,7 +354,7 @@ fn qmesh_run_without_a_control_plane_says_what_to_start() {
             "get",
             "queues",
             "--control-plane",
-            &format!("http://127.0.0.1:{port}"),
+            &format!("https://127.0.0.1:{port}"),
         ])
         .output()
         .unwrap();

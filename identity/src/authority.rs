@@ -91,9 +91,9 @@ impl Material {
     }
 }
 
-/// A new private key and a certificate signing request for it (DER). The request names the
-/// sidecar, but the authority decides what the certificate says.
-pub fn new_request(namespace: &str, sidecar: &str) -> Result<(KeyPair, Vec<u8>), Error> {
+/// A new private key (PKCS#8 PEM) and a certificate signing request for it (DER). The request
+/// names the sidecar, but the authority decides what the certificate says.
+pub fn new_request(namespace: &str, sidecar: &str) -> Result<(String, Vec<u8>), Error> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec![crate::sidecar_dns_name(namespace, sidecar)])?;
     params.distinguished_name.push(
@@ -101,7 +101,7 @@ pub fn new_request(namespace: &str, sidecar: &str) -> Result<(KeyPair, Vec<u8>),
         crate::sidecar_dns_name(namespace, sidecar),
     );
     let csr = params.serialize_request(&key)?;
-    Ok((key, csr.der().to_vec()))
+    Ok((key.serialize_pem(), csr.der().to_vec()))
 }
 
 /// A certificate authority.
@@ -239,7 +239,7 @@ impl Authority {
         let issued = self.issue(&csr, id, ttl)?;
         Ok(Material {
             chain_pem: issued.chain_pem,
-            key_pem: key.serialize_pem(),
+            key_pem: key,
             bundle_pem: issued.bundle_pem,
         })
     }

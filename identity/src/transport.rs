@@ -259,3 +259,48 @@ fn connector(
         fut
     })
 }
+
+/// A channel to a control plane at `url`: `https://` verified against `bundle_pem` (the server's
+/// certificate must be valid for the URL's host), `http://` plaintext. `configure` sets timeouts
+/// and the like on the endpoint.
+pub async fn connect_url(
+    url: &str,
+    bundle_pem: Option<&str>,
+    configure: impl FnOnce(Endpoint) -> Endpoint,
+) -> Result<Channel, UrlError> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        let endpoint =
+            configure(Endpoint::from_shared(url.to_owned()).map_err(UrlError::Transport)?);
+        return endpoint.connect().await.map_err(UrlError::Transport);
+    };
+    let plain =
+        configure(Endpoint::from_shared(format!("http://{rest}")).map_err(UrlError::Transport)?);
+    let host = plain
+        .uri()
+        .host()
+        .ok_or_else(|| UrlError::Setup(format!("{url:?} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let bundle = bundle_pem
+        .ok_or_else(|| UrlError::Setup(format!("no trust bundle to verify {url} with")))?;
+    let config =
+        Arc::new(crate::tls::verifying_client(bundle).map_err(|e| UrlError::Setup(e.to_string()))?);
+    connect(&plain, Arc::new(move || Arc::clone(&config)), &host)
+        .await
+        .map_err(|e| match e {
+            ConnectError::Identity(e) => UrlError::Setup(e.to_string()),
+            ConnectError::Transport(e) => UrlError::Transport(e),
+        })
+}
+
+/// Why [`connect_url`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    /// The URL, the bundle or the name is unusable.
+    #[error("{0}")]
+    Setup(String),
+    /// Connecting failed.
+    #[error("{0}")]
+    Transport(#[source] tonic::transport::Error),
+}

@@ -35,6 +35,14 @@ pub struct Args {
     #[arg(long, env = "QMESH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
 
+    /// Trust domain of the SPIFFE IDs in sidecar certificates.
+    #[arg(long, env = "QMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Lifetime of a sidecar certificate (renewed at half-life).
+    #[arg(long, env = "QMESH_CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub certificate_ttl: Duration,
+
     /// Service in front of the webhook (for the certificate's DNS names).
     #[arg(long, env = "QMESH_WEBHOOK_SERVICE", default_value = "qmesh-webhook")]
     pub webhook_service: String,
@@ -165,6 +173,10 @@ pub struct Config {
     pub insecure_skip_sidecar_auth: bool,
     /// Shortest interval between two status writes of one object when only its counters changed.
     pub status_interval: Duration,
+    /// Trust domain of sidecar SPIFFE IDs.
+    pub trust_domain: String,
+    /// Lifetime of sidecar certificates.
+    pub certificate_ttl: Duration,
 }
 
 impl Config {
@@ -180,6 +192,8 @@ impl Config {
             deletion_grace: Duration::from_secs(600),
             insecure_skip_sidecar_auth: false,
             status_interval: Duration::from_secs(2),
+            trust_domain: "cluster.local".into(),
+            certificate_ttl: qmesh_identity::CERTIFICATE_TTL,
         }
     }
 }
@@ -189,6 +203,8 @@ impl Config {
 pub struct WebhookConfig {
     /// The operator's namespace (the TLS Secret lives here).
     pub namespace: String,
+    /// Trust domain of the mesh CA (whose bundle injected sidecars trust).
+    pub trust_domain: String,
     /// HTTPS listen address.
     pub addr: SocketAddr,
     /// Service name for the certificate's DNS names.
@@ -236,6 +252,8 @@ impl Args {
             deletion_grace: self.deletion_grace,
             insecure_skip_sidecar_auth: self.insecure_skip_sidecar_auth,
             status_interval: Duration::from_secs(2),
+            trust_domain: self.trust_domain.clone(),
+            certificate_ttl: self.certificate_ttl,
         }
     }
 
@@ -243,6 +261,7 @@ impl Args {
     pub fn webhook(&self) -> WebhookConfig {
         WebhookConfig {
             namespace: self.namespace.clone(),
+            trust_domain: self.trust_domain.clone(),
             addr: self.webhook_addr,
             service: self.webhook_service.clone(),
             mutating_webhook_config: self.mutating_webhook_config.clone(),

@@ -15,6 +15,7 @@ pub mod control;
 pub mod controller;
 pub mod index;
 pub mod leader;
+pub mod mesh_ca;
 pub mod metrics;
 pub mod status;
 mod watch;
@@ -56,6 +57,9 @@ pub enum Error {
     /// The metrics server failed.
     #[error("metrics server: {0}")]
     Metrics(#[source] std::io::Error),
+    /// The mesh CA could not be loaded or created.
+    #[error("mesh CA: {0:#}")]
+    MeshCa(#[source] anyhow::Error),
 }
 
 /// Label on the operator pod that currently leads. The control-plane Service selects it, so every
@@ -123,6 +127,21 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         "starting"
     );
 
+    // The mesh CA signs sidecar certificates; the control plane is served with one of its own.
+    let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+    if !config.control_addr.ip().is_unspecified() {
+        ips.push(config.control_addr.ip());
+    }
+    let ca = mesh_ca::MeshCa::start(
+        client.clone(),
+        &config.namespace,
+        &config.trust_domain,
+        mesh_ca::control_dns_names(&config.namespace),
+        ips,
+    )
+    .await
+    .map_err(Error::MeshCa)?;
+
     let (leader_tx, leader_rx) = channel::channel(false);
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
     tasks.spawn(
@@ -143,8 +162,20 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         }
     });
     tasks.spawn({
-        let plane = control_plane(index.clone(), metrics.clone(), auth, shutdown.clone());
+        let plane = control_plane(index.clone(), metrics.clone(), auth, shutdown.clone())
+            .authority(Arc::clone(&ca.authority), config.certificate_ttl)
+            .tls(ca.server_configs());
         async move { plane.serve(control_listener).await.map_err(Error::Control) }
+    });
+    tasks.spawn({
+        let (ca, shutdown) = (Arc::clone(&ca), shutdown.clone());
+        async move {
+            tokio::select! {
+                () = ca.maintain(std::time::Duration::from_secs(60)) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+        .map_ok()
     });
     tasks.spawn(
         Elector::new(

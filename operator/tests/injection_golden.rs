@@ -19,6 +19,8 @@ fn template(native: bool) -> SidecarTemplate {
         log_level: "info".into(),
         data_size: "1Gi".into(),
         control_plane: "qmesh-control.qmesh-system.svc:7443".into(),
+        trust_bundle: "-----BEGIN CERTIFICATE-----\n(the mesh CA)\n-----END CERTIFICATE-----\n"
+            .into(),
         native,
     }
 }

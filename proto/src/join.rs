@@ -253,16 +253,24 @@ impl<S: MeshSource> Control for ControlService<S> {
                 csr.len()
             )));
         }
-        let service_account =
-            match tokio::time::timeout(HELLO_TIMEOUT, self.source.service_account(&hello)).await {
-                Ok(Ok(sa)) => sa,
-                Ok(Err(reason)) => {
-                    tracing::warn!(namespace = %hello.namespace, pod = %hello.name, %reason, "certificate refused");
-                    self.source.observe(JoinEvent::Rejected);
-                    return Err(Status::permission_denied(reason));
-                }
-                Err(_) => return Err(Status::deadline_exceeded("identity not verified within 10s")),
-            };
+        let service_account = match tokio::time::timeout(
+            HELLO_TIMEOUT,
+            self.source.service_account(&hello),
+        )
+        .await
+        {
+            Ok(Ok(sa)) => sa,
+            Ok(Err(reason)) => {
+                tracing::warn!(namespace = %hello.namespace, pod = %hello.name, %reason, "certificate refused");
+                self.source.observe(JoinEvent::Rejected);
+                return Err(Status::permission_denied(reason));
+            }
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "identity not verified within 10s",
+                ));
+            }
+        };
         let ca = authority.current();
         let id = WorkloadId {
             trust_domain: ca.trust_domain().to_owned(),

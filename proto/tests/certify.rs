@@ -28,7 +28,10 @@ impl MeshSource for Source {
         if hello.token == "good" && hello.namespace == "shop" {
             Ok("orders".into())
         } else {
-            Err(format!("token of {}/{} not valid", hello.namespace, hello.name))
+            Err(format!(
+                "token of {}/{} not valid",
+                hello.namespace, hello.name
+            ))
         }
     }
     fn view_for(&self, _key: &SidecarKey) -> Option<MeshView> {
@@ -54,7 +57,11 @@ fn hello(name: &str, token: &str) -> Hello {
 async fn a_verified_sidecar_gets_its_identity_signed_and_nobody_else_does() {
     let ca = Authority::generate("cluster.local", Duration::from_secs(86_400), None).unwrap();
     let serving = ca
-        .issue_server(&[], &["127.0.0.1".parse().unwrap()], Duration::from_secs(3600))
+        .issue_server(
+            &[],
+            &["127.0.0.1".parse().unwrap()],
+            Duration::from_secs(3600),
+        )
         .unwrap();
     let bundle = ca.bundle_pem().to_owned();
     let server_config = Arc::new(tls::plain_server(&serving).unwrap());
@@ -87,7 +94,10 @@ async fn a_verified_sidecar_gets_its_identity_signed_and_nobody_else_does() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(certified.spiffe_id, "spiffe://cluster.local/ns/shop/sa/orders");
+    assert_eq!(
+        certified.spiffe_id,
+        "spiffe://cluster.local/ns/shop/sa/orders"
+    );
     let leaf = tls::certificates(&certified.certificate_chain, "leaf").unwrap();
     let id = WorkloadId::from_certificate(&leaf[0]).unwrap();
     assert_eq!(id.sidecar, "orders-0");
@@ -117,10 +127,16 @@ async fn a_verified_sidecar_gets_its_identity_signed_and_nobody_else_does() {
     // A client trusting another CA does not get through the handshake.
     let other = Authority::generate("cluster.local", Duration::from_secs(86_400), None).unwrap();
     let wrong = Arc::new(tls::verifying_client(other.bundle_pem()).unwrap());
-    let failed =
-        qmesh_identity::transport::connect(&endpoint, Arc::new(move || Arc::clone(&wrong)), "127.0.0.1")
-            .await;
-    assert!(failed.is_err(), "a control plane of another CA must not be trusted");
+    let failed = qmesh_identity::transport::connect(
+        &endpoint,
+        Arc::new(move || Arc::clone(&wrong)),
+        "127.0.0.1",
+    )
+    .await;
+    assert!(
+        failed.is_err(),
+        "a control plane of another CA must not be trusted"
+    );
     // Plaintext gets no answer.
     let plain = async {
         let channel = endpoint.connect().await?;
@@ -130,7 +146,9 @@ async fn a_verified_sidecar_gets_its_identity_signed_and_nobody_else_does() {
             .map_err(|s| anyhow_like(s.to_string()))?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     };
-    let answer = tokio::time::timeout(Duration::from_secs(20), plain).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), plain)
+        .await
+        .unwrap();
     assert!(answer.is_err(), "plaintext must not be served");
     shutdown.cancel();
 }

@@ -65,6 +65,14 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_IDENTITY_DIR")]
     pub identity_dir: Option<PathBuf>,
 
+    /// Roots (PEM file) an `https://` control plane's certificate must chain to.
+    #[arg(long, env = "QMESH_TRUST_BUNDLE_FILE")]
+    pub trust_bundle: Option<PathBuf>,
+
+    /// The same roots inline (PEM), as the injector sets them.
+    #[arg(long, env = "QMESH_TRUST_BUNDLE", hide_env_values = true)]
+    pub trust_bundle_pem: Option<String>,
+
     /// File holding the token presented to the control plane (projected service-account token).
     #[arg(long, env = "QMESH_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,

@@ -390,49 +390,73 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     let (view_tx, view_rx) = watch::channel(Arc::new(initial));
     let (sidecar_tx, sidecar_rx) = watch::channel(None);
     let tasks = supervise::Supervisor::new();
+    let trust = control::ControlTrust::new(trust_bundle(&args)?);
+    let labels = args
+        .labels
+        .iter()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    let control_identity = control::Identity {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        peer_address: peer_address.clone(),
+        token_file: args.token_file.clone(),
+        labels,
+        incarnation,
+    };
     if let Some(path) = args.mesh_file.clone() {
         tasks.spawn(
             "mesh file",
             view::follow_mesh_file(path, namespace.clone(), name.clone(), view_tx.clone()),
         );
     } else if let Some(endpoint) = args.control_plane.clone() {
-        let labels = args
-            .labels
-            .iter()
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            })
-            .collect();
-        let identity = control::Identity {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            peer_address: peer_address.clone(),
-            token_file: args.token_file.clone(),
-            labels,
-            incarnation,
-        };
         tasks.spawn(
             "control plane",
-            control::follow(endpoint, identity, view_tx.clone(), sidecar_rx),
+            control::follow(
+                endpoint,
+                control_identity.clone(),
+                Arc::clone(&trust),
+                view_tx.clone(),
+                sidecar_rx,
+            ),
         );
     } else {
         anyhow::bail!("give either --mesh-file or --control-plane");
     }
 
-    // Who this sidecar is on the peer port.
-    let credentials = match &args.identity_dir {
-        Some(dir) => {
+    // Who this sidecar is on the peer port: there is no plaintext peer port.
+    let credentials = match (&args.identity_dir, &args.control_plane) {
+        (Some(dir), _) => {
             let (credentials, material) = identity::load(dir)?;
             tasks.spawn(
                 "identity reload",
                 identity::follow_dir(dir.clone(), Arc::clone(&credentials), material),
             );
-            Some(credentials)
+            credentials
         }
-        None => None,
+        (None, Some(endpoint)) => {
+            let material = control::first_certificate(endpoint, &control_identity, &trust).await;
+            let credentials = qmesh_identity::Credentials::new(&material)?;
+            tasks.spawn(
+                "certificate renewal",
+                control::renew(
+                    endpoint.clone(),
+                    control_identity.clone(),
+                    Arc::clone(&trust),
+                    Arc::clone(&credentials),
+                ),
+            );
+            credentials
+        }
+        (None, None) => anyhow::bail!(
+            "the peer port speaks mutual TLS only: give --identity-dir with a certificate from the \
+             mesh CA, or --control-plane to be issued one"
+        ),
     };
-    let dialer = identity::Dialer::new(credentials.clone(), view_rx.clone());
+    let dialer = identity::Dialer::new(Some(Arc::clone(&credentials)), view_rx.clone());
 
     let metrics = Arc::new(Metrics::default());
     let log_stats = disk.stats();
@@ -524,24 +548,17 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
                 me.clone(),
                 Arc::clone(&tasks),
                 sidecar.view.clone(),
-                credentials.is_some(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         );
-    let peer_server: futures::future::BoxFuture<'_, Result<(), tonic::transport::Error>> =
-        match &credentials {
-            Some(credentials) => {
-                let credentials = Arc::clone(credentials);
-                Box::pin(
-                    peer_router.serve_with_incoming(qmesh_identity::transport::accept(
-                        peer_listener,
-                        Arc::new(move || credentials.server()),
-                    )),
-                )
-            }
-            None => Box::pin(peer_router.serve_with_incoming(incoming(peer_listener))),
-        };
+    let peer_server = {
+        let credentials = Arc::clone(&credentials);
+        peer_router.serve_with_incoming(qmesh_identity::transport::accept(
+            peer_listener,
+            Arc::new(move || credentials.server()),
+        ))
+    };
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
@@ -597,6 +614,27 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The roots to verify the control plane with: `--trust-bundle-pem`, `--trust-bundle`, or the
+/// identity directory's `ca.crt`.
+fn trust_bundle(args: &RunArgs) -> anyhow::Result<Option<String>> {
+    if let Some(pem) = args
+        .trust_bundle_pem
+        .as_ref()
+        .filter(|p| !p.trim().is_empty())
+    {
+        return Ok(Some(pem.clone()));
+    }
+    if let Some(path) = &args.trust_bundle {
+        return std::fs::read_to_string(path)
+            .map(Some)
+            .with_context(|| format!("reading the trust bundle {}", path.display()));
+    }
+    Ok(args
+        .identity_dir
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join(qmesh_identity::authority::BUNDLE_FILE)).ok()))
 }
 
 /// How long a drain may run past the grace period (a last log write, releasing replicas) before the

@@ -46,8 +46,6 @@ pub struct PeerService {
     me: peer::SidecarId,
     tasks: Arc<crate::supervise::Supervisor>,
     view: ViewRx,
-    /// Whether callers are authenticated (mutual TLS); without, nothing is checked.
-    tls: bool,
 }
 
 impl PeerService {
@@ -59,7 +57,6 @@ impl PeerService {
         me: peer::SidecarId,
         tasks: Arc<crate::supervise::Supervisor>,
         view: ViewRx,
-        tls: bool,
     ) -> Self {
         Self {
             consumers,
@@ -68,15 +65,11 @@ impl PeerService {
             me,
             tasks,
             view,
-            tls,
         }
     }
 
     /// The authenticated caller, which must be a sidecar of this namespace.
     fn caller<T>(&self, request: &Request<T>) -> Result<Option<Arc<WorkloadId>>, Status> {
-        if !self.tls {
-            return Ok(None);
-        }
         let id = PeerInfo::require(request.extensions().get::<PeerInfo>())?;
         if id.namespace != self.me.namespace {
             return Err(Status::permission_denied(format!(

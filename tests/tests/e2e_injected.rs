@@ -116,9 +116,13 @@ impl Kubelet {
         // Cluster DNS: the control-plane Service resolves to the operator.
         assert_eq!(
             env["QMESH_CONTROL_PLANE"],
-            "http://qmesh-control.qmesh-system.svc:7443"
+            "https://qmesh-control.qmesh-system.svc:7443"
         );
-        env.insert("QMESH_CONTROL_PLANE".into(), format!("http://{control}"));
+        assert!(
+            env["QMESH_TRUST_BUNDLE"].contains("BEGIN CERTIFICATE"),
+            "the injected sidecar trusts the mesh CA"
+        );
+        env.insert("QMESH_CONTROL_PLANE".into(), format!("https://{control}"));
         env.insert(
             "QMESH_TOKEN_FILE".into(),
             dir.join("token").display().to_string(),
@@ -226,6 +230,7 @@ async fn injected_pods_authenticate_exchange_messages_and_show_up_in_status() {
         log_level: "info".into(),
         data_size: "1Gi".into(),
         control_plane: "qmesh-control.qmesh-system.svc:7443".into(),
+        trust_bundle: mesh_trust_bundle(&client).await,
         native: false,
     };
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))

@@ -54,14 +54,15 @@ struct PodSidecar {
 }
 
 impl PodSidecar {
-    fn start(name: &str, control: SocketAddr, n: u8) -> Self {
+    fn start(name: &str, control: SocketAddr, bundle: &str, n: u8) -> Self {
         let ip = Ipv4Addr::new(127, 77, std::process::id() as u8, n);
         let data = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(data.path().join("sidecar.log")).unwrap();
         let child = Command::new(sidecar_binary())
+            .env("QMESH_TRUST_BUNDLE", bundle)
             .args([
                 "--control-plane",
-                &format!("http://{control}"),
+                &format!("https://{control}"),
                 "--name",
                 name,
                 "--namespace",
@@ -206,6 +207,7 @@ async fn messages_flow_between_pods_through_the_operators_views_and_reroute_when
     let operator = Operator::start(client.clone(), "operator-0", |c| {
         c.insecure_skip_sidecar_auth = true
     });
+    let bundle = mesh_trust_bundle(&client).await;
 
     let queues: Api<Queue> = Api::default_namespaced(client.clone());
     let subs: Api<Subscription> = Api::default_namespaced(client.clone());
@@ -233,7 +235,7 @@ async fn messages_flow_between_pods_through_the_operators_views_and_reroute_when
         .enumerate()
     {
         create_pod(&client, &sidecar_pod(pod, app)).await;
-        let s = PodSidecar::start(pod, operator.control_addr, i as u8 + 1);
+        let s = PodSidecar::start(pod, operator.control_addr, &bundle, i as u8 + 1);
         set_pod_ready(&client, pod, &s.ip.to_string(), true).await;
         sidecars.push(s);
     }
@@ -259,7 +261,7 @@ async fn messages_flow_between_pods_through_the_operators_views_and_reroute_when
 
     // A second consumer pod appears, the first goes away (killed, pod deleted): new orders reroute.
     create_pod(&client, &sidecar_pod("billing-2", "billing")).await;
-    let s2 = PodSidecar::start("billing-2", operator.control_addr, 3);
+    let s2 = PodSidecar::start("billing-2", operator.control_addr, &bundle, 3);
     set_pod_ready(&client, "billing-2", &s2.ip.to_string(), true).await;
     s2.wait_ready().await;
     let seen2 = Arc::new(Mutex::new(Vec::new()));
@@ -323,6 +325,7 @@ async fn sidecars_keep_serving_their_last_view_while_the_operator_is_away_and_re
         })
     };
     let operator = start_operator("operator-a");
+    let bundle = mesh_trust_bundle(&client).await;
     let queues: Api<Queue> = Api::default_namespaced(client.clone());
     let subs: Api<Subscription> = Api::default_namespaced(client.clone());
     queues
@@ -344,7 +347,7 @@ async fn sidecars_keep_serving_their_last_view_while_the_operator_is_away_and_re
         .enumerate()
     {
         create_pod(&client, &sidecar_pod(pod, app)).await;
-        let s = PodSidecar::start(pod, operator.control_addr, i as u8 + 11);
+        let s = PodSidecar::start(pod, operator.control_addr, &bundle, i as u8 + 11);
         set_pod_ready(&client, pod, &s.ip.to_string(), true).await;
         sidecars.push(s);
     }
@@ -368,7 +371,7 @@ async fn sidecars_keep_serving_their_last_view_while_the_operator_is_away_and_re
     // a second consumer pod appearing now gets traffic.
     let operator = start_operator("operator-b");
     create_pod(&client, &sidecar_pod("billing-2", "billing")).await;
-    let s3 = PodSidecar::start("billing-2", operator.control_addr, 13);
+    let s3 = PodSidecar::start("billing-2", operator.control_addr, &bundle, 13);
     set_pod_ready(&client, "billing-2", &s3.ip.to_string(), true).await;
     s3.wait_ready().await;
     let seen2 = Arc::new(Mutex::new(Vec::new()));

@@ -254,6 +254,8 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
         ("create", "secrets", "qmesh-system"),
         ("get", "secrets/qmesh-webhook-tls", "qmesh-system"),
         ("update", "secrets/qmesh-webhook-tls", "qmesh-system"),
+        ("get", "secrets/qmesh-mesh-ca", "qmesh-system"),
+        ("update", "secrets/qmesh-mesh-ca", "qmesh-system"),
         (
             "patch",
             "mutatingwebhookconfigurations/qmesh-sidecar-injector",

@@ -28,9 +28,16 @@ struct Sidecar {
 
 impl Sidecar {
     async fn join(operator: &Operator, name: &str, token: &str) -> Self {
-        let mut client = ControlClient::connect(format!("http://{}", operator.control_addr))
-            .await
-            .unwrap();
+        // Over TLS, verified against the mesh CA the operator made.
+        let bundle = mesh_trust_bundle(&operator.client).await;
+        let channel = qmesh_identity::transport::connect_url(
+            &format!("https://{}", operator.control_addr),
+            Some(&bundle),
+            |e| e,
+        )
+        .await
+        .unwrap();
+        let mut client = ControlClient::new(channel);
         let (reports, rx) = mpsc::channel(16);
         reports
             .send(SidecarReport {

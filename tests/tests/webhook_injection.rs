@@ -113,6 +113,7 @@ async fn the_api_server_calls_the_webhooks_and_rotation_keeps_them_working() {
     .unwrap();
     let config = qmesh_operator::WebhookConfig {
         namespace: "default".into(),
+        trust_domain: "cluster.local".into(),
         addr: ([127, 0, 0, 1], port).into(),
         service: "qmesh-webhook".into(),
         mutating_webhook_config: "qmesh-sidecar-injector".into(),

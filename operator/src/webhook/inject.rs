@@ -49,8 +49,10 @@ pub struct SidecarTemplate {
     pub log_level: String,
     /// Data volume size (`1Gi`).
     pub data_size: String,
-    /// Control plane address sidecars dial (`host:port`).
+    /// Control plane address sidecars dial (`host:port`, over TLS).
     pub control_plane: String,
+    /// The mesh CA's roots (PEM): sidecars verify the control plane with them.
+    pub trust_bundle: String,
     /// Inject as a native sidecar (API server ≥ 1.29).
     pub native: bool,
 }
@@ -199,8 +201,9 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
                 field_env("POD_IP", "status.podIP"),
                 env(
                     "QMESH_CONTROL_PLANE",
-                    &format!("http://{}", template.control_plane),
+                    &format!("https://{}", template.control_plane),
                 ),
+                env("QMESH_TRUST_BUNDLE", &template.trust_bundle),
                 env("QMESH_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
                 env("QMESH_PEER_ADDR", "0.0.0.0:7070"),
                 env("QMESH_GRPC_LISTEN", "127.0.0.1:7071"),

@@ -32,6 +32,8 @@ use crate::config::WebhookConfig;
 struct AppState {
     template: SidecarTemplate,
     events: Option<Client>,
+    /// The mesh CA's bundle as it changes; injected instead of the template's when given.
+    bundle: Option<tokio::sync::watch::Receiver<String>>,
 }
 
 /// The HTTP routes (without TLS), for tests and for [`serve`]. With `events`, skipped injections
@@ -40,7 +42,27 @@ pub fn router(template: SidecarTemplate, events: Option<Client>) -> Router {
     Router::new()
         .route("/inject", post(inject_handler))
         .route("/validate", post(validate_handler))
-        .with_state(Arc::new(AppState { template, events }))
+        .with_state(Arc::new(AppState {
+            template,
+            events,
+            bundle: None,
+        }))
+}
+
+/// [`router`] injecting the mesh CA's current `bundle`.
+fn router_following(
+    template: SidecarTemplate,
+    events: Option<Client>,
+    bundle: tokio::sync::watch::Receiver<String>,
+) -> Router {
+    Router::new()
+        .route("/inject", post(inject_handler))
+        .route("/validate", post(validate_handler))
+        .with_state(Arc::new(AppState {
+            template,
+            events,
+            bundle: Some(bundle),
+        }))
 }
 
 /// Records a Warning Event about a pod being created (it has no UID yet, so it is named).
@@ -95,6 +117,7 @@ pub fn template(config: &WebhookConfig, native: bool) -> SidecarTemplate {
         log_level: config.sidecar_log_level.clone(),
         data_size: config.sidecar_data_size.clone(),
         control_plane: config.control_plane_address.clone(),
+        trust_bundle: String::new(),
         native,
     }
 }
@@ -124,7 +147,14 @@ async fn inject_handler(
             );
         }
     };
-    let response = decide_injection(&request, &state.template);
+    let response = match &state.bundle {
+        Some(bundle) => {
+            let mut template = state.template.clone();
+            template.trust_bundle = bundle.borrow().clone();
+            decide_injection(&request, &template)
+        }
+        None => decide_injection(&request, &state.template),
+    };
     if response.warnings.is_some()
         && let Some(client) = state.events.clone()
     {
@@ -268,10 +298,18 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding the webhook on {}", config.addr))?;
     tracing::info!(addr = %config.addr, native_sidecars = native, "admission webhooks listening");
+    let bundle = crate::mesh_ca::follow_bundle(
+        client.clone(),
+        config.namespace.clone(),
+        config.trust_domain.clone(),
+        Duration::from_secs(30),
+    )
+    .await
+    .context("reading the mesh CA's trust bundle")?;
     serve_tls(
         listener,
         resolver,
-        router(template(&config, native), Some(client.clone())),
+        router_following(template(&config, native), Some(client.clone()), bundle),
         shutdown,
     )
     .await

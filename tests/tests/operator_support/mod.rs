@@ -58,6 +58,8 @@ pub async fn install_crds(server: &KubeApiServer) {
 /// An operator replica running in-process.
 pub struct Operator {
     pub control_addr: SocketAddr,
+    #[allow(dead_code)]
+    pub client: Client,
     pub metrics_addr: SocketAddr,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -75,13 +77,14 @@ impl Operator {
         let shutdown = CancellationToken::new();
         let (control_addr, metrics_addr) = (config.control_addr, config.metrics_addr);
         let task = tokio::spawn({
-            let shutdown = shutdown.clone();
+            let (shutdown, client) = (shutdown.clone(), client.clone());
             async move {
                 qmesh_operator::run(config, client, shutdown).await.unwrap();
             }
         });
         Self {
             control_addr,
+            client,
             metrics_addr,
             shutdown,
             task,
@@ -271,4 +274,23 @@ pub async fn bound_token(client: &Client, namespace: &str, account: &str, pod: &
         .unwrap()
         .token
         .unwrap()
+}
+
+/// The mesh CA's trust bundle, once an operator in namespace `default` has made the CA.
+#[allow(dead_code)]
+pub async fn mesh_trust_bundle(client: &Client) -> String {
+    use k8s_openapi::api::core::v1::Secret;
+    let secrets: Api<Secret> = Api::default_namespaced(client.clone());
+    wait_for("the operator to make the mesh CA", DEADLINE, || {
+        let secrets = secrets.clone();
+        async move {
+            let secret = secrets
+                .get_opt(qmesh_operator::mesh_ca::SECRET)
+                .await
+                .ok()??;
+            String::from_utf8(secret.data?.get("ca.crt")?.0.clone()).ok()
+        }
+    })
+    .await
+    .unwrap()
 }

@@ -93,7 +93,7 @@ fn chart_crds_are_the_generated_crds() {
 
 #[test]
 fn helm_template_matches_the_golden_files() {
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 4] = [
         ("default", &[]),
         (
             "cert-manager",
@@ -103,6 +103,10 @@ fn helm_template_matches_the_golden_files() {
                 "--set",
                 "webhook.certManager.issuerRef.name=ca-issuer",
             ],
+        ),
+        (
+            "mesh-network-policy",
+            &["--set", "networkPolicy.meshNamespaces={shop,billing}"],
         ),
         (
             "ha-monitored",
@@ -203,7 +207,7 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
         server
             .kubectl([
                 "get",
-                "deployment,service,serviceaccount",
+                "deployment,service,serviceaccount,networkpolicy",
                 "-n",
                 "qmesh-system",
                 "-o",
@@ -216,6 +220,7 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
         "service/qmesh-webhook",
         "service/qmesh-control",
         "serviceaccount/qmesh-operator",
+        "networkpolicy.networking.k8s.io/qmesh-operator",
     ] {
         assert!(objects.contains(want), "{want} missing: {objects}");
     }

@@ -339,5 +339,10 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(INJECTED.into(), "true".into());
+    // Also a label, for the chart's NetworkPolicies (which select pods by label).
+    out.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INJECTED.into(), "true".into());
     Ok(out)
 }

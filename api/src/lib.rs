@@ -22,7 +22,7 @@ pub use duration::{Duration, DurationError};
 pub use queue::{
     Durability, Ordering, Overflow, PublishAck, Queue, QueueSpec, QueueStatus, RateLimit, Retention,
 };
-pub use selector::labels_match;
+pub use selector::{PodSelector, labels_match};
 pub use sidecar::{SidecarDocument, SidecarMetadata, SidecarSpec};
 pub use size::ByteSize;
 pub use start::{StartAt, StartAtError};

@@ -1,11 +1,11 @@
 //! The `Queue` resource: a named destination in a namespace that producers publish to.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{ByteSize, Duration};
+use crate::{ByteSize, Duration, PodSelector};
 
 /// A Queue: a named destination that producers publish to. Every Subscription of the Queue receives
 /// every message; a message is owned by the sidecar it was published to until every Subscription has
@@ -27,10 +27,10 @@ use crate::{ByteSize, Duration};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct QueueSpec {
-    /// Pods allowed to publish to this Queue, selected by labels. When absent, any qmesh-injected pod
-    /// of the namespace may publish.
+    /// Pods allowed to publish to this Queue, selected by labels and optionally by service account
+    /// (`serviceAccounts`). When absent, any qmesh-injected pod of the namespace may publish.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub publishers: Option<LabelSelector>,
+    pub publishers: Option<PodSelector>,
 
     /// Where the owner sidecar keeps messages: `Disk` (a log on the pod's emptyDir, survives sidecar
     /// restarts) or `Memory` (fastest, survives nothing, still bounded).

@@ -1,11 +1,67 @@
-//! Label selectors (`matchLabels` + `matchExpressions`) evaluated against a pod's labels, with the
-//! checks the API server does not make for a selector embedded in a custom resource.
+//! Pod selectors of `publishers` / `consumers`: labels (`matchLabels` + `matchExpressions`) and
+//! optionally the service accounts the pods must run as, evaluated against a sidecar's labels and
+//! service account, with the checks the API server does not make for a selector embedded in a
+//! custom resource.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::validate::FieldError;
+
+/// Which pods: a label selector, and optionally the service accounts they must run as (both must
+/// hold). Labels are chosen by whoever creates a pod; a service account is proven (TokenReview, then
+/// the sidecar's certificate), so `serviceAccounts` is what makes a selector a security boundary.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSelector {
+    /// `matchLabels` and `matchExpressions`, as in a Kubernetes label selector.
+    #[serde(flatten)]
+    pub labels: LabelSelector,
+    /// Only pods running as one of these service accounts of the namespace. Absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<Vec<String>>,
+}
+
+impl PodSelector {
+    /// Whether a pod with `labels` running as `service_account` is selected.
+    pub fn matches(&self, labels: &BTreeMap<String, String>, service_account: &str) -> bool {
+        labels_match(&self.labels, labels)
+            && self
+                .service_accounts
+                .as_ref()
+                .is_none_or(|accounts| accounts.iter().any(|a| a == service_account))
+    }
+}
+
+impl From<LabelSelector> for PodSelector {
+    fn from(labels: LabelSelector) -> Self {
+        Self {
+            labels,
+            service_accounts: None,
+        }
+    }
+}
+
+/// Checks a pod selector: its label expressions, and service accounts that are DNS names.
+pub(crate) fn check_pod_selector(selector: &PodSelector, path: &str, errors: &mut Vec<FieldError>) {
+    check_selector(&selector.labels, path, errors);
+    for (i, account) in selector.service_accounts.iter().flatten().enumerate() {
+        let ok = !account.is_empty()
+            && account.len() <= 253
+            && account
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !ok {
+            errors.push(FieldError::new(
+                format!("{path}.serviceAccounts[{i}]"),
+                format!("{account:?} is not a service account name"),
+            ));
+        }
+    }
+}
 
 /// Whether `labels` are selected by `selector`. An empty selector selects everything, as in Kubernetes.
 /// Expressions with an unknown operator select nothing (and are refused by validation).
@@ -110,6 +166,37 @@ mod tests {
             &selector,
             &labels(&[("app", "shipping"), ("tier", "worker")])
         ));
+    }
+
+    #[test]
+    fn service_accounts_must_match_too_and_are_checked() {
+        let selector = PodSelector {
+            labels: LabelSelector {
+                match_labels: Some(labels(&[("app", "billing")])),
+                ..Default::default()
+            },
+            service_accounts: Some(vec!["billing".into()]),
+        };
+        let billing = labels(&[("app", "billing")]);
+        assert!(selector.matches(&billing, "billing"));
+        assert!(
+            !selector.matches(&billing, "default"),
+            "labels alone are not enough"
+        );
+        assert!(!selector.matches(&labels(&[]), "billing"));
+        assert!(PodSelector::default().matches(&labels(&[]), "anyone"));
+        // YAML: the service accounts sit next to matchLabels.
+        let parsed: PodSelector =
+            serde_yaml::from_str("{matchLabels: {app: billing}, serviceAccounts: [billing]}")
+                .unwrap();
+        assert_eq!(parsed, selector);
+        let mut errors = Vec::new();
+        let bad = PodSelector {
+            service_accounts: Some(vec!["Not Valid".into()]),
+            ..Default::default()
+        };
+        check_pod_selector(&bad, "spec.publishers", &mut errors);
+        assert_eq!(errors[0].field, "spec.publishers.serviceAccounts[0]");
     }
 
     #[test]

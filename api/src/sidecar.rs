@@ -47,4 +47,7 @@ pub struct SidecarSpec {
     /// Health and Prometheus metrics.
     #[serde(default)]
     pub admin_address: String,
+    /// The service account it runs as, for `serviceAccounts` in selectors (default `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
 }

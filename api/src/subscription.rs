@@ -2,12 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{Duration, RateLimit, StartAt};
+use crate::{Duration, PodSelector, RateLimit, StartAt};
 
 /// A Subscription: a named consumer group on one Queue. It receives every message of the Queue
 /// (publish/subscribe); inside it, each message goes to exactly one consumer pod (competing consumers).
@@ -34,8 +34,9 @@ pub struct SubscriptionSpec {
     #[schemars(length(min = 1, max = 253))]
     pub queue: String,
 
-    /// Consumer pods of this Subscription, selected by labels. Each message goes to exactly one of them.
-    pub consumers: LabelSelector,
+    /// Consumer pods of this Subscription, selected by labels and optionally by service account
+    /// (`serviceAccounts`). Each message goes to exactly one of them.
+    pub consumers: PodSelector,
 
     /// How messages reach the consumer pods.
     #[serde(default)]

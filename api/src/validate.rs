@@ -8,7 +8,8 @@ use std::fmt;
 use kube::ResourceExt;
 
 use crate::{
-    DeliveryMode, Durability, Overflow, Queue, RateLimit, Subscription, selector::check_selector,
+    DeliveryMode, Durability, Overflow, Queue, RateLimit, Subscription,
+    selector::check_pod_selector,
 };
 
 /// Largest `maxMessageBytes` a Queue may ask for.
@@ -83,7 +84,7 @@ impl Validate for Queue {
         let mut errors = Vec::new();
         let spec = &self.spec;
         if let Some(selector) = &spec.publishers {
-            check_selector(selector, "spec.publishers", &mut errors);
+            check_pod_selector(selector, "spec.publishers", &mut errors);
         }
         match spec.max_message_bytes.bytes() {
             Ok(0) => errors.push(FieldError::new(
@@ -170,7 +171,7 @@ impl Validate for Subscription {
         let mut errors = Vec::new();
         let spec = &self.spec;
         check_name(&spec.queue, "spec.queue", &mut errors);
-        check_selector(&spec.consumers, "spec.consumers", &mut errors);
+        check_pod_selector(&spec.consumers, "spec.consumers", &mut errors);
         let delivery = &spec.delivery;
         if !(1..=10_000).contains(&delivery.max_in_flight) {
             errors.push(FieldError::new(
@@ -324,7 +325,7 @@ mod tests {
             "billing",
             SubscriptionSpec {
                 queue: queue.into(),
-                consumers: LabelSelector::default(),
+                consumers: LabelSelector::default().into(),
                 delivery: Default::default(),
                 rate_limit: None,
                 retry: Default::default(),

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Args;
-use qmesh_api::{Queue, SidecarDocument, Subscription, labels_match};
+use qmesh_api::{Queue, SidecarDocument, Subscription};
 use qmesh_core::{MeshFile, MeshState, MeshView, SidecarInfo, SidecarKey};
 use qmesh_proto::{
     control::{
@@ -361,14 +361,14 @@ impl State {
         })
     }
 
-    fn ready_labels<'a>(
+    fn ready_sidecars<'a>(
         &'a self,
         namespace: &'a str,
-    ) -> impl Iterator<Item = &'a BTreeMap<String, String>> + 'a {
+    ) -> impl Iterator<Item = &'a SidecarInfo> + 'a {
         self.mesh
             .sidecars()
             .filter(move |(k, info)| k.namespace == namespace && info.ready)
-            .map(|(_, info)| &info.labels)
+            .map(|(_, info)| info)
     }
 
     fn stats_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Stats> + 'a {
@@ -414,6 +414,7 @@ impl MeshSource for DevSource {
                         .iter()
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
+                    service_account: LOCAL_SERVICE_ACCOUNT.to_owned(),
                     peer_address: hello.peer_address.clone(),
                     ready: true,
                 };
@@ -529,11 +530,11 @@ impl State {
             dead_letter_queue: q.spec.dead_letter_queue.clone().unwrap_or_default(),
             ..Default::default()
         };
-        row.publishers = count(self.ready_labels(ns).filter(|labels| {
+        row.publishers = count(self.ready_sidecars(ns).filter(|s| {
             q.spec
                 .publishers
                 .as_ref()
-                .is_none_or(|sel| labels_match(sel, labels))
+                .is_none_or(|sel| sel.matches(&s.labels, &s.service_account))
         }));
         row.subscriptions =
             count(self.file.subscriptions.iter().filter(|s| {
@@ -558,10 +559,11 @@ impl State {
             mode: format!("{:?}", s.spec.delivery.mode),
             ..Default::default()
         };
-        row.consumers = count(
-            self.ready_labels(ns)
-                .filter(|labels| labels_match(&s.spec.consumers, labels)),
-        );
+        row.consumers = count(self.ready_sidecars(ns).filter(|info| {
+            s.spec
+                .consumers
+                .matches(&info.labels, &info.service_account)
+        }));
         for stats in self.stats_in(ns).flat_map(|s| &s.subscriptions) {
             if stats.subscription == name {
                 row.backlog += stats.backlog;

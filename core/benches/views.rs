@@ -10,11 +10,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use qmesh_api::{Queue, QueueSpec, Subscription, SubscriptionSpec};
 use qmesh_core::{MeshState, SidecarInfo, SidecarKey};
 
-fn selector(app: &str) -> LabelSelector {
-    LabelSelector {
+fn selector(app: &str) -> qmesh_api::PodSelector {
+    qmesh_api::PodSelector::from(LabelSelector {
         match_labels: Some([("app".to_owned(), app.to_owned())].into()),
         ..Default::default()
-    }
+    })
 }
 
 fn main() {
@@ -58,6 +58,7 @@ fn main() {
             SidecarKey::new("shop", format!("pod-{p}")),
             SidecarInfo {
                 labels: BTreeMap::from([("app".to_owned(), app)]),
+                service_account: "default".into(),
                 peer_address: format!("198.18.{}.{}:7070", p / 250, p % 250),
                 ready: true,
             },

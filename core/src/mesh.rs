@@ -5,9 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use qmesh_api::{
-    Delivery, Filter, Queue, QueueSpec, RateLimit, Retry, Subscription, Validate, labels_match,
-};
+use qmesh_api::{Delivery, Filter, Queue, QueueSpec, RateLimit, Retry, Subscription, Validate};
 
 /// Identifies a sidecar: its pod's (or mesh-file document's) namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -33,6 +31,8 @@ impl SidecarKey {
 pub struct SidecarInfo {
     /// Its pod's labels.
     pub labels: BTreeMap<String, String>,
+    /// Its pod's service account (`default` for a local sidecar).
+    pub service_account: String,
     /// `ip:port` of its Peer API.
     pub peer_address: String,
     /// Whether it can take traffic (pod Ready, or a local sidecar that joined).
@@ -290,7 +290,7 @@ impl MeshState {
                 if q.spec
                     .publishers
                     .as_ref()
-                    .is_none_or(|sel| labels_match(sel, &info.labels))
+                    .is_none_or(|sel| sel.matches(&info.labels, &info.service_account))
                 {
                     publishable.insert(name.clone());
                 }
@@ -323,7 +323,10 @@ impl MeshState {
                     if key.namespace != *ns {
                         break;
                     }
-                    if labels_match(&s.spec.consumers, &info.labels) {
+                    if s.spec
+                        .consumers
+                        .matches(&info.labels, &info.service_account)
+                    {
                         d.served
                             .entry(key.clone())
                             .or_default()
@@ -454,7 +457,7 @@ pub fn split_rate(limit: &RateLimit, consumers: usize) -> RateLimit {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-    use qmesh_api::{QueueSpec, SubscriptionSpec};
+    use qmesh_api::{PodSelector, QueueSpec, SubscriptionSpec};
 
     use super::*;
 
@@ -465,11 +468,12 @@ mod tests {
             .collect()
     }
 
-    fn selector(pairs: &[(&str, &str)]) -> LabelSelector {
+    fn selector(pairs: &[(&str, &str)]) -> PodSelector {
         LabelSelector {
             match_labels: Some(labels(pairs)),
             ..Default::default()
         }
+        .into()
     }
 
     fn queue(name: &str, spec: QueueSpec) -> Queue {
@@ -502,6 +506,7 @@ mod tests {
             key.clone(),
             SidecarInfo {
                 labels: labels(&[("app", app)]),
+                service_account: "default".into(),
                 peer_address: format!("{name}:7000"),
                 ready,
             },
@@ -541,6 +546,70 @@ mod tests {
         sidecar(&mut mesh, "billing-3", "billing", false);
         sidecar(&mut mesh, "shipping-1", "shipping", true);
         mesh
+    }
+
+    #[test]
+    fn service_accounts_in_selectors_narrow_publishers_consumers_and_peers() {
+        let mut mesh = shop();
+        let mut orders = queue(
+            "orders",
+            QueueSpec {
+                publishers: Some(selector(&[("app", "checkout")])),
+                ..Default::default()
+            },
+        );
+        orders.spec.publishers.as_mut().unwrap().service_accounts = Some(vec!["checkout".into()]);
+        mesh.apply_queue(orders);
+        let mut billing = subscription("billing", "orders", "billing");
+        billing.spec.consumers.service_accounts = Some(vec!["billing".into()]);
+        mesh.apply_subscription(billing);
+        // checkout-1 and billing-1 run as `default`: labels alone no longer select them.
+        let as_account = |mesh: &mut MeshState, name: &str, app: &str, sa: &str| {
+            mesh.apply_sidecar(
+                SidecarKey::new("shop", name),
+                SidecarInfo {
+                    labels: labels(&[("app", app)]),
+                    service_account: sa.into(),
+                    peer_address: format!("{name}:7000"),
+                    ready: true,
+                },
+            );
+        };
+        as_account(&mut mesh, "checkout-2", "checkout", "checkout");
+        as_account(&mut mesh, "billing-4", "billing", "billing");
+        let view = |name: &str| mesh.view_for(&SidecarKey::new("shop", name)).unwrap();
+        let may_publish = |name: &str| {
+            view(name)
+                .queues
+                .iter()
+                .any(|q| q.name == "orders" && q.app_may_publish)
+        };
+        assert!(
+            !may_publish("checkout-1"),
+            "right labels, wrong service account"
+        );
+        assert!(may_publish("checkout-2"));
+        let consumers: Vec<String> = view("checkout-2")
+            .queues
+            .iter()
+            .find(|q| q.name == "orders")
+            .unwrap()
+            .routes
+            .iter()
+            .find(|r| r.subscription == "billing")
+            .unwrap()
+            .consumers
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        assert_eq!(consumers, ["billing-4"]);
+        // A sidecar that may not own the queue is nobody's peer for it.
+        assert!(
+            !view("checkout-2")
+                .peers
+                .iter()
+                .any(|p| p.name == "checkout-1")
+        );
     }
 
     #[test]
@@ -636,6 +705,7 @@ mod tests {
             key.clone(),
             SidecarInfo {
                 labels: labels(&[("app", "checkout")]),
+                service_account: "default".into(),
                 peer_address: "y:1".into(),
                 ready: true,
             },

@@ -182,6 +182,11 @@ impl MeshFile {
                 ),
                 SidecarInfo {
                     labels: d.metadata.labels.clone(),
+                    service_account: d
+                        .spec
+                        .service_account_name
+                        .clone()
+                        .unwrap_or_else(|| "default".to_owned()),
                     peer_address: d.spec.peer_address.clone(),
                     ready: true,
                 },

@@ -141,7 +141,7 @@ impl SidecarAuth {
                 let key = SidecarKey::new(&hello.namespace, &hello.name);
                 return Ok(index
                     .sidecar(&key)
-                    .map(|s| s.service_account)
+                    .map(|s| s.info.service_account)
                     .filter(|sa| !sa.is_empty())
                     .unwrap_or_else(|| "default".to_owned()));
             }
@@ -152,7 +152,7 @@ impl SidecarAuth {
         }
         let review = Self::review(client, &hello.token).await?;
         let key = SidecarKey::new(&hello.namespace, &hello.name);
-        let service_account = index.sidecar(&key).map(|s| s.service_account);
+        let service_account = index.sidecar(&key).map(|s| s.info.service_account);
         check_identity(hello, &review, service_account.as_deref())
     }
 }

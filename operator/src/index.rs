@@ -42,10 +42,9 @@ pub type Key = (String, String);
 /// A sidecar pod as the index keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SidecarPod {
-    /// What the mesh computation needs.
+    /// What the mesh computation needs (and the service account a sidecar's token is checked
+    /// against).
     pub info: SidecarInfo,
-    /// The pod's service account (for checking a sidecar's token).
-    pub service_account: String,
 }
 
 /// The sidecar of `pod`, if it is one: key, labels, peer address and readiness.
@@ -76,20 +75,14 @@ pub fn sidecar_of(pod: &Pod) -> Option<(SidecarKey, SidecarPod)> {
     let key = SidecarKey::new(pod.namespace().unwrap_or_default(), pod.name_any());
     let info = SidecarInfo {
         labels: pod.labels().clone(),
+        service_account: spec
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
         peer_address: ip.map(|ip| format!("{ip}:{PEER_PORT}")).unwrap_or_default(),
         ready: condition_ready && ip.is_some() && !deleting,
     };
-    let service_account = spec
-        .service_account_name
-        .clone()
-        .unwrap_or_else(|| "default".to_owned());
-    Some((
-        key,
-        SidecarPod {
-            info,
-            service_account,
-        },
-    ))
+    Some((key, SidecarPod { info }))
 }
 
 /// What a Queue's status is computed from, besides its own spec.
@@ -472,7 +465,7 @@ impl Index {
                     .spec
                     .publishers
                     .as_ref()
-                    .is_none_or(|sel| labels_match(sel, &s.info.labels))
+                    .is_none_or(|sel| sel.matches(&s.info.labels, &s.info.service_account))
             })
             .count();
         let backlog = inner
@@ -501,7 +494,12 @@ impl Index {
         let exists = |queue: &str| inner.queues.contains_key(&(ns.clone(), queue.to_owned()));
         let consumers = inner
             .ready_sidecars(&ns)
-            .filter(|s| labels_match(&subscription.spec.consumers, &s.info.labels))
+            .filter(|s| {
+                subscription
+                    .spec
+                    .consumers
+                    .matches(&s.info.labels, &s.info.service_account)
+            })
             .count();
         let mut observed = SubscriptionObserved {
             queue_exists: exists(&subscription.spec.queue),
@@ -555,13 +553,13 @@ impl Inner {
                 && q.spec
                     .publishers
                     .as_ref()
-                    .is_none_or(|sel| labels_match(sel, labels))
+                    .is_none_or(|sel| labels_match(&sel.labels, labels))
             {
                 affected.queues.insert((ns.clone(), name.clone()));
             }
         }
         for ((ns, name), s) in &self.subscriptions {
-            if ns == namespace && labels_match(&s.spec.consumers, labels) {
+            if ns == namespace && labels_match(&s.spec.consumers.labels, labels) {
                 affected.subscriptions.insert((ns.clone(), name.clone()));
             }
         }
@@ -695,7 +693,8 @@ mod tests {
                 consumers: LabelSelector {
                     match_labels: Some([("app".to_owned(), app.to_owned())].into()),
                     ..Default::default()
-                },
+                }
+                .into(),
                 delivery: Default::default(),
                 rate_limit: None,
                 retry: Default::default(),
@@ -714,7 +713,7 @@ mod tests {
         assert_eq!(key, SidecarKey::new("shop", "w-1"));
         assert_eq!(sidecar.info.peer_address, "198.18.0.7:7070");
         assert!(sidecar.info.ready);
-        assert_eq!(sidecar.service_account, "worker");
+        assert_eq!(sidecar.info.service_account, "worker");
         assert_eq!(sidecar.info.labels["app"], "worker");
     }
 

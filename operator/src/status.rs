@@ -245,7 +245,7 @@ mod tests {
             "billing",
             SubscriptionSpec {
                 queue: queue.into(),
-                consumers: LabelSelector::default(),
+                consumers: LabelSelector::default().into(),
                 delivery: Default::default(),
                 rate_limit: None,
                 retry: Default::default(),

@@ -313,3 +313,127 @@ async fn certificates_rotated_to_a_new_root_under_load_lose_no_message() {
         .await;
     assert!(rewind.is_ok(), "{rewind:?}");
 }
+
+const GUARDED: &str = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: orders}
+spec:
+  publishers: {matchLabels: {app: shop}, serviceAccounts: [shop]}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: billing}
+spec:
+  queue: orders
+  consumers: {matchLabels: {app: billing}, serviceAccounts: [billing]}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_without_the_service_account_neither_publish_consume_nor_inject() {
+    let mesh = mesh()
+        .manifests(GUARDED)
+        .sidecar("shop-1", &[("app", "shop")])
+        .service_account("shop-1", "shop")
+        // Right labels, wrong service account: what anyone who may create pods can do.
+        .sidecar("lookalike", &[("app", "shop")])
+        .sidecar("billing", &[("app", "billing")])
+        .service_account("billing", "billing")
+        .sidecar("billing-lookalike", &[("app", "billing")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+
+    // The look-alike may not publish: 403 naming the Queue and the rule, on both app APIs.
+    let refused = publish_all(
+        &mesh.sidecar("lookalike").grpc_url(),
+        "orders",
+        vec![message("sneaky", "", "x")],
+    )
+    .await;
+    let error = refused[0]
+        .as_ref()
+        .expect_err("the look-alike must not publish");
+    assert_eq!(error.code(), qmesh_proto::v1::ErrorCode::PermissionDenied);
+    assert!(
+        error.message.contains("orders") && error.message.contains("spec.publishers"),
+        "{error:?}"
+    );
+    let http = qmesh_tests::http::request(
+        "POST",
+        mesh.sidecar("lookalike").http,
+        "/v1/queues/orders/messages",
+        &[],
+        b"sneaky",
+    )
+    .await
+    .unwrap();
+    assert_eq!(http.status, 403, "{}", String::from_utf8_lossy(&http.body));
+    // ... nor hand messages over to the real publisher.
+    let lookalike = PeerClient::new(mesh.peer_channel("lookalike", "shop-1").await.unwrap());
+    assert_eq!(
+        hand_over_code(lookalike, "lookalike").await,
+        tonic::Code::PermissionDenied
+    );
+
+    // The consumer look-alike serves no subscription; only the real consumer receives.
+    let (_tx, inbound) =
+        open_subscription_result(&mesh.sidecar("billing-lookalike").grpc_url(), "billing").await;
+    assert!(inbound.is_err(), "the look-alike consumer must be refused");
+    let consumer = Consumer::start(
+        "b",
+        &mesh.sidecar("billing").grpc_url(),
+        "billing",
+        16,
+        |_| Verdict::Ack,
+    )
+    .await;
+    let real: Vec<_> = (0..20)
+        .map(|i| message(&format!("real-{i}"), "", "x"))
+        .collect();
+    let results = publish_all(&mesh.sidecar("shop-1").grpc_url(), "orders", real).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    until("the real consumer gets every order", 30, || {
+        consumer.count() >= 20
+    })
+    .await;
+    let (ids, dups) = tally(consumer.ids());
+    assert_eq!((ids.len(), dups), (20, 0));
+    assert!(!ids.contains("sneaky"));
+}
+
+/// Opens a `Subscribe` stream and returns the first answer's outcome: `Err` if the sidecar refused.
+async fn open_subscription_result(
+    url: &str,
+    subscription: &str,
+) -> (
+    tokio::sync::mpsc::Sender<qmesh_proto::v1::SubscribeRequest>,
+    Result<tonic::Streaming<qmesh_proto::v1::SubscribeResponse>, tonic::Status>,
+) {
+    use qmesh_proto::v1::{Open, SubscribeRequest, subscribe_request};
+    let mut c = client(url).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Open(Open {
+            subscription: subscription.to_owned(),
+            max_in_flight: 1,
+            manual_credit: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let result = match c
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Err(status) => Err(status),
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                Ok(Err(status)) => Err(status),
+                _ => Ok(stream),
+            }
+        }
+    };
+    (tx, result)
+}

@@ -30,6 +30,7 @@ pub struct MeshBuilder {
     args: Vec<String>,
     own_args: BTreeMap<String, Vec<String>>,
     data_dirs: BTreeMap<String, PathBuf>,
+    service_accounts: BTreeMap<String, String>,
     proxied: bool,
 }
 
@@ -82,6 +83,14 @@ impl MeshBuilder {
         self
     }
 
+    /// Runs one sidecar as service account `account` (its `Sidecar` document and its certificate
+    /// say so); the others run as `default`.
+    pub fn service_account(mut self, name: &str, account: &str) -> Self {
+        self.service_accounts
+            .insert(name.to_owned(), account.to_owned());
+        self
+    }
+
     /// Puts a [`Proxy`] in front of every sidecar's peer port: the mesh file advertises the proxy.
     pub fn proxied(mut self) -> Self {
         self.proxied = true;
@@ -101,7 +110,14 @@ impl MeshBuilder {
             let addr = |p: u16| SocketAddr::from((ip, p));
             let [peer_port, front_port, grpc_port, http_port, admin_port] = free_ports_on(ip)?;
             let identity = dir.path().join(format!("{name}.identity"));
-            issue_identity(&ca, name, &identity)?;
+            let account = self
+                .service_accounts
+                .get(name)
+                .map_or("default", String::as_str);
+            let mut id = test_identity(name);
+            id.service_account = account.to_owned();
+            ca.issue_material(&id, qmesh_identity::CERTIFICATE_TTL)?
+                .write_to(&identity)?;
             let mut args = vec!["--identity-dir".to_owned(), identity.display().to_string()];
             args.extend(self.args.clone());
             args.extend(self.own_args.get(name).cloned().unwrap_or_default());
@@ -140,7 +156,8 @@ impl MeshBuilder {
             write!(
                 text,
                 "\n---\napiVersion: qmesh.io/v1alpha1\nkind: Sidecar\nmetadata: {{name: {name}, labels: {{{}}}}}\n\
-                 spec: {{peerAddress: \"{}\", grpcAddress: \"{}\", httpAddress: \"{}\", adminAddress: \"{}\"}}\n",
+                 spec: {{peerAddress: \"{}\", grpcAddress: \"{}\", httpAddress: \"{}\", adminAddress: \"{}\", \
+                 serviceAccountName: {account}}}\n",
                 labels.trim_end_matches(", "),
                 s.peer,
                 s.grpc,

@@ -145,7 +145,8 @@ impl Authority {
             KeyUsagePurpose::DigitalSignature,
         ];
         params.serial_number = Some(random_serial());
-        params.not_before = (now - CLOCK_SKEW).into();
+        // Back-dated for clocks a little behind, but never by much of a short-lived root's life.
+        params.not_before = (now - CLOCK_SKEW.min(validity / 10)).into();
         params.not_after = (now + validity).into();
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
@@ -308,14 +309,23 @@ fn random_serial() -> SerialNumber {
 
 /// The `notAfter` of the first certificate in `pem`.
 pub fn not_after(pem: &[u8]) -> Result<SystemTime, Error> {
+    validity(pem).map(|(_, after)| after)
+}
+
+/// The `notBefore` and `notAfter` of the first certificate in `pem`.
+pub fn validity(pem: &[u8]) -> Result<(SystemTime, SystemTime), Error> {
     let der = CertificateDer::from_pem_slice(pem).map_err(|e| Error::Pem {
         what: "a certificate",
         reason: e.to_string(),
     })?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der)
         .map_err(|e| Error::Identity(format!("the certificate does not parse: {e}")))?;
-    let secs = cert.validity().not_after.timestamp();
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+    let at =
+        |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    Ok((
+        at(cert.validity().not_before.timestamp()),
+        at(cert.validity().not_after.timestamp()),
+    ))
 }
 
 /// An authority that may be replaced while in use (a rotation): signers take the current one.

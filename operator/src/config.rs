@@ -39,6 +39,10 @@ pub struct Args {
     #[arg(long, env = "QMESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
 
+    /// Lifetime of the mesh CA's root; it rotates itself after 2/3 of it.
+    #[arg(long, env = "QMESH_MESH_CA_VALIDITY", default_value = "8760h", value_parser = parse_duration)]
+    pub mesh_ca_validity: Duration,
+
     /// Lifetime of a sidecar certificate (renewed at half-life).
     #[arg(long, env = "QMESH_CERTIFICATE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub certificate_ttl: Duration,
@@ -177,6 +181,8 @@ pub struct Config {
     pub trust_domain: String,
     /// Lifetime of sidecar certificates.
     pub certificate_ttl: Duration,
+    /// Lifetime of the mesh CA's root.
+    pub mesh_ca_validity: Duration,
 }
 
 impl Config {
@@ -194,6 +200,7 @@ impl Config {
             status_interval: Duration::from_secs(2),
             trust_domain: "cluster.local".into(),
             certificate_ttl: qmesh_identity::CERTIFICATE_TTL,
+            mesh_ca_validity: Duration::from_secs(365 * 86_400),
         }
     }
 }
@@ -254,6 +261,7 @@ impl Args {
             status_interval: Duration::from_secs(2),
             trust_domain: self.trust_domain.clone(),
             certificate_ttl: self.certificate_ttl,
+            mesh_ca_validity: self.mesh_ca_validity,
         }
     }
 

@@ -138,6 +138,10 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         &config.trust_domain,
         mesh_ca::control_dns_names(&config.namespace),
         ips,
+        mesh_ca::Rotation {
+            root_validity: config.mesh_ca_validity,
+            overlap: config.certificate_ttl,
+        },
     )
     .await
     .map_err(Error::MeshCa)?;
@@ -169,9 +173,10 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     });
     tasks.spawn({
         let (ca, shutdown) = (Arc::clone(&ca), shutdown.clone());
+        let every = mesh_ca::check_interval(config.certificate_ttl);
         async move {
             tokio::select! {
-                () = ca.maintain(std::time::Duration::from_secs(60)) => {}
+                () = ca.maintain(every) => {}
                 () = shutdown.cancelled() => {}
             }
         }

@@ -121,6 +121,14 @@ impl PodSidecar {
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
 
+    /// How often its log says the certificate was renewed.
+    fn renewals(&self) -> usize {
+        std::fs::read_to_string(self._data.path().join("sidecar.log"))
+            .unwrap_or_default()
+            .matches("certificate renewed")
+            .count()
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -398,4 +406,79 @@ async fn sidecars_keep_serving_their_last_view_while_the_operator_is_away_and_re
     drop(s3);
     drop(sidecars);
     operator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_renew_their_certificates_from_the_operator_while_messages_flow() {
+    let server = KubeApiServer::start().await.unwrap();
+    install_crds(&server).await;
+    let client = server.client();
+    // Certificates of 4 s: each sidecar renews about every 2 s, over live peer streams.
+    let operator = Operator::start(client.clone(), "operator-0", |c| {
+        c.insecure_skip_sidecar_auth = true;
+        c.certificate_ttl = Duration::from_secs(4);
+    });
+    let bundle = mesh_trust_bundle(&client).await;
+    let queues: Api<Queue> = Api::default_namespaced(client.clone());
+    let subs: Api<Subscription> = Api::default_namespaced(client.clone());
+    queues
+        .create(
+            &PostParams::default(),
+            &queue(
+                "orders",
+                serde_json::json!({"publishers": {"matchLabels": {"app": "shop"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    subs.create(
+        &PostParams::default(),
+        &subscription("billing", "orders", "billing"),
+    )
+    .await
+    .unwrap();
+    let mut sidecars = Vec::new();
+    for (i, (pod, app)) in [("shop-1", "shop"), ("billing-1", "billing")]
+        .into_iter()
+        .enumerate()
+    {
+        create_pod(&client, &sidecar_pod(pod, app)).await;
+        let s = PodSidecar::start(pod, operator.control_addr, &bundle, i as u8 + 21);
+        set_pod_ready(&client, pod, &s.ip.to_string(), true).await;
+        sidecars.push(s);
+    }
+    for s in &sidecars {
+        s.wait_ready().await;
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let _consumer = consume(sidecars[1].grpc(), "billing", Arc::clone(&seen)).await;
+    // Ten rounds a second apart: the certificates are renewed in between.
+    for round in 0..10u32 {
+        publish(&sidecars[0].grpc(), round * 20..round * 20 + 20).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    wait_for(
+        "every order delivered across the renewals",
+        Duration::from_secs(30),
+        || {
+            let n = seen.lock().unwrap().iter().collect::<BTreeSet<_>>().len();
+            async move { (n >= 200).then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    for s in &sidecars {
+        assert!(
+            s.renewals() >= 2,
+            "a sidecar renewed {} times in 10 s of 4 s certificates:\n{}",
+            s.renewals(),
+            s.log_tail()
+        );
+    }
+    println!(
+        "renewals: shop-1 {}, billing-1 {}; {} deliveries of 200 orders",
+        sidecars[0].renewals(),
+        sidecars[1].renewals(),
+        seen.lock().unwrap().len()
+    );
 }

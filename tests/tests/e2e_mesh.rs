@@ -143,6 +143,52 @@ impl Drop for PodSidecar {
     }
 }
 
+/// Queue `orders` (published by `app=shop`) with Subscription `billing` (consumed by `app=billing`).
+async fn orders_to_billing(client: &kube::Client) {
+    let queues: Api<Queue> = Api::default_namespaced(client.clone());
+    let subs: Api<Subscription> = Api::default_namespaced(client.clone());
+    queues
+        .create(
+            &PostParams::default(),
+            &queue(
+                "orders",
+                serde_json::json!({"publishers": {"matchLabels": {"app": "shop"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    subs.create(
+        &PostParams::default(),
+        &subscription("billing", "orders", "billing"),
+    )
+    .await
+    .unwrap();
+}
+
+/// The kubelet's part for pods `shop-1` and `billing-1`: a sidecar process each (addresses from
+/// `base`), a Ready status with their IP, and both ready.
+async fn shop_and_billing_pods(
+    client: &kube::Client,
+    operator: &Operator,
+    bundle: &str,
+    base: u8,
+) -> Vec<PodSidecar> {
+    let mut sidecars = Vec::new();
+    for (i, (pod, app)) in [("shop-1", "shop"), ("billing-1", "billing")]
+        .into_iter()
+        .enumerate()
+    {
+        create_pod(client, &sidecar_pod(pod, app)).await;
+        let s = PodSidecar::start(pod, operator.control_addr, bundle, base + i as u8);
+        set_pod_ready(client, pod, &s.ip.to_string(), true).await;
+        sidecars.push(s);
+    }
+    for s in &sidecars {
+        s.wait_ready().await;
+    }
+    sidecars
+}
+
 async fn consume(
     url: String,
     subscription: &'static str,
@@ -217,39 +263,10 @@ async fn messages_flow_between_pods_through_the_operators_views_and_reroute_when
     });
     let bundle = mesh_trust_bundle(&client).await;
 
-    let queues: Api<Queue> = Api::default_namespaced(client.clone());
-    let subs: Api<Subscription> = Api::default_namespaced(client.clone());
-    queues
-        .create(
-            &PostParams::default(),
-            &queue(
-                "orders",
-                serde_json::json!({"publishers": {"matchLabels": {"app": "shop"}}}),
-            ),
-        )
-        .await
-        .unwrap();
-    subs.create(
-        &PostParams::default(),
-        &subscription("billing", "orders", "billing"),
-    )
-    .await
-    .unwrap();
+    orders_to_billing(&client).await;
 
     // The kubelet's part: pods get a sidecar process and a Ready status with their IP.
-    let mut sidecars = Vec::new();
-    for (i, (pod, app)) in [("shop-1", "shop"), ("billing-1", "billing")]
-        .into_iter()
-        .enumerate()
-    {
-        create_pod(&client, &sidecar_pod(pod, app)).await;
-        let s = PodSidecar::start(pod, operator.control_addr, &bundle, i as u8 + 1);
-        set_pod_ready(&client, pod, &s.ip.to_string(), true).await;
-        sidecars.push(s);
-    }
-    for s in &sidecars {
-        s.wait_ready().await;
-    }
+    let mut sidecars = shop_and_billing_pods(&client, &operator, &bundle, 1).await;
 
     let seen1 = Arc::new(Mutex::new(Vec::new()));
     let c1 = consume(sidecars[1].grpc(), "billing", Arc::clone(&seen1)).await;
@@ -419,37 +436,8 @@ async fn sidecars_renew_their_certificates_from_the_operator_while_messages_flow
         c.certificate_ttl = Duration::from_secs(4);
     });
     let bundle = mesh_trust_bundle(&client).await;
-    let queues: Api<Queue> = Api::default_namespaced(client.clone());
-    let subs: Api<Subscription> = Api::default_namespaced(client.clone());
-    queues
-        .create(
-            &PostParams::default(),
-            &queue(
-                "orders",
-                serde_json::json!({"publishers": {"matchLabels": {"app": "shop"}}}),
-            ),
-        )
-        .await
-        .unwrap();
-    subs.create(
-        &PostParams::default(),
-        &subscription("billing", "orders", "billing"),
-    )
-    .await
-    .unwrap();
-    let mut sidecars = Vec::new();
-    for (i, (pod, app)) in [("shop-1", "shop"), ("billing-1", "billing")]
-        .into_iter()
-        .enumerate()
-    {
-        create_pod(&client, &sidecar_pod(pod, app)).await;
-        let s = PodSidecar::start(pod, operator.control_addr, &bundle, i as u8 + 21);
-        set_pod_ready(&client, pod, &s.ip.to_string(), true).await;
-        sidecars.push(s);
-    }
-    for s in &sidecars {
-        s.wait_ready().await;
-    }
+    orders_to_billing(&client).await;
+    let sidecars = shop_and_billing_pods(&client, &operator, &bundle, 21).await;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let _consumer = consume(sidecars[1].grpc(), "billing", Arc::clone(&seen)).await;
     // Ten rounds a second apart: the certificates are renewed in between.

@@ -88,6 +88,13 @@ pub struct QueueView {
     pub spec: QueueSpec,
     /// Every subscription of the queue, sorted by name.
     pub routes: Vec<Route>,
+    /// Names of the sidecars that may own the queue's messages, ready or not (a sidecar that is
+    /// draining is no longer ready but still hands over), sorted: who may hand over or replicate
+    /// them here.
+    pub owners: Vec<String>,
+    /// Queues whose dead letters come here (their own or a subscription's dead-letter queue is
+    /// this one), sorted: the only origins a dead letter of this queue can name.
+    pub dead_letter_of: Vec<String>,
 }
 
 /// One subscription of a queue, as owners need it.
@@ -120,8 +127,11 @@ pub struct ServedSubscription {
     pub delivery: Delivery,
     /// This pod's share of the subscription's rate limit.
     pub rate_share: Option<RateLimit>,
-    /// Sidecars that may own the queue's messages and so open Forward streams here.
+    /// Sidecars that may own the queue's messages and so open Forward streams here, ready or not
+    /// (a draining owner still delivers its backlog).
     pub owners: Vec<PeerEndpoint>,
+    /// The queue's largest message (bounds what owners may forward here in one frame).
+    pub max_message_bytes: qmesh_api::ByteSize,
 }
 
 /// Queues, subscriptions and sidecars of every namespace, kept by the control plane.
@@ -150,6 +160,11 @@ struct Derived {
     consumers: BTreeMap<(String, String), Vec<PeerEndpoint>>,
     /// Ready sidecars that may own each (namespace, queue).
     owners: BTreeMap<(String, String), Vec<PeerEndpoint>>,
+    /// All sidecars with an address, ready or not, that may own each (namespace, queue): a
+    /// draining one still delivers and hands over what it owns.
+    claimants: BTreeMap<(String, String), Vec<PeerEndpoint>>,
+    /// Per (namespace, queue): the queues that dead-letter straight into it.
+    dead_letter_of: BTreeMap<(String, String), BTreeSet<String>>,
     /// Subscriptions (namespace, name) whose consumers a sidecar is, per sidecar.
     served: BTreeMap<SidecarKey, Vec<(String, String)>>,
     /// Valid queue names per namespace.
@@ -270,6 +285,15 @@ impl MeshState {
             targets.retain(|t| d.queues.contains_key(&(ns.to_owned(), t.clone())));
             targets
         };
+        let mut dead_letter_of: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+        for (ns, name) in d.queues.keys() {
+            for target in direct(ns, name) {
+                dead_letter_of
+                    .entry((ns.clone(), target))
+                    .or_default()
+                    .insert(name.clone());
+            }
+        }
         let mut closure: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
         for (ns, name) in d.queues.keys() {
             let mut seen = BTreeSet::new();
@@ -283,6 +307,7 @@ impl MeshState {
             }
             closure.insert((ns.clone(), name.clone()), seen);
         }
+        d.dead_letter_of = dead_letter_of;
         for (key, info) in &self.sidecars {
             let mut publishable = BTreeSet::new();
             for name in d.names.get(&key.namespace).into_iter().flatten() {
@@ -302,6 +327,14 @@ impl MeshState {
                         .iter()
                         .cloned(),
                 );
+            }
+            // Ready or not, but with an address: a pod that never got one has never run, so it
+            // holds nothing and can call no one (and its appearing changes no view).
+            for name in owned.iter().filter(|_| !info.peer_address.is_empty()) {
+                d.claimants
+                    .entry((key.namespace.clone(), name.clone()))
+                    .or_default()
+                    .push(endpoint(key, info));
             }
             if info.ready {
                 for name in &owned {
@@ -379,6 +412,20 @@ impl MeshState {
                     name: name.clone(),
                     spec: queue.spec.clone(),
                     routes,
+                    owners: d
+                        .claimants
+                        .get(&ns(name))
+                        .into_iter()
+                        .flatten()
+                        .map(|o| o.name.clone())
+                        .collect(),
+                    dead_letter_of: d
+                        .dead_letter_of
+                        .get(&ns(name))
+                        .into_iter()
+                        .flatten()
+                        .cloned()
+                        .collect(),
                 }
             })
             .collect();
@@ -405,10 +452,14 @@ impl MeshState {
                         .as_ref()
                         .map(|limit| split_rate(limit, consumers)),
                     owners: d
-                        .owners
+                        .claimants
                         .get(&ns(&s.spec.queue))
                         .cloned()
                         .unwrap_or_default(),
+                    max_message_bytes: d.queues.get(&ns(&s.spec.queue)).map_or_else(
+                        || QueueSpec::default().max_message_bytes,
+                        |q| q.spec.max_message_bytes.clone(),
+                    ),
                 })
             })
             .collect();
@@ -633,6 +684,37 @@ mod tests {
         assert_eq!(peers("ops-1"), ["checkout-1", "checkout-2"]);
         // A consumer that may own nothing is told of no peer.
         assert!(peers("billing-1").is_empty());
+    }
+
+    #[test]
+    fn each_queue_names_every_sidecar_that_may_own_it_ready_or_not() {
+        let mut mesh = shop();
+        sidecar(&mut mesh, "checkout-2", "checkout", false);
+        sidecar(&mut mesh, "ops-1", "ops", true);
+        let owners = |name: &str, queue: &str| -> Vec<String> {
+            mesh.view_for(&SidecarKey::new("shop", name))
+                .unwrap()
+                .queue(queue)
+                .unwrap()
+                .owners
+                .clone()
+        };
+        // A sidecar that is not ready (draining, say) still may hand its messages over; consumers
+        // and pods no selector names never appear.
+        assert_eq!(owners("checkout-1", "orders"), ["checkout-1", "checkout-2"]);
+        // Dead-letter queues are owned by their publishers and by whoever dead-letters into them.
+        assert_eq!(
+            owners("ops-1", "orders-dlq"),
+            ["checkout-1", "checkout-2", "ops-1"]
+        );
+        // ops-1 owns only orders-dlq, and still learns whose dead letters it holds.
+        let dlq = mesh
+            .view_for(&SidecarKey::new("shop", "ops-1"))
+            .unwrap()
+            .queue("orders-dlq")
+            .unwrap()
+            .clone();
+        assert_eq!(dlq.dead_letter_of, ["orders"]);
     }
 
     #[test]

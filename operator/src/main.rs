@@ -15,7 +15,10 @@ use tracing_subscriber::EnvFilter;
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: `kubectl logs` and log collectors get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -45,15 +48,53 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
 
-    let operator = qmesh_operator::run(args.config(), client.clone(), shutdown.clone());
-
+    // Either half ending on its own (a webhook that cannot bind or serve, an operator error) stops
+    // the other and the process exits non-zero: a replica never stays up, and Ready, with half of
+    // its work gone. The operator still releases its Lease on the way out.
+    let operator = {
+        let shutdown = shutdown.clone();
+        let run = qmesh_operator::run(args.config(), client.clone(), shutdown.clone());
+        async move {
+            let result = run.await.context("operator");
+            ended_early(&shutdown, result, "operator")
+        }
+    };
     // Every replica serves the admission webhooks.
-    let stop = shutdown.clone();
-    let webhook = qmesh_operator::webhook::serve(args.webhook(), client.clone(), async move {
-        stop.cancelled().await
-    });
+    let webhook = {
+        let shutdown = shutdown.clone();
+        let stop = shutdown.clone();
+        let serve = qmesh_operator::webhook::serve(args.webhook(), client.clone(), async move {
+            stop.cancelled().await
+        });
+        async move {
+            let result = serve.await.context("admission webhooks");
+            ended_early(&shutdown, result, "admission webhooks")
+        }
+    };
     let (operator, webhook) = tokio::join!(operator, webhook);
-    webhook.context("admission webhooks")?;
+    webhook?;
     operator?;
     Ok(())
+}
+
+/// What one half of the replica ended with, cancelling `shutdown` so the other half stops too; an
+/// end that nobody asked for is an error even when the half itself saw none.
+fn ended_early(
+    shutdown: &CancellationToken,
+    result: anyhow::Result<()>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let asked = shutdown.is_cancelled();
+    shutdown.cancel();
+    match result {
+        Err(error) => {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "{what} failed; stopping this replica"
+            );
+            Err(error)
+        }
+        Ok(()) if !asked => anyhow::bail!("{what} stopped without being asked to"),
+        Ok(()) => Ok(()),
+    }
 }

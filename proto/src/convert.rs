@@ -66,6 +66,8 @@ fn queue_view(q: &core::QueueView) -> control::QueueView {
         app_may_publish: q.app_may_publish,
         policy: Some(queue_policy(&q.spec)),
         routes: q.routes.iter().map(route).collect(),
+        owners: q.owners.clone(),
+        dead_letter_of: q.dead_letter_of.clone(),
     }
 }
 
@@ -151,6 +153,7 @@ fn served_subscription(s: &core::ServedSubscription) -> control::ServedSubscript
         ack_timeout: Some(duration(s.delivery.ack_timeout.get())),
         rate_share: s.rate_share.as_ref().map(rate_limit),
         owners: s.owners.iter().map(peer).collect(),
+        max_message_bytes: s.max_message_bytes.bytes().unwrap_or(1024 * 1024),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod consumer;
 pub mod control;
 pub mod error;
+pub mod frames;
 pub mod identity;
 pub mod metrics;
 pub mod owner;
@@ -531,9 +532,16 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         http = %addresses.http, admin = %addresses.admin, "qmesh sidecar listening"
     );
 
-    let max_message = 64 * 1024 * 1024 + 64 * 1024;
+    let max_message = frames::CEILING;
+    let max_peer_frame = frames::PEER_FRAME_CEILING;
+    let frame_limits = frames::FrameLimits::default();
+    tasks.spawn(
+        "frame limits",
+        frame_limits.clone().follow(sidecar.view.clone()),
+    );
     let peer_router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(frame_limits.peer_layer())
         .max_concurrent_streams(Some(args.max_peer_streams))
         // A peer whose connection went silent (a partition that drops packets, a frozen pod) is
         // found out here too, not only by the side that dials: its streams end and what they held
@@ -549,8 +557,8 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
                 Arc::clone(&tasks),
                 sidecar.view.clone(),
             ))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_decoding_message_size(max_peer_frame)
+            .max_encoding_message_size(max_peer_frame),
         );
     let peer_server = {
         let credentials = Arc::clone(&credentials);
@@ -561,6 +569,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
     };
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(frame_limits.app_layer())
         .add_service(
             qmesh_proto::v1::broker_server::BrokerServer::new(api::grpc::BrokerService::new(
                 Arc::clone(&sidecar),
@@ -718,8 +727,9 @@ async fn drain(sidecar: &Sidecar, grace: Duration, me: &peer_wire::SidecarId) {
     }
 }
 
-/// Most bytes of messages in one hand-over batch (far below the peer frame limit).
-const HAND_OVER_BATCH_BYTES: u64 = 4 * 1024 * 1024;
+/// Most bytes of messages in one hand-over batch (one message if larger), within the receiver's
+/// frame limit.
+const HAND_OVER_BATCH_BYTES: u64 = frames::PEER_BATCH_BYTES as u64;
 
 /// Hands the owned backlog over, queue by queue and batch by batch, to the first peer that takes
 /// each queue. A batch is of one queue, so a peer that may not own it refuses all of it; a peer that
@@ -727,8 +737,15 @@ const HAND_OVER_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 async fn hand_over(sidecar: &Sidecar, me: &peer_wire::SidecarId, deadline: Instant) {
     use qmesh_proto::peer::{HandOverBatch, peer_client::PeerClient};
     let mut batch_no = 0;
-    for queue in sidecar.owner.owned_queues() {
-        for peer in sidecar.owner.peers() {
+    let (queues, peers) = (sidecar.owner.owned_queues(), sidecar.owner.peers());
+    if peers.is_empty() {
+        tracing::warn!(
+            ?queues,
+            "nothing to hand over to: no ready peer may own these queues"
+        );
+    }
+    for queue in queues {
+        for peer in &peers {
             if Instant::now() >= deadline {
                 return;
             }
@@ -736,12 +753,16 @@ async fn hand_over(sidecar: &Sidecar, me: &peer_wire::SidecarId, deadline: Insta
                 Ok(e) => e.connect_timeout(Duration::from_secs(2)),
                 Err(_) => continue,
             };
-            let Ok(channel) = sidecar.owner.dialer().connect(endpoint, &peer, None).await else {
-                continue;
+            let channel = match sidecar.owner.dialer().connect(endpoint, peer, None).await {
+                Ok(channel) => channel,
+                Err(error) => {
+                    tracing::warn!(%peer, %queue, %error, "could not reach a peer to hand over to; trying another");
+                    continue;
+                }
             };
             let mut client = PeerClient::new(channel)
-                .max_decoding_message_size(64 * 1024 * 1024 + 65536)
-                .max_encoding_message_size(64 * 1024 * 1024 + 65536);
+                .max_decoding_message_size(frames::CEILING)
+                .max_encoding_message_size(frames::PEER_FRAME_CEILING);
             let refused = loop {
                 if Instant::now() >= deadline {
                     return;
@@ -790,7 +811,11 @@ async fn hand_over(sidecar: &Sidecar, me: &peer_wire::SidecarId, deadline: Insta
                             break true;
                         }
                     }
-                    Ok(None) | Err(_) => break true,
+                    Ok(None) => break true,
+                    Err(status) => {
+                        tracing::info!(%peer, %queue, reason = %status.message(), "peer refused the hand-over stream; trying another");
+                        break true;
+                    }
                 }
             };
             if !refused {

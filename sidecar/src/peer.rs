@@ -90,22 +90,31 @@ impl PeerService {
         }
     }
 
-    /// Refuses a caller that is not among the view's peers (the sidecars that may own one of
-    /// this sidecar's queues).
-    fn is_peer(&self, caller: Option<&WorkloadId>, what: &str) -> Result<(), Status> {
+    /// Refuses a caller that may own none of this sidecar's queues. Readiness does not count: a
+    /// draining sidecar is no longer ready and still hands its backlog over.
+    fn shares_a_queue(&self, caller: Option<&WorkloadId>, what: &str) -> Result<(), Status> {
         let Some(id) = caller else { return Ok(()) };
-        if self
-            .view
-            .borrow()
-            .wire
-            .peers
-            .iter()
-            .any(|p| p.name == id.sidecar)
-        {
+        if self.view.borrow().shares_a_queue_with(&id.sidecar) {
             Ok(())
         } else {
             Err(Status::permission_denied(format!(
                 "{id} may not {what}: it may own none of the queues this sidecar does"
+            )))
+        }
+    }
+
+    /// Refuses a handed-over or replicated message of a queue its sender may not own (not
+    /// selected by the Queue's `publishers`, nor by those of a queue dead-lettering into it). A
+    /// queue this sidecar may not own either is left to the refusal that names it as such.
+    fn may_own(view: &ViewRx, caller: Option<&WorkloadId>, queue: &str) -> Result<(), Status> {
+        let Some(id) = caller else { return Ok(()) };
+        let view = view.borrow();
+        if view.queue(queue).is_none() || view.may_own(queue, &id.sidecar) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "{id} may not own messages of queue {queue:?}: it is not selected by the Queue's \
+                 spec.publishers (nor by those of a queue dead-lettering into it)"
             )))
         }
     }
@@ -218,7 +227,12 @@ impl Peer for PeerService {
                         break "protocol violation: unexpected frame".to_owned();
                     }
                     Ok(None) => break "closed by owner".to_owned(),
-                    Err(status) => break format!("stream error: {}", status.message()),
+                    Err(status) => {
+                        // A frame over the limit (or garbage) ends the stream; the peer is told why.
+                        let reason = format!("stream error: {}", status.message());
+                        let _ = tx.send(Err(status)).await;
+                        break reason;
+                    }
                 }
             };
             consumers.unregister(stream);
@@ -249,11 +263,12 @@ impl Peer for PeerService {
             }
         };
         Self::claims(caller.as_deref(), &owner.name, "Replicate's owner")?;
-        self.is_peer(caller.as_deref(), "replicate here")?;
+        self.shares_a_queue(caller.as_deref(), "replicate here")?;
         let guard = self.replicas.open_stream(&owner, &self.me).inspect_err(|status| {
             tracing::warn!(?remote, owner = %owner.name, reason = %status.message(), "replicate stream refused");
         })?;
         let replicas = Arc::clone(&self.replicas);
+        let view = self.view.clone();
         let (tx, rx) = mpsc::channel(OUTBOUND);
         tracing::info!(owner = %owner.name, incarnation = owner.incarnation, ?remote, "replicate stream opened");
         self.tasks.spawn("replicate stream", async move {
@@ -265,6 +280,15 @@ impl Peer for PeerService {
                         frame: Some(replicate_frame::Frame::Messages(batch)),
                     })) => {
                         let high = batch.messages.iter().map(|m| m.sequence).max();
+                        if let Err(status) = batch
+                            .messages
+                            .iter()
+                            .try_for_each(|m| Self::may_own(&view, caller.as_deref(), &m.queue))
+                        {
+                            let reason = format!("refused a batch: {}", status.message());
+                            let _ = tx.send(Err(status)).await;
+                            break reason;
+                        }
                         match replicas.accept(&owner.name, batch).await {
                             Ok(()) => {
                                 // One ack per batch, in order: the owner counts them.
@@ -292,7 +316,12 @@ impl Peer for PeerService {
                         break "protocol violation: unexpected frame".to_owned();
                     }
                     Ok(None) => break "closed by owner".to_owned(),
-                    Err(status) => break format!("stream error: {}", status.message()),
+                    Err(status) => {
+                        // A frame over the limit (or garbage) ends the stream; the peer is told why.
+                        let reason = format!("stream error: {}", status.message());
+                        let _ = tx.send(Err(status)).await;
+                        break reason;
+                    }
                 }
             };
             tracing::info!(owner = %owner.name, %reason, copies = replicas.count(&owner.name), "replicate stream closed");
@@ -305,14 +334,29 @@ impl Peer for PeerService {
         request: Request<Streaming<HandOverBatch>>,
     ) -> Result<Response<Self::HandOverStream>, Status> {
         let caller = self.caller(&request)?;
-        self.is_peer(caller.as_deref(), "hand messages over")?;
+        self.shares_a_queue(caller.as_deref(), "hand messages over")?;
         let mut inbound = request.into_inner();
         let owner = Arc::clone(&self.owner);
+        let view = self.view.clone();
         let (tx, rx) = mpsc::channel(16);
         self.tasks.spawn("hand-over stream", async move {
-            while let Ok(Some(batch)) = inbound.message().await {
+            loop {
+                let batch = match inbound.message().await {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => return,
+                    Err(status) => {
+                        tracing::warn!(reason = %status.message(), "hand-over stream reset");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
                 let from = batch.from.as_ref().map(|f| f.name.as_str()).unwrap_or_default();
-                if let Err(status) = Self::claims(caller.as_deref(), from, "a hand-over batch") {
+                let allowed = Self::claims(caller.as_deref(), from, "a hand-over batch").and_then(|()| {
+                    batch.messages.iter().try_for_each(|m| {
+                        Self::may_own(&view, caller.as_deref(), &m.queue)
+                    })
+                });
+                if let Err(status) = allowed {
                     tracing::warn!(reason = %status.message(), "hand-over stream reset");
                     let _ = tx.send(Err(status)).await;
                     return;

@@ -31,7 +31,7 @@ impl Sidecar {
             let owners: Vec<(String, String)> = served
                 .owners
                 .iter()
-                .filter(|o| o.name != self.me.name)
+                .filter(|o| o.name != self.me.name && !o.peer_address.is_empty())
                 .map(|o| (o.name.clone(), o.peer_address.clone()))
                 .collect();
             (served.queue.clone(), owners)

@@ -72,6 +72,21 @@ impl View {
         self.queues.get(name).map(|&i| &self.wire.queues[i])
     }
 
+    /// Whether `sidecar` may own messages of `queue` (its `HandOver` or `Replicate` of them is
+    /// taken here), ready or not; false for a queue this sidecar may not own itself.
+    pub fn may_own(&self, queue: &str, sidecar: &str) -> bool {
+        self.queue(queue)
+            .is_some_and(|q| q.owners.iter().any(|o| o == sidecar))
+    }
+
+    /// Whether `sidecar` may own messages of any queue this sidecar may own.
+    pub fn shares_a_queue_with(&self, sidecar: &str) -> bool {
+        self.wire
+            .queues
+            .iter()
+            .any(|q| q.owners.iter().any(|o| o == sidecar))
+    }
+
     /// Whether the namespace has a queue of this name that this sidecar may not publish to.
     pub fn is_foreign_queue(&self, name: &str) -> bool {
         self.wire.other_queues.iter().any(|q| q == name)

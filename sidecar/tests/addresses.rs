@@ -46,4 +46,12 @@ async fn a_sidecar_on_port_zero_says_where_it_listens_and_serves_there() {
     assert!(http.is_ok(), "the HTTP API listens at {}", addr("http"));
     let peer = tokio::net::TcpStream::connect(addr("peer")).await;
     assert!(peer.is_ok(), "the peer API listens at {}", addr("peer"));
+
+    // Its log, written to a file as `kubectl logs` reads it: plain text, no terminal colours.
+    let log = sidecar.log();
+    assert!(log.contains("qmesh sidecar listening"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log}"
+    );
 }

@@ -55,10 +55,22 @@ struct PodSidecar {
 
 impl PodSidecar {
     fn start(name: &str, control: SocketAddr, bundle: &str, n: u8) -> Self {
+        Self::start_with(name, control, bundle, n, &[])
+    }
+
+    /// Started with extra environment (`QMESH_*` settings).
+    fn start_with(
+        name: &str,
+        control: SocketAddr,
+        bundle: &str,
+        n: u8,
+        env: &[(&str, &str)],
+    ) -> Self {
         let ip = Ipv4Addr::new(127, 77, std::process::id() as u8, n);
         let data = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(data.path().join("sidecar.log")).unwrap();
         let child = Command::new(sidecar_binary())
+            .envs(env.iter().copied())
             .env("QMESH_TRUST_BUNDLE", bundle)
             .args([
                 "--control-plane",
@@ -99,7 +111,7 @@ impl PodSidecar {
     }
 
     async fn wait_ready(&self) {
-        let admin = SocketAddr::from((self.ip, 7073));
+        let admin = self.admin();
         wait_for(
             "sidecar to get its view from the operator",
             DEADLINE,
@@ -127,6 +139,27 @@ impl PodSidecar {
             .unwrap_or_default()
             .matches("certificate renewed")
             .count()
+    }
+
+    fn admin(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 7073))
+    }
+
+    /// SIGTERM, as the kubelet sends it, then waits (at most `within`) for the process to exit.
+    async fn terminate(&mut self, within: Duration) {
+        let child = self.child.as_mut().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        wait_for("the terminated sidecar to exit", within, || {
+            let exited = child.try_wait().ok().flatten().is_some();
+            async move { exited.then_some(()) }
+        })
+        .await
+        .unwrap();
+        self.child = None;
     }
 
     fn kill9(&mut self) {
@@ -469,4 +502,98 @@ async fn sidecars_renew_their_certificates_from_the_operator_while_messages_flow
         sidecars[1].renewals(),
         seen.lock().unwrap().len()
     );
+}
+
+/// The version of the view the sidecar whose admin port is `admin` follows (`/v1/stats`).
+async fn view_version(admin: SocketAddr) -> u64 {
+    http::request("GET", admin, "/v1/stats", &[], b"")
+        .await
+        .ok()
+        .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+        .and_then(|v| v["viewVersion"].as_u64())
+        .unwrap_or(0)
+}
+
+/// A pod being deleted turns unready before its sidecar's drain hands the backlog over: the other
+/// publisher pod, which has already dropped it from its ready peers, must still take what it owns
+/// (the queue's owners, not its ready peers, say who may hand over), and the consumer pod must
+/// still take its deliveries meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_pod_going_away_hands_its_backlog_over_although_it_is_no_longer_ready() {
+    let server = KubeApiServer::start().await.unwrap();
+    install_crds(&server).await;
+    let client = server.client();
+    let operator = Operator::start(client.clone(), "operator-0", |c| {
+        c.insecure_skip_sidecar_auth = true
+    });
+    let bundle = mesh_trust_bundle(&client).await;
+    orders_to_billing(&client).await;
+    let mut pods = Vec::new();
+    for (i, (pod, app)) in [
+        ("shop-1", "shop"),
+        ("shop-2", "shop"),
+        ("billing-1", "billing"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        create_pod(&client, &sidecar_pod(pod, app)).await;
+        let s = PodSidecar::start_with(
+            pod,
+            operator.control_addr,
+            &bundle,
+            31 + i as u8,
+            &[("QMESH_SHUTDOWN_GRACE", "8s")],
+        );
+        set_pod_ready(&client, pod, &s.ip.to_string(), true).await;
+        pods.push(s);
+    }
+    for s in &pods {
+        s.wait_ready().await;
+    }
+    // No consumer app yet: the 50 orders stay owned by shop-1.
+    publish(&pods[0].grpc(), 0..50).await;
+
+    // The kubelet's part of a deletion: the pod turns unready (the operator drops it from the
+    // others' ready peers), then its sidecar gets SIGTERM.
+    let shop2 = pods[1].admin();
+    let before = view_version(shop2).await;
+    set_pod_ready(&client, "shop-1", &pods[0].ip.to_string(), false).await;
+    wait_for(
+        "shop-2's view without shop-1 as a ready peer",
+        DEADLINE,
+        || async move { (view_version(shop2).await > before).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    pods[0].terminate(Duration::from_secs(30)).await;
+    let drained = started.elapsed();
+    let log = pods[0].log_tail();
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let _consumer = consume(pods[2].grpc(), "billing", Arc::clone(&seen)).await;
+    wait_for(
+        "the 50 orders delivered from shop-2",
+        Duration::from_secs(30),
+        || {
+            let n = seen.lock().unwrap().iter().collect::<BTreeSet<_>>().len();
+            async move { (n >= 50).then_some(()) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} of 50\nshop-1 (terminated) log:\n{log}\nshop-2 log:\n{}",
+            seen.lock().unwrap().len(),
+            pods[1].log_tail()
+        )
+    });
+    println!(
+        "shop-1 drained in {:.1}s; {} deliveries of 50 orders",
+        drained.as_secs_f64(),
+        seen.lock().unwrap().len()
+    );
+    drop(pods);
+    operator.stop().await;
 }

@@ -542,4 +542,40 @@ async fn webhook_calls_go_to_service_endpoints_never_to_a_cluster_ip() {
         !stored.status.success(),
         "the refused Queue must not be stored"
     );
+
+    // This API server (1.20) does not label namespaces with kubernetes.io/metadata.name, so the
+    // injector's exclusions also go by `qmesh.io/inject=disabled`: a pod asking for injection in an
+    // excluded namespace is not sent to the (unreachable, fail-closed) injector at all.
+    let pod = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: qmesh-system, labels: {{qmesh.io/inject: \"true\"}}}}\n\
+             spec: {{containers: [{{name: app, image: app}}]}}\n"
+        )
+    };
+    let manifest = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(manifest.path(), pod("before")).unwrap();
+    let path = manifest.path().display().to_string();
+    let refused = server.kubectl(["apply", "-f", &path]).unwrap();
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("inject.qmesh.io"),
+        "an unlabelled namespace still goes to the injector: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    ok(
+        "label the namespace",
+        server
+            .kubectl([
+                "label",
+                "namespace",
+                "qmesh-system",
+                "qmesh.io/inject=disabled",
+            ])
+            .unwrap(),
+    );
+    std::fs::write(manifest.path(), pod("after")).unwrap();
+    ok(
+        "a pod in an excluded namespace",
+        server.kubectl(["apply", "-f", &path]).unwrap(),
+    );
 }

@@ -209,6 +209,51 @@ async fn the_api_server_calls_the_webhooks_and_rotation_keeps_them_working() {
             .flatten()
             .any(|v| v.name == "qmesh-data")
     );
+    // The sidecar's own token: audience qmesh, 10 minutes (a leaked one is replayable for minutes).
+    let token = injected
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "qmesh-token")
+        .and_then(|v| {
+            v.projected
+                .as_ref()?
+                .sources
+                .as_ref()?
+                .first()?
+                .service_account_token
+                .clone()
+        })
+        .expect("a projected token volume");
+    assert_eq!(
+        (token.audience.as_deref(), token.expiration_seconds),
+        (Some("qmesh"), Some(600))
+    );
+    // ... and no other credential: the pod's Kubernetes API token is not mounted into the sidecar.
+    let sidecar_mounts: Vec<String> = injected
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .find(|c| c.name == "qmesh-sidecar")
+        .into_iter()
+        .chain(
+            injected
+                .spec
+                .as_ref()
+                .unwrap()
+                .init_containers
+                .iter()
+                .flatten()
+                .filter(|c| c.name == "qmesh-sidecar"),
+        )
+        .flat_map(|c| c.volume_mounts.iter().flatten().map(|m| m.name.clone()))
+        .collect();
+    assert_eq!(sidecar_mounts, ["qmesh-data", "qmesh-token"]);
     assert_eq!(
         injected.metadata.annotations.unwrap()["qmesh.io/injected"],
         "true"
@@ -247,6 +292,49 @@ async fn the_api_server_calls_the_webhooks_and_rotation_keeps_them_working() {
     .await
     .unwrap();
     assert!(note.contains("host network"), "{note}");
+    // A pod of a Deployment has only a generateName (`agent-7d9f-`) when the webhook sees it: its
+    // event still gets a valid name, and says which pod it is about.
+    let mut generated = pod("ignored", serde_json::json!({}));
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("agent-7d9f-".into());
+    generated.spec.as_mut().unwrap().host_network = Some(true);
+    let generated = create_pod_in(&client, "shop", &generated).await;
+    assert!(!has_sidecar(&generated));
+    let event = wait_for(
+        "the InjectionSkipped event of a generated pod",
+        DEADLINE,
+        || {
+            let events = events.clone();
+            async move {
+                events
+                    .list(&Default::default())
+                    .await
+                    .ok()?
+                    .items
+                    .into_iter()
+                    .find(|e| {
+                        e.reason.as_deref() == Some("InjectionSkipped")
+                            && e.involved_object.name.as_deref() == Some("agent-7d9f-")
+                    })
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // This API server stores legacy Events under any name; newer ones and tools want a DNS
+    // subdomain (each dot-separated label alphanumeric at both ends).
+    let name = event.metadata.name.unwrap_or_default();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    assert!(
+        name.len() <= 253 && name.split('.').all(label_ok),
+        "event name {name:?} is not a DNS subdomain"
+    );
 
     // Validation: rules the schema cannot express come back from the webhook, naming the field.
     let subs: Api<Subscription> = Api::default_namespaced(client.clone());

@@ -28,4 +28,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - key: kubernetes.io/metadata.name
   operator: NotIn
   values: [kube-system, {{ .Release.Namespace }}]
+# API servers before 1.21 do not set kubernetes.io/metadata.name: there, namespaces labelled
+# qmesh.io/inject=disabled (the chart's own, when it creates it; kube-system by hand) are left out.
+- key: qmesh.io/inject
+  operator: NotIn
+  values: [disabled]
 {{- end -}}

@@ -31,6 +31,10 @@ pub const DATA_SIZE_ANNOTATION: &str = "qmesh.io/data-size";
 const DATA_VOLUME: &str = "qmesh-data";
 const TOKEN_VOLUME: &str = "qmesh-token";
 const TOKEN_DIR: &str = "/var/run/secrets/qmesh";
+/// Lifetime of the sidecar's projected token: the shortest the API server issues, so a token that
+/// leaks can be replayed for minutes at most (the kubelet renews it at 80 % of its life, and the
+/// sidecar re-reads it for every join and certificate request).
+pub const TOKEN_TTL_SECONDS: i64 = 600;
 
 /// What the sidecar looks like, from the operator's configuration.
 #[derive(Clone, Debug)]
@@ -326,7 +330,7 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
             sources: Some(vec![VolumeProjection {
                 service_account_token: Some(ServiceAccountTokenProjection {
                     audience: Some("qmesh".into()),
-                    expiration_seconds: Some(3600),
+                    expiration_seconds: Some(TOKEN_TTL_SECONDS),
                     path: "token".into(),
                 }),
                 ..Default::default()

@@ -76,9 +76,17 @@ async fn pod_event(
     use k8s_openapi::api::core::v1::{Event, ObjectReference};
     let now =
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    // A pod of a Deployment is known only by its generateName (`web-7d9f-`) at admission: the
+    // event's own name must still be a valid DNS subdomain.
+    let base = pod.trim_end_matches(['-', '.']);
+    let base = if base.is_empty() {
+        "qmesh-injection"
+    } else {
+        base
+    };
     let event = Event {
         metadata: kube::api::ObjectMeta {
-            generate_name: Some(format!("{pod}.")),
+            generate_name: Some(format!("{base}.")),
             ..Default::default()
         },
         involved_object: ObjectReference {

@@ -34,17 +34,31 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Most messages one poll returns.
 const MAX_BATCH: usize = 1000;
 
-/// The HTTP router. Bodies above `max_body` bytes are refused with 413 before they are read whole.
+/// Largest body of the requests other than a publish (acks and nacks of a large window fit).
+const MAX_REQUEST_BODY: usize = 4 * 1024 * 1024;
+
+/// The HTTP router. A publish's body is read up to its queue's `maxMessageBytes` (and never more
+/// than `max_body`), any other body up to 4 MiB; beyond, 413 before the body is read whole.
 pub fn router(sidecar: Arc<Sidecar>, max_body: usize) -> Router {
     Router::new()
-        .route("/v1/queues/{queue}/messages", post(publish))
+        .route(
+            "/v1/queues/{queue}/messages",
+            post(
+                move |state: State<Arc<Sidecar>>,
+                      queue: Path<String>,
+                      headers: HeaderMap,
+                      body: axum::body::Body| {
+                    publish(state, queue, headers, body, max_body)
+                },
+            ),
+        )
         .route("/v1/subscriptions/{subscription}/messages", get(poll))
         .route("/v1/subscriptions/{subscription}/ack", post(ack))
         .route("/v1/subscriptions/{subscription}/nack", post(nack))
         .route("/v1/queues/{queue}/held", get(held))
         .route("/v1/queues/{queue}/redrive", post(redrive))
         .route("/v1/subscriptions/{subscription}/rewind", post(rewind))
-        .layer(DefaultBodyLimit::max(max_body))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY.min(max_body)))
         .with_state(sidecar)
 }
 
@@ -84,8 +98,31 @@ async fn publish(
     State(sidecar): State<Arc<Sidecar>>,
     Path(queue): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
+    max_body: usize,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
+    // Read no more than the queue takes: a body over its maxMessageBytes is refused as it arrives.
+    let limit = sidecar
+        .view
+        .borrow()
+        .queue(&queue)
+        .and_then(|q| q.policy.as_ref())
+        .map(|p| p.max_message_bytes)
+        .filter(|&limit| limit > 0);
+    let read_limit = limit.map_or(max_body, |l| {
+        usize::try_from(l).unwrap_or(usize::MAX).min(max_body)
+    });
+    let body = axum::body::to_bytes(body, read_limit).await.map_err(|_| {
+        let size = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(read_limit.saturating_add(1));
+        BrokerError::TooLarge {
+            queue: queue.clone(),
+            size,
+            limit: limit.unwrap_or(max_body as u64),
+        }
+    })?;
     let text = |name: &str| -> Result<String, BrokerError> {
         headers
             .get(name)

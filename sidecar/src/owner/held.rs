@@ -24,9 +24,6 @@ const DEAD_LETTER_HEADERS: [&str; 5] = [
     headers::LAST_ERROR,
 ];
 
-/// Header naming the dead-letter queue a redriven message came back from.
-pub const REDRIVEN_FROM: &str = "qmesh-redriven-from";
-
 impl Owner {
     fn held_queue(&self, queue: &str) -> Result<Option<Arc<OwnedQueue>>, BrokerError> {
         let view = self.view.borrow().clone();
@@ -122,11 +119,11 @@ impl Owner {
             }
             again
                 .headers
-                .entry("qmesh-original-id".to_owned())
+                .entry(headers::ORIGINAL_ID.to_owned())
                 .or_insert_with(|| message.id.clone());
             again
                 .headers
-                .insert(REDRIVEN_FROM.to_owned(), queue.to_owned());
+                .insert(headers::REDRIVEN_FROM.to_owned(), queue.to_owned());
             // A fresh id: the original may still sit in the target's dedup window.
             again.id = new_id();
             again.publish_time = None;

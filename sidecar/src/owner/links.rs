@@ -259,8 +259,8 @@ impl Links {
             .keep_alive_timeout(Duration::from_secs(5));
         let channel = self.dialer.connect(endpoint, addr, None).await?;
         let mut client = PeerClient::new(channel)
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024);
+            .max_decoding_message_size(crate::frames::CEILING)
+            .max_encoding_message_size(crate::frames::PEER_FRAME_CEILING);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         tx.send(OwnerFrame {
             frame: Some(owner_frame::Frame::Hello(peer::Hello {

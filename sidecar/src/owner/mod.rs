@@ -203,6 +203,41 @@ pub mod headers {
     pub const DELIVERY_COUNT: &str = "qmesh-delivery-count";
     /// The last delivery error.
     pub const LAST_ERROR: &str = "qmesh-last-error";
+    /// The id a dead letter or a redriven message had before (each gets a fresh one).
+    pub const ORIGINAL_ID: &str = "qmesh-original-id";
+    /// The dead-letter queue a redriven message came back from.
+    pub const REDRIVEN_FROM: &str = "qmesh-redriven-from";
+
+    /// Why a message taken over from a peer may not carry its reserved headers, if it may not:
+    /// only the broker sets `qmesh-` headers, so an adopted message carries only those the broker
+    /// could have set on a message of `queue` — the dead-letter ones only in a queue `dead_letters`
+    /// says is the dead-letter queue of the queue they name, the redrive ones anywhere.
+    pub fn forged(
+        queue: &str,
+        headers: &std::collections::HashMap<String, String>,
+        dead_letters_into: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        for name in headers.keys() {
+            let lower = name.to_ascii_lowercase();
+            if !lower.starts_with(crate::RESERVED_HEADER_PREFIX) {
+                continue;
+            }
+            match lower.as_str() {
+                ORIGINAL_ID | REDRIVEN_FROM => {}
+                REASON | ORIGINAL_SUBSCRIPTION | DELIVERY_COUNT | LAST_ERROR | ORIGINAL_QUEUE => {
+                    let origin = headers.get(ORIGINAL_QUEUE).map_or("", String::as_str);
+                    if origin.is_empty() || !dead_letters_into(origin) {
+                        return Some(format!(
+                            "it carries the dead-letter header {name} but queue {queue:?} is not \
+                             the dead-letter queue of {origin:?}"
+                        ));
+                    }
+                }
+                _ => return Some(format!("it carries the reserved header {name}")),
+            }
+        }
+        None
+    }
 }
 
 impl Owner {
@@ -1349,7 +1384,7 @@ impl Owner {
         // the original id stays visible.
         message
             .headers
-            .insert("qmesh-original-id".into(), message.id.clone());
+            .insert(headers::ORIGINAL_ID.into(), message.id.clone());
         message.id = new_id();
         Box::pin(self.accept(&tq, &target, &mut message, policy))
             .await
@@ -1528,7 +1563,25 @@ impl Owner {
                 o.attempt,
             ));
         }
-        for (link, items) in by_link {
+        // Frames of at most one peer batch (or one message), which the consumer's frame limit
+        // takes whatever the window.
+        let batches: Vec<_> = by_link
+            .into_iter()
+            .flat_map(|(link, items)| {
+                crate::frames::batches(
+                    items,
+                    |(d, ..)| {
+                        d.message
+                            .as_ref()
+                            .map_or(0, |m| queue::message_size(m) as usize)
+                    },
+                    crate::frames::PEER_BATCH_BYTES,
+                )
+                .into_iter()
+                .map(move |batch| (link, batch))
+            })
+            .collect();
+        for (link, items) in batches {
             let deliveries: Vec<peer::PeerDelivery> =
                 items.iter().map(|(d, ..)| d.clone()).collect();
             if !self.links.send(link, deliveries) {
@@ -1735,8 +1788,16 @@ impl Owner {
             .queue_for(&view, &queue)
             .ok_or_else(|| BrokerError::UnknownQueue(queue.clone()))?;
         let message = Arc::new(owned.message.unwrap_or_default());
-        // The queue's message limit holds for what is taken over as for a publish: a peer cannot
-        // put in what no app could.
+        // What is taken over goes through a publish's admission: a peer cannot put in what no app
+        // or broker could — reserved headers the broker would not have set, more than the queue's
+        // message limit, an id its dedup window already holds, more than its retention allows.
+        if let Some(why) = headers::forged(&queue, &message.headers, |origin| {
+            dead_letter_target(&view, origin, &queue)
+        }) {
+            return Err(BrokerError::Invalid(format!(
+                "a message handed over for queue {queue:?} is refused: {why}"
+            )));
+        }
         let size = queue::message_size(&message);
         if let Some(limit) = view
             .queue(&queue)
@@ -1757,7 +1818,15 @@ impl Owner {
             let state = q.lock();
             q.log.pages() && !state.replicated()
         };
+        if q.lock().duplicate_of(&message.id, Instant::now()).is_some() {
+            // Stored here already (the same message adopted twice, or published here too): taken
+            // over, and not stored twice.
+            return Ok(());
+        }
         let _admission = self.admit(&queue, size, spills)?;
+        if let Some(policy) = view.queue(&queue).and_then(|qv| qv.policy.clone()) {
+            self.make_room(&q, &queue, &policy, size).await?;
+        }
         // Every owing subscription is kept, also those this sidecar's view lacks (dormant until
         // they appear or the removal grace passes): a hand-over never drops what is owed.
         let pending: Vec<(String, u32)> = owned
@@ -2170,6 +2239,12 @@ async fn read_log(
 }
 
 /// One owned message with its owing subscriptions and attempts, as handed over or replicated.
+/// Whether the view says messages of `origin` are dead-lettered into `target`.
+fn dead_letter_target(view: &View, origin: &str, target: &str) -> bool {
+    view.queue(target)
+        .is_some_and(|q| q.dead_letter_of.iter().any(|o| o == origin))
+}
+
 fn owned_message(state: &QueueState, seq: u64, entry: &queue::Entry) -> peer::OwnedMessage {
     peer::OwnedMessage {
         queue: state.name.clone(),
@@ -2245,4 +2320,45 @@ pub fn new_id() -> String {
         .rev()
         .map(|i| ALPHABET[((value >> (i * 5)) & 31) as usize] as char)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::headers;
+
+    fn with(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_adopted_message_carries_only_the_reserved_headers_the_broker_could_have_set() {
+        let into_dlq = |origin: &str| origin == "orders";
+        let dead_letter = with(&[
+            (headers::REASON, "max deliveries"),
+            (headers::ORIGINAL_QUEUE, "orders"),
+            (headers::DELIVERY_COUNT, "3"),
+            (headers::ORIGINAL_ID, "a"),
+            ("app", "x"),
+        ]);
+        assert_eq!(headers::forged("orders-dlq", &dead_letter, into_dlq), None);
+        let redriven = with(&[(headers::ORIGINAL_ID, "a"), (headers::REDRIVEN_FROM, "dlq")]);
+        assert_eq!(headers::forged("orders", &redriven, |_| false), None);
+        // A dead-letter reason in a queue nothing dead-letters into, or naming another origin.
+        let reason = with(&[(headers::REASON, "forged")]);
+        assert!(headers::forged("orders", &reason, |_| false).is_some());
+        let elsewhere = with(&[
+            (headers::REASON, "x"),
+            (headers::ORIGINAL_QUEUE, "payments"),
+        ]);
+        assert!(headers::forged("orders-dlq", &elsewhere, into_dlq).is_some());
+        // Any other reserved header, in any case.
+        let other = with(&[("QMESH-Replica-Owner-Sequence", "9")]);
+        let why = headers::forged("orders", &other, into_dlq).unwrap();
+        assert!(why.contains("QMESH-Replica-Owner-Sequence"), "{why}");
+    }
 }

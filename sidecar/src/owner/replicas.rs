@@ -36,8 +36,8 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
 /// Most copies in one `ReplicaBatch`.
 const BATCH_MESSAGES: usize = 512;
-/// Most payload bytes in one `ReplicaBatch`.
-const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Most bytes of copies in one `ReplicaBatch` (one copy if larger): within a peer frame limit.
+const BATCH_BYTES: usize = crate::frames::PEER_BATCH_BYTES;
 /// Frames queued towards one replica.
 const LINK_QUEUE: usize = 8;
 /// Settled sequences remembered for a replica that is down (beyond, the floor covers them).
@@ -474,8 +474,8 @@ impl Replicas {
             .keep_alive_timeout(Duration::from_secs(5));
         let channel = self.dialer.connect(endpoint, addr, Some(name)).await?;
         let mut client = PeerClient::new(channel)
-            .max_decoding_message_size(64 * 1024 * 1024 + 65536)
-            .max_encoding_message_size(64 * 1024 * 1024 + 65536);
+            .max_decoding_message_size(crate::frames::CEILING)
+            .max_encoding_message_size(crate::frames::PEER_FRAME_CEILING);
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         tx.send(ReplicateFrame {
             frame: Some(replicate_frame::Frame::Owner(self.me.clone())),
@@ -543,11 +543,22 @@ impl Replicas {
         if !link.outbox.is_empty() {
             let mut messages = Vec::new();
             let mut bytes = 0usize;
-            while messages.len() < BATCH_MESSAGES && bytes < BATCH_BYTES {
+            while messages.len() < BATCH_MESSAGES {
+                let Some((_, next)) = link.outbox.first_key_value() else {
+                    break;
+                };
+                let size = next
+                    .message
+                    .as_ref()
+                    .map_or(0, |m| super::queue::message_size(m) as usize)
+                    + 64;
+                if !messages.is_empty() && bytes + size > BATCH_BYTES {
+                    break;
+                }
                 let Some((seq, copy)) = link.outbox.pop_first() else {
                     break;
                 };
-                bytes += copy.message.as_ref().map_or(0, |m| m.payload.len()) + 64;
+                bytes += size;
                 link.sent_copies.insert(seq, Arc::clone(&copy));
                 messages.push(copy);
             }

@@ -374,6 +374,7 @@ impl Standalone {
         let identity = dir.path().join("identity");
         qmesh_tests::mesh::issue_identity(&qmesh_tests::mesh::test_ca().unwrap(), "a", &identity)
             .unwrap();
+        let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
         let mut child = std::process::Command::new(SIDECAR)
             .arg("--mesh-file")
             .arg(&mesh)
@@ -384,7 +385,7 @@ impl Standalone {
             .arg("--addresses-file")
             .arg(&file)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let text = wait_for("the addresses file", Duration::from_secs(30), || {
@@ -407,6 +408,11 @@ impl Standalone {
     /// The address it gives for `what` (`peer`, `grpc`, `http`, `admin`).
     pub fn addr(&self, what: &str) -> std::net::SocketAddr {
         self.addresses[what].as_str().unwrap().parse().unwrap()
+    }
+
+    /// What it logged so far (its standard error).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("sidecar.log")).unwrap_or_default()
     }
 
     /// Whether the process still runs.

@@ -66,8 +66,9 @@ pub enum Error {
 /// sidecar reports its stats to the one replica that writes status.
 pub const LEADER_LABEL: &str = "qmesh.io/leader";
 
-/// Keeps [`LEADER_LABEL`] on this replica's own pod in step with leadership. Out of cluster (no such
-/// pod) this does nothing but log at debug level.
+/// Keeps [`LEADER_LABEL`] on this replica's own pod in step with leadership. A patch that fails is
+/// retried (backing off to 30 s) until it lands or leadership changes: without the label the
+/// control-plane Service has no endpoint. Out of cluster (no such pod) the retries log at debug.
 async fn mark_leader_pod(
     client: Client,
     namespace: String,
@@ -77,7 +78,7 @@ async fn mark_leader_pod(
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Api, Patch, PatchParams};
     let pods: Api<Pod> = Api::namespaced(client, &namespace);
-    loop {
+    'state: loop {
         let leading = *leader.borrow_and_update();
         let value = if leading {
             serde_json::json!("true")
@@ -85,11 +86,26 @@ async fn mark_leader_pod(
             serde_json::Value::Null
         };
         let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
-        if let Err(error) = pods
+        let mut delay = std::time::Duration::from_millis(500);
+        while let Err(error) = pods
             .patch(&pod, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            tracing::debug!(%error, %pod, "could not label the operator pod (running out of cluster?)");
+            if matches!(&error, kube::Error::Api(status) if status.is_not_found()) {
+                tracing::debug!(%pod, "no operator pod to label yet (running out of cluster?)");
+            } else {
+                tracing::warn!(%error, %pod, leading, retry_in = ?delay, "could not label the operator pod; retrying");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                changed = leader.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue 'state;
+                }
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(30));
         }
         if leader.changed().await.is_err() {
             return;

@@ -108,6 +108,21 @@ fn on_1_29_and_later_the_sidecar_is_a_native_init_container() {
 }
 
 #[test]
+fn a_pod_may_ask_for_a_regular_sidecar_where_native_ones_exist() {
+    let regular = pod(serde_json::json!({"metadata": {"annotations": {
+        "qmesh.io/native-sidecar": "false"
+    }}}));
+    let (out, _) = admit(regular, true);
+    assert!(out["spec"]["initContainers"].is_null(), "{out}");
+    let containers = out["spec"]["containers"].as_array().unwrap();
+    assert_eq!(containers[1]["name"], "qmesh-sidecar");
+    assert_eq!(
+        containers[1]["lifecycle"]["preStop"]["exec"]["command"][1],
+        "drain"
+    );
+}
+
+#[test]
 fn annotations_override_resources_and_log_level() {
     let annotated = pod(serde_json::json!({"metadata": {"annotations": {
         "qmesh.io/sidecar-cpu": "200m", "qmesh.io/sidecar-memory": "256Mi", "qmesh.io/log-level": "debug",

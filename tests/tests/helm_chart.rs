@@ -157,6 +157,8 @@ fn plain_manifests_are_rendered_from_the_chart() {
             "qmesh-system",
             "--set",
             "createNamespace=true",
+            "--set",
+            "podDisruptionBudget.enabled=false",
         ]),
     );
     let committed = std::fs::read_to_string(repo_root().join("deploy/qmesh.yaml")).unwrap();
@@ -357,7 +359,7 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
                 "--namespace",
                 "qmesh-system",
                 "--set",
-                "replicas=2",
+                "replicas=3",
                 "--set",
                 "webhook.validation.failurePolicy=Ignore",
             ])
@@ -377,7 +379,7 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
             ])
             .unwrap(),
     );
-    assert_eq!(replicas, "2");
+    assert_eq!(replicas, "3");
 
     // Uninstall: everything of the release goes, CRDs and the user's Queues stay.
     ok(

@@ -27,6 +27,10 @@ pub const MEMORY_ANNOTATION: &str = "qmesh.io/sidecar-memory";
 pub const LOG_LEVEL_ANNOTATION: &str = "qmesh.io/log-level";
 /// Per-pod overrides: the data volume's size (what the sidecar's backlog may take on disk).
 pub const DATA_SIZE_ANNOTATION: &str = "qmesh.io/data-size";
+/// Pod annotation: `"false"` injects the sidecar as a regular container with a preStop drain even
+/// where the API server has native sidecars (e.g. for tooling that expects every container in
+/// `containers`); native sidecars cannot be asked for where the server lacks them.
+pub const NATIVE_ANNOTATION: &str = "qmesh.io/native-sidecar";
 
 const DATA_VOLUME: &str = "qmesh-data";
 const TOKEN_VOLUME: &str = "qmesh-token";
@@ -292,7 +296,11 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
             }
         }
     }
-    if template.native {
+    let native = template.native
+        && annotations
+            .get(NATIVE_ANNOTATION)
+            .is_none_or(|v| v != "false");
+    if native {
         // Native sidecar: starts before and stops after the app containers.
         sidecar.restart_policy = Some("Always".into());
         spec.init_containers

@@ -51,7 +51,7 @@ pub struct BenchArgs {
     #[arg(long = "sub", default_value_t = 1)]
     pub subscribers: usize,
     /// Queue durability.
-    #[arg(long, value_enum, default_value = "disk")]
+    #[arg(long, value_enum, ignore_case = true, default_value = "disk")]
     pub durability: Durability,
     /// Offered rate in messages per second over all publishers (default: as fast as possible).
     #[arg(long)]

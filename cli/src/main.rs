@@ -112,3 +112,20 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn flags_take_the_crd_spellings_too() {
+        for spelling in ["disk", "Disk", "Memory", "memory"] {
+            let cli = Cli::try_parse_from(["qmesh", "bench", "--durability", spelling])
+                .unwrap_or_else(|e| panic!("--durability {spelling}: {e}"));
+            assert!(matches!(cli.command, Command::Bench(_)));
+        }
+        assert!(Cli::try_parse_from(["qmesh", "bench", "--durability", "tape"]).is_err());
+    }
+}

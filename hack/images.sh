@@ -6,9 +6,10 @@
 #   qmesh/sidecar:dev    /usr/local/bin/qmesh-sidecar    (as the Dockerfile's `sidecar` stage)
 #   qmesh/example:dev    /usr/local/bin/qmesh            (the CLI on PATH, for example workloads)
 #
-#   hack/images.sh [--build] [--no-import]
+#   hack/images.sh [--build] [--no-import] [--from DIR]
 #     --build      run `cargo build --release` for the three binaries first
 #     --no-import  only write the tars (to ${QMESH_CACHE_DIR:-~/.cache/qmesh}/image-archives)
+#     --from DIR   take the binaries from DIR (e.g. the test run's own debug build)
 #
 # Binaries: $CARGO_TARGET_DIR/release, else target/release, else
 # ${QMESH_CACHE_DIR:-~/.cache/qmesh}/cargo-target/release (the first holding all three).
@@ -32,12 +33,15 @@ die() { echo "images: error: $*" >&2; exit 1; }
 
 BUILD=0
 IMPORT=1
-for arg in "$@"; do
-  case "$arg" in
+FROM=
+while [[ $# -gt 0 ]]; do
+  case "$1" in
     --build) BUILD=1 ;;
     --no-import) IMPORT=0 ;;
-    *) echo "usage: $0 [--build] [--no-import]" >&2; exit 2 ;;
+    --from) FROM=${2:?--from needs a directory}; shift ;;
+    *) echo "usage: $0 [--build] [--no-import] [--from DIR]" >&2; exit 2 ;;
   esac
+  shift
 done
 
 if [[ $BUILD -eq 1 ]]; then
@@ -48,8 +52,12 @@ fi
 
 RELEASE=
 candidates=()
-[[ -n ${CARGO_TARGET_DIR:-} ]] && candidates+=("$CARGO_TARGET_DIR/release")
-candidates+=(target/release "$CACHE_ROOT/cargo-target/release")
+if [[ -n $FROM ]]; then
+  candidates+=("$FROM")
+else
+  [[ -n ${CARGO_TARGET_DIR:-} ]] && candidates+=("$CARGO_TARGET_DIR/release")
+  candidates+=(target/release "$CACHE_ROOT/cargo-target/release")
+fi
 for dir in "${candidates[@]}"; do
   ok=1
   for b in "${BINARIES[@]}"; do [[ -x $dir/$b ]] || ok=0; done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole qmesh test suite, with all of its set-up, on a fresh Debian 12 machine (run as root):
 #   formatting, clippy -D warnings, the fuzz corpus and a short fuzzing run, then CRD drift, unit,
-#   component, mesh, fault-campaign and Kubernetes (real kube-apiserver + etcd) tests.
+#   component, mesh, fault-campaign, Kubernetes (real kube-apiserver + etcd) and real-pods (a
+#   one-node cluster, hack/cluster.sh) tests.
 # Set-up it does itself: Debian packages, the test Kubernetes binaries (cached, version-keyed, in
 # ${QMESH_CACHE_DIR:-~/.cache/qmesh}; honours KUBEBUILDER_ASSETS), and Python packages for the
 # example client.
@@ -39,6 +40,14 @@ step "Kubernetes test binaries"
 KUBEBUILDER_ASSETS=$(hack/k8s-test-env.sh)
 export KUBEBUILDER_ASSETS
 echo "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS" >&2
+
+# The real-pods tier (tests/tests/real_pods.rs) brings up a one-node cluster (hack/cluster.sh:
+# kubelet, containerd, CNI, cluster DNS) from node binaries built once from the same Debian source
+# (cached beside the others); it is taken down when this script exits, whatever the outcome.
+step "Kubernetes node binaries (real pods)"
+hack/k8s-test-env.sh --node >/dev/null
+export QMESH_REAL_PODS=1
+trap 'hack/cluster.sh down >/dev/null 2>&1 || echo "warning: hack/cluster.sh down failed" >&2' EXIT
 
 step "Python packages for the example client (venv)"
 CACHE_DIR="${QMESH_CACHE_DIR:-$HOME/.cache/qmesh}"

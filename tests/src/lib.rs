@@ -6,6 +6,7 @@
 //! With `USE_EXISTING_CLUSTER=true` it uses the cluster of `$KUBECONFIG` instead.
 
 mod apiserver;
+pub mod cluster;
 pub mod http;
 pub mod mesh;
 pub mod netns;

@@ -1,0 +1,120 @@
+//! The one-node cluster with real pods (`hack/cluster.sh`: kubelet, containerd, a CNI bridge on
+//! 198.18.0.0/24, cluster DNS) for the real-pods tier: started fresh once per test process, with
+//! images built from this very build's binaries (`hack/images.sh --from`), and driven with the
+//! kubectl and helm of the test assets.
+//!
+//! ```text
+//!   RealCluster::start ──▶ hack/cluster.sh down; up ──▶ kubeconfig
+//!                      └─▶ hack/images.sh --from <this build> ──▶ qmesh/{operator,sidecar,example}:dev
+//! ```
+//!
+//! It needs root and a cgroup v2 hierarchy (what `hack/test.sh` has on a Debian 12 machine), so the
+//! tier runs where `QMESH_REAL_PODS=1` says so; `hack/test.sh` sets it and takes the cluster down
+//! at the end.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::{Context, bail};
+
+use crate::repo_root;
+
+/// A running one-node cluster.
+#[derive(Debug)]
+pub struct RealCluster {
+    kubeconfig: PathBuf,
+    assets: PathBuf,
+}
+
+/// Whether this run asks for the real-pods tier (`QMESH_REAL_PODS=1`, set by `hack/test.sh`).
+pub fn real_pods_wanted() -> bool {
+    std::env::var("QMESH_REAL_PODS").is_ok_and(|v| v == "1")
+}
+
+fn script(name: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("bash")
+        .arg(repo_root().join("hack").join(name))
+        .args(args)
+        .output()
+        .with_context(|| format!("running hack/{name}"))?;
+    if !out.status.success() {
+        bail!(
+            "hack/{name} {} failed ({}):\n{}",
+            args.join(" "),
+            out.status,
+            tail(&String::from_utf8_lossy(&out.stderr), 40)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl RealCluster {
+    /// Brings a fresh cluster up (taking down what an earlier run left) and imports the images
+    /// of the binaries in `binaries` (the directory holding `qmesh-operator`, `qmesh-sidecar` and
+    /// `qmesh`).
+    pub fn start(binaries: &Path) -> anyhow::Result<Self> {
+        script("cluster.sh", &["down"])?;
+        let up = script("cluster.sh", &["up"])?;
+        let kubeconfig = PathBuf::from(
+            up.lines()
+                .last()
+                .context("hack/cluster.sh up printed no kubeconfig")?
+                .trim(),
+        );
+        let binaries = binaries.display().to_string();
+        script("images.sh", &["--from", &binaries])?;
+        let assets = PathBuf::from(
+            script("k8s-test-env.sh", &[])?
+                .lines()
+                .last()
+                .context("hack/k8s-test-env.sh printed no directory")?
+                .trim(),
+        );
+        Ok(Self { kubeconfig, assets })
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Runs `kubectl` against the cluster.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.tool("kubectl", args)
+    }
+
+    /// Runs `helm` against the cluster.
+    pub fn helm(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.tool("helm", args)
+    }
+
+    /// `kubectl` that must succeed; its standard output.
+    pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.kubectl(args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn tool(&self, name: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let program = self.assets.join(name);
+        Command::new(&program)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .current_dir(repo_root())
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", program.display()))
+    }
+}

@@ -605,7 +605,6 @@ setup_network() {
   for ipt in iptables ip6tables; do
     "$ipt" -w -N "$EGRESS_CHAIN" 2>/dev/null || true
     "$ipt" -w -F "$EGRESS_CHAIN"
-    "$ipt" -w -A "$EGRESS_CHAIN" -m cgroup ! --path "$CGROUP_NAME" -j RETURN
     "$ipt" -w -A "$EGRESS_CHAIN" -o lo -j RETURN
     "$ipt" -w -A "$EGRESS_CHAIN" -o "$BRIDGE" -j RETURN
     if [[ $ipt == iptables ]]; then
@@ -614,7 +613,13 @@ setup_network() {
     fi
     "$ipt" -w -A "$EGRESS_CHAIN" -m limit --limit 6/min -j LOG --log-prefix "qmesh-cluster egress blocked: "
     "$ipt" -w -A "$EGRESS_CHAIN" -j REJECT
-    "$ipt" -w -C OUTPUT -j "$EGRESS_CHAIN" 2>/dev/null || "$ipt" -w -I OUTPUT 1 -j "$EGRESS_CHAIN"
+    # Only packets of the cluster's own (full) sockets enter the guard. A negated cgroup match
+    # inside the chain would not do: packets without a full socket (a listener's SYN-ACK, a RST)
+    # never match a cgroup, negated or not, and every other server of the machine would have its
+    # connections from outside loopback refused while the cluster runs.
+    "$ipt" -w -D OUTPUT -j "$EGRESS_CHAIN" 2>/dev/null || true
+    "$ipt" -w -C OUTPUT -m cgroup --path "$CGROUP_NAME" -j "$EGRESS_CHAIN" 2>/dev/null ||
+      "$ipt" -w -I OUTPUT 1 -m cgroup --path "$CGROUP_NAME" -j "$EGRESS_CHAIN"
   done
 }
 

@@ -108,6 +108,36 @@ impl RealCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The host PID of a running container (`containerd://<id>` as a pod's status names it).
+    pub fn container_pid(&self, container_id: &str) -> anyhow::Result<u32> {
+        let id = container_id
+            .strip_prefix("containerd://")
+            .unwrap_or(container_id);
+        let state = std::env::var_os("QMESH_CLUSTER_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("QMESH_CACHE_DIR").map(|d| PathBuf::from(d).join("cluster"))
+            })
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qmesh/cluster"))
+            })
+            .context("no HOME")?;
+        let socket = state.join("run/containerd/containerd.sock");
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&socket)
+            .args(["-n", "k8s.io", "task", "ls"])
+            .output()
+            .context("running ctr")?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.next()? == id).then(|| fields.next()?.parse().ok())?
+            })
+            .with_context(|| format!("no running task {id} in ctr task ls"))
+    }
+
     fn tool(&self, name: &str, args: &[&str]) -> anyhow::Result<Output> {
         let program = self.assets.join(name);
         Command::new(&program)

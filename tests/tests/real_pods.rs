@@ -1,13 +1,16 @@
 //! Real pods (tier 6): the chart installed with this build's images on a one-node cluster
 //! (`hack/cluster.sh`), the operator running as pods, the API server reaching the webhooks through
 //! their Service, pods of an opted-in namespace injected and started by the kubelet, and messages
-//! flowing from a producer pod to a consumer pod over their pod IPs, every one counted.
+//! flowing from a producer pod to a consumer pod over their pod IPs, every one counted; a sidecar
+//! killed with `kill -9` inside its pod is restarted by the kubelet and replays its log from the
+//! pod's emptyDir, losing nothing acknowledged. One cluster and one chart install serve every test
+//! of this file; each test has its own namespace.
 //!
 //! Runs where `QMESH_REAL_PODS=1` (set by `hack/test.sh`; it needs root and cgroup v2).
 
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, sync::OnceLock, time::Duration};
 
 use qmesh_tests::{cluster::RealCluster, repo_root, wait_for};
 
@@ -63,6 +66,113 @@ fn binaries() -> std::path::PathBuf {
         .to_path_buf()
 }
 
+/// The cluster, with the CRDs and the chart installed and the operator Ready; started by the
+/// first test that asks, shared by the others.
+fn cluster() -> &'static RealCluster {
+    static CLUSTER: OnceLock<RealCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let started = std::time::Instant::now();
+        let cluster = RealCluster::start(&binaries()).unwrap();
+        eprintln!(
+            "real pods: cluster up and images imported in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+        cluster
+            .kubectl_ok(&[
+                "apply",
+                "-f",
+                &repo_root().join("crds").display().to_string(),
+            ])
+            .unwrap();
+        let chart = repo_root().join("charts/qmesh").display().to_string();
+        let values = repo_root()
+            .join("hack/cluster-values.yaml")
+            .display()
+            .to_string();
+        let install = cluster
+            .helm(&[
+                "install",
+                "qmesh",
+                &chart,
+                "-n",
+                "qmesh-system",
+                "--create-namespace",
+                "-f",
+                &values,
+            ])
+            .unwrap();
+        assert!(
+            install.status.success(),
+            "helm install: {}",
+            String::from_utf8_lossy(&install.stderr)
+        );
+        cluster
+            .kubectl_ok(&[
+                "wait",
+                "--for=condition=Ready",
+                "pod",
+                "-l",
+                "app.kubernetes.io/component=operator",
+                "-n",
+                "qmesh-system",
+                "--timeout=180s",
+            ])
+            .unwrap();
+        cluster
+    })
+}
+
+/// The standard output of a pod's `app` container once it exited 0.
+async fn app_output(cluster: &RealCluster, namespace: &str, pod: &str) -> String {
+    wait_for(&format!("{pod}'s app to finish"), DEADLINE, || {
+        let state = cluster.kubectl_ok(&[
+            "get",
+            "pod",
+            pod,
+            "-n",
+            namespace,
+            "-o",
+            "jsonpath={.status.containerStatuses[?(@.name==\"app\")].state.terminated.exitCode}",
+        ]);
+        let logs = cluster.kubectl_ok(&["logs", pod, "-n", namespace, "-c", "app"]);
+        async move { (state.ok()?.trim() == "0").then_some(logs.ok()?) }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        let describe = cluster
+            .kubectl(&["describe", "pods", "-n", namespace])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        panic!("{e}\n{describe}")
+    })
+}
+
+/// Ids a `qmesh pub` run printed as published.
+fn published_ids(output: &str) -> BTreeSet<String> {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix("published ")?.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Ids a `qmesh sub --json` run printed.
+fn consumed_ids(output: &str) -> BTreeSet<String> {
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn apply(cluster: &RealCluster, yaml: &str) {
+    let manifest = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(manifest.path(), yaml).unwrap();
+    cluster
+        .kubectl_ok(&["apply", "-f", &manifest.path().display().to_string()])
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_on_real_pods_and_messages_flow_between_injected_pods() {
     if !qmesh_tests::cluster::real_pods_wanted() {
@@ -70,52 +180,9 @@ async fn the_chart_runs_on_real_pods_and_messages_flow_between_injected_pods() {
         return;
     }
     let started = std::time::Instant::now();
-    let cluster = RealCluster::start(&binaries()).unwrap();
-    let cluster_ready = started.elapsed();
-    cluster
-        .kubectl_ok(&[
-            "apply",
-            "-f",
-            &repo_root().join("crds").display().to_string(),
-        ])
-        .unwrap();
-    let chart = repo_root().join("charts/qmesh").display().to_string();
-    let values = repo_root()
-        .join("hack/cluster-values.yaml")
-        .display()
-        .to_string();
-    let install = cluster
-        .helm(&[
-            "install",
-            "qmesh",
-            &chart,
-            "-n",
-            "qmesh-system",
-            "--create-namespace",
-            "-f",
-            &values,
-        ])
-        .unwrap();
-    assert!(
-        install.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&install.stderr)
-    );
+    let cluster = cluster();
 
-    // The operator replicas become Ready; one holds the Lease and labels its pod leader.
-    let operator = "app.kubernetes.io/component=operator";
-    cluster
-        .kubectl_ok(&[
-            "wait",
-            "--for=condition=Ready",
-            "pod",
-            "-l",
-            operator,
-            "-n",
-            "qmesh-system",
-            "--timeout=180s",
-        ])
-        .unwrap();
+    // One replica holds the Lease and labels its pod leader.
     let leader = wait_for("a leader holding the Lease and labelled", DEADLINE, || {
         let holder = cluster.kubectl_ok(&[
             "get",
@@ -146,11 +213,7 @@ async fn the_chart_runs_on_real_pods_and_messages_flow_between_injected_pods() {
 
     // An opted-in namespace: the API server calls the injector through its Service, the kubelet
     // starts each pod with its sidecar, and the consumer takes every order the producer published.
-    let manifest = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(manifest.path(), SHOP).unwrap();
-    cluster
-        .kubectl_ok(&["apply", "-f", &manifest.path().display().to_string()])
-        .unwrap();
+    apply(cluster, SHOP);
     for pod in ["producer", "consumer"] {
         let containers = cluster
             .kubectl_ok(&[
@@ -165,38 +228,8 @@ async fn the_chart_runs_on_real_pods_and_messages_flow_between_injected_pods() {
             .unwrap();
         assert!(containers.contains("qmesh-sidecar"), "{pod}: {containers}");
     }
-    let consumed = wait_for(
-        "the consumer app to take 100 orders and exit",
-        DEADLINE,
-        || {
-            let state = cluster.kubectl_ok(&[
-            "get", "pod", "consumer", "-n", "shop", "-o",
-            "jsonpath={.status.containerStatuses[?(@.name==\"app\")].state.terminated.exitCode}",
-        ]);
-            let logs = cluster.kubectl_ok(&["logs", "consumer", "-n", "shop", "-c", "app"]);
-            async move { (state.ok()?.trim() == "0").then_some(logs.ok()?) }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| {
-        let describe = cluster
-            .kubectl(&["describe", "pods", "-n", "shop"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        panic!("{e}\n{describe}")
-    });
-    let received: BTreeSet<String> = consumed
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["id"].as_str().map(str::to_owned))
-        .collect();
-    let published: BTreeSet<String> = cluster
-        .kubectl_ok(&["logs", "producer", "-n", "shop", "-c", "app"])
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix("published ")?.split_whitespace().next())
-        .map(str::to_owned)
-        .collect();
+    let received = consumed_ids(&app_output(cluster, "shop", "consumer").await);
+    let published = published_ids(&app_output(cluster, "shop", "producer").await);
     assert_eq!(received.len(), 100, "100 distinct orders consumed");
     assert!(
         received.is_subset(&published),
@@ -219,12 +252,114 @@ async fn the_chart_runs_on_real_pods_and_messages_flow_between_injected_pods() {
     .await
     .unwrap();
     println!(
-        "real pods: cluster and images ready in {:.1}s; leader {leader}; {} orders published, \
-         {} consumed; queue status subscriptions={subscriptions}; {:.1}s in all",
-        cluster_ready.as_secs_f64(),
+        "real pods: leader {leader}; {} orders published, {} consumed; queue status \
+         subscriptions={subscriptions}; {:.1}s in all",
         published.len(),
         received.len(),
         started.elapsed().as_secs_f64()
     );
     let _ = cluster.kubectl(&["delete", "namespace", "shop", "--wait=false"]);
+}
+
+const CRASH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: crash, labels: {qmesh.io/inject: enabled}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: orders, namespace: crash}
+spec:
+  publishers: {matchLabels: {app: producer}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: billing, namespace: crash}
+spec:
+  queue: orders
+  consumers: {matchLabels: {app: consumer}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: producer, namespace: crash, labels: {app: producer}}
+spec:
+  restartPolicy: OnFailure
+  containers:
+    - name: app
+      image: qmesh/example:dev
+      imagePullPolicy: Never
+      command: [qmesh, pub, orders, hello, --count, "100"]
+"#;
+
+const CRASH_CONSUMER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: consumer, namespace: crash, labels: {app: consumer}}
+spec:
+  restartPolicy: OnFailure
+  containers:
+    - name: app
+      image: qmesh/example:dev
+      imagePullPolicy: Never
+      command: [qmesh, sub, billing, --count, "100", --json]
+"#;
+
+/// The producer pod owns 100 acknowledged orders (no consumer yet) when its sidecar process is
+/// killed with SIGKILL: the kubelet restarts the container, the sidecar replays its log from the
+/// pod's emptyDir, and a consumer started afterwards gets every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_killed_inside_its_pod_is_restarted_by_the_kubelet_and_loses_nothing() {
+    if !qmesh_tests::cluster::real_pods_wanted() {
+        eprintln!("real-pods tier not asked for (QMESH_REAL_PODS=1; hack/test.sh sets it)");
+        return;
+    }
+    let cluster = cluster();
+    apply(cluster, CRASH);
+    let published = published_ids(&app_output(cluster, "crash", "producer").await);
+    assert_eq!(published.len(), 100, "every publish acknowledged");
+
+    let sidecar =
+        |field: &str| {
+            cluster
+            .kubectl_ok(&[
+                "get", "pod", "producer", "-n", "crash", "-o",
+                &format!(
+                    "jsonpath={{.status.containerStatuses[?(@.name==\"qmesh-sidecar\")].{field}}}"
+                ),
+            ])
+            .unwrap()
+        };
+    let restarts_before: u32 = sidecar("restartCount").trim().parse().unwrap();
+    let pid = cluster
+        .container_pid(sidecar("containerID").trim())
+        .unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_for(
+        "the kubelet to restart the sidecar, Ready again",
+        DEADLINE,
+        || {
+            let restarts: u32 = sidecar("restartCount").trim().parse().unwrap_or(0);
+            let ready = sidecar("ready");
+            async move { (restarts > restarts_before && ready.trim() == "true").then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+
+    apply(cluster, CRASH_CONSUMER);
+    let received = consumed_ids(&app_output(cluster, "crash", "consumer").await);
+    assert_eq!(
+        received, published,
+        "every acknowledged order delivered after the sidecar's kill -9"
+    );
+    println!(
+        "real pods: sidecar pid {pid} killed, restarted by the kubelet; {} of {} orders delivered",
+        received.len(),
+        published.len()
+    );
+    let _ = cluster.kubectl(&["delete", "namespace", "crash", "--wait=false"]);
 }

@@ -3,8 +3,10 @@
 //! their Service, pods of an opted-in namespace injected and started by the kubelet, and messages
 //! flowing from a producer pod to a consumer pod over their pod IPs, every one counted; a sidecar
 //! killed with `kill -9` inside its pod is restarted by the kubelet and replays its log from the
-//! pod's emptyDir, losing nothing acknowledged. One cluster and one chart install serve every test
-//! of this file; each test has its own namespace.
+//! pod's emptyDir, losing nothing acknowledged. The first test of a process brings the cluster up
+//! fresh and installs the chart (cargo test shares it between the tests of this file; nextest runs
+//! each in a process of its own, one at a time: `.config/nextest.toml`); each test has its own
+//! namespace.
 //!
 //! Runs where `QMESH_REAL_PODS=1` (set by `hack/test.sh`; it needs root and cgroup v2).
 

@@ -59,8 +59,12 @@ spec:
       command: [qmesh, pub, orders, hello, --count, "100"]
 "#;
 
-/// The directory of this build's binaries (`target/<profile>`).
+/// The directory of the binaries the images are made of: `$QMESH_IMAGE_BINARIES` (to try another
+/// build), else this build's own (`target/<profile>`).
 fn binaries() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("QMESH_IMAGE_BINARIES") {
+        return dir.into();
+    }
     let exe = std::env::current_exe().unwrap();
     exe.parent()
         .and_then(|deps| deps.parent())
@@ -364,4 +368,121 @@ async fn a_sidecar_killed_inside_its_pod_is_restarted_by_the_kubelet_and_loses_n
         published.len()
     );
     let _ = cluster.kubectl(&["delete", "namespace", "crash", "--wait=false"]);
+}
+
+const HANDOVER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: handover, labels: {qmesh.io/inject: enabled}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: orders, namespace: handover}
+spec:
+  publishers: {matchLabels: {app: producer}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: billing, namespace: handover}
+spec:
+  queue: orders
+  consumers: {matchLabels: {app: consumer}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: pings, namespace: handover}
+spec: {}
+---
+# Gives the second producer pod a command that keeps running (and so the pod Ready).
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: keepalive, namespace: handover}
+spec:
+  queue: pings
+  consumers: {matchLabels: {app: producer}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: producer-2, namespace: handover, labels: {app: producer}}
+spec:
+  containers:
+    - name: app
+      image: qmesh/example:dev
+      imagePullPolicy: Never
+      command: [qmesh, sub, keepalive]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: producer-1, namespace: handover, labels: {app: producer}}
+spec:
+  restartPolicy: OnFailure
+  containers:
+    - name: app
+      image: qmesh/example:dev
+      imagePullPolicy: Never
+      command: [qmesh, pub, orders, hello, --count, "100"]
+"#;
+
+const HANDOVER_CONSUMER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: consumer, namespace: handover, labels: {app: consumer}}
+spec:
+  restartPolicy: OnFailure
+  containers:
+    - name: app
+      image: qmesh/example:dev
+      imagePullPolicy: Never
+      command: [qmesh, sub, billing, --count, "100", --json]
+"#;
+
+/// `kubectl delete pod` of a producer whose sidecar owns 100 acknowledged orders (no consumer
+/// yet): the pod turns unready, the preStop hook drains the sidecar, which hands its backlog to
+/// the other producer pod within the grace period; a consumer started afterwards gets every order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_producer_pod_hands_its_backlog_over_and_loses_nothing() {
+    if !qmesh_tests::cluster::real_pods_wanted() {
+        eprintln!("real-pods tier not asked for (QMESH_REAL_PODS=1; hack/test.sh sets it)");
+        return;
+    }
+    let cluster = cluster();
+    apply(cluster, HANDOVER);
+    let published = published_ids(&app_output(cluster, "handover", "producer-1").await);
+    assert_eq!(published.len(), 100, "every publish acknowledged");
+    cluster
+        .kubectl_ok(&[
+            "wait",
+            "--for=condition=Ready",
+            "pod/producer-2",
+            "-n",
+            "handover",
+            "--timeout=180s",
+        ])
+        .unwrap();
+    let started = std::time::Instant::now();
+    cluster
+        .kubectl_ok(&[
+            "delete",
+            "pod",
+            "producer-1",
+            "-n",
+            "handover",
+            "--timeout=120s",
+        ])
+        .unwrap();
+    let deleted_in = started.elapsed();
+
+    apply(cluster, HANDOVER_CONSUMER);
+    let received = consumed_ids(&app_output(cluster, "handover", "consumer").await);
+    assert_eq!(
+        received, published,
+        "every acknowledged order delivered after its owner's pod was deleted"
+    );
+    println!(
+        "real pods: producer pod deleted (drain and hand-over) in {:.1}s; {} of {} orders delivered",
+        deleted_in.as_secs_f64(),
+        received.len(),
+        published.len()
+    );
+    let _ = cluster.kubectl(&["delete", "namespace", "handover", "--wait=false"]);
 }

@@ -112,8 +112,11 @@ fn cluster() -> &'static RealCluster {
             "helm install: {}",
             String::from_utf8_lossy(&install.stderr)
         );
-        cluster
-            .kubectl_ok(&[
+        // The Deployment's pods appear a moment after the install; `kubectl wait` refuses a
+        // selector that matches nothing yet, so it is asked again until they are there and Ready.
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let ready = cluster.kubectl_ok(&[
                 "wait",
                 "--for=condition=Ready",
                 "pod",
@@ -121,9 +124,16 @@ fn cluster() -> &'static RealCluster {
                 "app.kubernetes.io/component=operator",
                 "-n",
                 "qmesh-system",
-                "--timeout=180s",
-            ])
-            .unwrap();
+                "--timeout=10s",
+            ]);
+            match ready {
+                Ok(_) => break,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("operator pods not Ready within {DEADLINE:?}: {e}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
         cluster
     })
 }

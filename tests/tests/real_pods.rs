@@ -18,46 +18,40 @@ use qmesh_tests::{cluster::RealCluster, repo_root, wait_for};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
-const SHOP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {qmesh.io/inject: enabled}}
----
-apiVersion: qmesh.io/v1alpha1
-kind: Queue
-metadata: {name: orders, namespace: shop}
-spec:
-  publishers: {matchLabels: {app: producer}}
----
-apiVersion: qmesh.io/v1alpha1
-kind: Subscription
-metadata: {name: billing, namespace: shop}
-spec:
-  queue: orders
-  consumers: {matchLabels: {app: consumer}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: consumer, namespace: shop, labels: {app: consumer}}
-spec:
-  restartPolicy: OnFailure
-  containers:
-    - name: app
-      image: qmesh/example:dev
-      imagePullPolicy: Never
-      command: [qmesh, sub, billing, --count, "100", --json]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: producer, namespace: shop, labels: {app: producer}}
-spec:
-  restartPolicy: OnFailure
-  containers:
-    - name: app
-      image: qmesh/example:dev
-      imagePullPolicy: Never
-      command: [qmesh, pub, orders, hello, --count, "100"]
-"#;
+/// An opted-in namespace with Queue `orders` (published by `app=producer`) and Subscription
+/// `billing` (consumed by `app=consumer`).
+fn orders_namespace(ns: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{qmesh.io/inject: enabled}}}}\n---\n\
+         apiVersion: qmesh.io/v1alpha1\nkind: Queue\nmetadata: {{name: orders, namespace: {ns}}}\n\
+         spec: {{publishers: {{matchLabels: {{app: producer}}}}}}\n---\n\
+         apiVersion: qmesh.io/v1alpha1\nkind: Subscription\nmetadata: {{name: billing, namespace: {ns}}}\n\
+         spec: {{queue: orders, consumers: {{matchLabels: {{app: consumer}}}}}}\n---\n"
+    )
+}
+
+/// A pod of `qmesh/example:dev` labelled `app`, running `command` (restarted only on failure).
+fn app_pod(ns: &str, name: &str, app: &str, command: &[&str]) -> String {
+    let command: Vec<String> = command.iter().map(|c| format!("{c:?}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\n\
+         spec:\n  restartPolicy: OnFailure\n  containers:\n    - name: app\n      image: qmesh/example:dev\n\
+         \x20     imagePullPolicy: Never\n      command: [{}]\n---\n",
+        command.join(", ")
+    )
+}
+
+const PUBLISH_100: &[&str] = &["qmesh", "pub", "orders", "hello", "--count", "100"];
+const CONSUME_100: &[&str] = &["qmesh", "sub", "billing", "--count", "100", "--json"];
+
+/// Whether this run asks for the tier; says so when it does not.
+fn wanted() -> bool {
+    let wanted = qmesh_tests::cluster::real_pods_wanted();
+    if !wanted {
+        eprintln!("real-pods tier not asked for (QMESH_REAL_PODS=1; hack/test.sh sets it)");
+    }
+    wanted
+}
 
 /// The directory of the binaries the images are made of: `$QMESH_IMAGE_BINARIES` (to try another
 /// build), else this build's own (`target/<profile>`).
@@ -191,8 +185,7 @@ fn apply(cluster: &RealCluster, yaml: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_on_real_pods_and_messages_flow_between_injected_pods() {
-    if !qmesh_tests::cluster::real_pods_wanted() {
-        eprintln!("real-pods tier not asked for (QMESH_REAL_PODS=1; hack/test.sh sets it)");
+    if !wanted() {
         return;
     }
     let started = std::time::Instant::now();
@@ -229,7 +222,12 @@ async fn the_chart_runs_on_real_pods_and_messages_flow_between_injected_pods() {
 
     // An opted-in namespace: the API server calls the injector through its Service, the kubelet
     // starts each pod with its sidecar, and the consumer takes every order the producer published.
-    apply(cluster, SHOP);
+    apply(
+        cluster,
+        &(orders_namespace("shop")
+            + &app_pod("shop", "consumer", "consumer", CONSUME_100)
+            + &app_pod("shop", "producer", "producer", PUBLISH_100)),
+    );
     for pod in ["producer", "consumer"] {
         let containers = cluster
             .kubectl_ok(&[
@@ -277,60 +275,19 @@ async fn the_chart_runs_on_real_pods_and_messages_flow_between_injected_pods() {
     let _ = cluster.kubectl(&["delete", "namespace", "shop", "--wait=false"]);
 }
 
-const CRASH: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: crash, labels: {qmesh.io/inject: enabled}}
----
-apiVersion: qmesh.io/v1alpha1
-kind: Queue
-metadata: {name: orders, namespace: crash}
-spec:
-  publishers: {matchLabels: {app: producer}}
----
-apiVersion: qmesh.io/v1alpha1
-kind: Subscription
-metadata: {name: billing, namespace: crash}
-spec:
-  queue: orders
-  consumers: {matchLabels: {app: consumer}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: producer, namespace: crash, labels: {app: producer}}
-spec:
-  restartPolicy: OnFailure
-  containers:
-    - name: app
-      image: qmesh/example:dev
-      imagePullPolicy: Never
-      command: [qmesh, pub, orders, hello, --count, "100"]
-"#;
-
-const CRASH_CONSUMER: &str = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: consumer, namespace: crash, labels: {app: consumer}}
-spec:
-  restartPolicy: OnFailure
-  containers:
-    - name: app
-      image: qmesh/example:dev
-      imagePullPolicy: Never
-      command: [qmesh, sub, billing, --count, "100", --json]
-"#;
-
 /// The producer pod owns 100 acknowledged orders (no consumer yet) when its sidecar process is
 /// killed with SIGKILL: the kubelet restarts the container, the sidecar replays its log from the
 /// pod's emptyDir, and a consumer started afterwards gets every one of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_killed_inside_its_pod_is_restarted_by_the_kubelet_and_loses_nothing() {
-    if !qmesh_tests::cluster::real_pods_wanted() {
-        eprintln!("real-pods tier not asked for (QMESH_REAL_PODS=1; hack/test.sh sets it)");
+    if !wanted() {
         return;
     }
     let cluster = cluster();
-    apply(cluster, CRASH);
+    apply(
+        cluster,
+        &(orders_namespace("crash") + &app_pod("crash", "producer", "producer", PUBLISH_100)),
+    );
     let published = published_ids(&app_output(cluster, "crash", "producer").await);
     assert_eq!(published.len(), 100, "every publish acknowledged");
 
@@ -366,7 +323,10 @@ async fn a_sidecar_killed_inside_its_pod_is_restarted_by_the_kubelet_and_loses_n
     .await
     .unwrap();
 
-    apply(cluster, CRASH_CONSUMER);
+    apply(
+        cluster,
+        &app_pod("crash", "consumer", "consumer", CONSUME_100),
+    );
     let received = consumed_ids(&app_output(cluster, "crash", "consumer").await);
     assert_eq!(
         received, published,
@@ -380,83 +340,32 @@ async fn a_sidecar_killed_inside_its_pod_is_restarted_by_the_kubelet_and_loses_n
     let _ = cluster.kubectl(&["delete", "namespace", "crash", "--wait=false"]);
 }
 
-const HANDOVER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: handover, labels: {qmesh.io/inject: enabled}}
----
-apiVersion: qmesh.io/v1alpha1
-kind: Queue
-metadata: {name: orders, namespace: handover}
-spec:
-  publishers: {matchLabels: {app: producer}}
----
-apiVersion: qmesh.io/v1alpha1
-kind: Subscription
-metadata: {name: billing, namespace: handover}
-spec:
-  queue: orders
-  consumers: {matchLabels: {app: consumer}}
----
-apiVersion: qmesh.io/v1alpha1
-kind: Queue
-metadata: {name: pings, namespace: handover}
-spec: {}
----
-# Gives the second producer pod a command that keeps running (and so the pod Ready).
-apiVersion: qmesh.io/v1alpha1
-kind: Subscription
-metadata: {name: keepalive, namespace: handover}
-spec:
-  queue: pings
-  consumers: {matchLabels: {app: producer}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: producer-2, namespace: handover, labels: {app: producer}}
-spec:
-  containers:
-    - name: app
-      image: qmesh/example:dev
-      imagePullPolicy: Never
-      command: [qmesh, sub, keepalive]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: producer-1, namespace: handover, labels: {app: producer}}
-spec:
-  restartPolicy: OnFailure
-  containers:
-    - name: app
-      image: qmesh/example:dev
-      imagePullPolicy: Never
-      command: [qmesh, pub, orders, hello, --count, "100"]
-"#;
-
-const HANDOVER_CONSUMER: &str = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: consumer, namespace: handover, labels: {app: consumer}}
-spec:
-  restartPolicy: OnFailure
-  containers:
-    - name: app
-      image: qmesh/example:dev
-      imagePullPolicy: Never
-      command: [qmesh, sub, billing, --count, "100", --json]
-"#;
-
 /// `kubectl delete pod` of a producer whose sidecar owns 100 acknowledged orders (no consumer
 /// yet): the pod turns unready, the preStop hook drains the sidecar, which hands its backlog to
 /// the other producer pod within the grace period; a consumer started afterwards gets every order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_producer_pod_hands_its_backlog_over_and_loses_nothing() {
-    if !qmesh_tests::cluster::real_pods_wanted() {
-        eprintln!("real-pods tier not asked for (QMESH_REAL_PODS=1; hack/test.sh sets it)");
+    if !wanted() {
         return;
     }
     let cluster = cluster();
-    apply(cluster, HANDOVER);
+    // A second producer pod whose command keeps running (and so the pod Ready): it consumes
+    // `keepalive` of another queue.
+    let keepalive = "apiVersion: qmesh.io/v1alpha1\nkind: Queue\nmetadata: {name: pings, namespace: handover}\nspec: {}\n---\n\
+        apiVersion: qmesh.io/v1alpha1\nkind: Subscription\nmetadata: {name: keepalive, namespace: handover}\n\
+        spec: {queue: pings, consumers: {matchLabels: {app: producer}}}\n---\n";
+    apply(
+        cluster,
+        &(orders_namespace("handover")
+            + keepalive
+            + &app_pod(
+                "handover",
+                "producer-2",
+                "producer",
+                &["qmesh", "sub", "keepalive"],
+            )
+            + &app_pod("handover", "producer-1", "producer", PUBLISH_100)),
+    );
     let published = published_ids(&app_output(cluster, "handover", "producer-1").await);
     assert_eq!(published.len(), 100, "every publish acknowledged");
     cluster
@@ -482,7 +391,10 @@ async fn a_deleted_producer_pod_hands_its_backlog_over_and_loses_nothing() {
         .unwrap();
     let deleted_in = started.elapsed();
 
-    apply(cluster, HANDOVER_CONSUMER);
+    apply(
+        cluster,
+        &app_pod("handover", "consumer", "consumer", CONSUME_100),
+    );
     let received = consumed_ids(&app_output(cluster, "handover", "consumer").await);
     assert_eq!(
         received, published,

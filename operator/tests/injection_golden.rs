@@ -91,11 +91,20 @@ fn a_plain_pod_gets_the_sidecar_as_a_regular_container_before_1_29() {
     let (out, warnings) = admit(pod(serde_json::json!({})), false);
     assert!(warnings.is_empty());
     check("plain", &out);
+    // First, so the kubelet starts the app only once the postStart hook saw the sidecar ready.
     let containers = out["spec"]["containers"].as_array().unwrap();
-    assert_eq!(containers[1]["name"], "qmesh-sidecar");
+    assert_eq!(containers[0]["name"], "qmesh-sidecar");
     assert_eq!(
-        containers[1]["lifecycle"]["preStop"]["exec"]["command"][1],
+        containers[0]["lifecycle"]["postStart"]["exec"]["command"][1],
+        "wait-ready"
+    );
+    assert_eq!(
+        containers[0]["lifecycle"]["preStop"]["exec"]["command"][1],
         "drain"
+    );
+    assert_eq!(
+        out["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
+        containers[1]["name"]
     );
 }
 
@@ -103,7 +112,10 @@ fn a_plain_pod_gets_the_sidecar_as_a_regular_container_before_1_29() {
 fn on_1_29_and_later_the_sidecar_is_a_native_init_container() {
     let (out, _) = admit(pod(serde_json::json!({})), true);
     check("native", &out);
-    assert_eq!(out["spec"]["initContainers"][0]["restartPolicy"], "Always");
+    let sidecar = &out["spec"]["initContainers"][0];
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    // The app containers start once the sidecar's startup probe passes.
+    assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(out["spec"]["containers"].as_array().unwrap().len(), 1);
 }
 
@@ -115,9 +127,9 @@ fn a_pod_may_ask_for_a_regular_sidecar_where_native_ones_exist() {
     let (out, _) = admit(regular, true);
     assert!(out["spec"]["initContainers"].is_null(), "{out}");
     let containers = out["spec"]["containers"].as_array().unwrap();
-    assert_eq!(containers[1]["name"], "qmesh-sidecar");
+    assert_eq!(containers[0]["name"], "qmesh-sidecar");
     assert_eq!(
-        containers[1]["lifecycle"]["preStop"]["exec"]["command"][1],
+        containers[0]["lifecycle"]["preStop"]["exec"]["command"][1],
         "drain"
     );
 }
@@ -130,7 +142,7 @@ fn annotations_override_resources_and_log_level() {
     }}}));
     let (out, _) = admit(annotated, false);
     check("annotations", &out);
-    let sidecar = &out["spec"]["containers"][1];
+    let sidecar = &out["spec"]["containers"][0];
     assert_eq!(sidecar["resources"]["requests"]["cpu"], "200m");
     assert_eq!(sidecar["resources"]["limits"]["memory"], "256Mi");
     // The data volume is sized from the annotation: the emptyDir's limit, the scheduler's request,
@@ -161,7 +173,7 @@ fn a_data_size_the_annotation_cannot_parse_falls_back_to_the_default() {
         "qmesh.io/data-size": "lots"
     }}}));
     let (out, _) = admit(annotated, false);
-    let sidecar = &out["spec"]["containers"][1];
+    let sidecar = &out["spec"]["containers"][0];
     assert_eq!(sidecar["resources"]["requests"]["ephemeral-storage"], "1Gi");
 }
 

@@ -28,6 +28,16 @@ pub enum Command {
         #[arg(long, env = "QMESH_ADMIN_ADDR", default_value = "127.0.0.1:7073")]
         admin_addr: SocketAddr,
     },
+    /// Wait until a sidecar (on this host) is ready, then exit 0 (1 after `--timeout`): the
+    /// postStart hook that holds the pod's app containers until their broker answers.
+    WaitReady {
+        /// Admin address of the sidecar.
+        #[arg(long, env = "QMESH_ADMIN_ADDR", default_value = "127.0.0.1:7073")]
+        admin_addr: SocketAddr,
+        /// Longest wait.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// Log output format.

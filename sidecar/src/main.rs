@@ -21,17 +21,23 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        pid = std::process::id(),
-        "qmesh sidecar starting"
-    );
+    if matches!(cli.command, None | Some(Command::Run)) {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            pid = std::process::id(),
+            "qmesh sidecar starting"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let result = runtime.block_on(async move {
         match cli.command {
             Some(Command::Drain { admin_addr }) => drain(admin_addr).await,
+            Some(Command::WaitReady {
+                admin_addr,
+                timeout,
+            }) => wait_ready(admin_addr, timeout).await,
             Some(Command::Run) | None => {
                 let mut config = StoreConfig::new(cli.run.data_dir.join("log"));
                 config.fsync = cli.run.fsync;
@@ -49,6 +55,44 @@ fn main() -> anyhow::Result<()> {
     // A blocking read still under way does not hold the exit: what it read is in the log anyway.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result
+}
+
+/// Waits until a local sidecar's `/readyz` answers 200, asking every 100 ms.
+async fn wait_ready(
+    admin: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if readyz(admin).await.unwrap_or(false) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar at {admin} was not ready within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether the sidecar's `/readyz` answers 200.
+async fn readyz(admin: std::net::SocketAddr) -> std::io::Result<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(admin).await?;
+        stream
+            .write_all(
+                format!("GET /readyz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut status = [0u8; 12];
+        stream.read_exact(&mut status).await?;
+        Ok(&status == b"HTTP/1.1 200")
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), ask)
+        .await
+        .unwrap_or(Ok(false))
 }
 
 /// Asks a local sidecar to drain and waits until its admin port stops answering.

@@ -32,13 +32,27 @@ fn orders_namespace(ns: &str) -> String {
 
 /// A pod of `qmesh/example:dev` labelled `app`, running `command` (restarted only on failure).
 fn app_pod(ns: &str, name: &str, app: &str, command: &[&str]) -> String {
-    let command: Vec<String> = command.iter().map(|c| format!("{c:?}")).collect();
+    pod_with_restart_policy(ns, name, app, command, "OnFailure")
+}
+
+fn pod_with_restart_policy(
+    ns: &str,
+    name: &str,
+    app: &str,
+    command: &[&str],
+    restart_policy: &str,
+) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\n\
-         spec:\n  restartPolicy: OnFailure\n  containers:\n    - name: app\n      image: qmesh/example:dev\n\
+         spec:\n  restartPolicy: {restart_policy}\n  containers:\n    - name: app\n      image: qmesh/example:dev\n\
          \x20     imagePullPolicy: Never\n      command: [{}]\n---\n",
-        command.join(", ")
+        yaml_list(command)
     )
+}
+
+fn yaml_list(items: &[&str]) -> String {
+    let items: Vec<String> = items.iter().map(|c| format!("{c:?}")).collect();
+    items.join(", ")
 }
 
 const PUBLISH_100: &[&str] = &["qmesh", "pub", "orders", "hello", "--count", "100"];
@@ -134,6 +148,19 @@ fn cluster() -> &'static RealCluster {
 
 /// The standard output of a pod's `app` container once it exited 0.
 async fn app_output(cluster: &RealCluster, namespace: &str, pod: &str) -> String {
+    let (code, logs) = app_exit(cluster, namespace, pod, |code| code == 0).await;
+    assert_eq!(code, 0);
+    logs
+}
+
+/// The exit code and standard output of a pod's `app` container once it ended with a code `done`
+/// accepts.
+async fn app_exit(
+    cluster: &RealCluster,
+    namespace: &str,
+    pod: &str,
+    done: impl Fn(i32) -> bool,
+) -> (i32, String) {
     wait_for(&format!("{pod}'s app to finish"), DEADLINE, || {
         let state = cluster.kubectl_ok(&[
             "get",
@@ -145,16 +172,21 @@ async fn app_output(cluster: &RealCluster, namespace: &str, pod: &str) -> String
             "jsonpath={.status.containerStatuses[?(@.name==\"app\")].state.terminated.exitCode}",
         ]);
         let logs = cluster.kubectl_ok(&["logs", pod, "-n", namespace, "-c", "app"]);
-        async move { (state.ok()?.trim() == "0").then_some(logs.ok()?) }
+        let done = &done;
+        async move {
+            let code: i32 = state.ok()?.trim().parse().ok()?;
+            done(code).then_some((code, logs.ok()?))
+        }
     })
     .await
-    .unwrap_or_else(|e| {
-        let describe = cluster
-            .kubectl(&["describe", "pods", "-n", namespace])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        panic!("{e}\n{describe}")
-    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe_pods(cluster, namespace)))
+}
+
+fn describe_pods(cluster: &RealCluster, namespace: &str) -> String {
+    cluster
+        .kubectl(&["describe", "pods", "-n", namespace])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// Ids a `qmesh pub` run printed as published.
@@ -407,4 +439,42 @@ async fn a_deleted_producer_pod_hands_its_backlog_over_and_loses_nothing() {
         published.len()
     );
     let _ = cluster.kubectl(&["delete", "namespace", "handover", "--wait=false"]);
+}
+
+/// An app container whose first act is to publish, in a pod that never restarts it: the kubelet
+/// starts it only once its sidecar is ready (the sidecar comes first and its postStart hook waits
+/// for readiness), so not one of its publishes is refused or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_publishing_at_once_finds_its_sidecar_ready() {
+    if !wanted() {
+        return;
+    }
+    let cluster = cluster();
+    apply(
+        cluster,
+        &(orders_namespace("startup")
+            + &pod_with_restart_policy("startup", "producer", "producer", PUBLISH_100, "Never")),
+    );
+    let (code, output) = app_exit(cluster, "startup", "producer", |_| true).await;
+    let published = published_ids(&output);
+    assert_eq!(
+        (code, published.len()),
+        (0, 100),
+        "the app's first publishes succeed: {output}"
+    );
+    apply(
+        cluster,
+        &app_pod("startup", "consumer", "consumer", CONSUME_100),
+    );
+    let received = consumed_ids(&app_output(cluster, "startup", "consumer").await);
+    assert_eq!(
+        received, published,
+        "every order the app published delivered"
+    );
+    println!(
+        "real pods: an app publishing as it starts: {} of 100 publishes acknowledged, {} delivered",
+        published.len(),
+        received.len()
+    );
+    let _ = cluster.kubectl(&["delete", "namespace", "startup", "--wait=false"]);
 }

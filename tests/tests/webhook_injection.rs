@@ -192,12 +192,15 @@ async fn the_api_server_calls_the_webhooks_and_rotation_keeps_them_working() {
         has_sidecar(&injected),
         "the API server called the webhook and applied its patch"
     );
-    let app_env: Vec<String> = injected.spec.as_ref().unwrap().containers[0]
-        .env
+    let app = injected
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
         .iter()
-        .flatten()
-        .map(|e| e.name.clone())
-        .collect();
+        .find(|c| c.name != "qmesh-sidecar")
+        .unwrap();
+    let app_env: Vec<String> = app.env.iter().flatten().map(|e| e.name.clone()).collect();
     assert!(app_env.contains(&"QMESH_GRPC_ADDR".to_owned()));
     assert!(
         injected

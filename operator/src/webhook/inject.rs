@@ -32,6 +32,9 @@ pub const DATA_SIZE_ANNOTATION: &str = "qmesh.io/data-size";
 /// `containers`); native sidecars cannot be asked for where the server lacks them.
 pub const NATIVE_ANNOTATION: &str = "qmesh.io/native-sidecar";
 
+/// The annotation `kubectl` reads for the container to use when none is named.
+const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
+
 const DATA_VOLUME: &str = "qmesh-data";
 const TOKEN_VOLUME: &str = "qmesh-token";
 const TOKEN_DIR: &str = "/var/run/secrets/qmesh";
@@ -300,24 +303,35 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
         && annotations
             .get(NATIVE_ANNOTATION)
             .is_none_or(|v| v != "false");
+    let first_app = spec.containers.first().map(|c| c.name.clone());
     if native {
-        // Native sidecar: starts before and stops after the app containers.
+        // Native sidecar: starts before the app containers — once its startup probe says it is
+        // ready — and stops after them.
         sidecar.restart_policy = Some("Always".into());
+        sidecar.startup_probe = Some(Probe {
+            failure_threshold: Some(600),
+            ..probe("/readyz", 1)
+        });
         spec.init_containers
             .get_or_insert_with(Vec::new)
             .insert(0, sidecar);
     } else {
-        // A regular container: the preStop hook lets it deliver or keep its backlog before the pod goes.
-        sidecar.lifecycle = Some(Lifecycle {
-            pre_stop: Some(LifecycleHandler {
-                exec: Some(ExecAction {
-                    command: Some(vec!["/usr/local/bin/qmesh-sidecar".into(), "drain".into()]),
-                }),
-                ..Default::default()
+        // A regular container, first: the kubelet starts containers in order and runs each one's
+        // postStart hook before starting the next, so the apps start once their broker is ready
+        // (their first publishes find it); the preStop hook lets it deliver or keep its backlog
+        // before the pod goes.
+        let hook = |command: &str| LifecycleHandler {
+            exec: Some(ExecAction {
+                command: Some(vec!["/usr/local/bin/qmesh-sidecar".into(), command.into()]),
             }),
             ..Default::default()
+        };
+        sidecar.lifecycle = Some(Lifecycle {
+            post_start: Some(hook("wait-ready")),
+            pre_stop: Some(hook("drain")),
+            ..Default::default()
         });
-        spec.containers.push(sidecar);
+        spec.containers.insert(0, sidecar);
     }
     // The projected token needs a service account; the API server's ServiceAccount admission sets
     // `default` before webhooks run, so this only matters where that plugin is off.
@@ -351,6 +365,14 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(INJECTED.into(), "true".into());
+    // `kubectl logs` and `exec` without `-c` pick the app, not the sidecar put before it.
+    if let Some(app) = first_app {
+        out.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .entry(DEFAULT_CONTAINER_ANNOTATION.into())
+            .or_insert(app);
+    }
     // Also a label, for the chart's NetworkPolicies (which select pods by label).
     out.metadata
         .labels

@@ -4,7 +4,7 @@
 #
 #   qmesh/operator:dev   /usr/local/bin/qmesh-operator   (as the Dockerfile's `operator` stage)
 #   qmesh/sidecar:dev    /usr/local/bin/qmesh-sidecar    (as the Dockerfile's `sidecar` stage)
-#   qmesh/example:dev    /usr/local/bin/qmesh            (the CLI on PATH, for example workloads)
+#   qmesh/example:dev    /usr/local/bin/qmesh            (as the Dockerfile's `example` stage: the CLI)
 #
 #   hack/images.sh [--build] [--no-import] [--from DIR]
 #     --build      run `cargo build --release` for the three binaries first
@@ -19,6 +19,7 @@
 # nonroot (65532), nsswitch.conf, CA certificates, /tmp and /home/nonroot; the images run as
 # 65532:65532 with the Dockerfile's entrypoints, ports and environment. Pods must use
 # imagePullPolicy: Never. Prints the image references on stdout.
+# tests/tests/images_match_dockerfile.rs checks these images against the Dockerfile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -40,12 +40,30 @@ pub struct PubArgs {
     /// Message id (for de-duplication); with --count, `-N` is appended.
     #[arg(long)]
     pub id: Option<String>,
-    /// Publish this many copies.
+    /// Publish this many copies (0 = until interrupted).
     #[arg(long, default_value_t = 1)]
     pub count: u64,
+    /// Publish at this steady rate, in messages per second (a prober), instead of as fast as the
+    /// broker acknowledges.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
     /// Sidecar gRPC address.
     #[arg(long, env = "QMESH_GRPC_ADDR", default_value = "127.0.0.1:7071")]
     pub addr: String,
+}
+
+/// A `--rate`: a finite number of messages per second in 0.001..=1,000,000.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of messages per second"))?;
+    if (0.001..=1_000_000.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!(
+            "{text}: the rate must be between 0.001 and 1000000 messages per second"
+        ))
+    }
 }
 
 /// `qmesh sub`.
@@ -183,7 +201,15 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     if args.count < 2 {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    for i in 0..args.count {
+    let mut pace = args.rate.map(|rate| {
+        let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        pace
+    });
+    for i in (0..).take_while(|i| args.count == 0 || *i < args.count) {
+        if let Some(pace) = pace.as_mut() {
+            pace.tick().await;
+        }
         let id = match (&args.id, args.count) {
             (Some(id), 1) => id.clone(),
             (Some(id), _) => format!("{id}-{i}"),
@@ -292,4 +318,18 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn a_rate_is_a_finite_positive_number_within_bounds() {
+        assert_eq!(parse_rate("20"), Ok(20.0));
+        assert_eq!(parse_rate("0.5"), Ok(0.5));
+        for bad in ["0", "-1", "NaN", "inf", "1e9", "fast", ""] {
+            assert!(parse_rate(bad).is_err(), "{bad} accepted");
+        }
+    }
 }

@@ -13,8 +13,15 @@
 //! at the end.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
@@ -22,7 +29,7 @@ use anyhow::{Context, bail};
 use crate::repo_root;
 
 /// A running one-node cluster.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RealCluster {
     kubeconfig: PathBuf,
     assets: PathBuf,
@@ -138,6 +145,75 @@ impl RealCluster {
             .with_context(|| format!("no running task {id} in ctr task ls"))
     }
 
+    /// Follows the standard output of the `app` container of every pod `selector` matches in
+    /// `namespace`, from each container's start until it ends — also of pods a rolling update
+    /// deletes while the test runs.
+    pub fn follow_app_logs(&self, namespace: &str, selector: &str) -> AppLogs {
+        let logs = AppLogs {
+            lines: Arc::default(),
+            followers: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (cluster, namespace, selector) =
+            (self.clone(), namespace.to_owned(), selector.to_owned());
+        let (lines, followers, stop) = (
+            logs.lines.clone(),
+            logs.followers.clone(),
+            logs.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut followed = BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let listed = cluster.kubectl_ok(&[
+                    "get",
+                    "pods",
+                    "-n",
+                    &namespace,
+                    "-l",
+                    &selector,
+                    "-o",
+                    "jsonpath={range .items[*]}{.metadata.name} \
+                     {.status.containerStatuses[?(@.name==\"app\")].containerID}{\"\\n\"}{end}",
+                ]);
+                for line in listed.unwrap_or_default().lines() {
+                    let Some((pod, container)) = line.split_once(' ') else {
+                        continue;
+                    };
+                    if container.is_empty() || !followed.insert(container.to_owned()) {
+                        continue;
+                    }
+                    let follow = Command::new(cluster.assets.join("kubectl"))
+                        .env("KUBECONFIG", &cluster.kubeconfig)
+                        .args(["logs", "-f", pod, "-c", "app", "-n", &namespace])
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::null())
+                        .spawn();
+                    let Ok(mut child) = follow else { continue };
+                    let Some(stdout) = child.stdout.take() else {
+                        continue;
+                    };
+                    followers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(child);
+                    let (lines, pod) = (lines.clone(), pod.to_owned());
+                    std::thread::spawn(move || {
+                        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                            lines
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .entry(pod.clone())
+                                .or_insert_with(Vec::new)
+                                .push(line);
+                        }
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        logs
+    }
+
     fn tool(&self, name: &str, args: &[&str]) -> anyhow::Result<Output> {
         let program = self.assets.join(name);
         Command::new(&program)
@@ -146,5 +222,32 @@ impl RealCluster {
             .args(args)
             .output()
             .with_context(|| format!("running {}", program.display()))
+    }
+}
+
+/// What [`RealCluster::follow_app_logs`] has read so far; stops following when dropped.
+#[derive(Debug)]
+pub struct AppLogs {
+    lines: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
+    followers: Arc<Mutex<Vec<Child>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl AppLogs {
+    /// Every line read so far, by pod name.
+    pub fn lines(&self) -> BTreeMap<String, Vec<String>> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for AppLogs {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for mut child in
+            std::mem::take(&mut *self.followers.lock().unwrap_or_else(|p| p.into_inner()))
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

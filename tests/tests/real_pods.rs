@@ -14,7 +14,10 @@
 
 use std::{collections::BTreeSet, sync::OnceLock, time::Duration};
 
-use qmesh_tests::{cluster::RealCluster, repo_root, wait_for};
+use qmesh_tests::{
+    cluster::{AppLogs, RealCluster},
+    repo_root, wait_for,
+};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
@@ -53,6 +56,92 @@ fn pod_with_restart_policy(
 fn yaml_list(items: &[&str]) -> String {
     let items: Vec<String> = items.iter().map(|c| format!("{c:?}")).collect();
     items.join(", ")
+}
+
+/// A Deployment of `qmesh/example:dev` pods labelled `app`, running `command`.
+fn app_deployment(ns: &str, app: &str, replicas: u32, command: &[&str]) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {app}, namespace: {ns}}}\n\
+         spec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: {app}}}}}\n  template:\n\
+         \x20   metadata: {{labels: {{app: {app}}}}}\n    spec:\n      containers:\n\
+         \x20       - name: app\n          image: qmesh/example:dev\n          imagePullPolicy: Never\n\
+         \x20         command: [{}]\n---\n",
+        yaml_list(command)
+    )
+}
+
+/// The prober's producer: 20 orders a second, until its pod goes.
+const PROBE_PUBLISH: &[&str] = &[
+    "qmesh", "pub", "orders", "probe", "--count", "0", "--rate", "20",
+];
+/// The prober's consumer: every order, until its pod goes.
+const PROBE_CONSUME: &[&str] = &["qmesh", "sub", "billing", "--json"];
+
+/// What the prober's pods have said so far: ids acknowledged to the producers, ids consumed, and
+/// deliveries in all (a redelivered id counts once in `consumed`, every time in `deliveries`).
+#[derive(Debug)]
+struct Tally {
+    published: BTreeSet<String>,
+    consumed: BTreeSet<String>,
+    deliveries: usize,
+}
+
+impl Tally {
+    fn of(logs: &AppLogs) -> Self {
+        let mut tally = Tally {
+            published: BTreeSet::new(),
+            consumed: BTreeSet::new(),
+            deliveries: 0,
+        };
+        for (pod, lines) in logs.lines() {
+            let output = lines.join("\n");
+            if pod.starts_with("producer") {
+                tally.published.extend(published_ids(&output));
+            } else {
+                let ids: Vec<String> = output
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter_map(|v| v["id"].as_str().map(str::to_owned))
+                    .collect();
+                tally.deliveries += ids.len();
+                tally.consumed.extend(ids);
+            }
+        }
+        tally
+    }
+
+    fn duplicates(&self) -> usize {
+        self.deliveries - self.consumed.len()
+    }
+}
+
+/// Waits until every order in `published` was consumed; the tally then.
+async fn all_consumed(logs: &AppLogs, published: &BTreeSet<String>) -> Tally {
+    let settled = wait_for("every acknowledged order consumed", DEADLINE, || {
+        let tally = Tally::of(logs);
+        async move { published.is_subset(&tally.consumed).then_some(tally) }
+    })
+    .await;
+    let tally = settled.unwrap_or_else(|_| Tally::of(logs));
+    let lost: Vec<&String> = published.difference(&tally.consumed).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged orders never consumed: {lost:?}",
+        lost.len(),
+        published.len()
+    );
+    tally
+}
+
+/// Waits until the prober has consumed `more` orders beyond what it had.
+async fn flowing(logs: &AppLogs, more: usize) {
+    let from = Tally::of(logs).consumed.len();
+    wait_for("the prober's orders to flow", DEADLINE, || {
+        let now = Tally::of(logs).consumed.len();
+        async move { (now >= from + more).then_some(()) }
+    })
+    .await
+    .unwrap();
 }
 
 const PUBLISH_100: &[&str] = &["qmesh", "pub", "orders", "hello", "--count", "100"];
@@ -477,4 +566,257 @@ async fn an_app_publishing_at_once_finds_its_sidecar_ready() {
         received.len()
     );
     let _ = cluster.kubectl(&["delete", "namespace", "startup", "--wait=false"]);
+}
+
+/// A rolling update of the consumer Deployment, then of the producer Deployment, while a prober
+/// publishes 20 orders a second from each producer pod and the consumer pods take every one:
+/// every old consumer pod is deleted with deliveries in flight (redelivered to the others), every
+/// old producer pod with a backlog it hands over; every acknowledged order is consumed, and
+/// duplicates are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_updates_under_a_continual_prober_lose_nothing() {
+    if !wanted() {
+        return;
+    }
+    let cluster = cluster();
+    let ns = "rollout";
+    let logs = cluster.follow_app_logs(ns, "app in (producer,consumer)");
+    apply(
+        cluster,
+        &(orders_namespace(ns)
+            + &app_deployment(ns, "consumer", 2, PROBE_CONSUME)
+            + &app_deployment(ns, "producer", 2, PROBE_PUBLISH)),
+    );
+    flowing(&logs, 50).await;
+
+    let mut phases = Vec::new();
+    for app in ["consumer", "producer"] {
+        let started = std::time::Instant::now();
+        let deployment = format!("deployment/{app}");
+        cluster
+            .kubectl_ok(&["rollout", "restart", &deployment, "-n", ns])
+            .unwrap();
+        cluster
+            .kubectl_ok(&["rollout", "status", &deployment, "-n", ns, "--timeout=300s"])
+            .unwrap();
+        // `rollout status` returns once the new pods are available; the old ones may still be
+        // draining.
+        wait_for(&format!("the old {app} pods gone"), DEADLINE, || {
+            let pods = cluster.kubectl_ok(&[
+                "get",
+                "pods",
+                "-n",
+                ns,
+                "-l",
+                &format!("app={app}"),
+                "-o",
+                "name",
+            ]);
+            async move { (pods.ok()?.lines().count() == 2).then_some(()) }
+        })
+        .await
+        .unwrap();
+        phases.push(format!(
+            "{app}s rolled in {:.1}s",
+            started.elapsed().as_secs_f64()
+        ));
+        flowing(&logs, 20).await;
+    }
+
+    let published = Tally::of(&logs).published;
+    let tally = all_consumed(&logs, &published).await;
+    println!(
+        "real pods: rolling updates under a prober: {}; {} orders acknowledged, all consumed \
+         (0 lost), {} duplicates in {} deliveries",
+        phases.join(", "),
+        published.len(),
+        tally.duplicates(),
+        tally.deliveries
+    );
+    drop(logs);
+    let _ = cluster.kubectl(&["delete", "namespace", ns, "--wait=false"]);
+}
+
+/// The leader's name, once the Lease names a holder and that pod alone carries the leader label.
+async fn settled_leader(cluster: &RealCluster, not: Option<&str>) -> String {
+    wait_for("a leader holding the Lease and labelled", DEADLINE, || {
+        let holder = cluster.kubectl_ok(&[
+            "get",
+            "lease",
+            "qmesh-operator",
+            "-n",
+            "qmesh-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        let labelled = cluster.kubectl_ok(&[
+            "get",
+            "pods",
+            "-n",
+            "qmesh-system",
+            "-l",
+            "qmesh.io/leader=true",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ]);
+        async move {
+            let (holder, labelled) = (holder.ok()?, labelled.ok()?);
+            (!holder.is_empty() && labelled.trim() == holder && Some(holder.as_str()) != not)
+                .then_some(holder)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// After a fail-over: the leader writes a new Queue's status, and the webhook injects a new pod.
+async fn control_plane_answers(cluster: &RealCluster, ns: &str, round: u32) {
+    let queue = format!("audit-{round}");
+    apply(
+        cluster,
+        &format!(
+            "apiVersion: qmesh.io/v1alpha1\nkind: Queue\nmetadata: {{name: {queue}, namespace: {ns}}}\n\
+             spec: {{publishers: {{matchLabels: {{app: auditor}}}}}}\n---\n"
+        ),
+    );
+    wait_for(&format!("{queue}'s status written"), DEADLINE, || {
+        let observed = cluster.kubectl_ok(&[
+            "get",
+            "queue",
+            &queue,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].observedGeneration}",
+        ]);
+        async move { (observed.ok()?.trim() == "1").then_some(()) }
+    })
+    .await
+    .unwrap();
+    // Pod creation goes through the injector (failurePolicy: Fail); like a ReplicaSet, the test
+    // asks again while the API server still routes to an endpoint that just went away.
+    let pod = format!("auditor-{round}");
+    let manifest = pod_with_restart_policy(
+        ns,
+        &pod,
+        "auditor",
+        &["qmesh", "pub", &queue, "ok"],
+        "OnFailure",
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), manifest).unwrap();
+    let path = file.path().display().to_string();
+    wait_for(&format!("{pod} admitted"), DEADLINE, || {
+        let created = cluster.kubectl_ok(&["apply", "-f", &path]);
+        async move { created.ok().map(drop) }
+    })
+    .await
+    .unwrap();
+    let containers = cluster
+        .kubectl_ok(&[
+            "get",
+            "pod",
+            &pod,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.spec.containers[*].name}",
+        ])
+        .unwrap();
+    assert!(containers.contains("qmesh-sidecar"), "{pod}: {containers}");
+}
+
+/// The operator's leader killed twice while a prober runs: first its process with `kill -9`
+/// (the kubelet restarts it), then its pod force-deleted (the other replica takes over). Each time the
+/// data plane keeps flowing, one pod ends up holding the Lease and the leader label, the leader
+/// writes a new Queue's status, and the webhook injects a new pod; no acknowledged order is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_plane_flows_while_the_operator_leader_is_killed() {
+    if !wanted() {
+        return;
+    }
+    let cluster = cluster();
+    let ns = "failover";
+    let logs = cluster.follow_app_logs(ns, "app in (producer,consumer)");
+    apply(
+        cluster,
+        &(orders_namespace(ns)
+            + &app_deployment(ns, "consumer", 1, PROBE_CONSUME)
+            + &app_deployment(ns, "producer", 1, PROBE_PUBLISH)),
+    );
+    flowing(&logs, 50).await;
+
+    let mut rounds = Vec::new();
+    for round in 1..=2 {
+        let leader = settled_leader(cluster, None).await;
+        let operator = |field: &str| {
+            cluster.kubectl_ok(&[
+                "get",
+                "pod",
+                &leader,
+                "-n",
+                "qmesh-system",
+                "-o",
+                &format!("jsonpath={{.status.containerStatuses[?(@.name==\"operator\")].{field}}}"),
+            ])
+        };
+        let consumed_before = Tally::of(&logs).consumed.len();
+        let started = std::time::Instant::now();
+        let how = if round == 1 {
+            let restarts: u32 = operator("restartCount").unwrap().trim().parse().unwrap();
+            let pid = cluster
+                .container_pid(operator("containerID").unwrap().trim())
+                .unwrap();
+            let killed = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(killed.success());
+            wait_for("the kubelet to restart the operator", DEADLINE, || {
+                let now: u32 = operator("restartCount")
+                    .ok()
+                    .and_then(|r| r.trim().parse().ok())
+                    .unwrap_or(0);
+                async move { (now > restarts).then_some(()) }
+            })
+            .await
+            .unwrap();
+            "kill -9 of its process"
+        } else {
+            // The pod object goes at once; the other replica takes the Lease over (as soon as the
+            // stopping leader gives it up, else once it has gone a lease duration unrenewed).
+            cluster
+                .kubectl_ok(&[
+                    "delete",
+                    "pod",
+                    &leader,
+                    "-n",
+                    "qmesh-system",
+                    "--grace-period=0",
+                    "--force",
+                ])
+                .unwrap();
+            "kubectl delete --force of its pod"
+        };
+        let new_leader = settled_leader(cluster, (round == 2).then_some(leader.as_str())).await;
+        let took_over = started.elapsed();
+        let consumed_meanwhile = Tally::of(&logs).consumed.len() - consumed_before;
+        control_plane_answers(cluster, ns, round).await;
+        flowing(&logs, 20).await;
+        rounds.push(format!(
+            "{how}: {leader} → {new_leader} in {:.1}s, {consumed_meanwhile} orders consumed meanwhile",
+            took_over.as_secs_f64()
+        ));
+    }
+
+    let published = Tally::of(&logs).published;
+    let tally = all_consumed(&logs, &published).await;
+    println!(
+        "real pods: operator leader killed: {}; {} orders acknowledged, all consumed, {} duplicates",
+        rounds.join("; "),
+        published.len(),
+        tally.duplicates()
+    );
+    drop(logs);
+    let _ = cluster.kubectl(&["delete", "namespace", ns, "--wait=false"]);
 }

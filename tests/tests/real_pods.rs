@@ -627,7 +627,7 @@ async fn rolling_updates_under_a_continual_prober_lose_nothing() {
     let tally = all_consumed(&logs, &published).await;
     println!(
         "real pods: rolling updates under a prober: {}; {} orders acknowledged, all consumed \
-         (0 lost), {} duplicates in {} deliveries",
+         (0 lost), duplicates: {} in {} deliveries",
         phases.join(", "),
         published.len(),
         tally.duplicates(),
@@ -812,7 +812,7 @@ async fn the_data_plane_flows_while_the_operator_leader_is_killed() {
     let published = Tally::of(&logs).published;
     let tally = all_consumed(&logs, &published).await;
     println!(
-        "real pods: operator leader killed: {}; {} orders acknowledged, all consumed, {} duplicates",
+        "real pods: operator leader killed: {}; {} orders acknowledged, all consumed, duplicates: {}",
         rounds.join("; "),
         published.len(),
         tally.duplicates()

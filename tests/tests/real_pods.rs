@@ -1,12 +1,13 @@
 //! Real pods (tier 6): the chart installed with this build's images on a one-node cluster
 //! (`hack/cluster.sh`), the operator running as pods, the API server reaching the webhooks through
 //! their Service, pods of an opted-in namespace injected and started by the kubelet, and messages
-//! flowing from a producer pod to a consumer pod over their pod IPs, every one counted; a sidecar
-//! killed with `kill -9` inside its pod is restarted by the kubelet and replays its log from the
-//! pod's emptyDir, losing nothing acknowledged. The first test of a process brings the cluster up
-//! fresh and installs the chart (cargo test shares it between the tests of this file; nextest runs
-//! each in a process of its own, one at a time: `.config/nextest.toml`); each test has its own
-//! namespace.
+//! flowing between pods over their pod IPs, every one counted. Faults a cluster brings: a sidecar
+//! killed with `kill -9` inside its pod, a producer pod deleted with a backlog, an app that
+//! publishes as it starts, rolling updates of consumers and producers under a continual prober,
+//! the operator's leader killed; and `examples/` applied as a user would, read back with `kubectl
+//! get`. The first test of a process brings the cluster up fresh and installs the chart (cargo
+//! test shares it between the tests of this file; nextest runs each in a process of its own, one
+//! at a time: `.config/nextest.toml`); each test has its own namespace.
 //!
 //! Runs where `QMESH_REAL_PODS=1` (set by `hack/test.sh`; it needs root and cgroup v2).
 
@@ -816,6 +817,96 @@ async fn the_data_plane_flows_while_the_operator_leader_is_killed() {
         rounds.join("; "),
         published.len(),
         tally.duplicates()
+    );
+    drop(logs);
+    let _ = cluster.kubectl(&["delete", "namespace", ns, "--wait=false"]);
+}
+
+/// `kubectl apply -f examples/` in an opted-in namespace, with a `checkout` pod publishing and a
+/// `billing` Deployment consuming: billing takes all 100 orders, and `kubectl get
+/// queues,subscriptions` shows what the operator wrote — billing's consumer, and the 100 orders
+/// waiting for `shipping`, whose push consumers are not running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_apply_and_kubectl_get_shows_backlog_and_consumers() {
+    if !wanted() {
+        return;
+    }
+    let cluster = cluster();
+    let ns = "examples";
+    let logs = cluster.follow_app_logs(ns, "app=billing");
+    apply(
+        cluster,
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{qmesh.io/inject: enabled}}}}\n"
+        ),
+    );
+    let examples = repo_root().join("examples").display().to_string();
+    cluster
+        .kubectl_ok(&["apply", "-n", ns, "-f", &examples])
+        .unwrap();
+    apply(
+        cluster,
+        &(app_deployment(ns, "billing", 1, &["qmesh", "sub", "billing", "--json"])
+            + &app_pod(
+                ns,
+                "checkout",
+                "checkout",
+                &[
+                    "qmesh",
+                    "pub",
+                    "orders",
+                    "hello",
+                    "--count",
+                    "100",
+                    "--key",
+                    "customer-7",
+                    "-H",
+                    "fulfilment=physical",
+                ],
+            )),
+    );
+    let published = published_ids(&app_output(cluster, ns, "checkout").await);
+    assert_eq!(published.len(), 100, "every publish acknowledged");
+    let tally = all_consumed(&logs, &published).await;
+
+    let status = |kind: &str, name: &str, field: &str| {
+        cluster
+            .kubectl_ok(&[
+                "get",
+                kind,
+                name,
+                "-n",
+                ns,
+                "-o",
+                &format!("jsonpath={{.status.{field}}}"),
+            ])
+            .map(|s| s.trim().to_owned())
+    };
+    wait_for(
+        "billing's consumer and shipping's backlog in the status",
+        DEADLINE,
+        || {
+            let consumers = status("subscription", "billing", "consumers");
+            let billing = status("subscription", "billing", "backlog");
+            let shipping = status("subscription", "shipping", "backlog");
+            async move {
+                (consumers.ok()? == "1" && billing.ok()? == "0" && shipping.ok()? == "100")
+                    .then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe_pods(cluster, ns)));
+    let table = cluster
+        .kubectl_ok(&["get", "queues,subscriptions", "-n", ns])
+        .unwrap();
+    for column in ["BACKLOG", "CONSUMERS", "SUBSCRIPTIONS", "READY"] {
+        assert!(table.contains(column), "no {column} column:\n{table}");
+    }
+    println!(
+        "real pods: examples/ applied; {} orders published, {} consumed by billing; kubectl get:\n{table}",
+        published.len(),
+        tally.consumed.len()
     );
     drop(logs);
     let _ = cluster.kubectl(&["delete", "namespace", ns, "--wait=false"]);

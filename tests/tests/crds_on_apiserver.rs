@@ -211,3 +211,88 @@ async fn server_rejects_invalid_specs_naming_the_field_and_defaults_the_rest() {
         "backlog column shows the status: {listed}"
     );
 }
+
+/// Helm installs `crds/` once and never upgrades it (docs/install.md, "Upgrading"): a cluster
+/// installed with an older chart keeps the older schema, which drops fields it does not know, until
+/// the documented `kubectl apply -f crds/` — which takes over CRDs Helm created, keeps the Queues
+/// already stored, and lets the new fields through.
+#[tokio::test]
+async fn the_documented_crd_upgrade_step_brings_new_fields_and_keeps_queues() {
+    let server = KubeApiServer::start().await.unwrap();
+    // An older Queue CRD, as an earlier chart's install created it: no `retention.keepAcked`.
+    let current = std::fs::read_to_string(repo_root().join("crds/queues.qmesh.io.yaml")).unwrap();
+    let mut older: serde_yaml::Value = serde_yaml::from_str(&current).unwrap();
+    let retention = &mut older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["retention"]["properties"];
+    assert!(
+        retention
+            .as_mapping_mut()
+            .unwrap()
+            .remove("keepAcked")
+            .is_some()
+    );
+    let older_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(older_file.path(), serde_yaml::to_string(&older).unwrap()).unwrap();
+    ok(server
+        .kubectl(["create", "-f", &older_file.path().display().to_string()])
+        .unwrap());
+    ok(server
+        .kubectl([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/queues.qmesh.io",
+        ])
+        .unwrap());
+
+    let queue = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        queue.path(),
+        "apiVersion: qmesh.io/v1alpha1\nkind: Queue\nmetadata: {name: orders, namespace: default}\n\
+         spec: {durability: Disk, retention: {keepAcked: 1h}}\n",
+    )
+    .unwrap();
+    let queue = queue.path().display().to_string();
+    let keep_acked = || {
+        ok(server
+            .kubectl([
+                "get",
+                "queue",
+                "orders",
+                "-o",
+                "jsonpath={.metadata.uid} {.spec.retention.keepAcked}",
+            ])
+            .unwrap())
+    };
+    // Discovery can lag behind Established for a moment.
+    wait_for("queues to be served", Duration::from_secs(30), || {
+        let applied = server.kubectl(["apply", "-f", &queue]).unwrap();
+        async move { applied.status.success().then_some(()) }
+    })
+    .await
+    .unwrap();
+    let before = keep_acked();
+    let (uid, kept) = before.split_once(' ').unwrap();
+    assert_eq!(kept, "", "the older schema prunes keepAcked");
+
+    // The documented step.
+    let crds = repo_root().join("crds").display().to_string();
+    ok(server.kubectl(["apply", "-f", &crds]).unwrap());
+    let schema = ok(server
+        .kubectl([
+            "get",
+            "crd",
+            "queues.qmesh.io",
+            "-o",
+            "jsonpath={.spec.versions[0].schema.openAPIV3Schema.properties.spec.properties.retention.properties.keepAcked.type}",
+        ])
+        .unwrap());
+    assert_eq!(schema, "string", "the CRD took the current schema");
+    ok(server.kubectl(["apply", "-f", &queue]).unwrap());
+    let after = keep_acked();
+    assert_eq!(
+        after,
+        format!("{uid} 1h"),
+        "the same Queue, now with keepAcked"
+    );
+}

@@ -569,11 +569,11 @@ async fn an_app_publishing_at_once_finds_its_sidecar_ready() {
     let _ = cluster.kubectl(&["delete", "namespace", "startup", "--wait=false"]);
 }
 
-/// A rolling update of the consumer Deployment, then of the producer Deployment, while a prober
-/// publishes 20 orders a second from each producer pod and the consumer pods take every one:
-/// every old consumer pod is deleted with deliveries in flight (redelivered to the others), every
-/// old producer pod with a backlog it hands over; every acknowledged order is consumed, and
-/// duplicates are counted.
+/// A consumer pod deleted, then a rolling update of the consumer Deployment, then of the producer
+/// Deployment, while a prober publishes 20 orders a second from each producer pod and the consumer
+/// pods take every one: every old consumer pod is deleted with deliveries in flight (redelivered
+/// to the others), every old producer pod with a backlog it hands over; every acknowledged order
+/// is consumed, and duplicates are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_updates_under_a_continual_prober_lose_nothing() {
     if !wanted() {
@@ -590,7 +590,30 @@ async fn rolling_updates_under_a_continual_prober_lose_nothing() {
     );
     flowing(&logs, 50).await;
 
-    let mut phases = Vec::new();
+    // `kubectl delete pod` of a consumer pod taking orders: the deliveries its app had not
+    // acknowledged go to the other consumer pod.
+    let consumer = cluster
+        .kubectl_ok(&[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            "app=consumer",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])
+        .unwrap();
+    let started = std::time::Instant::now();
+    cluster
+        .kubectl_ok(&["delete", "pod", consumer.trim(), "-n", ns, "--timeout=120s"])
+        .unwrap();
+    let mut phases = vec![format!(
+        "a consumer pod deleted in {:.1}s",
+        started.elapsed().as_secs_f64()
+    )];
+    flowing(&logs, 20).await;
+
     for app in ["consumer", "producer"] {
         let started = std::time::Instant::now();
         let deployment = format!("deployment/{app}");

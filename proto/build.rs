@@ -4,6 +4,7 @@ const PROTOS: &[&str] = &[
     "proto/qmesh/v1/broker.proto",
     "proto/qmesh/peer/v1/peer.proto",
     "proto/qmesh/control/v1/control.proto",
+    "proto/externalscaler/externalscaler.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -35,6 +35,10 @@ pub struct Args {
     #[arg(long, env = "QMESH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
 
+    /// gRPC KEDA external scaler (`externalscaler.ExternalScaler`): a Subscription's backlog.
+    #[arg(long, env = "QMESH_SCALER_ADDR", default_value = "0.0.0.0:7444")]
+    pub scaler_addr: SocketAddr,
+
     /// Trust domain of the SPIFFE IDs in sidecar certificates.
     #[arg(long, env = "QMESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -171,6 +175,8 @@ pub struct Config {
     pub control_addr: SocketAddr,
     /// Metrics/health address.
     pub metrics_addr: SocketAddr,
+    /// KEDA external scaler address (not served when `None`).
+    pub scaler_addr: Option<SocketAddr>,
     /// Longest a Queue deletion stays blocked.
     pub deletion_grace: Duration,
     /// Skip TokenReview of sidecars (tests/dev only).
@@ -195,6 +201,7 @@ impl Config {
             lease_duration: Duration::from_secs(15),
             control_addr: SocketAddr::from(([127, 0, 0, 1], 7443)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            scaler_addr: None,
             deletion_grace: Duration::from_secs(600),
             insecure_skip_sidecar_auth: false,
             status_interval: Duration::from_secs(2),
@@ -256,6 +263,7 @@ impl Args {
             lease_duration: self.lease_duration,
             control_addr: self.control_addr,
             metrics_addr: self.metrics_addr,
+            scaler_addr: Some(self.scaler_addr),
             deletion_grace: self.deletion_grace,
             insecure_skip_sidecar_auth: self.insecure_skip_sidecar_auth,
             status_interval: Duration::from_secs(2),
@@ -317,6 +325,7 @@ mod tests {
         assert_eq!(args.webhook_addr.to_string(), "0.0.0.0:9443");
         assert_eq!(args.control_addr.to_string(), "0.0.0.0:7443");
         assert_eq!(args.metrics_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(args.scaler_addr.to_string(), "0.0.0.0:7444");
         assert_eq!(args.lease_name, "qmesh-operator");
         assert_eq!(args.lease_duration, Duration::from_secs(15));
         assert_eq!(args.cert_validity, Duration::from_secs(8760 * 3600));

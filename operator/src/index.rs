@@ -447,6 +447,14 @@ impl Index {
             .cloned()
     }
 
+    /// The indexed Subscription.
+    pub fn subscription(&self, namespace: &str, name: &str) -> Option<Arc<Subscription>> {
+        self.lock()
+            .subscriptions
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     /// What a Queue's status depends on.
     pub fn observe_queue(&self, queue: &Queue) -> QueueObserved {
         let inner = self.lock();

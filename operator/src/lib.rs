@@ -17,6 +17,7 @@ pub mod index;
 pub mod leader;
 pub mod mesh_ca;
 pub mod metrics;
+pub mod scaler;
 pub mod status;
 mod watch;
 pub mod webhook;
@@ -55,6 +56,8 @@ pub enum Error {
     #[error("control plane server: {0}")]
     Control(#[source] tonic::transport::Error),
     /// The metrics server failed.
+    #[error("KEDA scaler server: {0}")]
+    Scaler(#[source] tonic::transport::Error),
     #[error("metrics server: {0}")]
     Metrics(#[source] std::io::Error),
     /// The mesh CA could not be loaded or created.
@@ -126,6 +129,10 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     let index = Arc::new(Index::new());
     let metrics_listener = bind("metrics", config.metrics_addr).await?;
     let control_listener = bind("control plane", config.control_addr).await?;
+    let scaler_listener = match config.scaler_addr {
+        Some(addr) => Some(bind("KEDA scaler", addr).await?),
+        None => None,
+    };
     let auth = if config.insecure_skip_sidecar_auth {
         tracing::warn!(
             "--insecure-skip-sidecar-auth is set: sidecars are NOT authenticated; \
@@ -138,6 +145,7 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
     tracing::info!(
         control = %config.control_addr,
         metrics = %config.metrics_addr,
+        scaler = ?config.scaler_addr,
         identity = %config.identity,
         lease = %config.lease_name,
         "starting"
@@ -187,6 +195,20 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
             .tls(ca.server_configs());
         async move { plane.serve(control_listener).await.map_err(Error::Control) }
     });
+    if let Some(listener) = scaler_listener {
+        let scaler = scaler::Scaler::new(index.clone(), shutdown.clone());
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(scaler.service())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+                .map_err(Error::Scaler)
+        });
+    }
     tasks.spawn({
         let (ca, shutdown) = (Arc::clone(&ca), shutdown.clone());
         let every = mesh_ca::check_interval(config.certificate_ttl);

@@ -4,11 +4,13 @@
 //!   app ──qmesh.v1 (localhost)──▶ sidecar ══qmesh.peer.v1 (pod IP)══▶ sidecar
 //!                                    │
 //!                                    └──qmesh.control.v1──▶ operator / `qmesh dev`
+//!   KEDA ──externalscaler──▶ operator (a Subscription's backlog)
 //! ```
 //!
 //! * [`v1`] — the app API (`Broker`): publish, pipelined publish, subscribe with acks and credits.
 //! * [`peer`] — sidecar to sidecar (`Peer`): credit-based forwarding, replication, hand-over.
 //! * [`control`] — sidecar to control plane (`Control`): mesh views down, stats up.
+//! * [`externalscaler`] — KEDA's external scaler interface, served by the operator.
 //! * [`join`] — the server side of `Control`, over any source of views: the operator's index or
 //!   `qmesh dev`'s manifest files.
 //!
@@ -38,6 +40,12 @@ pub mod qmesh {
             tonic::include_proto!("qmesh.control.v1");
         }
     }
+}
+
+/// `externalscaler`: KEDA's external scaler interface, which the operator serves so KEDA can scale
+/// consumers on a Subscription's backlog.
+pub mod externalscaler {
+    tonic::include_proto!("externalscaler");
 }
 
 pub mod convert;

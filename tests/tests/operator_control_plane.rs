@@ -13,73 +13,9 @@ use kube::{Api, Client, api::PostParams};
 use operator_support::*;
 use qmesh_api::{Queue, Subscription};
 use qmesh_proto::control::{
-    ControlUpdate, Hello, MeshView, QueueStats, SidecarReport, Stats, SubscriptionStats,
-    control_client::ControlClient, control_update::Update, sidecar_report::Report,
+    MeshView, QueueStats, SidecarReport, Stats, SubscriptionStats, sidecar_report::Report,
 };
 use qmesh_tests::KubeApiServer;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
-
-struct Sidecar {
-    reports: mpsc::Sender<SidecarReport>,
-    updates: Streaming<ControlUpdate>,
-}
-
-impl Sidecar {
-    async fn join(operator: &Operator, name: &str, token: &str) -> Self {
-        // Over TLS, verified against the mesh CA the operator made.
-        let bundle = mesh_trust_bundle(&operator.client).await;
-        let channel = qmesh_identity::transport::connect_url(
-            &format!("https://{}", operator.control_addr),
-            Some(&bundle),
-            |e| e,
-        )
-        .await
-        .unwrap();
-        let mut client = ControlClient::new(channel);
-        let (reports, rx) = mpsc::channel(16);
-        reports
-            .send(SidecarReport {
-                report: Some(Report::Hello(Hello {
-                    namespace: "default".into(),
-                    name: name.into(),
-                    token: token.into(),
-                    version: "test".into(),
-                    ..Default::default()
-                })),
-            })
-            .await
-            .unwrap();
-        let updates = client
-            .join(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { reports, updates }
-    }
-
-    async fn next(&mut self, within: Duration) -> Option<Update> {
-        tokio::time::timeout(within, self.updates.message())
-            .await
-            .ok()
-            .map(|m| m.unwrap().unwrap().update.unwrap())
-    }
-
-    async fn view(&mut self, within: Duration) -> MeshView {
-        match self.next(within).await {
-            Some(Update::View(view)) => view,
-            other => panic!("expected a view within {within:?}, got {other:?}"),
-        }
-    }
-
-    async fn rejection(&mut self) -> String {
-        match self.next(DEADLINE).await {
-            Some(Update::Rejected(r)) => r.reason,
-            other => panic!("expected a rejection, got {other:?}"),
-        }
-    }
-}
 
 fn consumers_of(view: &MeshView, queue: &str, subscription: &str) -> Vec<(String, String)> {
     let q = view.queues.iter().find(|q| q.name == queue).unwrap();

@@ -12,8 +12,15 @@ use kube::{
 };
 use qmesh_api::{Queue, Subscription};
 use qmesh_operator::Config;
+use qmesh_proto::control::{
+    ControlUpdate, Hello, MeshView, SidecarReport, control_client::ControlClient,
+    control_update::Update, sidecar_report::Report,
+};
 use qmesh_tests::{KubeApiServer, free_ports_on, repo_root, wait_for};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
 
 /// Generous deadline for anything the operator does in reaction to a change.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -61,6 +68,8 @@ pub struct Operator {
     #[allow(dead_code)]
     pub client: Client,
     pub metrics_addr: SocketAddr,
+    /// The KEDA scaler's address, where `configure` asked for one.
+    pub scaler_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -75,7 +84,8 @@ impl Operator {
         config.lease_duration = Duration::from_secs(4);
         configure(&mut config);
         let shutdown = CancellationToken::new();
-        let (control_addr, metrics_addr) = (config.control_addr, config.metrics_addr);
+        let (control_addr, metrics_addr, scaler_addr) =
+            (config.control_addr, config.metrics_addr, config.scaler_addr);
         let task = tokio::spawn({
             let (shutdown, client) = (shutdown.clone(), client.clone());
             async move {
@@ -86,6 +96,7 @@ impl Operator {
             control_addr,
             client,
             metrics_addr,
+            scaler_addr,
             shutdown,
             task,
         }
@@ -293,4 +304,66 @@ pub async fn mesh_trust_bundle(client: &Client) -> String {
     })
     .await
     .unwrap()
+}
+
+/// A sidecar played by the test: joined to the operator's control plane over TLS as pod `name`,
+/// sending reports (stats) and reading the updates (views, rejections) it gets.
+pub struct Sidecar {
+    pub reports: mpsc::Sender<SidecarReport>,
+    updates: Streaming<ControlUpdate>,
+}
+
+impl Sidecar {
+    pub async fn join(operator: &Operator, name: &str, token: &str) -> Self {
+        // Over TLS, verified against the mesh CA the operator made.
+        let bundle = mesh_trust_bundle(&operator.client).await;
+        let channel = qmesh_identity::transport::connect_url(
+            &format!("https://{}", operator.control_addr),
+            Some(&bundle),
+            |e| e,
+        )
+        .await
+        .unwrap();
+        let mut client = ControlClient::new(channel);
+        let (reports, rx) = mpsc::channel(16);
+        reports
+            .send(SidecarReport {
+                report: Some(Report::Hello(Hello {
+                    namespace: "default".into(),
+                    name: name.into(),
+                    token: token.into(),
+                    version: "test".into(),
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+        let updates = client
+            .join(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { reports, updates }
+    }
+
+    pub async fn next(&mut self, within: Duration) -> Option<Update> {
+        tokio::time::timeout(within, self.updates.message())
+            .await
+            .ok()
+            .map(|m| m.unwrap().unwrap().update.unwrap())
+    }
+
+    pub async fn view(&mut self, within: Duration) -> MeshView {
+        match self.next(within).await {
+            Some(Update::View(view)) => view,
+            other => panic!("expected a view within {within:?}, got {other:?}"),
+        }
+    }
+
+    pub async fn rejection(&mut self) -> String {
+        match self.next(DEADLINE).await {
+            Some(Update::Rejected(r)) => r.reason,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
 }

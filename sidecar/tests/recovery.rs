@@ -349,3 +349,78 @@ async fn publishers_vanishing_mid_publish_do_not_stall_the_queue() {
         .await;
     until_sub_settled(owner.admin, "drain", 60).await;
 }
+
+/// Fan-out with one subscription whose consumers are gone (Kafka's stopped consumer group): the
+/// messages it alone still owes must not hold the owner's memory so that the other subscription,
+/// whose consumer keeps up, stalls once the backlog is a few times the memory budget.
+///
+/// Fails today (`drain` gets 815 of 6,000 within 60 s): a known defect of the per-queue memory
+/// window, kept here until per-subscription cursors let a lagging subscription's backlog live in
+/// the log only (issue 13). Run it with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known defect: a subscription nobody consumes holds the memory window (issue 13)"]
+async fn a_subscription_nobody_consumes_does_not_stall_the_others() {
+    const N: usize = 6_000;
+    let manifests = format!(
+        "{BACKLOG_MESH}---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {{name: archive}}
+spec:
+  queue: burst
+  consumers: {{matchLabels: {{app: archiver}}}}
+"
+    );
+    let mesh = mesh()
+        .manifests(&manifests)
+        .sidecar("owner", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .sidecar("archiver", &[("app", "archiver")])
+        .arg_for("owner", "--memory-budget=256Ki")
+        .arg_for("owner", "--fsync=never")
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let owner = mesh.sidecar("owner");
+    let consumer = Consumer::start(
+        "worker",
+        &mesh.sidecar("worker").grpc_url(),
+        "drain",
+        1000,
+        |_| Verdict::Ack,
+    )
+    .await;
+    // 6,000 × 1 KiB: over twenty times the budget, all owed to `archive` too.
+    let payload = "a".repeat(1024);
+    for batch in 0..N / 500 {
+        let messages = (0..500)
+            .map(|i| message(&format!("f-{}", batch * 500 + i), "", &payload))
+            .collect();
+        for r in publish_all(&owner.grpc_url(), "burst", messages).await {
+            r.expect("accepted");
+        }
+    }
+    consumer
+        .expect_prefixed(
+            "f-",
+            N,
+            60,
+            "`drain` gets every message while `archive` lags",
+        )
+        .await;
+    until_sub_settled(owner.admin, "drain", 60).await;
+
+    // The archiver comes back and gets all of them too.
+    let archiver = Consumer::start(
+        "archiver",
+        &mesh.sidecar("archiver").grpc_url(),
+        "archive",
+        1000,
+        |_| Verdict::Ack,
+    )
+    .await;
+    archiver
+        .expect_prefixed("f-", N, 60, "`archive` catches up")
+        .await;
+    until_sub_settled(owner.admin, "archive", 60).await;
+}

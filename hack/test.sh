@@ -18,7 +18,7 @@ command -v cargo >/dev/null || {
 
 step "Debian packages"
 need=()
-for pkg in openssl ca-certificates python3 python3-pip python3-venv unzip util-linux curl iproute2; do
+for pkg in openssl ca-certificates python3 python3-pip python3-venv unzip util-linux curl iproute2 prometheus chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [[ ${#need[@]} -gt 0 ]]; then
@@ -49,12 +49,13 @@ hack/k8s-test-env.sh --node >/dev/null
 export QMESH_REAL_PODS=1
 trap 'hack/cluster.sh down >/dev/null 2>&1 || echo "warning: hack/cluster.sh down failed" >&2' EXIT
 
-step "Python packages for the example client (venv)"
+step "Python packages for the example client and the console's browser test (venv)"
 CACHE_DIR="${QMESH_CACHE_DIR:-$HOME/.cache/qmesh}"
 VENV="$CACHE_DIR/venv"
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import grpc, grpc_tools" 2>/dev/null; then
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import grpc, grpc_tools, selenium" 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet -r examples/python/requirements.txt
+  "$VENV/bin/python" -m pip install --quiet -r examples/python/requirements.txt \
+    -r cli/tests/console/requirements.txt
 fi
 export QMESH_PYTHON="$VENV/bin/python"
 

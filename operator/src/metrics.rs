@@ -10,7 +10,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, LazyLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -55,6 +55,86 @@ pub struct ErrorLabels {
 }
 
 type HistogramFamily = Family<KindLabels, Histogram, fn() -> Histogram>;
+
+/// Labels of the admission webhook counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// `inject` or `validate`.
+    pub webhook: String,
+    /// [`WebhookResult`] as text.
+    pub result: String,
+}
+
+/// How the operator answered one admission request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookResult {
+    /// `inject`: the pod was patched with the sidecar.
+    Injected,
+    /// `inject`: allowed unchanged (not opted in, already injected, host network).
+    Skipped,
+    /// `validate`: the Queue or Subscription is valid.
+    Allowed,
+    /// `validate`: refused, the spec breaks a rule (the user's error, not the webhook's).
+    Denied,
+    /// Either: the webhook failed — the request was not an AdmissionReview, or the pod could not
+    /// be patched. An injection error refuses the pod.
+    Error,
+}
+
+impl WebhookResult {
+    const ALL: [Self; 5] = [
+        Self::Injected,
+        Self::Skipped,
+        Self::Allowed,
+        Self::Denied,
+        Self::Error,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Injected => "injected",
+            Self::Skipped => "skipped",
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Error => "error",
+        }
+    }
+
+    fn of(self, webhook: &str) -> bool {
+        match self {
+            Self::Injected | Self::Skipped => webhook == "inject",
+            Self::Allowed | Self::Denied => webhook == "validate",
+            Self::Error => true,
+        }
+    }
+}
+
+/// Admission requests answered, process-wide: the webhook server runs beside [`crate::run`] (from
+/// `main.rs`) and shares no state with it, so its counter lives here and every [`Metrics`]
+/// registry exports it. Every label pair exists from the start at 0, so the first error is an
+/// increase an alert sees.
+static WEBHOOK_REQUESTS: LazyLock<Family<WebhookLabels, Counter>> = LazyLock::new(|| {
+    let family = Family::<WebhookLabels, Counter>::default();
+    for webhook in ["inject", "validate"] {
+        for result in WebhookResult::ALL.into_iter().filter(|r| r.of(webhook)) {
+            drop(family.get_or_create(&WebhookLabels {
+                webhook: webhook.to_owned(),
+                result: result.label().to_owned(),
+            }));
+        }
+    }
+    family
+});
+
+/// Counts one admission request `webhook` (`inject`, `validate`) answered with `result`.
+pub fn webhook_answered(webhook: &'static str, result: WebhookResult) {
+    WEBHOOK_REQUESTS
+        .get_or_create(&WebhookLabels {
+            webhook: webhook.to_owned(),
+            result: result.label().to_owned(),
+        })
+        .inc();
+}
 
 /// Every metric the operator exports.
 pub struct Metrics {
@@ -144,6 +224,11 @@ impl Metrics {
             "leader",
             "1 while this replica holds the leader Lease",
             leader.clone(),
+        );
+        registry.register(
+            "webhook_requests",
+            "Admission requests answered by this replica's webhooks, by webhook and result",
+            WEBHOOK_REQUESTS.clone(),
         );
         Self {
             registry,
@@ -265,8 +350,30 @@ mod tests {
             "qmesh_operator_leader 1",
             "qmesh_operator_control_connected_sidecars 0",
             "qmesh_operator_control_views_sent_total 0",
+            "qmesh_operator_webhook_requests_total{webhook=\"inject\",result=\"error\"}",
+            "qmesh_operator_webhook_requests_total{webhook=\"validate\",result=\"denied\"}",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
+        assert!(
+            !text.contains("webhook=\"validate\",result=\"injected\""),
+            "only the results a webhook can give: {text}"
+        );
+    }
+
+    #[test]
+    fn webhook_answers_are_counted_by_webhook_and_result() {
+        let metrics = Metrics::new();
+        let series = "qmesh_operator_webhook_requests_total{webhook=\"inject\",result=\"error\"} ";
+        let count = |text: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{series} missing in\n{text}"))
+        };
+        // Process-wide (other tests may count too): it grows by at least one.
+        let before = count(&metrics.encode());
+        webhook_answered("inject", WebhookResult::Error);
+        assert!(count(&metrics.encode()) > before);
     }
 }

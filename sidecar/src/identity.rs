@@ -76,6 +76,11 @@ impl Dialer {
         self.credentials.is_some()
     }
 
+    /// When the certificate in use expires (`None` without one).
+    pub fn certificate_expiry(&self) -> Option<std::time::SystemTime> {
+        self.credentials.as_ref().map(|c| c.not_after())
+    }
+
     /// The name of the sidecar the view places at `addr`.
     pub fn name_at(&self, addr: &str) -> Option<String> {
         let view = self.view.borrow();

@@ -20,6 +20,7 @@ pub mod identity;
 pub mod metrics;
 pub mod owner;
 pub mod peer;
+mod rates;
 pub mod replica;
 mod rewind;
 pub use qmesh_store as store;
@@ -37,6 +38,7 @@ use std::{
 };
 
 use anyhow::Context;
+use prometheus_client::metrics::gauge::Gauge;
 use qmesh_proto::{control as wire, peer as peer_wire, v1};
 use tokio::{net::TcpListener, sync::watch};
 
@@ -67,6 +69,8 @@ pub struct Sidecar {
     me: peer_wire::SidecarId,
     draining: AtomicBool,
     shutdown: tokio::sync::Notify,
+    /// Publish and ack rates of the stats reports.
+    rates: std::sync::Mutex<rates::Rates>,
 }
 
 /// Headers apps may not set: the broker's own (`qmesh-dead-letter-reason`, `qmesh-original-queue`,
@@ -101,7 +105,15 @@ impl Sidecar {
             Ok(_) => self
                 .metrics
                 .publish_latency(queue, started.elapsed().as_secs_f64()),
-            Err(e) => self.metrics.publish_error(e.label()),
+            Err(e) => {
+                // The queue's name comes from the app: labelled only when the view knows it.
+                let known = {
+                    let view = self.view.borrow();
+                    view.queue(queue).is_some() || view.is_foreign_queue(queue)
+                };
+                self.metrics
+                    .publish_error(if known { queue } else { "" }, e.label());
+            }
         }
         result
     }
@@ -122,7 +134,8 @@ impl Sidecar {
         }
     }
 
-    /// Refreshes the backlog and in-flight gauges.
+    /// Refreshes the gauges (backlog, oldest message's age, consumer links, in flight, the log's
+    /// figures, the certificate's expiry) from the owner's and consumers' state, at each scrape.
     pub fn refresh_gauges(&self) {
         if let Some(stats) = &self.log_stats {
             self.metrics.log.observe(stats);
@@ -130,31 +143,84 @@ impl Sidecar {
         let (held, spilled) = self.owner.memory_figures();
         self.metrics.log.held_bytes.set(held as i64);
         self.metrics.log.spilled.set(spilled as i64);
-        let kept: u64 = self.owner.stats().iter().map(|q| q.kept_bytes).sum();
+        let figures = self.owner.stats();
+        let kept: u64 = figures.iter().map(|q| q.kept_bytes).sum();
         self.metrics.log.kept_bytes.set(kept as i64);
-        for q in self.owner.stats() {
-            for s in q.subscriptions {
-                let labels = metrics::SubLabel {
-                    queue: q.queue.clone(),
-                    subscription: s.subscription,
-                };
-                self.metrics
-                    .backlog
-                    .get_or_create(&labels)
-                    .set(s.backlog as i64);
-            }
+        let label = |queue: &str, subscription: &str| metrics::SubLabel {
+            queue: queue.to_owned(),
+            subscription: subscription.to_owned(),
+        };
+        let owed = || {
+            figures
+                .iter()
+                .flat_map(|q| q.subscriptions.iter().map(move |s| (q.queue.as_str(), s)))
+        };
+        for q in &figures {
+            let subscriptions: Vec<&str> = q
+                .subscriptions
+                .iter()
+                .map(|s| s.subscription.as_str())
+                .collect();
+            self.metrics.owner_series(&q.queue, &subscriptions);
         }
-        for (subscription, queue, n) in self.consumers.in_flight() {
-            let labels = metrics::SubLabel {
-                queue,
-                subscription,
-            };
-            self.metrics.in_flight.get_or_create(&labels).set(n as i64);
+        self.metrics.backlog.refresh(owed().map(|(queue, s)| {
+            let n = s.backlog as i64;
+            (label(queue, &s.subscription), move |g: &Gauge| {
+                g.set(n);
+            })
+        }));
+        self.metrics.oldest_age.refresh(owed().map(|(queue, s)| {
+            let age = s.oldest_age.unwrap_or_default().as_secs_f64();
+            (
+                label(queue, &s.subscription),
+                move |g: &metrics::SecondsGauge| {
+                    g.set(age);
+                },
+            )
+        }));
+        // Dormant subscriptions (no route in the view) have no consumers to count.
+        self.metrics
+            .consumer_links
+            .refresh(owed().filter_map(|(queue, s)| {
+                let n = s.consumer_links? as i64;
+                Some((label(queue, &s.subscription), move |g: &Gauge| {
+                    g.set(n);
+                }))
+            }));
+        self.metrics
+            .in_flight
+            .refresh(
+                self.consumers
+                    .in_flight()
+                    .into_iter()
+                    .map(|(subscription, queue, n)| {
+                        (
+                            metrics::SubLabel {
+                                queue,
+                                subscription,
+                            },
+                            move |g: &Gauge| {
+                                g.set(n as i64);
+                            },
+                        )
+                    }),
+            );
+        if let Some(expiry) = self.owner.dialer().certificate_expiry() {
+            let seconds = expiry
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.metrics.certificate_expiry.set(seconds);
         }
     }
 
-    /// Stats for the control plane.
+    /// Stats for the control plane, with publish and ack rates over the last
+    /// [`rates::WINDOW`].
     pub fn stats(&self) -> wire::Stats {
+        let now = Instant::now();
+        let mut rates = self
+            .rates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let counters = self.consumers.counters();
         let mut subs: HashMap<String, wire::SubscriptionStats> = HashMap::new();
         let mut queues = Vec::new();
@@ -165,7 +231,7 @@ impl Sidecar {
                 backlog_bytes: q.backlog_bytes,
                 published_total: q.published_total,
                 rejected_total: 0,
-                publish_rate: 0.0,
+                publish_rate: rates.observe(&format!("q/{}", q.queue), q.published_total, now),
             });
             for s in q.subscriptions {
                 let e = subs.entry(s.subscription.clone()).or_default();
@@ -185,8 +251,10 @@ impl Sidecar {
                 e.delivered_total = c.delivered;
                 e.acked_total = c.acked;
                 e.nacked_total = c.nacked;
+                e.ack_rate = rates.observe(&format!("s/{name}"), c.acked, now);
             }
         }
+        rates.sweep();
         wire::Stats {
             at: Some(std::time::SystemTime::now().into()),
             queues,
@@ -518,6 +586,7 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         me: me.clone(),
         draining: AtomicBool::new(false),
         shutdown: tokio::sync::Notify::new(),
+        rates: std::sync::Mutex::default(),
     });
     let _ = sidecar_tx.send(Some(Arc::clone(&sidecar)));
 

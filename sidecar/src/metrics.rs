@@ -1,6 +1,12 @@
 //! Prometheus metrics of the sidecar, labelled by queue and subscription. Counters are bumped where
-//! things happen; gauges (backlog, in flight) are refreshed from the owner and consumer state when
-//! scraped.
+//! things happen; gauges (backlog, oldest message's age, consumer links, in flight, certificate
+//! expiry) are refreshed from the owner and consumer state when scraped. Every metric, its labels
+//! and their cardinality: docs/monitoring.md.
+
+use std::{
+    collections::HashSet,
+    sync::{Mutex, atomic::AtomicU64},
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -24,11 +30,69 @@ pub struct SubLabel {
     pub subscription: String,
 }
 
-/// `reason` label.
+/// `queue` + `reason` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
+    /// Queue name; empty when the view names no such queue (the name comes from the app, so it
+    /// would not be bounded).
+    pub queue: String,
     /// Error kind (`backlog_full`, ...).
     pub reason: String,
+}
+
+/// A gauge of seconds (fractions kept).
+pub type SecondsGauge = Gauge<f64, AtomicU64>;
+
+/// A per-subscription gauge family refreshed whole at each scrape: label sets not refreshed are
+/// removed, so a queue or subscription that went away leaves no stale series behind (an alert on
+/// it would never resolve).
+pub struct SubGauges<G> {
+    family: Family<SubLabel, G>,
+    last: Mutex<HashSet<SubLabel>>,
+}
+
+impl<G: Default + Clone> Default for SubGauges<G> {
+    fn default() -> Self {
+        Self {
+            family: Family::default(),
+            last: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+impl<G> SubGauges<G>
+where
+    G: prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + Default
+        + Clone
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + 'static,
+{
+    /// Sets every label set of this scrape (`set` writes one gauge) and removes the others.
+    pub fn refresh(&self, values: impl IntoIterator<Item = (SubLabel, impl FnOnce(&G))>) {
+        let mut seen = HashSet::new();
+        for (labels, set) in values {
+            set(&self.family.get_or_create(&labels));
+            seen.insert(labels);
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in last.difference(&seen) {
+            self.family.remove(gone);
+        }
+        *last = seen;
+    }
+
+    /// The current value of one label set (tests).
+    pub fn get(&self, labels: &SubLabel) -> Option<G> {
+        self.family.get(labels).map(|g| g.clone())
+    }
+
+    fn family(&self) -> Family<SubLabel, G> {
+        self.family.clone()
+    }
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -55,9 +119,15 @@ pub struct Metrics {
     /// Bytes of other owners' copies held as a replica (refreshed on scrape).
     pub replica_bytes: Gauge,
     /// Owner backlog per subscription (refreshed on scrape).
-    pub backlog: Family<SubLabel, Gauge>,
+    pub backlog: SubGauges<Gauge>,
+    /// Age of the oldest message a subscription owes this owner (refreshed on scrape).
+    pub oldest_age: SubGauges<SecondsGauge>,
+    /// Consumer sidecars of a subscription this owner has a live link to (refreshed on scrape).
+    pub consumer_links: SubGauges<Gauge>,
     /// Deliveries held by this pod's apps (refreshed on scrape).
-    pub in_flight: Family<SubLabel, Gauge>,
+    pub in_flight: SubGauges<Gauge>,
+    /// When this sidecar's peer certificate expires, unix seconds (refreshed on scrape).
+    pub certificate_expiry: SecondsGauge,
     publish_latency: Family<QueueLabel, Histogram, fn() -> Histogram>,
     e2e_latency: Family<SubLabel, Histogram, fn() -> Histogram>,
     /// The disk log and the owner's memory (refreshed on scrape).
@@ -182,8 +252,11 @@ impl Default for Metrics {
         let replicated = Family::default();
         let replica_adopted = Family::default();
         let replica_bytes = Gauge::default();
-        let backlog = Family::default();
-        let in_flight = Family::default();
+        let backlog = SubGauges::default();
+        let oldest_age = SubGauges::default();
+        let consumer_links = SubGauges::default();
+        let in_flight = SubGauges::default();
+        let certificate_expiry = SecondsGauge::default();
         let publish_latency: Family<QueueLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(new_histogram);
         let e2e_latency: Family<SubLabel, Histogram, fn() -> Histogram> =
@@ -239,14 +312,31 @@ impl Default for Metrics {
             replica_bytes.clone(),
         );
         registry.register(
-            "backlog",
-            "Messages this owner holds that a subscription has not acked",
-            backlog.clone(),
+            "backlog_messages",
+            "Messages this owner holds that a subscription has not acked (ready, in flight, \
+             waiting out a backoff, parked, spilled)",
+            backlog.family(),
         );
         registry.register(
-            "in_flight",
+            "oldest_unacked_age_seconds",
+            "Age (since publish) of the oldest message this owner holds that a subscription has \
+             not acked; 0 when it owes nothing",
+            oldest_age.family(),
+        );
+        registry.register(
+            "subscription_consumer_links",
+            "Consumer sidecars of the subscription this owner has a live peer link to",
+            consumer_links.family(),
+        );
+        registry.register(
+            "in_flight_messages",
             "Deliveries held by this pod's apps, not yet settled",
-            in_flight.clone(),
+            in_flight.family(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When this sidecar's peer (mutual TLS) certificate expires, in unix seconds",
+            certificate_expiry.clone(),
         );
         registry.register(
             "publish_latency_seconds",
@@ -274,7 +364,10 @@ impl Default for Metrics {
             replica_adopted,
             replica_bytes,
             backlog,
+            oldest_age,
+            consumer_links,
             in_flight,
+            certificate_expiry,
             publish_latency,
             e2e_latency,
         }
@@ -298,13 +391,29 @@ impl Metrics {
             .inc();
     }
 
-    /// A publish was refused.
-    pub fn publish_error(&self, reason: &str) {
+    /// A publish to `queue` was refused (`queue` empty when the view has no such queue).
+    pub fn publish_error(&self, queue: &str, reason: &str) {
         self.publish_errors
             .get_or_create(&ErrorLabel {
+                queue: queue.to_owned(),
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Makes the counters of a queue and subscription this owner serves exist at 0, so the first
+    /// event is an increase a rate or `increase()` sees (a series born at 1 shows none).
+    pub fn owner_series(&self, queue: &str, subscriptions: &[&str]) {
+        let labels = QueueLabel {
+            queue: queue.to_owned(),
+        };
+        drop(self.published.get_or_create(&labels));
+        for subscription in subscriptions {
+            let labels = sub(queue, subscription);
+            drop(self.forwarded.get_or_create(&labels));
+            drop(self.acked.get_or_create(&labels));
+            drop(self.dead_lettered.get_or_create(&labels));
+        }
     }
 
     /// A replica confirmed a publish's copy.
@@ -378,5 +487,50 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(queue: &str, subscription: &str) -> SubLabel {
+        sub(queue, subscription)
+    }
+
+    #[test]
+    fn a_subscription_gone_from_a_scrape_leaves_no_stale_series() {
+        let metrics = Metrics::default();
+        let set = |n: i64| {
+            move |g: &Gauge| {
+                g.set(n);
+            }
+        };
+        metrics
+            .backlog
+            .refresh([(label("q", "a"), set(3)), (label("q", "b"), set(4))]);
+        let text = metrics.encode();
+        assert!(text.contains("qmesh_backlog_messages{queue=\"q\",subscription=\"a\"} 3"));
+        assert!(text.contains("qmesh_backlog_messages{queue=\"q\",subscription=\"b\"} 4"));
+        metrics.backlog.refresh([(label("q", "a"), set(0))]);
+        let text = metrics.encode();
+        assert!(text.contains("qmesh_backlog_messages{queue=\"q\",subscription=\"a\"} 0"));
+        assert!(!text.contains("subscription=\"b\""), "{text}");
+        assert!(metrics.backlog.get(&label("q", "b")).is_none());
+    }
+
+    #[test]
+    fn the_age_gauge_keeps_fractions_of_a_second() {
+        let metrics = Metrics::default();
+        metrics
+            .oldest_age
+            .refresh([(label("q", "a"), |g: &SecondsGauge| {
+                g.set(1.5);
+            })]);
+        assert!(
+            metrics
+                .encode()
+                .contains("qmesh_oldest_unacked_age_seconds{queue=\"q\",subscription=\"a\"} 1.5")
+        );
     }
 }

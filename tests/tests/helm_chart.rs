@@ -51,6 +51,21 @@ fn helm(args: &[&str]) -> Output {
 fn chart_lints_clean_and_refuses_wrong_values_with_a_message() {
     let out = ok("helm lint", helm(&["lint", "--strict", "charts/qmesh"]));
     assert!(out.contains("0 chart(s) failed"), "{out}");
+    let out = ok(
+        "helm lint (monitoring)",
+        helm(&[
+            "lint",
+            "--strict",
+            "charts/qmesh",
+            "--set",
+            "podMonitor.enabled=true",
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "grafanaDashboard.enabled=true",
+        ]),
+    );
+    assert!(out.contains("0 chart(s) failed"), "{out}");
     let bad = helm(&[
         "template",
         "qmesh",
@@ -115,6 +130,12 @@ fn helm_template_matches_the_golden_files() {
                 "replicas=2",
                 "--set",
                 "serviceMonitor.enabled=true",
+                "--set",
+                "podMonitor.enabled=true",
+                "--set",
+                "prometheusRule.enabled=true",
+                "--set",
+                "grafanaDashboard.enabled=true",
                 "--api-versions",
                 "policy/v1/PodDisruptionBudget",
             ],
@@ -256,6 +277,11 @@ async fn helm_install_upgrade_and_uninstall_against_a_real_api_server() {
         ("patch", "queues.qmesh.io/status", "shop"),
         ("update", "queues.qmesh.io/finalizers", "shop"),
         ("create", "tokenreviews.authentication.k8s.io", "default"),
+        (
+            "create",
+            "subjectaccessreviews.authorization.k8s.io",
+            "default",
+        ),
         ("create", "events", "shop"),
         ("update", "leases.coordination.k8s.io", "qmesh-system"),
         ("create", "secrets", "qmesh-system"),

@@ -15,6 +15,9 @@
 
 use std::{collections::BTreeSet, sync::OnceLock, time::Duration};
 
+use qmesh_proto::externalscaler::{
+    GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
+};
 use qmesh_tests::{
     cluster::{AppLogs, RealCluster},
     repo_root, wait_for,
@@ -848,7 +851,8 @@ async fn the_data_plane_flows_while_the_operator_leader_is_killed() {
 /// `kubectl apply -f examples/` in an opted-in namespace, with a `checkout` pod publishing and a
 /// `billing` Deployment consuming: billing takes all 100 orders, and `kubectl get
 /// queues,subscriptions` shows what the operator wrote — billing's consumer, and the 100 orders
-/// waiting for `shipping`, whose push consumers are not running.
+/// waiting for `shipping`, whose push consumers are not running — which the operator's KEDA
+/// scaler answers too, reached through its Service's endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_examples_apply_and_kubectl_get_shows_backlog_and_consumers() {
     if !wanted() {
@@ -920,6 +924,43 @@ async fn the_examples_apply_and_kubectl_get_shows_backlog_and_consumers() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", describe_pods(cluster, ns)));
+    // KEDA's view of the same: the operator's external scaler, reached through the endpoint of
+    // the chart's `qmesh-scaler` Service (the leader), answers shipping's backlog.
+    let endpoint = wait_for("the qmesh-scaler Service's endpoint", DEADLINE, || {
+        let ip = cluster.kubectl_ok(&[
+            "get",
+            "endpoints",
+            "qmesh-scaler",
+            "-n",
+            "qmesh-system",
+            "-o",
+            "jsonpath={.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}",
+        ]);
+        async move { ip.ok().filter(|a| !a.starts_with(':')) }
+    })
+    .await
+    .unwrap();
+    let mut keda = ExternalScalerClient::connect(format!("http://{endpoint}"))
+        .await
+        .unwrap();
+    let shipping = ScaledObjectRef {
+        name: "shipping".into(),
+        namespace: ns.into(),
+        scaler_metadata: [("subscription".to_owned(), "shipping".to_owned())].into(),
+    };
+    let backlog = keda
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(shipping.clone()),
+            metric_name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metric_values[0]
+        .metric_value;
+    assert_eq!(backlog, 100, "the scaler's backlog of shipping");
+    assert!(keda.is_active(shipping).await.unwrap().into_inner().result);
+
     let table = cluster
         .kubectl_ok(&["get", "queues,subscriptions", "-n", ns])
         .unwrap();

@@ -368,6 +368,26 @@ async fn the_api_server_calls_the_webhooks_and_rotation_keeps_them_working() {
         err.contains("spec.queue") && err.contains("immutable"),
         "{err}"
     );
+    // Every answer is counted by webhook and result (qmesh_operator_webhook_requests_total, what
+    // the QmeshWebhookErrors alert watches); the counter is process-wide, the webhook served here.
+    let text = qmesh_operator::metrics::Metrics::new().encode();
+    let count = |webhook: &str, result: &str| -> u64 {
+        let series = format!(
+            "qmesh_operator_webhook_requests_total{{webhook=\"{webhook}\",result=\"{result}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing in\n{text}"))
+    };
+    assert!(count("inject", "injected") >= 1, "{text}");
+    assert!(
+        count("inject", "skipped") >= 2,
+        "opted out, host network: {text}"
+    );
+    assert!(count("validate", "denied") >= 2, "{text}");
+    assert!(count("validate", "allowed") >= 1, "{text}");
+    assert_eq!(count("inject", "error"), 0, "{text}");
 
     // Rotation: new Secret, caBundle carrying old + new CA, and the API server still trusts us.
     let secrets: Api<Secret> = Api::default_namespaced(client.clone());

@@ -27,7 +27,10 @@ use tokio::net::TcpListener;
 
 pub use inject::{SidecarTemplate, Skip, inject};
 
-use crate::config::WebhookConfig;
+use crate::{
+    config::WebhookConfig,
+    metrics::{WebhookResult, webhook_answered},
+};
 
 struct AppState {
     template: SidecarTemplate,
@@ -149,6 +152,7 @@ async fn inject_handler(
     let request: AdmissionRequest<Pod> = match review.try_into() {
         Ok(r) => r,
         Err(e) => {
+            webhook_answered("inject", WebhookResult::Error);
             return Json(
                 AdmissionResponse::invalid(format!("not an AdmissionReview request: {e}"))
                     .into_review(),
@@ -163,6 +167,15 @@ async fn inject_handler(
         }
         None => decide_injection(&request, &state.template),
     };
+    // Injection refuses a pod only when it failed (serialising, patching).
+    webhook_answered(
+        "inject",
+        match (response.allowed, response.patch.is_some()) {
+            (false, _) => WebhookResult::Error,
+            (true, true) => WebhookResult::Injected,
+            (true, false) => WebhookResult::Skipped,
+        },
+    );
     if response.warnings.is_some()
         && let Some(client) = state.events.clone()
     {
@@ -229,13 +242,23 @@ async fn validate_handler(
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(e) => {
+            webhook_answered("validate", WebhookResult::Error);
             return Json(
                 AdmissionResponse::invalid(format!("not an AdmissionReview request: {e}"))
                     .into_review(),
             );
         }
     };
-    Json(decide_validation(&request).into_review())
+    let response = decide_validation(&request);
+    webhook_answered(
+        "validate",
+        if response.allowed {
+            WebhookResult::Allowed
+        } else {
+            WebhookResult::Denied
+        },
+    );
+    Json(response.into_review())
 }
 
 /// The admission answer for a Queue or Subscription.

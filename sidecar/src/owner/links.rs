@@ -126,6 +126,16 @@ impl Links {
         connection.as_ref().map(|c| c.id)
     }
 
+    /// Whether the link to `addr` is connected (starts none).
+    pub fn connected(&self, addr: &str) -> bool {
+        self.lock().get(addr).is_some_and(|link| {
+            link.connection
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        })
+    }
+
     /// Takes one credit for `subscription` on connection `id`.
     pub fn take_credit(&self, id: u64, subscription: &str) -> bool {
         self.with_connection(id, |c| match c.credits.get_mut(subscription) {

@@ -1754,6 +1754,10 @@ impl Owner {
                 for r in &qv.routes {
                     wanted.extend(r.consumers.iter().map(|c| c.peer_address.clone()));
                 }
+                // Counters of every queue this sidecar may own exist at 0 before their first
+                // event, which a rate or `increase()` sees only from a sample before it.
+                let routes: Vec<&str> = qv.routes.iter().map(|r| r.subscription.as_str()).collect();
+                self.metrics.owner_series(&qv.name, &routes);
                 if let Some(q) = self.get_queue(&qv.name) {
                     let joined = {
                         let mut state = q.lock();
@@ -2151,10 +2155,26 @@ impl Owner {
 
     /// Per-queue and per-subscription figures for stats and metrics.
     pub fn stats(&self) -> Vec<QueueFigures> {
+        let now = Instant::now();
+        let now_ms = retain::unix_ms(SystemTime::now());
         self.queues()
             .iter()
             .map(|q| {
                 let s = q.lock();
+                // Consumer sidecars of each route this owner has a live `Forward` link to.
+                let links: HashMap<&str, u64> = s
+                    .view
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        let up = r
+                            .consumers
+                            .iter()
+                            .filter(|c| self.links.connected(&c.peer_address))
+                            .count();
+                        (r.subscription.as_str(), up as u64)
+                    })
+                    .collect();
                 QueueFigures {
                     queue: s.name.clone(),
                     backlog_messages: s.backlog(),
@@ -2172,6 +2192,10 @@ impl Owner {
                             dead_lettered_total: sub.dead_lettered_total,
                             parked: sub.parked.len() as u64,
                             waiting: sub.waiting.len() as u64,
+                            oldest_age: s
+                                .oldest_owed_ms(name, now_ms, now)
+                                .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms))),
+                            consumer_links: links.get(name.as_str()).copied(),
                         })
                         .collect(),
                 }
@@ -2214,6 +2238,12 @@ pub struct SubFigures {
     pub parked: u64,
     /// Waiting out a retry backoff or a nack's delay.
     pub waiting: u64,
+    /// How long ago the oldest message it owes here was published
+    /// ([`queue::QueueState::oldest_owed_ms`]); `None` when it owes nothing.
+    pub oldest_age: Option<Duration>,
+    /// Consumer sidecars of the subscription this owner has a live link to; `None` when the view
+    /// no longer routes the subscription (it is dormant).
+    pub consumer_links: Option<u64>,
 }
 
 /// Runs a blocking read of a queue's log off the async threads; a failure is logged (`what` failed)

@@ -280,6 +280,9 @@ pub struct QueueState {
     pub replays: VecDeque<Replay>,
     /// Subscriptions this owner has served (a new one starts at its `startAt`).
     pub known: BTreeSet<String>,
+    /// The latest publish time (unix ms) of any message held so far: every spilled message is
+    /// newer, so it dates a backlog that is spilled only ([`QueueState::oldest_owed_ms`]).
+    newest_held_ms: u64,
 }
 
 /// A queue's spilled range: messages from `from` on that are in the log only.
@@ -413,6 +416,7 @@ impl QueueState {
             kept: Kept::default(),
             replays: VecDeque::new(),
             known: BTreeSet::new(),
+            newest_held_ms: 0,
         }
     }
 
@@ -424,6 +428,44 @@ impl QueueState {
     /// Bytes owed, held and spilled.
     pub fn backlog_bytes(&self) -> u64 {
         self.bytes + self.spill.as_ref().map_or(0, |s| s.bytes)
+    }
+
+    /// When the oldest message `subscription` still owes here was published (unix ms), for
+    /// `qmesh_oldest_unacked_age_seconds`; `None` when it owes nothing.
+    ///
+    /// Held messages: the one with the lowest sequence among ready, waiting, in flight and parked,
+    /// dated by its publish time (kept across restarts and page-ins), or — without one — by when
+    /// this owner accepted it (`now_ms` and `now` are the same moment on both clocks). Sequences
+    /// follow the order this owner took messages in, so a message adopted or handed over (a new,
+    /// higher sequence, its original publish time) counts only once the ones before it are
+    /// settled. Spilled messages are newer than every held one: a subscription owing only spilled
+    /// messages is dated by the newest message this queue has held, an upper bound of their age
+    /// (the true age is at most that; a starving subscription is paged in at once). Costs one pass
+    /// over the subscription's in-flight and waiting messages.
+    pub fn oldest_owed_ms(&self, subscription: &str, now_ms: u64, now: Instant) -> Option<u64> {
+        let state = self.subs.get(subscription)?;
+        let oldest = [
+            state.ready.first().copied(),
+            state.parked.first().copied(),
+            state.waiting.iter().map(|Reverse((_, seq))| *seq).min(),
+            state.in_flight.keys().copied().min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        match oldest.and_then(|seq| self.messages.get(&seq)) {
+            Some(entry) => match retain::published_ms(&entry.message) {
+                0 => Some(
+                    now_ms.saturating_sub(
+                        u64::try_from(now.saturating_duration_since(entry.accepted).as_millis())
+                            .unwrap_or(u64::MAX),
+                    ),
+                ),
+                published => Some(published),
+            },
+            None if state.spilled > 0 && self.newest_held_ms > 0 => Some(self.newest_held_ms),
+            None => None,
+        }
     }
 
     /// Memory the held messages take, with their bookkeeping (remembered ids are bounded on their
@@ -1010,6 +1052,7 @@ impl QueueState {
         now: Instant,
     ) {
         let size = message_size(&message);
+        self.newest_held_ms = self.newest_held_ms.max(retain::published_ms(&message));
         for (sub, attempts) in &pending {
             let state = self.sub_or_dormant(sub, now);
             state.ready.insert(sequence);
@@ -1747,6 +1790,99 @@ mod tests {
             [1, 2, 3, 4, 5]
         );
         assert_eq!(publish(&mut q, 6, true), Placed::Held);
+    }
+
+    #[test]
+    fn the_oldest_owed_message_is_dated_by_its_publish_time_and_a_spilled_backlog_by_the_newest_held()
+     {
+        let published = |seq: u64, ms: u64| {
+            Arc::new(v1::Message {
+                id: format!("m{seq}"),
+                publish_time: Some(prost_types::Timestamp {
+                    seconds: (ms / 1000) as i64,
+                    nanos: ((ms % 1000) * 1_000_000) as i32,
+                }),
+                ..Default::default()
+            })
+        };
+        let now = Instant::now();
+        let mut q = state();
+        assert_eq!(q.oldest_owed_ms("s", 9_000, now), None, "owes nothing");
+        assert_eq!(q.oldest_owed_ms("nobody", 9_000, now), None);
+        q.reserve(1, "m1", now);
+        q.insert(
+            1,
+            published(1, 1_000),
+            vec![("s".into(), 0)],
+            at(100),
+            true,
+            now,
+        );
+        q.reserve(2, "m2", now);
+        // Memory is full once 2 is written: 3 on is spilled.
+        q.insert(
+            2,
+            published(2, 2_000),
+            vec![("s".into(), 0)],
+            at(200),
+            false,
+            now,
+        );
+        q.reserve(3, "m3", now);
+        let placed = q.insert(
+            3,
+            published(3, 3_000),
+            vec![("s".into(), 0)],
+            at(300),
+            true,
+            now,
+        );
+        assert_eq!(placed, Placed::Spilled);
+        assert_eq!(q.oldest_owed_ms("s", 9_000, now), Some(1_000));
+        // In flight, waiting or parked, it is still owed.
+        let s = q.subs.get_mut("s").unwrap();
+        s.ready.remove(&1);
+        s.in_flight.insert(
+            1,
+            InFlight {
+                attempt: 1,
+                link: 1,
+                deadline: now,
+            },
+        );
+        assert_eq!(q.oldest_owed_ms("s", 9_000, now), Some(1_000));
+        let s = q.subs.get_mut("s").unwrap();
+        s.in_flight.remove(&1);
+        s.waiting.push(Reverse((now, 1)));
+        assert_eq!(q.oldest_owed_ms("s", 9_000, now), Some(1_000));
+        let s = q.subs.get_mut("s").unwrap();
+        s.waiting.clear();
+        s.parked.insert(1);
+        assert_eq!(q.oldest_owed_ms("s", 9_000, now), Some(1_000));
+        // 1 and 2 settled: only the spilled 3 is owed, dated by 2, the newest held (3 is newer).
+        let s = q.subs.get_mut("s").unwrap();
+        s.parked.clear();
+        s.ready.clear();
+        assert_eq!(q.subs["s"].spilled, 1);
+        assert_eq!(q.oldest_owed_ms("s", 9_000, now), Some(2_000));
+
+        // Without a publish time, the owner's own acceptance dates it.
+        let mut q = state();
+        let accepted = now.checked_sub(Duration::from_secs(4)).unwrap_or(now);
+        q.reserve(1, "m1", accepted);
+        q.insert(
+            1,
+            Arc::new(v1::Message::default()),
+            vec![("s".into(), 0)],
+            at(100),
+            true,
+            accepted,
+        );
+        let age = 9_000 - q.oldest_owed_ms("s", 9_000, now).unwrap();
+        assert_eq!(
+            age,
+            u64::try_from(now.duration_since(accepted).as_millis()).unwrap()
+        );
     }
 
     #[test]

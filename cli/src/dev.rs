@@ -22,13 +22,14 @@ use clap::Args;
 use qmesh_api::{Queue, SidecarDocument, Subscription};
 use qmesh_core::{MeshFile, MeshState, MeshView, SidecarInfo, SidecarKey};
 use qmesh_proto::{
-    control::{
-        Hello, MeshStatus, QueueStatus, SidecarStatus, Stats, StatusRequest, SubscriptionStatus,
-    },
+    control::{Hello, MeshStatus, Stats, StatusRequest},
     join::{ControlService, MeshSource},
+    summary,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use crate::console::{Flow, Snapshot, apps::AppRecord};
 
 /// The service account of every sidecar of a local mesh.
 pub const LOCAL_SERVICE_ACCOUNT: &str = "default";
@@ -51,6 +52,15 @@ pub struct DevArgs {
     /// How often the manifests are checked for changes.
     #[arg(long, default_value = "500ms", value_parser = crate::parse_duration)]
     pub poll_interval: Duration,
+    /// Where to serve the web console (loopback only; port 0 picks a free one), or `off`.
+    #[arg(
+        long,
+        env = "QMESH_DEV_CONSOLE",
+        default_value = "127.0.0.1:7080",
+        value_name = "ADDR|off",
+        value_parser = crate::console::parse_addr
+    )]
+    pub console_addr: crate::console::ConsoleAddr,
 }
 
 /// Runs the local control plane until Ctrl-C or SIGTERM.
@@ -66,6 +76,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 args.listen
             )
         })?;
+    let console = match args.console_addr.0 {
+        Some(addr) => Some(crate::console::bind(addr).await?),
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let ca_dir = args
         .ca_dir
@@ -91,6 +105,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             listener.local_addr()?,
             bundle.display()
         );
+        match &console {
+            Some(console) => println!("  console: http://{}/", console.local_addr()?),
+            None => println!("  console: off"),
+        }
     }
     let server = tokio::spawn(
         ControlService::new(Arc::clone(&source), shutdown.clone())
@@ -105,11 +123,25 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.poll_interval,
         shutdown.clone(),
     ));
+    let console = console.map(|listener| {
+        let backend = crate::console::DevBackend::new(
+            Arc::clone(&source),
+            crate::console::apps::registry_dir(&ca_dir),
+        );
+        tokio::spawn(crate::console::serve(
+            listener,
+            Arc::new(backend),
+            shutdown.clone(),
+        ))
+    });
     crate::signals::terminated().await;
     println!("qmesh dev: stopping");
     shutdown.cancel();
     watcher.abort();
     server.await?.context("control plane failed")?;
+    if let Some(console) = console {
+        console.await?.context("console failed")?;
+    }
     Ok(())
 }
 
@@ -273,6 +305,9 @@ struct State {
     /// Sessions of connected sidecars.
     connected: BTreeMap<SidecarKey, u64>,
     stats: BTreeMap<SidecarKey, (u64, Stats)>,
+    /// The report before the latest of each session, for rates of counters (the console's deliver
+    /// rate).
+    previous_stats: BTreeMap<SidecarKey, (u64, Stats)>,
     mesh: MeshState,
 }
 
@@ -331,6 +366,63 @@ impl DevSource {
         )
     }
 
+    /// What the web console shows: the status `qmesh get` prints, delivery counters and rates
+    /// rolled up from the same stats, and the app gRPC address of each sidecar — a declared one's
+    /// from its document, a `qmesh run` one's from the record it left in the registry, trusted only
+    /// when its namespace, name and peer address are those the sidecar joined with.
+    pub fn console_snapshot(&self, records: &[AppRecord]) -> Snapshot {
+        let state = self.lock();
+        let status = state.status("");
+        let mut flows: BTreeMap<(String, String), Flow> = BTreeMap::new();
+        for (key, (session, stats)) in &state.stats {
+            let previous = state
+                .previous_stats
+                .get(key)
+                .filter(|(s, _)| s == session)
+                .map(|(_, s)| s);
+            let seconds = previous.and_then(|p| seconds_between(p.at.as_ref(), stats.at.as_ref()));
+            for sub in &stats.subscriptions {
+                let flow = flows
+                    .entry((key.namespace.clone(), sub.subscription.clone()))
+                    .or_default();
+                flow.delivered_total += sub.delivered_total;
+                flow.nacked_total += sub.nacked_total;
+                flow.app_consumers += sub.consumers;
+                let before = previous.and_then(|p| {
+                    p.subscriptions
+                        .iter()
+                        .find(|b| b.subscription == sub.subscription)
+                });
+                if let (Some(before), Some(seconds)) = (before, seconds) {
+                    flow.deliver_rate +=
+                        per_second(sub.delivered_total, before.delivered_total, seconds);
+                }
+            }
+        }
+        let mut apps = BTreeMap::new();
+        for (key, info) in state.mesh.sidecars() {
+            let address = match state.declared(key) {
+                Some(document) => document.spec.grpc_address.parse::<SocketAddr>().ok(),
+                None => records
+                    .iter()
+                    .find(|r| {
+                        r.namespace == key.namespace
+                            && r.name == key.name
+                            && r.peer.to_string() == info.peer_address
+                    })
+                    .map(|r| r.grpc),
+            };
+            if let Some(address) = address.filter(|a| a.ip().is_loopback()) {
+                apps.insert((key.namespace.clone(), key.name.clone()), address);
+            }
+        }
+        Snapshot {
+            status,
+            flows,
+            apps,
+        }
+    }
+
     /// Swaps in newly loaded manifests; returns what changed, one line each.
     pub fn replace_manifests(&self, file: MeshFile) -> Vec<String> {
         let lines = {
@@ -359,23 +451,6 @@ impl State {
             d.metadata.name == key.name
                 && namespace_of(d.metadata.namespace.as_ref()) == key.namespace
         })
-    }
-
-    fn ready_sidecars<'a>(
-        &'a self,
-        namespace: &'a str,
-    ) -> impl Iterator<Item = &'a SidecarInfo> + 'a {
-        self.mesh
-            .sidecars()
-            .filter(move |(k, info)| k.namespace == namespace && info.ready)
-            .map(|(_, info)| info)
-    }
-
-    fn stats_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Stats> + 'a {
-        self.stats
-            .iter()
-            .filter(move |(k, _)| k.namespace == namespace)
-            .map(|(_, (_, s))| s)
     }
 }
 
@@ -447,7 +522,15 @@ impl MeshSource for DevSource {
     }
 
     fn record_stats(&self, key: &SidecarKey, session: u64, stats: Stats) {
-        self.lock().stats.insert(key.clone(), (session, stats));
+        let mut state = self.lock();
+        match state.stats.insert(key.clone(), (session, stats)) {
+            Some(old) if old.0 == session => {
+                state.previous_stats.insert(key.clone(), old);
+            }
+            _ => {
+                state.previous_stats.remove(key);
+            }
+        }
     }
 
     fn left(&self, key: &SidecarKey, session: u64) {
@@ -455,6 +538,7 @@ impl MeshSource for DevSource {
             let mut state = self.lock();
             if state.stats.get(key).is_some_and(|(s, _)| *s == session) {
                 state.stats.remove(key);
+                state.previous_stats.remove(key);
             }
             if state.connected.get(key) == Some(&session) {
                 state.connected.remove(key);
@@ -477,108 +561,48 @@ impl MeshSource for DevSource {
         }
     }
 
-    fn status(&self, request: &StatusRequest) -> Result<MeshStatus, tonic::Status> {
+    /// Anyone who reaches the loopback control plane may read the local mesh.
+    async fn status(
+        &self,
+        request: &StatusRequest,
+        _caller: Option<&str>,
+    ) -> Result<MeshStatus, tonic::Status> {
         Ok(self.lock().status(&request.namespace))
     }
 }
 
 impl State {
     fn status(&self, only: &str) -> MeshStatus {
-        let wanted = |ns: &str| only.is_empty() || ns == only;
-        let mut status = MeshStatus::default();
-        for q in &self.file.queues {
-            let ns = namespace_of(q.metadata.namespace.as_ref());
-            if !wanted(&ns) {
-                continue;
-            }
-            status.queues.push(self.queue_status(&ns, q));
-        }
-        for s in &self.file.subscriptions {
-            let ns = namespace_of(s.metadata.namespace.as_ref());
-            if !wanted(&ns) {
-                continue;
-            }
-            status.subscriptions.push(self.subscription_status(&ns, s));
-        }
-        for (key, info) in self.mesh.sidecars() {
-            if !wanted(&key.namespace) {
-                continue;
-            }
-            status.sidecars.push(SidecarStatus {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                peer_address: info.peer_address.clone(),
-                labels: info.labels.clone().into_iter().collect(),
-                connected: self.connected.contains_key(key),
-            });
-        }
-        // Like `kubectl get`: by namespace, then name.
-        status
-            .queues
-            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        status
-            .subscriptions
-            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        status
-    }
-
-    fn queue_status(&self, ns: &str, q: &Queue) -> QueueStatus {
-        let name = q.metadata.name.clone().unwrap_or_default();
-        let mut row = QueueStatus {
-            namespace: ns.to_owned(),
-            name: name.clone(),
-            dead_letter_queue: q.spec.dead_letter_queue.clone().unwrap_or_default(),
-            ..Default::default()
-        };
-        row.publishers = count(self.ready_sidecars(ns).filter(|s| {
-            q.spec
-                .publishers
-                .as_ref()
-                .is_none_or(|sel| sel.matches(&s.labels, &s.service_account))
-        }));
-        row.subscriptions =
-            count(self.file.subscriptions.iter().filter(|s| {
-                s.spec.queue == name && namespace_of(s.metadata.namespace.as_ref()) == ns
-            }));
-        for stats in self.stats_in(ns).flat_map(|s| &s.queues) {
-            if stats.queue == name {
-                row.backlog += stats.backlog_messages;
-                row.publish_rate += stats.publish_rate;
-                row.published_total += stats.published_total;
-            }
-        }
-        row
-    }
-
-    fn subscription_status(&self, ns: &str, s: &Subscription) -> SubscriptionStatus {
-        let name = s.metadata.name.clone().unwrap_or_default();
-        let mut row = SubscriptionStatus {
-            namespace: ns.to_owned(),
-            name: name.clone(),
-            queue: s.spec.queue.clone(),
-            mode: format!("{:?}", s.spec.delivery.mode),
-            ..Default::default()
-        };
-        row.consumers = count(self.ready_sidecars(ns).filter(|info| {
-            s.spec
-                .consumers
-                .matches(&info.labels, &info.service_account)
-        }));
-        for stats in self.stats_in(ns).flat_map(|s| &s.subscriptions) {
-            if stats.subscription == name {
-                row.backlog += stats.backlog;
-                row.in_flight += stats.in_flight;
-                row.ack_rate += stats.ack_rate;
-                row.acked_total += stats.acked_total;
-                row.dead_lettered_total += stats.dead_lettered_total;
-            }
-        }
-        row
+        let stats = self
+            .stats
+            .iter()
+            .map(|(k, (_, s))| (k.clone(), s))
+            .collect();
+        summary::summarize(
+            &self.mesh,
+            &stats,
+            |key| self.connected.contains_key(key),
+            only,
+        )
     }
 }
 
-fn count<T>(items: impl Iterator<Item = T>) -> u32 {
-    u32::try_from(items.count()).unwrap_or(u32::MAX)
+/// How fast a counter went from `before` to `now` in `seconds`.
+fn per_second(now: u64, before: u64, seconds: f64) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let delta = now.saturating_sub(before) as f64;
+    delta / seconds
+}
+
+/// Seconds from one stats report to the next; `None` unless time went forward.
+fn seconds_between(
+    from: Option<&prost_types::Timestamp>,
+    to: Option<&prost_types::Timestamp>,
+) -> Option<f64> {
+    let (from, to) = (from?, to?);
+    #[allow(clippy::cast_precision_loss)]
+    let seconds = (to.seconds - from.seconds) as f64 + f64::from(to.nanos - from.nanos) / 1e9;
+    (seconds > 0.05).then_some(seconds)
 }
 
 fn format_labels<'a>(labels: impl Iterator<Item = (&'a String, &'a String)>) -> String {
@@ -726,7 +750,10 @@ spec:
             .view_for(&SidecarKey::new("default", "billing-1"))
             .unwrap();
         assert_eq!(billing.subscriptions[0].name, "billing");
-        let status = source.status(&StatusRequest::default()).unwrap();
+        let status = source
+            .status(&StatusRequest::default(), None)
+            .await
+            .unwrap();
         assert_eq!(status.queues[0].publishers, 1);
         assert_eq!(status.subscriptions[0].consumers, 1);
         // Leaving removes the sidecar from the others' views; an older session's end does not.

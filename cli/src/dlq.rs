@@ -127,7 +127,7 @@ fn header<'a>(held: &'a HeldMessage, name: &str) -> &'a str {
 }
 
 /// Why a held message is held: its dead-letter reason, or the state of the parked subscription.
-fn reason(held: &HeldMessage) -> String {
+pub(crate) fn reason(held: &HeldMessage) -> String {
     let r = header(held, "qmesh-dead-letter-reason");
     if !r.is_empty() {
         return r.to_owned();

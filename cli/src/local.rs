@@ -309,19 +309,25 @@ fn spawn(binary: &Path, argv: &[std::ffi::OsString], log: &Path) -> anyhow::Resu
         .with_context(|| format!("starting {}", binary.display()))
 }
 
-/// Whether the sidecar with this admin address answers `/readyz` with 200.
+/// Whether the sidecar with this admin address answers `/readyz` with 200 (within 2 s: a
+/// sidecar that accepts but does not answer is not ready, and callers keep their own deadlines).
 pub async fn ready(admin: SocketAddr) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else {
-        return false;
+    let probe = async {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else {
+            return false;
+        };
+        let request = format!("GET /readyz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response).await;
+        response.starts_with("HTTP/1.1 200")
     };
-    let request = format!("GET /readyz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    response.starts_with("HTTP/1.1 200")
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .unwrap_or(false)
 }
 
 impl Drop for LocalMesh {

@@ -6,6 +6,7 @@
 mod bench;
 mod burst;
 mod client;
+mod console;
 mod demo;
 mod dev;
 mod dlq;

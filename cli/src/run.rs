@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::local::BoundAddresses;
+use crate::{console::apps::AppRecord, local::BoundAddresses};
 use anyhow::{Context, bail};
 use clap::Args;
 use nix::{sys::signal::Signal, unistd::Pid};
@@ -214,13 +214,34 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("starting {}", binary.display()))?;
     let mut sidecar = Sidecar { child, log };
 
-    let (grpc, http) = match wait_ready(&mut sidecar, &addresses_file, &args).await {
-        Ok(bound) => (bound.grpc, bound.http),
+    let bound = match wait_ready(&mut sidecar, &addresses_file, &args).await {
+        Ok(bound) => bound,
         Err(error) => {
             sidecar.stop(Duration::from_secs(1)).await;
             return Err(error);
         }
     };
+    let (grpc, http) = (bound.grpc, bound.http);
+    // Where `qmesh dev`'s console finds this sidecar's app API (dead letters, redrive): beside the
+    // local CA the control plane was verified with (a folder holding `ca.pem`), nowhere else.
+    let ca_dir = trust_bundle
+        .parent()
+        .filter(|dir| dir.join("ca.pem").is_file());
+    let record = ca_dir.and_then(|ca_dir| {
+        let record = AppRecord {
+            namespace: args.namespace.clone(),
+            name: args.app_id.clone(),
+            peer: bound.peer,
+            grpc,
+            http,
+            pid: std::process::id(),
+        };
+        crate::console::apps::write(&crate::console::apps::registry_dir(ca_dir), &record)
+            .map_err(|e| {
+                eprintln!("qmesh run: the console will not see this sidecar's dead letters: {e:#}")
+            })
+            .ok()
+    });
     eprintln!(
         "qmesh run: sidecar {}/{} ready (labels {labels_flag}) — gRPC {grpc}, HTTP {http}; log {}",
         args.namespace,
@@ -229,6 +250,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let code = run_app(&args, grpc, http, &mut sidecar).await;
+    if let Some(path) = &record {
+        crate::console::apps::remove(path, std::process::id());
+    }
     eprintln!("qmesh run: stopping the sidecar");
     sidecar.stop(args.shutdown_grace).await;
     match code? {

@@ -168,6 +168,9 @@ fn qmesh_run_apps_exchange_messages_through_qmesh_dev() {
         &listen,
         "--poll-interval",
         "100ms",
+        // Not the default 127.0.0.1:7080, which a developer's own `qmesh dev` may hold.
+        "--console-addr",
+        "127.0.0.1:0",
     ]));
     dev.wait_for_line("control plane on", Duration::from_secs(10));
 

@@ -239,6 +239,16 @@ impl MeshState {
         self.sidecars.iter()
     }
 
+    /// Every Queue, valid or not, by (namespace, name).
+    pub fn queues(&self) -> impl Iterator<Item = (&(String, String), &Queue)> {
+        self.queues.iter()
+    }
+
+    /// Every Subscription, valid or not, by (namespace, name).
+    pub fn subscriptions(&self) -> impl Iterator<Item = (&(String, String), &Subscription)> {
+        self.subscriptions.iter()
+    }
+
     fn derived(&self) -> std::sync::Arc<Derived> {
         std::sync::Arc::clone(
             self.derived

@@ -8,6 +8,7 @@
 //!           ◀──MeshView / Rejected────────── Index.view_for(pod)
 //!           ──Stats───────────────────────▶ Index.record_stats (rolled up into CR status)
 //!   stream closes / pod deleted ──▶ Index.drop_stats
+//!   qmesh get ──Status + user's token──▶ Readers (TokenReview, RBAC) ──▶ Index.status
 //! ```
 
 use std::{sync::Arc, time::Duration};
@@ -16,13 +17,14 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 use qmesh_core::{MeshView, SidecarKey};
 use qmesh_proto::{
-    control::{Hello, Stats},
+    control::{Hello, MeshStatus, Stats, StatusRequest},
     join::{ControlService, JoinEvent, MeshSource},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::Status;
 
-use crate::{index::Index, metrics::Metrics};
+use crate::{access::Readers, index::Index, metrics::Metrics};
 
 /// The audience sidecar tokens must be issued for.
 pub const AUDIENCE: &str = "qmesh";
@@ -112,6 +114,15 @@ pub fn check_identity(
 // === impl SidecarAuth ===
 
 impl SidecarAuth {
+    /// Who may read the mesh summary: users RBAC lets list Queues and Subscriptions (anyone
+    /// when sidecars are not authenticated either).
+    pub fn readers(&self) -> Readers {
+        match self {
+            Self::TokenReview(client) => Readers::Rbac(client.clone()),
+            Self::Insecure => Readers::Anyone,
+        }
+    }
+
     async fn review(client: &Client, token: &str) -> Result<ReviewedToken, String> {
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -237,6 +248,20 @@ impl MeshSource for IndexSource {
 
     fn left(&self, key: &SidecarKey, session: u64) {
         self.index.drop_stats(key, session);
+    }
+
+    /// The summary of what the caller may read: its Kubernetes identity and RBAC decide
+    /// ([`Readers`]); sidecars are not asked.
+    async fn status(
+        &self,
+        request: &StatusRequest,
+        caller: Option<&str>,
+    ) -> Result<MeshStatus, Status> {
+        self.auth
+            .readers()
+            .check(caller, &request.namespace)
+            .await?;
+        Ok(self.index.status(&request.namespace))
     }
 
     fn observe(&self, event: JoinEvent) {

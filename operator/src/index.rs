@@ -447,6 +447,23 @@ impl Index {
             .cloned()
     }
 
+    /// The summary `Control/Status` answers for `namespace` (every namespace when empty): a
+    /// sidecar counts as connected while its session's stats are in.
+    pub fn status(&self, namespace: &str) -> qmesh_proto::control::MeshStatus {
+        let inner = self.lock();
+        let stats = inner
+            .stats
+            .iter()
+            .map(|(k, (_, s))| (k.clone(), s))
+            .collect();
+        qmesh_proto::summary::summarize(
+            &inner.mesh,
+            &stats,
+            |key| inner.stats.contains_key(key),
+            namespace,
+        )
+    }
+
     /// The indexed Subscription.
     pub fn subscription(&self, namespace: &str, name: &str) -> Option<Arc<Subscription>> {
         self.lock()

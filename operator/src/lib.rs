@@ -10,6 +10,7 @@
 //! ```
 //! The admission webhooks (`webhook::serve`) run beside this from `main.rs`, on every replica.
 
+pub mod access;
 pub mod config;
 pub mod control;
 pub mod controller;

@@ -84,8 +84,13 @@ pub trait MeshSource: Send + Sync + 'static {
     /// The session ended (its stats no longer count).
     fn left(&self, key: &SidecarKey, session: u64);
 
-    /// A summary for `qmesh get`.
-    fn status(&self, _request: &StatusRequest) -> Result<MeshStatus, Status> {
+    /// A summary for `qmesh get` and the console; `caller` is the bearer token the request came
+    /// with (`authorization: Bearer …`), for the source to authorize.
+    async fn status(
+        &self,
+        _request: &StatusRequest,
+        _caller: Option<&str>,
+    ) -> Result<MeshStatus, Status> {
         Err(Status::unimplemented(
             "this control plane does not summarize the mesh; on Kubernetes use `kubectl get queues,subscriptions`",
         ))
@@ -227,7 +232,16 @@ impl<S: MeshSource> Control for ControlService<S> {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<MeshStatus>, Status> {
-        self.source.status(request.get_ref()).map(Response::new)
+        let caller = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        self.source
+            .status(request.get_ref(), caller)
+            .await
+            .map(Response::new)
     }
 
     async fn certify(

@@ -11,6 +11,7 @@
 //! * [`peer`] — sidecar to sidecar (`Peer`): credit-based forwarding, replication, hand-over.
 //! * [`control`] — sidecar to control plane (`Control`): mesh views down, stats up.
 //! * [`externalscaler`] — KEDA's external scaler interface, served by the operator.
+//! * [`summary`] — the mesh summary `Control/Status` answers, for the operator and `qmesh dev`.
 //! * [`join`] — the server side of `Control`, over any source of views: the operator's index or
 //!   `qmesh dev`'s manifest files.
 //!
@@ -50,6 +51,7 @@ pub mod externalscaler {
 
 pub mod convert;
 pub mod join;
+pub mod summary;
 
 pub use prost_types;
 pub use qmesh::{control::v1 as control, peer::v1 as peer, v1};

@@ -15,7 +15,7 @@ use qmesh_api::{Queue, Subscription};
 use qmesh_proto::control::{
     MeshView, QueueStats, SidecarReport, Stats, SubscriptionStats, sidecar_report::Report,
 };
-use qmesh_tests::KubeApiServer;
+use qmesh_tests::{KubeApiServer, wait_for};
 
 fn consumers_of(view: &MeshView, queue: &str, subscription: &str) -> Vec<(String, String)> {
     let q = view.queues.iter().find(|q| q.name == queue).unwrap();
@@ -219,5 +219,194 @@ async fn sidecar_tokens_are_checked_with_token_review() {
         metrics.contains("qmesh_operator_control_sidecars_rejected_total 3"),
         "{metrics}"
     );
+    operator.stop().await;
+}
+
+/// A user's token (audience: the API server's own, as in a kubeconfig) for service account
+/// `account` of `default`.
+async fn user_token(client: &Client, account: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
+    let created: ServiceAccount =
+        serde_json::from_value(serde_json::json!({ "metadata": { "name": account } })).unwrap();
+    accounts
+        .create(&PostParams::default(), &created)
+        .await
+        .unwrap();
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: None,
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+        .unwrap()
+}
+
+/// `Control/Status` answers with the caller's Kubernetes identity and RBAC: no token or a bad one
+/// is unauthenticated, a user RBAC does not let list Queues and Subscriptions there is denied
+/// (naming what is missing), and a reader gets the namespace's queues and subscriptions with the
+/// rates its sidecars report — what `qmesh get` shows in a cluster.
+#[tokio::test]
+async fn the_mesh_status_is_read_with_the_callers_identity_and_rbac() {
+    use qmesh_proto::control::{StatusRequest, control_client::ControlClient};
+    let server = KubeApiServer::start().await.unwrap();
+    install_crds(&server).await;
+    let client = server.client();
+    let operator = Operator::start(client.clone(), "operator-0", |_| {});
+    mesh(&client).await;
+
+    // An owner sidecar (a real bound token) reporting rates.
+    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
+    let shop: ServiceAccount =
+        serde_json::from_value(serde_json::json!({ "metadata": { "name": "shop" } })).unwrap();
+    accounts
+        .create(&PostParams::default(), &shop)
+        .await
+        .unwrap();
+    let mut pod = sidecar_pod("shop-1", "shop");
+    pod.spec.as_mut().unwrap().service_account_name = Some("shop".into());
+    let pod = create_pod(&client, &pod).await;
+    set_pod_ready(&client, "shop-1", "127.0.0.7", true).await;
+    let token = bound_token(&client, "default", "shop", &pod).await;
+    let mut sidecar = Sidecar::join(&operator, "shop-1", &token).await;
+    sidecar.view(DEADLINE).await;
+    sidecar
+        .reports
+        .send(SidecarReport {
+            report: Some(Report::Stats(Stats {
+                at: None,
+                queues: vec![QueueStats {
+                    queue: "orders".into(),
+                    backlog_messages: 7,
+                    publish_rate: 42.5,
+                    published_total: 900,
+                    ..Default::default()
+                }],
+                subscriptions: vec![SubscriptionStats {
+                    subscription: "billing".into(),
+                    queue: "orders".into(),
+                    backlog: 7,
+                    ack_rate: 12.0,
+                    acked_total: 893,
+                    ..Default::default()
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+
+    // A reader (a Role to list queues and subscriptions in `default`) and a stranger.
+    let reader = user_token(&client, "reader").await;
+    let stranger = user_token(&client, "stranger").await;
+    ok(server
+        .kubectl([
+            "create",
+            "role",
+            "qmesh-reader",
+            "--verb=list",
+            "--resource=queues.qmesh.io,subscriptions.qmesh.io",
+        ])
+        .unwrap());
+    ok(server
+        .kubectl([
+            "create",
+            "rolebinding",
+            "qmesh-reader",
+            "--role=qmesh-reader",
+            "--serviceaccount=default:reader",
+        ])
+        .unwrap());
+
+    let bundle = mesh_trust_bundle(&client).await;
+    let channel = qmesh_identity::transport::connect_url(
+        &format!("https://{}", operator.control_addr),
+        Some(&bundle),
+        |e| e,
+    )
+    .await
+    .unwrap();
+    let control = ControlClient::new(channel);
+    let status = |token: Option<&str>, namespace: &str| {
+        let mut control = control.clone();
+        let mut request = tonic::Request::new(StatusRequest {
+            namespace: namespace.into(),
+        });
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        async move {
+            control
+                .status(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+
+    let refused = status(None, "default").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let refused = status(Some("bogus"), "default").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let refused = status(Some(&stranger), "default").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("system:serviceaccount:default:stranger")
+            && refused.message().contains("may not list queues.qmesh.io"),
+        "{}",
+        refused.message()
+    );
+    // The Role is the namespace's: every namespace is more than the reader may see.
+    let refused = status(Some(&reader), "").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    let summary = wait_for(
+        "the reader's summary with the reported rates",
+        DEADLINE,
+        || {
+            let answer = status(Some(&reader), "default");
+            async move {
+                let summary = answer.await.ok()?;
+                (summary.queues.first()?.publish_rate == 42.5).then_some(summary)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let orders = &summary.queues[0];
+    assert_eq!(
+        (
+            orders.name.as_str(),
+            orders.backlog,
+            orders.published_total,
+            orders.subscriptions
+        ),
+        ("orders", 7, 900, 1)
+    );
+    let billing = &summary.subscriptions[0];
+    assert_eq!(
+        (billing.name.as_str(), billing.ack_rate, billing.acked_total),
+        ("billing", 12.0, 893)
+    );
+    assert!(
+        summary
+            .sidecars
+            .iter()
+            .any(|s| s.name == "shop-1" && s.connected),
+        "{:?}",
+        summary.sidecars
+    );
+    drop(sidecar);
     operator.stop().await;
 }

@@ -82,8 +82,10 @@ fn main() -> ExitCode {
             Command::Dev(args) => dev::run(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Get(args) => get::run(args).await,
-            Command::Pub(args) => client::publish(args).await,
-            Command::Sub(args) => client::subscribe(args).await,
+            // Asked to stop (SIGTERM, as a container's main process, or Ctrl-C): stop at once —
+            // what was published was printed; what was delivered and not acked is redelivered.
+            Command::Pub(args) => until_terminated(client::publish(args)).await,
+            Command::Sub(args) => until_terminated(client::subscribe(args)).await,
             Command::Dlq(args) => dlq::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Completions { shell } => {
@@ -111,6 +113,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Runs `command` until it ends or the process is asked to stop (then `Ok`): a command that runs
+/// as a container's PID 1 gets no default action for SIGTERM, so it must handle it itself.
+async fn until_terminated(
+    command: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        result = command => result,
+        () = signals::terminated() => Ok(()),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The one-node cluster with real pods (`hack/cluster.sh`: kubelet, containerd, a CNI bridge on
-//! 198.18.0.0/24, cluster DNS) for the real-pods tier: started fresh once per test process, with
+//! 198.18.0.0/24, cluster DNS) for the real-pods tier: started fresh once per test run (the first
+//! test process of a nextest run starts it and marks it; the others of the run reuse it), with
 //! images built from this very build's binaries (`hack/images.sh --from`), and driven with the
 //! kubectl and helm of the test assets.
 //!
@@ -62,7 +63,50 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The cluster's state directory (`hack/cluster.sh`'s).
+fn state_dir() -> anyhow::Result<PathBuf> {
+    std::env::var_os("QMESH_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("QMESH_CACHE_DIR").map(|d| PathBuf::from(d).join("cluster")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qmesh/cluster")))
+        .context("no HOME")
+}
+
+/// Where a test run records that it brought the cluster up and set it up.
+fn run_marker() -> anyhow::Result<PathBuf> {
+    Ok(state_dir()?.join("test-run"))
+}
+
 impl RealCluster {
+    /// The cluster an earlier test process of the same run (`run`: nextest's `NEXTEST_RUN_ID`)
+    /// brought up and set up, if it still answers: a run starts the cluster once, not once per
+    /// test process.
+    pub fn reuse(run: &str) -> Option<Self> {
+        let marker = std::fs::read_to_string(run_marker().ok()?).ok()?;
+        let (marked, kubeconfig) = marker.trim().split_once('\n')?;
+        if marked != run {
+            return None;
+        }
+        let assets = PathBuf::from(script("k8s-test-env.sh", &[]).ok()?.lines().last()?.trim());
+        let cluster = Self {
+            kubeconfig: PathBuf::from(kubeconfig.trim()),
+            assets,
+        };
+        cluster
+            .kubectl_ok(&["get", "--raw", "/readyz"])
+            .ok()
+            .map(|_| cluster)
+    }
+
+    /// Records that this cluster is up and set up for `run`, for [`RealCluster::reuse`].
+    pub fn mark_for_run(&self, run: &str) -> anyhow::Result<()> {
+        std::fs::write(
+            run_marker()?,
+            format!("{run}\n{}\n", self.kubeconfig.display()),
+        )
+        .context("writing the test-run marker")
+    }
+
     /// Brings a fresh cluster up (taking down what an earlier run left) and imports the images
     /// of the binaries in `binaries` (the directory holding `qmesh-operator`, `qmesh-sidecar` and
     /// `qmesh`).
@@ -120,16 +164,7 @@ impl RealCluster {
         let id = container_id
             .strip_prefix("containerd://")
             .unwrap_or(container_id);
-        let state = std::env::var_os("QMESH_CLUSTER_DIR")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("QMESH_CACHE_DIR").map(|d| PathBuf::from(d).join("cluster"))
-            })
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qmesh/cluster"))
-            })
-            .context("no HOME")?;
-        let socket = state.join("run/containerd/containerd.sock");
+        let socket = state_dir()?.join("run/containerd/containerd.sock");
         let out = Command::new("ctr")
             .arg("--address")
             .arg(&socket)

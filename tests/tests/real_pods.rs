@@ -5,9 +5,10 @@
 //! killed with `kill -9` inside its pod, a producer pod deleted with a backlog, an app that
 //! publishes as it starts, rolling updates of consumers and producers under a continual prober,
 //! the operator's leader killed; and `examples/` applied as a user would, read back with `kubectl
-//! get`. The first test of a process brings the cluster up fresh and installs the chart (cargo
-//! test shares it between the tests of this file; nextest runs each in a process of its own, one
-//! at a time: `.config/nextest.toml`); each test has its own namespace.
+//! get`. The first test of a run brings the cluster up fresh and installs the chart; the others
+//! reuse it (cargo test shares it within its process; nextest runs each test in a process of its
+//! own, one at a time — `.config/nextest.toml` — and the later ones find the cluster the run
+//! marked); each test has its own namespace.
 //!
 //! Runs where `QMESH_REAL_PODS=1` (set by `hack/test.sh`; it needs root and cgroup v2).
 
@@ -178,6 +179,13 @@ fn binaries() -> std::path::PathBuf {
 fn cluster() -> &'static RealCluster {
     static CLUSTER: OnceLock<RealCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
+        // nextest runs each test in a process of its own: the first of the run sets the cluster
+        // up, the others reuse it.
+        let run = std::env::var("NEXTEST_RUN_ID").ok();
+        if let Some(cluster) = run.as_deref().and_then(RealCluster::reuse) {
+            eprintln!("real pods: reusing the cluster this test run set up");
+            return cluster;
+        }
         let started = std::time::Instant::now();
         let cluster = RealCluster::start(&binaries()).unwrap();
         eprintln!(
@@ -235,6 +243,13 @@ fn cluster() -> &'static RealCluster {
                 Err(_) => std::thread::sleep(Duration::from_millis(500)),
             }
         }
+        if let Some(run) = &run {
+            cluster.mark_for_run(run).unwrap();
+        }
+        eprintln!(
+            "real pods: cluster set up (chart installed, operator Ready) in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
         cluster
     })
 }

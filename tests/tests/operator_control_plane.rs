@@ -174,13 +174,7 @@ async fn sidecar_tokens_are_checked_with_token_review() {
     let client = server.client();
     let operator = Operator::start(client.clone(), "operator-0", |_| {});
     mesh(&client).await;
-    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
-    let account: ServiceAccount =
-        serde_json::from_value(serde_json::json!({ "metadata": { "name": "shop" } })).unwrap();
-    accounts
-        .create(&PostParams::default(), &account)
-        .await
-        .unwrap();
+    service_account(&client, "shop").await;
     let mut pods = Vec::new();
     for (name, ip) in [("shop-1", "127.0.0.5"), ("shop-2", "127.0.0.6")] {
         let mut pod = sidecar_pod(name, "shop");
@@ -222,17 +216,23 @@ async fn sidecar_tokens_are_checked_with_token_review() {
     operator.stop().await;
 }
 
+/// Creates service account `name` in `default`.
+async fn service_account(client: &Client, name: &str) -> Api<ServiceAccount> {
+    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
+    let account: ServiceAccount =
+        serde_json::from_value(serde_json::json!({ "metadata": { "name": name } })).unwrap();
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+    accounts
+}
+
 /// A user's token (audience: the API server's own, as in a kubeconfig) for service account
 /// `account` of `default`.
 async fn user_token(client: &Client, account: &str) -> String {
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
-    let created: ServiceAccount =
-        serde_json::from_value(serde_json::json!({ "metadata": { "name": account } })).unwrap();
-    accounts
-        .create(&PostParams::default(), &created)
-        .await
-        .unwrap();
+    let accounts = service_account(client, account).await;
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: None,
@@ -265,13 +265,7 @@ async fn the_mesh_status_is_read_with_the_callers_identity_and_rbac() {
     mesh(&client).await;
 
     // An owner sidecar (a real bound token) reporting rates.
-    let accounts: Api<ServiceAccount> = Api::default_namespaced(client.clone());
-    let shop: ServiceAccount =
-        serde_json::from_value(serde_json::json!({ "metadata": { "name": "shop" } })).unwrap();
-    accounts
-        .create(&PostParams::default(), &shop)
-        .await
-        .unwrap();
+    service_account(&client, "shop").await;
     let mut pod = sidecar_pod("shop-1", "shop");
     pod.spec.as_mut().unwrap().service_account_name = Some("shop".into());
     let pod = create_pod(&client, &pod).await;

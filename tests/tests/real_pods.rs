@@ -332,33 +332,7 @@ async fn the_chart_runs_on_real_pods_and_messages_flow_between_injected_pods() {
     let cluster = cluster();
 
     // One replica holds the Lease and labels its pod leader.
-    let leader = wait_for("a leader holding the Lease and labelled", DEADLINE, || {
-        let holder = cluster.kubectl_ok(&[
-            "get",
-            "lease",
-            "qmesh-operator",
-            "-n",
-            "qmesh-system",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ]);
-        let labelled = cluster.kubectl_ok(&[
-            "get",
-            "pods",
-            "-n",
-            "qmesh-system",
-            "-l",
-            "qmesh.io/leader=true",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ]);
-        async move {
-            let (holder, labelled) = (holder.ok()?, labelled.ok()?);
-            (!holder.is_empty() && labelled.trim() == holder).then_some(holder)
-        }
-    })
-    .await
-    .unwrap();
+    let leader = settled_leader(cluster, None).await;
 
     // An opted-in namespace: the API server calls the injector through its Service, the kubelet
     // starts each pod with its sidecar, and the consumer takes every order the producer published.

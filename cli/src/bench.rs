@@ -527,6 +527,15 @@ impl v1::broker_server::Broker for Echo {
         ))
     }
 
+    async fn purge(
+        &self,
+        _: tonic::Request<v1::PurgeRequest>,
+    ) -> Result<tonic::Response<v1::PurgeResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the echo baseline holds nothing",
+        ))
+    }
+
     async fn rewind(
         &self,
         _: tonic::Request<v1::RewindRequest>,

@@ -29,7 +29,7 @@ use qmesh_proto::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::console::{Flow, Snapshot, apps::AppRecord};
+use crate::console::{Flow, Snapshot};
 
 /// The service account of every sidecar of a local mesh.
 pub const LOCAL_SERVICE_ACCOUNT: &str = "default";
@@ -110,12 +110,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             None => println!("  console: off"),
         }
     }
-    let server = tokio::spawn(
-        ControlService::new(Arc::clone(&source), shutdown.clone())
-            .authority(authority, qmesh_identity::CERTIFICATE_TTL)
-            .tls(tls)
-            .serve(listener),
-    );
+    let control = ControlService::new(Arc::clone(&source), shutdown.clone())
+        .authority(authority, qmesh_identity::CERTIFICATE_TTL)
+        .tls(tls);
+    let router = control.held_router();
+    let server = tokio::spawn(control.serve(listener));
     let watcher = tokio::spawn(watch_manifests(
         manifests,
         stamp,
@@ -124,10 +123,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let console = console.map(|listener| {
-        let backend = crate::console::DevBackend::new(
-            Arc::clone(&source),
-            crate::console::apps::registry_dir(&ca_dir),
-        );
+        let backend = crate::console::DevBackend::new(Arc::clone(&source), router);
         tokio::spawn(crate::console::serve(
             listener,
             Arc::new(backend),
@@ -366,11 +362,9 @@ impl DevSource {
         )
     }
 
-    /// What the web console shows: the status `qmesh get` prints, delivery counters and rates
-    /// rolled up from the same stats, and the app gRPC address of each sidecar — a declared one's
-    /// from its document, a `qmesh run` one's from the record it left in the registry, trusted only
-    /// when its namespace, name and peer address are those the sidecar joined with.
-    pub fn console_snapshot(&self, records: &[AppRecord]) -> Snapshot {
+    /// What the web console shows: the status `qmesh get` prints, and delivery counters and rates
+    /// rolled up from the same stats.
+    pub fn console_snapshot(&self) -> Snapshot {
         let state = self.lock();
         let status = state.status("");
         let mut flows: BTreeMap<(String, String), Flow> = BTreeMap::new();
@@ -399,28 +393,7 @@ impl DevSource {
                 }
             }
         }
-        let mut apps = BTreeMap::new();
-        for (key, info) in state.mesh.sidecars() {
-            let address = match state.declared(key) {
-                Some(document) => document.spec.grpc_address.parse::<SocketAddr>().ok(),
-                None => records
-                    .iter()
-                    .find(|r| {
-                        r.namespace == key.namespace
-                            && r.name == key.name
-                            && r.peer.to_string() == info.peer_address
-                    })
-                    .map(|r| r.grpc),
-            };
-            if let Some(address) = address.filter(|a| a.ip().is_loopback()) {
-                apps.insert((key.namespace.clone(), key.name.clone()), address);
-            }
-        }
-        Snapshot {
-            status,
-            flows,
-            apps,
-        }
+        Snapshot { status, flows }
     }
 
     /// Swaps in newly loaded manifests; returns what changed, one line each.
@@ -559,6 +532,16 @@ impl MeshSource for DevSource {
         if gone {
             self.changed();
         }
+    }
+
+    /// Anyone who reaches the loopback control plane may browse, redrive and purge: it is the
+    /// developer's own machine, as for the sidecars' app APIs.
+    async fn authorize_held(
+        &self,
+        _access: &qmesh_proto::join::HeldAccess<'_>,
+        _caller: Option<&str>,
+    ) -> Result<(), tonic::Status> {
+        Ok(())
     }
 
     /// Anyone who reaches the loopback control plane may read the local mesh.

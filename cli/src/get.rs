@@ -1,19 +1,16 @@
-//! `qmesh get queues|subscriptions|sidecars`: a `kubectl get`-like table of the mesh's status, from the
-//! local control plane (`qmesh dev`, over `Control/Status`) or, with `--kubeconfig`, from the Queue
-//! and Subscription status the operator writes.
-
-use std::path::PathBuf;
+//! `qmesh get queues|subscriptions|sidecars`: a `kubectl get`-like table of the mesh's status from a
+//! control plane's `Control/Status` — `qmesh dev`'s, or with `--kubeconfig` the operator's (as the
+//! user; [`crate::control_plane`]). When the operator cannot be asked (no bearer token, no RBAC to
+//! port-forward), the Queue and Subscription status the operator writes is shown instead, without
+//! rates.
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use kube::{
-    Api, Client, Config,
-    config::{KubeConfigOptions, Kubeconfig},
-};
+use kube::{Api, Client};
 use qmesh_api::{Queue, Subscription};
-use qmesh_proto::control::{MeshStatus, StatusRequest, control_client::ControlClient};
+use qmesh_proto::control::MeshStatus;
 
-use crate::table::Table;
+use crate::{control_plane::ControlPlaneArgs, table::Table};
 
 /// What to list.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,19 +46,9 @@ pub struct GetArgs {
     /// Every namespace.
     #[arg(short = 'A', long)]
     pub all_namespaces: bool,
-    /// Read the status the operator writes in this cluster instead of asking `qmesh dev`.
-    #[arg(long, value_name = "PATH")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The local control plane (`qmesh dev`).
-    #[arg(
-        long,
-        env = "QMESH_CONTROL_PLANE",
-        default_value = "https://127.0.0.1:7000"
-    )]
-    pub control_plane: String,
-    /// Roots the local control plane's certificate must chain to (default: the local CA's `ca.crt`).
-    #[arg(long, env = "QMESH_TRUST_BUNDLE_FILE", value_name = "PATH")]
-    pub trust_bundle: Option<PathBuf>,
+    /// Which control plane to ask.
+    #[command(flatten)]
+    pub target: ControlPlaneArgs,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
@@ -74,22 +61,31 @@ pub async fn run(args: GetArgs) -> anyhow::Result<()> {
     } else {
         args.namespace.clone()
     };
-    let status = match &args.kubeconfig {
-        Some(path) => from_cluster(path, &namespace).await?,
-        None => {
-            let bundle = args
-                .trust_bundle
-                .clone()
-                .unwrap_or_else(|| crate::local_ca::bundle_path(&crate::local_ca::default_dir()));
-            from_control_plane(&args.control_plane, &bundle, &namespace).await?
+    let (status, from_objects) = if args.target.cluster.is_set() {
+        let asked = async {
+            let operator = args.target.cluster.operator().await?;
+            anyhow::Ok(operator.status(&namespace).await?)
+        };
+        match asked.await {
+            Ok(status) => (status, false),
+            Err(why) => {
+                eprintln!(
+                    "qmesh: the operator could not be asked ({why:#}); showing the status written in \
+                     the Queue and Subscription objects, without rates"
+                );
+                let (client, _) = args.target.cluster.client().await?;
+                (from_objects(client, &namespace).await?, true)
+            }
         }
+    } else {
+        let control_plane = args.target.connect().await?;
+        let status = control_plane
+            .status(&namespace)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", args.target.describe(), s.message()))?;
+        (status, false)
     };
-    let table = render(
-        &status,
-        args.kind,
-        args.all_namespaces,
-        args.kubeconfig.is_some(),
-    );
+    let table = render(&status, args.kind, args.all_namespaces, from_objects);
     match args.output {
         Output::Table if table.is_empty() => {
             let place = if args.all_namespaces {
@@ -105,35 +101,8 @@ pub async fn run(args: GetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The mesh status from a local control plane.
-pub async fn from_control_plane(
-    endpoint: &str,
-    trust_bundle: &std::path::Path,
-    namespace: &str,
-) -> anyhow::Result<MeshStatus> {
-    let hint = || {
-        format!("no control plane at {endpoint} — is `qmesh dev` running? (or pass --kubeconfig)")
-    };
-    let channel = crate::local_ca::connect(endpoint, trust_bundle)
-        .await
-        .with_context(hint)?;
-    let status = ControlClient::new(channel)
-        .status(StatusRequest {
-            namespace: namespace.to_owned(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))
-        .with_context(hint)?
-        .into_inner();
-    Ok(status)
-}
-
 /// The status the operator wrote into the Queue and Subscription objects.
-async fn from_cluster(kubeconfig: &PathBuf, namespace: &str) -> anyhow::Result<MeshStatus> {
-    let config = Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
-    let config = Config::from_custom_kubeconfig(config, &KubeConfigOptions::default()).await?;
-    let client = Client::try_from(config)?;
+async fn from_objects(client: Client, namespace: &str) -> anyhow::Result<MeshStatus> {
     let (queues, subscriptions): (Api<Queue>, Api<Subscription>) = if namespace.is_empty() {
         (Api::all(client.clone()), Api::all(client))
     } else {
@@ -183,19 +152,20 @@ async fn from_cluster(kubeconfig: &PathBuf, namespace: &str) -> anyhow::Result<M
     Ok(status)
 }
 
-/// The rows of `kind`; rates are not in CR status, so a cluster shows `-` for them.
-pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, cluster: bool) -> Table {
+/// The rows of `kind`; rates and counters are not in the objects' status, so `-` stands for them
+/// when `from_objects`.
+pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: bool) -> Table {
     let rate = |r: f64| {
-        if cluster {
+        if from_objects {
             "-".to_owned()
         } else {
             format!("{r:.1}")
         }
     };
     let dash = |s: &str| if s.is_empty() { "-" } else { s }.to_owned();
-    // Counters of the connected sidecars; a cluster's status has none.
+    // Counters of the connected sidecars; the objects' status has none.
     let total = |n: u64| {
-        if cluster {
+        if from_objects {
             "-".to_owned()
         } else {
             n.to_string()

@@ -7,6 +7,7 @@ mod bench;
 mod burst;
 mod client;
 mod console;
+mod control_plane;
 mod demo;
 mod dev;
 mod dlq;
@@ -46,8 +47,12 @@ enum Command {
     Pub(client::PubArgs),
     /// Consume messages of a subscription through a sidecar.
     Sub(client::SubArgs),
-    /// Inspect dead letters (`peek`) and send them back to their queue (`redrive`).
+    /// Inspect dead letters (`peek`), send them back to their queue (`redrive`) or delete them
+    /// (`purge`), at every sidecar of the mesh.
     Dlq(dlq::DlqArgs),
+    /// Open the web console against a cluster (its operator, through your kubeconfig), like
+    /// `linkerd viz dashboard`; `qmesh dev` serves the same console for a local mesh.
+    Console(console::ConsoleArgs),
     /// Measure throughput and latency through real sidecars (or a bare gRPC baseline).
     Bench(bench::BenchArgs),
     /// Print a shell completion script (`qmesh completions bash > /etc/bash_completion.d/qmesh`).
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
             Command::Pub(args) => until_terminated(client::publish(args)).await,
             Command::Sub(args) => until_terminated(client::subscribe(args)).await,
             Command::Dlq(args) => dlq::run(args).await,
+            Command::Console(args) => console::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Completions { shell } => {
                 use clap::CommandFactory;

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{console::apps::AppRecord, local::BoundAddresses};
+use crate::local::BoundAddresses;
 use anyhow::{Context, bail};
 use clap::Args;
 use nix::{sys::signal::Signal, unistd::Pid};
@@ -222,26 +222,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let (grpc, http) = (bound.grpc, bound.http);
-    // Where `qmesh dev`'s console finds this sidecar's app API (dead letters, redrive): beside the
-    // local CA the control plane was verified with (a folder holding `ca.pem`), nowhere else.
-    let ca_dir = trust_bundle
-        .parent()
-        .filter(|dir| dir.join("ca.pem").is_file());
-    let record = ca_dir.and_then(|ca_dir| {
-        let record = AppRecord {
-            namespace: args.namespace.clone(),
-            name: args.app_id.clone(),
-            peer: bound.peer,
-            grpc,
-            http,
-            pid: std::process::id(),
-        };
-        crate::console::apps::write(&crate::console::apps::registry_dir(ca_dir), &record)
-            .map_err(|e| {
-                eprintln!("qmesh run: the console will not see this sidecar's dead letters: {e:#}")
-            })
-            .ok()
-    });
     eprintln!(
         "qmesh run: sidecar {}/{} ready (labels {labels_flag}) — gRPC {grpc}, HTTP {http}; log {}",
         args.namespace,
@@ -250,9 +230,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let code = run_app(&args, grpc, http, &mut sidecar).await;
-    if let Some(path) = &record {
-        crate::console::apps::remove(path, std::process::id());
-    }
     eprintln!("qmesh run: stopping the sidecar");
     sidecar.stop(args.shutdown_grace).await;
     match code? {

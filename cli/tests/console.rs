@@ -211,12 +211,24 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A `qmesh run` sidecar whose app only says where its sidecar is and waits.
+/// A `qmesh run` sidecar (labelled `app=<name>`) whose app only says where its sidecar is and
+/// waits.
 fn app(ca_dir: &Path, dir: &Path, control: &str, name: &str) -> (Running, String) {
+    app_labelled(ca_dir, dir, control, name, name)
+}
+
+/// [`app`] labelled `app=<label>`.
+fn app_labelled(
+    ca_dir: &Path,
+    dir: &Path,
+    control: &str,
+    name: &str,
+    label: &str,
+) -> (Running, String) {
     let running = Running::start(
         &format!("qmesh run {name}"),
         qmesh(ca_dir)
-            .args(["run", "--app-id", name, "--labels", &format!("app={name}")])
+            .args(["run", "--app-id", name, "--labels", &format!("app={label}")])
             .args(["--control-plane", control, "--shutdown-grace", "2s"])
             .arg("--data-dir")
             .arg(dir.join(name))
@@ -426,4 +438,125 @@ fn the_console_shows_the_mesh_and_redrives_dead_letters_from_a_real_browser() {
         .collect();
     assert_eq!(redriven, original, "{deliveries:#?}");
     assert_eq!(deliveries.len(), DEAD, "{deliveries:#?}");
+}
+
+/// Dead letters live at whichever sidecar owned the original message: with two publishers, each
+/// holds some. `qmesh dlq` without `--addr` asks every sidecar through `qmesh dev`'s control plane
+/// (`Control/HeldMessages` down each sidecar's `Join` stream): peek lists both halves, redrive and
+/// purge reach both, and a purge is refused without confirmation.
+#[test]
+fn dlq_tools_reach_every_sidecar_through_the_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    let manifests = dir.path().join("mesh.yaml");
+    std::fs::write(&manifests, MANIFESTS).unwrap();
+    let control = format!("https://127.0.0.1:{}", free_port());
+    let dev = Running::start(
+        "qmesh dev",
+        qmesh(&ca_dir)
+            .args(["dev", "-f"])
+            .arg(&manifests)
+            .args(["--listen", control.trim_start_matches("https://")])
+            .args(["--console-addr", "off"]),
+    );
+    dev.wait_for("qmesh dev: control plane on", Duration::from_secs(20));
+    let (_shop, shop) = app(&ca_dir, dir.path(), &control, "shop");
+    let (_shop2, shop2) = app_labelled(&ca_dir, dir.path(), &control, "shop-2", "shop");
+    let (_billing, billing) = app(&ca_dir, dir.path(), &control, "billing");
+    for (addr, prefix) in [(&shop, "a"), (&shop2, "b")] {
+        ok(qmesh(&ca_dir)
+            .args(["pub", "orders", "order", "--id", prefix, "--count", "3"])
+            .args(["--addr", addr]));
+    }
+    ok(qmesh(&ca_dir)
+        .args(["sub", "billing", "--nack", "--count", "12"])
+        .args(["--addr", &billing]));
+    let dlq = |args: &[&str]| {
+        let mut command = qmesh(&ca_dir);
+        command
+            .arg("dlq")
+            .args(args)
+            .args(["--control-plane", &control])
+            .stdin(Stdio::null());
+        command.output().unwrap()
+    };
+    let peek = || {
+        let out = dlq(&["peek", "orders-dlq", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json_lines(&String::from_utf8(out.stdout).unwrap())
+    };
+    wait_until(
+        "six dead letters over both publishers",
+        Duration::from_secs(30),
+        || peek().len() == 6,
+    );
+    let held = peek();
+    let at: BTreeSet<(String, String)> = held
+        .iter()
+        .map(|h| {
+            (
+                h["sidecar"].as_str().unwrap().to_owned(),
+                h["headers"]["qmesh-original-id"].as_str().unwrap()[..1].to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        at,
+        BTreeSet::from([
+            ("shop".to_owned(), "a".to_owned()),
+            ("shop-2".to_owned(), "b".to_owned())
+        ]),
+        "each publisher holds its own dead letters: {held:?}"
+    );
+    let table = String::from_utf8(dlq(&["peek", "orders-dlq"]).stdout).unwrap();
+    assert!(table.starts_with("SIDECAR "), "{table}");
+    assert!(table.contains("shop-2"), "{table}");
+
+    // Redrive one at each sidecar: two go back to orders.
+    let out = dlq(&["redrive", "orders-dlq", "--count", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("2 republished"),
+        "{text}"
+    );
+    wait_until("four dead letters left", Duration::from_secs(10), || {
+        peek().len() == 4
+    });
+
+    // Purge: refused unconfirmed (no terminal), then deletes the rest at both sidecars.
+    let refused = dlq(&["purge", "orders-dlq"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--yes"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(peek().len(), 4, "nothing purged without confirmation");
+    let out = dlq(&["purge", "orders-dlq", "--yes"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("4 deleted"), "{text}");
+    assert!(peek().is_empty());
+    // The two redriven orders wait in orders for billing, untouched by the purge.
+    let orders = {
+        let out = dlq(&["peek", "orders", "--json"]);
+        json_lines(&String::from_utf8(out.stdout).unwrap())
+    };
+    let redriven = orders
+        .iter()
+        .filter(|m| m["headers"]["qmesh-redriven-from"] == "orders-dlq")
+        .count();
+    assert_eq!(redriven, 2, "{orders:?}");
+
+    // An unknown queue: refused (exit code 3), saying so.
+    let unknown = dlq(&["peek", "nope"]);
+    assert_eq!(unknown.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("nope"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
 }

@@ -163,7 +163,7 @@ async fn dead_letters_are_peeked_with_reasons_and_redriven_to_their_queue() {
         }
         assert_eq!(original.len(), 5, "{held:?}");
         let table = ok(&["dlq", "peek", "orders-dlq", "--addr", &shop]);
-        assert!(table.starts_with("ID "), "{table}");
+        assert!(table.starts_with("SIDECAR "), "{table}");
         assert!(table.contains("orders/billing"), "{table}");
 
         // Redrive: all five published again to orders, removed from the dead-letter queue.
@@ -238,6 +238,25 @@ async fn dead_letters_are_peeked_with_reasons_and_redriven_to_their_queue() {
             .map(|d| d["id"].as_str().unwrap())
             .collect();
         assert_eq!(ids, BTreeSet::from(["job-0", "job-1", "job-2"]));
+        peek_until(&shop, "jobs", 0);
+
+        // Purge through the HTTP mirror: ready messages no consumer holds are deleted.
+        ok(&[
+            "pub", "jobs", "extra", "--id", "extra", "--count", "2", "--addr", &shop,
+        ]);
+        peek_until(&shop, "jobs", 2);
+        let bad = http("POST", "/v1/queues/jobs/purge", b"{\"max\": \"all\"}");
+        assert_eq!(bad.status, 400);
+        let unknown = http("POST", "/v1/queues/nope/purge", b"");
+        assert_eq!(unknown.status, 404);
+        let purged = http("POST", "/v1/queues/jobs/purge", b"");
+        assert_eq!(purged.status, 200);
+        let purged = purged.json().unwrap();
+        assert_eq!(
+            (purged["purged"].as_u64(), purged["remaining"].as_u64()),
+            (Some(2), Some(0)),
+            "{purged}"
+        );
         peek_until(&shop, "jobs", 0);
 
         // Unknown queues are an error with exit code 3.

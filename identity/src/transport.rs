@@ -220,6 +220,38 @@ pub async fn connect(
         .map_err(ConnectError::Transport)
 }
 
+/// A channel over TLS on connections `dial` opens — a Kubernetes port-forward, say — verified
+/// with `config`; the server's certificate must be valid for `server_name`. Connects lazily, and
+/// dials again when a connection is lost.
+pub fn channel_over<IO, D, F>(
+    endpoint: &Endpoint,
+    config: Arc<ClientConfig>,
+    server_name: &str,
+    dial: D,
+) -> Result<Channel, crate::Error>
+where
+    D: Fn() -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = io::Result<IO>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Dialled<IO> = Pin<
+        Box<dyn Future<Output = io::Result<TokioIo<tokio_rustls::client::TlsStream<IO>>>> + Send>,
+    >;
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| {
+        crate::Error::Identity(format!("{server_name:?} is not a server name: {e}"))
+    })?;
+    let connector = tower::service_fn(move |_: Uri| {
+        let (dial, config, name) = (dial.clone(), Arc::clone(&config), name.clone());
+        let fut: Dialled<IO> = Box::pin(async move {
+            let io = dial().await?;
+            let tls = TlsConnector::from(config).connect(name, io).await?;
+            Ok(TokioIo::new(tls))
+        });
+        fut
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
 /// Why [`connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

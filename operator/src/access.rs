@@ -1,12 +1,17 @@
-//! Who may read the mesh summary (`Control/Status`): the caller's own Kubernetes identity and RBAC,
-//! not whoever reaches the port. The caller sends its bearer token (the one in its kubeconfig);
-//! the operator asks the API server who that is (TokenReview) and whether that user may `list`
-//! Queues and Subscriptions where it asks (SubjectAccessReview): a namespace, or every namespace.
+//! Who may read the mesh summary (`Control/Status`) and browse, redrive or purge held messages
+//! (`Control/HeldMessages`): the caller's own Kubernetes identity and RBAC, not whoever reaches
+//! the port. The caller sends its bearer token (the one in its kubeconfig); the operator asks the
+//! API server who that is (TokenReview) and whether that user may do it (SubjectAccessReview):
+//!
+//! | call | RBAC the user needs (group `qmesh.io`) |
+//! |---|---|
+//! | `Status` of a namespace (or all) | `list` `queues` and `subscriptions` there |
+//! | `HeldMessages` browse | `get` the Queue |
+//! | `HeldMessages` redrive, purge | `update` the Queue |
 //!
 //! ```text
 //!   qmesh get ──Status{namespace}, authorization: Bearer <token>──▶ TokenReview ──▶ user, groups
-//!                                                                   SubjectAccessReview ×2
-//!                                                                   (list queues, subscriptions)
+//!                                                                   SubjectAccessReview(s)
 //!             ◀── MeshStatus | UNAUTHENTICATED | PERMISSION_DENIED
 //! ```
 
@@ -22,9 +27,9 @@ use tonic::Status;
 /// The resources a reader must be allowed to `list`.
 const READ: [&str; 2] = ["queues", "subscriptions"];
 
-/// Who may read the summary.
+/// Who may call.
 #[derive(Clone)]
-pub enum Readers {
+pub enum Callers {
     /// Users the API server authenticates and authorizes (RBAC on `qmesh.io` queues and
     /// subscriptions).
     Rbac(Client),
@@ -32,7 +37,7 @@ pub enum Readers {
     Anyone,
 }
 
-impl std::fmt::Debug for Readers {
+impl std::fmt::Debug for Callers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Rbac(_) => f.write_str("Rbac"),
@@ -50,26 +55,20 @@ struct User {
     extra: Option<BTreeMap<String, Vec<String>>>,
 }
 
-impl Readers {
+impl Callers {
     /// Whether the bearer of `token` may read `namespace` (every namespace when empty).
     pub async fn check(&self, token: Option<&str>, namespace: &str) -> Result<(), Status> {
         let Self::Rbac(client) = self else {
             return Ok(());
         };
-        let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
-            Status::unauthenticated(
-                "reading the mesh status needs your Kubernetes bearer token \
-                 (metadata `authorization: Bearer <token>`, as in your kubeconfig)",
-            )
-        })?;
-        let user = authenticate(client, token).await?;
+        let user = authenticate(client, bearer(token, "reading the mesh status")?).await?;
         let scope = if namespace.is_empty() {
             "every namespace".to_owned()
         } else {
             format!("namespace {namespace:?}")
         };
         for resource in READ {
-            if !allowed(client, &user, resource, namespace).await? {
+            if !allowed(client, &user, "list", resource, namespace, None).await? {
                 return Err(Status::permission_denied(format!(
                     "{} may not list {resource}.qmesh.io in {scope} (RBAC), so may not read its \
                      mesh status",
@@ -79,6 +78,39 @@ impl Readers {
         }
         Ok(())
     }
+}
+
+/// Whether the bearer of `token` may `verb` (`get`, `update`) the Queue `namespace/queue`; `what`
+/// names the call for the refusal.
+pub async fn check_queue(
+    callers: &Callers,
+    token: Option<&str>,
+    namespace: &str,
+    queue: &str,
+    verb: &str,
+    what: &str,
+) -> Result<(), Status> {
+    let Callers::Rbac(client) = callers else {
+        return Ok(());
+    };
+    let user = authenticate(client, bearer(token, what)?).await?;
+    if allowed(client, &user, verb, "queues", namespace, Some(queue)).await? {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "{} may not {verb} queues.qmesh.io {queue:?} in namespace {namespace:?} (RBAC), so may not {what}",
+        user.name
+    )))
+}
+
+/// The token, or why one is needed.
+fn bearer<'a>(token: Option<&'a str>, what: &str) -> Result<&'a str, Status> {
+    token.filter(|t| !t.is_empty()).ok_or_else(|| {
+        Status::unauthenticated(format!(
+            "{what} needs your Kubernetes bearer token (metadata `authorization: Bearer <token>`, \
+             as in your kubeconfig)"
+        ))
+    })
 }
 
 /// The user a token belongs to (audience: the API server's own, as kubeconfig tokens are).
@@ -110,12 +142,15 @@ async fn authenticate(client: &Client, token: &str) -> Result<User, Status> {
     }
 }
 
-/// Whether `user` may `list` `resource` (group `qmesh.io`) in `namespace` (all when empty).
+/// Whether `user` may `verb` `resource` (group `qmesh.io`; the object `name`, if any) in
+/// `namespace` (all when empty).
 async fn allowed(
     client: &Client,
     user: &User,
+    verb: &str,
     resource: &str,
     namespace: &str,
+    name: Option<&str>,
 ) -> Result<bool, Status> {
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
@@ -126,7 +161,8 @@ async fn allowed(
             resource_attributes: Some(ResourceAttributes {
                 group: Some("qmesh.io".into()),
                 resource: Some(resource.into()),
-                verb: Some("list".into()),
+                verb: Some(verb.into()),
+                name: name.map(str::to_owned),
                 namespace: (!namespace.is_empty()).then(|| namespace.to_owned()),
                 ..Default::default()
             }),

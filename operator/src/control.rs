@@ -8,7 +8,8 @@
 //!           ◀──MeshView / Rejected────────── Index.view_for(pod)
 //!           ──Stats───────────────────────▶ Index.record_stats (rolled up into CR status)
 //!   stream closes / pod deleted ──▶ Index.drop_stats
-//!   qmesh get ──Status + user's token──▶ Readers (TokenReview, RBAC) ──▶ Index.status
+//!   qmesh get ──Status + user's token──▶ Callers (TokenReview, RBAC) ──▶ Index.status
+//!   qmesh dlq ──HeldMessages + token──▶ Callers (get / update the Queue) ──Join──▶ sidecars
 //! ```
 
 use std::{sync::Arc, time::Duration};
@@ -18,13 +19,17 @@ use kube::{Api, Client, api::PostParams};
 use qmesh_core::{MeshView, SidecarKey};
 use qmesh_proto::{
     control::{Hello, MeshStatus, Stats, StatusRequest},
-    join::{ControlService, JoinEvent, MeshSource},
+    join::{ControlService, HeldAccess, JoinEvent, MeshSource},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::{access::Readers, index::Index, metrics::Metrics};
+use crate::{
+    access::{self, Callers},
+    index::Index,
+    metrics::Metrics,
+};
 
 /// The audience sidecar tokens must be issued for.
 pub const AUDIENCE: &str = "qmesh";
@@ -114,12 +119,12 @@ pub fn check_identity(
 // === impl SidecarAuth ===
 
 impl SidecarAuth {
-    /// Who may read the mesh summary: users RBAC lets list Queues and Subscriptions (anyone
-    /// when sidecars are not authenticated either).
-    pub fn readers(&self) -> Readers {
+    /// Who may read the mesh summary and steer held messages: users RBAC lets (anyone when
+    /// sidecars are not authenticated either).
+    pub fn callers(&self) -> Callers {
         match self {
-            Self::TokenReview(client) => Readers::Rbac(client.clone()),
-            Self::Insecure => Readers::Anyone,
+            Self::TokenReview(client) => Callers::Rbac(client.clone()),
+            Self::Insecure => Callers::Anyone,
         }
     }
 
@@ -251,17 +256,39 @@ impl MeshSource for IndexSource {
     }
 
     /// The summary of what the caller may read: its Kubernetes identity and RBAC decide
-    /// ([`Readers`]); sidecars are not asked.
+    /// ([`Callers`]); sidecars are not asked.
     async fn status(
         &self,
         request: &StatusRequest,
         caller: Option<&str>,
     ) -> Result<MeshStatus, Status> {
         self.auth
-            .readers()
+            .callers()
             .check(caller, &request.namespace)
             .await?;
         Ok(self.index.status(&request.namespace))
+    }
+
+    /// Browsing needs `get` on the Queue, redrive and purge `update` ([`access`]).
+    async fn authorize_held(
+        &self,
+        access: &HeldAccess<'_>,
+        caller: Option<&str>,
+    ) -> Result<(), Status> {
+        let (verb, what) = if access.mutating {
+            ("update", "redrive or purge its messages")
+        } else {
+            ("get", "browse its messages")
+        };
+        access::check_queue(
+            &self.auth.callers(),
+            caller,
+            access.namespace,
+            access.queue,
+            verb,
+            what,
+        )
+        .await
     }
 
     fn observe(&self, event: JoinEvent) {

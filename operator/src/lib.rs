@@ -221,6 +221,18 @@ pub async fn run(config: Config, client: Client, shutdown: CancellationToken) ->
         }
         .map_ok()
     });
+    tasks.spawn({
+        let publish =
+            mesh_ca::publish_bundle(client.clone(), config.namespace.clone(), ca.bundle());
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                () = publish => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+        .map_ok()
+    });
     tasks.spawn(
         Elector::new(
             client.clone(),

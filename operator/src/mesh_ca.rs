@@ -18,8 +18,14 @@
 //! ```text
 //!   Secret qmesh-mesh-ca {tls.crt root, tls.key, ca.crt bundle} ──▶ SharedAuthority ──▶ Certify
 //!                                                              ├──▶ control-plane TLS (serving cert)
-//!                                                              └──▶ bundle ──▶ injected QMESH_TRUST_BUNDLE
+//!                                                              ├──▶ bundle ──▶ injected QMESH_TRUST_BUNDLE
+//!                                                              └──▶ ConfigMap qmesh-trust-bundle
 //! ```
+//!
+//! The bundle is public: it is published in the ConfigMap `qmesh-trust-bundle` (key `ca.crt`),
+//! which the chart lets every authenticated user read, so clients outside the cluster
+//! (`qmesh console`, `qmesh get --kubeconfig`) verify the control plane with it — as Istio's
+//! `istio-ca-root-cert` ConfigMap serves its mesh.
 
 use std::{
     collections::BTreeMap,
@@ -29,10 +35,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::{ByteString, api::core::v1::Secret};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Secret},
+};
 use kube::{
     Api, Client,
-    api::{ObjectMeta, PostParams},
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 use qmesh_identity::{Authority, SharedAuthority, tls, transport::ServerConfigs};
 use rustls::ServerConfig;
@@ -40,6 +49,8 @@ use tokio::sync::watch;
 
 /// The Secret holding the root.
 pub const SECRET: &str = "qmesh-mesh-ca";
+/// The ConfigMap the trust bundle is published in.
+pub const BUNDLE_CONFIG_MAP: &str = "qmesh-trust-bundle";
 /// Lifetime of a root the operator makes.
 const ROOT_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 /// Lifetime of the control plane's serving certificate (re-issued at half-life).
@@ -393,6 +404,53 @@ impl MeshCa {
             *self.serving.write().unwrap_or_else(|e| e.into_inner()) = serving;
         }
         Ok(())
+    }
+}
+
+/// Keeps the ConfigMap [`BUNDLE_CONFIG_MAP`] of `namespace` holding the trust bundle (`ca.crt`) as
+/// it changes, until `bundle`'s sender is gone. A failed write is retried with backoff (at most a
+/// minute apart); a newer bundle replaces one still being written.
+pub async fn publish_bundle(
+    client: Client,
+    namespace: String,
+    mut bundle: watch::Receiver<String>,
+) {
+    let api = Api::<ConfigMap>::namespaced(client, &namespace);
+    loop {
+        let pem = bundle.borrow_and_update().clone();
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let config_map = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": BUNDLE_CONFIG_MAP,
+                    "labels": {"app.kubernetes.io/managed-by": "qmesh-operator"},
+                },
+                "data": {"ca.crt": pem},
+            });
+            let params = PatchParams::apply("qmesh-operator").force();
+            match api
+                .patch(BUNDLE_CONFIG_MAP, &params, &Patch::Apply(&config_map))
+                .await
+            {
+                Ok(_) => {
+                    tracing::debug!(config_map = BUNDLE_CONFIG_MAP, "trust bundle published");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, config_map = BUNDLE_CONFIG_MAP, "cannot publish the trust bundle; retrying");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(60));
+            if bundle.has_changed().unwrap_or(false) {
+                break;
+            }
+        }
+        if bundle.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -3,6 +3,10 @@
 //! sidecar is, takes every view it is sent, and reports stats. It reconnects with backoff forever;
 //! while the control plane is away the sidecar keeps serving its last view and certificate.
 //!
+//! The control plane may also ask, down the same stream, about the messages this sidecar holds
+//! (`HeldCall`: browse, redrive, purge — mesh-wide dead-letter tools); each is answered with a
+//! `HeldAnswer`, at most [`HELD_CALLS`] at once.
+//!
 //! An `https://` control plane is verified against the trust bundle (`--trust-bundle`, then
 //! whatever bundle the control plane hands out with each certificate).
 
@@ -19,10 +23,16 @@ use qmesh_identity::{Credentials, Material, transport};
 use qmesh_proto::control::{
     self, SidecarReport, control_client::ControlClient, control_update, sidecar_report,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
-use crate::{Sidecar, view::View};
+use crate::{Sidecar, error::BrokerError, view::View};
+
+/// Held-message calls from the control plane answered at once; more are refused as busy.
+pub const HELD_CALLS: usize = 4;
+/// Largest answer sent up the `Join` stream: the control plane reads messages of up to 4 MiB, and
+/// one answer too large would end the stream.
+pub const MAX_ANSWER_BYTES: usize = 3 * 1024 * 1024;
 
 /// Who this sidecar is, for `hello`.
 #[derive(Clone, Debug)]
@@ -216,11 +226,13 @@ async fn join_once(
     let mut updates = client.join(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(control_plane = %endpoint, "joined the control plane");
     let stats_tx = tx.clone();
+    let calls = Arc::new(Semaphore::new(HELD_CALLS));
     let sidecar = sidecar.clone();
+    let stats_sidecar = sidecar.clone();
     let reporter = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let current = sidecar.borrow().clone();
+            let current = stats_sidecar.borrow().clone();
             if let Some(s) = current {
                 let report = SidecarReport {
                     report: Some(sidecar_report::Report::Stats(s.stats())),
@@ -249,6 +261,9 @@ async fn join_once(
                 Some(control_update::Update::Rejected(r)) => {
                     anyhow::bail!("control plane rejected this sidecar: {}", r.reason)
                 }
+                Some(control_update::Update::Held(call)) => {
+                    answer_held(call, sidecar.borrow().clone(), &calls, tx.clone());
+                }
                 None => {}
             }
         }
@@ -259,6 +274,121 @@ async fn join_once(
     result
 }
 
+/// Answers `call` on a task of its own, so views keep flowing meanwhile.
+fn answer_held(
+    call: control::HeldCall,
+    sidecar: Option<Arc<Sidecar>>,
+    calls: &Arc<Semaphore>,
+    tx: mpsc::Sender<SidecarReport>,
+) {
+    let permit = Arc::clone(calls).try_acquire_owned();
+    tokio::spawn(async move {
+        let refused = |error: BrokerError| control::HeldResponse {
+            result: Some(control::held_response::Result::Error(error.to_proto())),
+        };
+        let response = match (sidecar, permit) {
+            (None, _) => refused(BrokerError::ShuttingDown),
+            (Some(_), Err(_)) => refused(BrokerError::Internal(format!(
+                "{HELD_CALLS} held-message requests are being answered here already; retry shortly"
+            ))),
+            (Some(sidecar), Ok(_permit)) => {
+                let mut response = sidecar.owner.held(call.request.unwrap_or_default()).await;
+                fit(&mut response, MAX_ANSWER_BYTES);
+                response
+            }
+        };
+        let answer = SidecarReport {
+            report: Some(sidecar_report::Report::Held(control::HeldAnswer {
+                id: call.id,
+                response: Some(response),
+            })),
+        };
+        let _ = tx.send(answer).await;
+    });
+}
+
+/// Keeps a browse answer within `limit` encoded bytes: the newest messages go first (`total`
+/// still counts them), then a single remaining message's payload is cut (its `payload_bytes`
+/// still says how large it is).
+fn fit(response: &mut control::HeldResponse, limit: usize) {
+    use prost::Message as _;
+    let Some(control::held_response::Result::Browse(browsed)) = &mut response.result else {
+        return;
+    };
+    while browsed.encoded_len() > limit && browsed.messages.len() > 1 {
+        browsed.messages.pop();
+    }
+    let over = browsed.encoded_len().saturating_sub(limit);
+    if over > 0
+        && let Some(message) = browsed
+            .messages
+            .first_mut()
+            .and_then(|h| h.message.as_mut())
+    {
+        let keep = message.payload.len().saturating_sub(over + 64);
+        message.payload.truncate(keep);
+    }
+}
+
 fn known_version(views: &watch::Sender<Arc<View>>) -> u64 {
     views.borrow().version()
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+    use qmesh_proto::{
+        control::{HeldResponse, held_response::Result as Answer},
+        v1::{BrowseResponse, HeldMessage, Message},
+    };
+
+    use super::fit;
+
+    fn held(payload: usize) -> HeldMessage {
+        HeldMessage {
+            sequence: 1,
+            payload_bytes: payload as u64,
+            message: Some(Message {
+                id: "m".into(),
+                payload: vec![7u8; payload].into(),
+                ..Default::default()
+            }),
+            subscriptions: Vec::new(),
+        }
+    }
+
+    fn browsed(response: &HeldResponse) -> &BrowseResponse {
+        match &response.result {
+            Some(Answer::Browse(b)) => b,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_browse_answer_is_cut_to_what_the_control_plane_relays() {
+        let mut response = HeldResponse {
+            result: Some(Answer::Browse(BrowseResponse {
+                messages: (0..10).map(|_| held(1000)).collect(),
+                total: 10,
+            })),
+        };
+        fit(&mut response, 4500);
+        let b = browsed(&response);
+        assert!(b.encoded_len() <= 4500, "{}", b.encoded_len());
+        assert_eq!(b.messages.len(), 4);
+        assert_eq!(b.total, 10, "the total still counts every message");
+
+        let mut one = HeldResponse {
+            result: Some(Answer::Browse(BrowseResponse {
+                messages: vec![held(10_000)],
+                total: 1,
+            })),
+        };
+        fit(&mut one, 4000);
+        let b = browsed(&one);
+        assert!(b.encoded_len() <= 4000, "{}", b.encoded_len());
+        let first = &b.messages[0];
+        assert!(first.message.as_ref().unwrap().payload.len() < 4000);
+        assert_eq!(first.payload_bytes, 10_000, "the full size is still said");
+    }
 }

@@ -401,6 +401,129 @@ async fn the_mesh_status_is_read_with_the_callers_identity_and_rbac() {
         "{:?}",
         summary.sidecars
     );
+
+    // `Control/HeldMessages`: RBAC on the Queue decides (get to browse, update to purge), and an
+    // allowed call reaches the sidecar down its Join stream, which answers for itself.
+    use qmesh_proto::{
+        control::{
+            HeldAnswer, HeldRequest, HeldResponse, MeshHeldRequest, control_update::Update,
+            held_request::Call, held_response::Result as HeldResult,
+        },
+        v1::{BrowseRequest, BrowseResponse, PurgeRequest},
+    };
+    let held = {
+        let control = control.clone();
+        move |token: &str, call: Call| {
+            let mut control = control.clone();
+            let mut request = tonic::Request::new(MeshHeldRequest {
+                namespace: "default".into(),
+                request: Some(HeldRequest { call: Some(call) }),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            async move {
+                control
+                    .held_messages(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        }
+    };
+    let browse = || {
+        Call::Browse(BrowseRequest {
+            queue: "orders".into(),
+            max: 10,
+        })
+    };
+    let purge = || {
+        Call::Purge(PurgeRequest {
+            queue: "orders".into(),
+            max: 0,
+        })
+    };
+    let refused = held(&stranger, browse()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = held(&reader, browse()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("may not get queues.qmesh.io \"orders\""),
+        "{}",
+        refused.message()
+    );
+    ok(server
+        .kubectl([
+            "create",
+            "role",
+            "qmesh-orders-browser",
+            "--verb=get",
+            "--resource=queues.qmesh.io",
+            "--resource-name=orders",
+        ])
+        .unwrap());
+    ok(server
+        .kubectl([
+            "create",
+            "rolebinding",
+            "qmesh-orders-browser",
+            "--role=qmesh-orders-browser",
+            "--serviceaccount=default:reader",
+        ])
+        .unwrap());
+    let asked = tokio::spawn(wait_for("the reader's browse", DEADLINE, {
+        let held = held.clone();
+        let reader = reader.clone();
+        move || {
+            let answer = held(&reader, browse());
+            async move { answer.await.ok() }
+        }
+    }));
+    let call = loop {
+        match sidecar.next(DEADLINE).await {
+            Some(Update::Held(call)) => break call,
+            Some(Update::View(_)) => {}
+            other => panic!("expected a held-message call, got {other:?}"),
+        }
+    };
+    assert!(
+        matches!(&call.request, Some(HeldRequest { call: Some(Call::Browse(b)) }) if b.queue == "orders"),
+        "{call:?}"
+    );
+    sidecar
+        .reports
+        .send(SidecarReport {
+            report: Some(Report::Held(HeldAnswer {
+                id: call.id,
+                response: Some(HeldResponse {
+                    result: Some(HeldResult::Browse(BrowseResponse {
+                        messages: Vec::new(),
+                        total: 3,
+                    })),
+                }),
+            })),
+        })
+        .await
+        .unwrap();
+    let answered = asked.await.unwrap().unwrap();
+    assert_eq!(answered.sidecars.len(), 1, "{answered:?}");
+    assert_eq!(answered.sidecars[0].sidecar, "shop-1");
+    assert!(
+        matches!(
+            answered.sidecars[0].response.as_ref().and_then(|r| r.result.as_ref()),
+            Some(HeldResult::Browse(b)) if b.total == 3
+        ),
+        "{answered:?}"
+    );
+    // Browsing is not purging: that needs `update`.
+    let refused = held(&reader, purge()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("may not update"),
+        "{}",
+        refused.message()
+    );
     drop(sidecar);
     operator.stop().await;
 }

@@ -14,7 +14,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::BTreeSet, sync::OnceLock, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::OnceLock,
+    time::Duration,
+};
 
 use qmesh_proto::externalscaler::{
     GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
@@ -963,4 +967,222 @@ async fn the_examples_apply_and_kubectl_get_shows_backlog_and_consumers() {
     );
     drop(logs);
     let _ = cluster.kubectl(&["delete", "namespace", ns, "--wait=false"]);
+}
+
+/// `qmesh get`, `qmesh dlq` and the console's backend reach the operator from outside the cluster
+/// as the user: through a port-forward to the leader (as `kubectl port-forward` does), verified
+/// against the public trust bundle, authorized by the user's RBAC. Dead letters of two producer
+/// pods — held by each producer's sidecar — are listed together; a user who may only read is
+/// refused a purge; one who may update the Queue purges them at both sidecars.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qmesh_reaches_the_operator_through_a_port_forward_as_the_user() {
+    if !wanted() {
+        return;
+    }
+    let cluster = cluster();
+    let ns = "steer";
+    apply(
+        cluster,
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{qmesh.io/inject: enabled}}}}\n---\n\
+             apiVersion: qmesh.io/v1alpha1\nkind: Queue\nmetadata: {{name: orders, namespace: {ns}}}\n\
+             spec: {{publishers: {{matchLabels: {{app: producer}}}}, deadLetterQueue: orders-dlq}}\n---\n\
+             apiVersion: qmesh.io/v1alpha1\nkind: Queue\nmetadata: {{name: orders-dlq, namespace: {ns}}}\nspec: {{}}\n---\n\
+             apiVersion: qmesh.io/v1alpha1\nkind: Subscription\nmetadata: {{name: billing, namespace: {ns}}}\n\
+             spec: {{queue: orders, consumers: {{matchLabels: {{app: consumer}}}}, retry: {{maxDeliveries: 1}}}}\n---\n\
+             apiVersion: qmesh.io/v1alpha1\nkind: Subscription\nmetadata: {{name: audit, namespace: {ns}}}\n\
+             spec: {{queue: orders-dlq, consumers: {{matchLabels: {{app: auditor}}}}}}\n---\n"
+        ),
+    );
+    // Two producers, three orders each; a consumer that nacks all six into orders-dlq.
+    let mut pods = String::new();
+    for producer in ["producer-1", "producer-2"] {
+        pods += &app_pod(
+            ns,
+            producer,
+            "producer",
+            &[
+                "qmesh", "pub", "orders", "order", "--count", "3", "--id", producer,
+            ],
+        );
+    }
+    pods += &app_pod(
+        ns,
+        "nacker",
+        "consumer",
+        &["qmesh", "sub", "billing", "--nack", "--count", "6"],
+    );
+    apply(cluster, &pods);
+    for pod in ["producer-1", "producer-2", "nacker"] {
+        app_output(cluster, ns, pod).await;
+    }
+
+    // Two users: `steerer` may update the namespace's Queues, `viewer` may only read them; both
+    // may port-forward to the operator (the chart's `qmesh-console` Role).
+    let mut tokens = BTreeMap::new();
+    for (user, verbs) in [("steerer", "get,list,update"), ("viewer", "get,list")] {
+        cluster
+            .kubectl_ok(&["create", "serviceaccount", user, "-n", ns])
+            .unwrap();
+        cluster
+            .kubectl_ok(&[
+                "create",
+                "role",
+                user,
+                "-n",
+                ns,
+                &format!("--verb={verbs}"),
+                "--resource=queues.qmesh.io,subscriptions.qmesh.io",
+            ])
+            .unwrap();
+        cluster
+            .kubectl_ok(&[
+                "create",
+                "rolebinding",
+                user,
+                "-n",
+                ns,
+                &format!("--role={user}"),
+                &format!("--serviceaccount={ns}:{user}"),
+            ])
+            .unwrap();
+        cluster
+            .kubectl_ok(&[
+                "create",
+                "rolebinding",
+                &format!("{ns}-{user}-console"),
+                "-n",
+                "qmesh-system",
+                "--role=qmesh-console",
+                &format!("--serviceaccount={ns}:{user}"),
+            ])
+            .unwrap();
+        let token = cluster
+            .kubectl_ok(&["create", "token", user, "-n", ns])
+            .unwrap();
+        tokens.insert(user, token.trim().to_owned());
+    }
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let qmesh = |user: &str, args: &[&str]| {
+        std::process::Command::new(binaries().join("qmesh"))
+            .args(args)
+            .args([
+                "-n",
+                ns,
+                "--kubeconfig",
+                &kubeconfig,
+                "--token",
+                &tokens[user],
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let held = || {
+        let out = qmesh("viewer", &["dlq", "peek", "orders-dlq", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (
+            out.status.success(),
+            lines,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dead = wait_for("six dead letters over both producers", DEADLINE, || {
+        let (ok, lines, _) = held();
+        async move { (ok && lines.len() == 6).then_some(lines) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", held(), describe_pods(cluster, ns)));
+    let sidecars: BTreeSet<&str> = dead
+        .iter()
+        .map(|d| d["sidecar"].as_str().unwrap())
+        .collect();
+    assert_eq!(sidecars, BTreeSet::from(["producer-1", "producer-2"]));
+
+    // `qmesh get` asks the operator as the user: its rates and counters, not the objects' status.
+    let billing = || {
+        let out = qmesh("viewer", &["get", "subscriptions", "-o", "json"]);
+        assert!(out.status.success(), "{out:?}");
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "billing")
+            .cloned()
+            .unwrap()
+    };
+    let row = wait_for(
+        "billing's dead letters counted by the operator",
+        DEADLINE,
+        || {
+            let row = billing();
+            async move { (row["dead-lettered"] == "6").then_some(row) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", billing()));
+    assert_ne!(row["acks/s"], "-", "rates come from the operator: {row}");
+    assert_ne!(row["acked"], "-", "counters come from the operator: {row}");
+
+    // `qmesh console` for the namespace, as the viewer: its API shows the dead letters of both.
+    let mut console = std::process::Command::new(binaries().join("qmesh"))
+        .args(["console", "-n", ns, "--console-addr", "127.0.0.1:0"])
+        .args(["--kubeconfig", &kubeconfig, "--token", &tokens["viewer"]])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(console.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line
+    };
+    let at: std::net::SocketAddr = first
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no console URL in {first:?}"))
+        .parse()
+        .unwrap();
+    let dead_letters = wait_for("the console's dead letters", DEADLINE, || async move {
+        let reply = qmesh_tests::http::request("GET", at, "/api/dead-letters", &[], b"")
+            .await
+            .ok()?;
+        let json = reply.json().ok()?;
+        let row = json["dead_letter_queues"].as_array()?.first()?.clone();
+        (row["held"] == 6).then_some(row)
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead_letters["name"], "orders-dlq", "{dead_letters}");
+    assert_eq!(
+        dead_letters["sidecars"].as_array().unwrap().len(),
+        2,
+        "{dead_letters}"
+    );
+    let _ = console.kill();
+    let _ = console.wait();
+
+    // Purge: refused to the viewer (exit code 3), done for the steerer at both sidecars.
+    let refused = qmesh("viewer", &["dlq", "purge", "orders-dlq", "--yes"]);
+    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("may not update"),
+        "{refused:?}"
+    );
+    assert_eq!(held().1.len(), 6, "nothing purged by the viewer");
+    let purged = qmesh("steerer", &["dlq", "purge", "orders-dlq", "--yes"]);
+    let text = String::from_utf8_lossy(&purged.stdout);
+    assert!(
+        purged.status.success() && text.contains("6 deleted"),
+        "{purged:?}"
+    );
+    assert!(held().1.is_empty());
+    println!("real pods: qmesh dlq/get through a port-forward as two users: {text}");
 }

@@ -6,10 +6,14 @@
 //! ```text
 //!   browser ──GET /, /assets/*──────────▶ embedded page (a per-process token in a <meta>)
 //!           ──GET /api/status───────────▶ DevSource: what `qmesh get` prints + delivery rates
-//!           ──GET /api/dead-letters─────▶ Browse (max 1) of each dead-letter queue at every sidecar
-//!           ──GET /api/queues/…/messages▶ Browse at every sidecar of the namespace, merged
-//!           ──POST /api/queues/…/redrive▶ Redrive at every sidecar (token header required)
+//!           ──GET /api/dead-letters─────▶ Browse (max 1) of each dead-letter queue ┐ Control/
+//!           ──GET /api/queues/…/messages▶ Browse, merged                          │ HeldMessages:
+//!           ──POST /api/queues/…/redrive▶ Redrive (token header required)         │ every sidecar
+//!           ──POST /api/queues/…/purge──▶ Purge ({"confirm": name}, token header) ┘ that may own it
 //! ```
+//!
+//! The same console serves `qmesh dev` (its control plane in the same process) and a cluster
+//! (`qmesh console`: the operator over a port-forward, as the user's Kubernetes identity).
 //!
 //! Security: it listens on loopback only (a non-loopback `--console-addr` is refused), answers only
 //! requests whose `Host` is a loopback name for its port (no DNS rebinding), and a POST must come
@@ -17,14 +21,11 @@
 //! `Origin`, come from the console's own origin — a cross-site form can set none of these. Bodies
 //! are limited to 16 KiB; every error is a JSON object `{"error": …}` with a 4xx/5xx status.
 
-pub mod apps;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
-    path::PathBuf,
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context;
@@ -40,11 +41,12 @@ use axum::{
     routing::{get, post},
 };
 use qmesh_proto::{
-    control::MeshStatus,
-    v1::{
-        BrowseRequest, BrowseResponse, HeldMessage, RedriveRequest, RedriveResponse,
-        broker_client::BrokerClient,
+    control::{
+        HeldRequest, MeshHeldRequest, MeshHeldResponse, MeshStatus, held_request::Call,
+        held_response::Result as HeldResult,
     },
+    join::HeldRouter,
+    v1::{BrowseRequest, BrowseResponse, HeldMessage, PurgeRequest, RedriveRequest},
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -59,8 +61,6 @@ const MAX_BODY: usize = 16 * 1024;
 const DEFAULT_PEEK: u32 = 100;
 /// Most messages a peek returns (a sidecar's Browse returns at most 1000).
 const MAX_PEEK: u32 = 1000;
-/// How long one sidecar may take to answer.
-const SIDECAR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Characters of a payload shown.
 const PREVIEW_CHARS: usize = 200;
 
@@ -93,6 +93,57 @@ pub fn parse_addr(text: &str) -> Result<ConsoleAddr, String> {
         ));
     }
     Ok(ConsoleAddr(Some(addr)))
+}
+
+/// `qmesh console`.
+#[derive(clap::Args, Debug)]
+pub struct ConsoleArgs {
+    /// The cluster's operator (required: `qmesh dev` serves the console of a local mesh itself).
+    #[command(flatten)]
+    cluster: crate::control_plane::ClusterArgs,
+    /// Where to serve the console (loopback only; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:7081", value_parser = parse_addr)]
+    console_addr: ConsoleAddr,
+    /// Show only this namespace (what your RBAC lets you list); every namespace when not given.
+    #[arg(short = 'n', long, default_value = "")]
+    namespace: String,
+}
+
+/// Runs `qmesh console`: checks the operator answers as the user, then serves until interrupted.
+pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.cluster.is_set(),
+        "qmesh console shows a cluster: pass --kubeconfig (a local mesh's console is served by `qmesh dev`)"
+    );
+    let addr = args
+        .console_addr
+        .0
+        .context("--console-addr off leaves nothing to serve")?;
+    let operator = args.cluster.operator().await?;
+    operator
+        .status(&args.namespace)
+        .await
+        .map_err(|s| anyhow::anyhow!("the operator refused the mesh status: {}", s.message()))?;
+    let listener = bind(addr).await?;
+    let scope = if args.namespace.is_empty() {
+        "every namespace".to_owned()
+    } else {
+        format!("namespace {}", args.namespace)
+    };
+    println!(
+        "qmesh console: http://{}/ — {scope} of the operator in {} (Ctrl-C to stop)",
+        listener.local_addr()?,
+        args.cluster.operator_namespace
+    );
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn(serve(
+        listener,
+        Arc::new(ControlBackend::new(operator, args.namespace)),
+        shutdown.clone(),
+    ));
+    crate::signals::terminated().await;
+    shutdown.cancel();
+    served.await?
 }
 
 /// Binds the console's listener (loopback only).
@@ -133,8 +184,6 @@ pub struct Snapshot {
     pub status: MeshStatus,
     /// Delivery figures per `(namespace, subscription)` that `qmesh get` does not show.
     pub flows: BTreeMap<(String, String), Flow>,
-    /// App gRPC address of each `(namespace, sidecar)` whose address is known (loopback only).
-    pub apps: BTreeMap<(String, String), SocketAddr>,
 }
 
 /// Delivery figures of one subscription, summed over the connected sidecars.
@@ -150,73 +199,68 @@ pub struct Flow {
     pub app_consumers: u32,
 }
 
-/// Where the console's figures come from and how it reaches the sidecars: [`DevBackend`] in
-/// `qmesh dev`, a fake in the tests.
+/// Where the console's figures come from and how it reaches the messages sidecars hold: the
+/// control plane of `qmesh dev` in the same process ([`DevBackend`]), the operator over gRPC
+/// (`qmesh console`, [`ControlBackend`]), a fake in the tests.
 #[tonic::async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// The mesh now.
-    fn snapshot(&self) -> Snapshot;
-    /// `qmesh.v1.Broker/Browse` at the sidecar whose app API is at `app`.
-    async fn browse(
-        &self,
-        app: SocketAddr,
-        request: BrowseRequest,
-    ) -> Result<BrowseResponse, tonic::Status>;
-    /// `qmesh.v1.Broker/Redrive` at the sidecar whose app API is at `app`.
-    async fn redrive(
-        &self,
-        app: SocketAddr,
-        request: RedriveRequest,
-    ) -> Result<RedriveResponse, tonic::Status>;
+    async fn snapshot(&self) -> Result<Snapshot, tonic::Status>;
+    /// `qmesh.control.v1.Control/HeldMessages`: `request` at every sidecar of the namespace that
+    /// may own the queue.
+    async fn held(&self, request: MeshHeldRequest) -> Result<MeshHeldResponse, tonic::Status>;
 }
 
-/// The console of `qmesh dev`: its control plane's state, the sidecars' app APIs over gRPC.
+/// The console of `qmesh dev`: its control plane's state, and its sessions with the sidecars.
 #[derive(Debug)]
 pub struct DevBackend {
     source: Arc<DevSource>,
-    registry: PathBuf,
+    router: HeldRouter<DevSource>,
 }
 
 impl DevBackend {
-    /// Over `source`, finding `qmesh run` sidecars' app addresses in `registry`
-    /// ([`apps::registry_dir`]).
-    pub fn new(source: Arc<DevSource>, registry: PathBuf) -> Self {
-        Self { source, registry }
+    /// Over `source`, reaching sidecars through `router` (the control plane's).
+    pub fn new(source: Arc<DevSource>, router: HeldRouter<DevSource>) -> Self {
+        Self { source, router }
     }
-}
-
-async fn broker(app: SocketAddr) -> Result<BrokerClient<tonic::transport::Channel>, tonic::Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{app}"))
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(SIDECAR_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot reach its app API {app}: {e}")))?;
-    Ok(BrokerClient::new(channel))
 }
 
 #[tonic::async_trait]
 impl Backend for DevBackend {
-    fn snapshot(&self) -> Snapshot {
-        self.source.console_snapshot(&apps::read(&self.registry))
+    async fn snapshot(&self) -> Result<Snapshot, tonic::Status> {
+        Ok(self.source.console_snapshot())
     }
 
-    async fn browse(
-        &self,
-        app: SocketAddr,
-        request: BrowseRequest,
-    ) -> Result<BrowseResponse, tonic::Status> {
-        Ok(broker(app).await?.browse(request).await?.into_inner())
+    async fn held(&self, request: MeshHeldRequest) -> Result<MeshHeldResponse, tonic::Status> {
+        self.router.held_messages(request, None).await
+    }
+}
+
+/// The console of `qmesh console`: a control plane (the operator) over gRPC, as the user.
+#[derive(Debug, Clone)]
+pub struct ControlBackend {
+    client: crate::control_plane::ControlPlane,
+    namespace: String,
+}
+
+impl ControlBackend {
+    /// Over the control plane `client` reaches, showing `namespace` (every namespace when empty).
+    pub fn new(client: crate::control_plane::ControlPlane, namespace: String) -> Self {
+        Self { client, namespace }
+    }
+}
+
+#[tonic::async_trait]
+impl Backend for ControlBackend {
+    async fn snapshot(&self) -> Result<Snapshot, tonic::Status> {
+        Ok(Snapshot {
+            status: self.client.status(&self.namespace).await?,
+            flows: BTreeMap::new(),
+        })
     }
 
-    async fn redrive(
-        &self,
-        app: SocketAddr,
-        request: RedriveRequest,
-    ) -> Result<RedriveResponse, tonic::Status> {
-        Ok(broker(app).await?.redrive(request).await?.into_inner())
+    async fn held(&self, request: MeshHeldRequest) -> Result<MeshHeldResponse, tonic::Status> {
+        self.client.held(request).await
     }
 }
 
@@ -263,6 +307,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/dead-letters", get(dead_letters))
         .route("/api/queues/{namespace}/{name}/messages", get(messages))
         .route("/api/queues/{namespace}/{name}/redrive", post(redrive))
+        .route("/api/queues/{namespace}/{name}/purge", post(purge))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -435,7 +480,22 @@ fn dead_letter_queues(status: &MeshStatus) -> BTreeMap<(String, String), Vec<Str
 
 /// `GET /api/status`: everything the overview, queues, subscriptions and sidecars pages show.
 async fn status(State(console): State<Arc<Console>>) -> Response {
-    Json(status_json(&console.backend.snapshot(), now_ms())).into_response()
+    match console.backend.snapshot().await {
+        Ok(snapshot) => Json(status_json(&snapshot, now_ms())).into_response(),
+        Err(refused) => refusal(&refused),
+    }
+}
+
+/// A control plane's refusal as the console's error: the same meaning in HTTP terms.
+fn refusal(status: &tonic::Status) -> Response {
+    let code = match status.code() {
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    error(code, format!("the control plane: {}", status.message()))
 }
 
 fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
@@ -495,10 +555,6 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
                 "namespace": s.namespace,
                 "name": s.name,
                 "peer_address": s.peer_address,
-                "app_address": snapshot
-                    .apps
-                    .get(&(s.namespace.clone(), s.name.clone()))
-                    .map(ToString::to_string),
                 "labels": labels,
                 "connected": s.connected,
             })
@@ -541,41 +597,6 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
     })
 }
 
-/// A sidecar of a namespace the console may ask: its name and app address, or why not.
-struct Target {
-    name: String,
-    app: Result<SocketAddr, String>,
-}
-
-/// Every sidecar of `namespace`, in name order.
-fn targets(snapshot: &Snapshot, namespace: &str) -> Vec<Target> {
-    snapshot
-        .status
-        .sidecars
-        .iter()
-        .filter(|s| s.namespace == namespace)
-        .map(|s| {
-            let app = if s.connected {
-                snapshot
-                    .apps
-                    .get(&(s.namespace.clone(), s.name.clone()))
-                    .copied()
-                    .ok_or_else(|| {
-                        "its app address is unknown (not started by `qmesh run` nor declared \
-                         with a grpcAddress)"
-                            .to_owned()
-                    })
-            } else {
-                Err("not connected".to_owned())
-            };
-            Target {
-                name: s.name.clone(),
-                app,
-            }
-        })
-        .collect()
-}
-
 fn queue_exists(snapshot: &Snapshot, namespace: &str, name: &str) -> bool {
     snapshot
         .status
@@ -591,46 +612,60 @@ fn unknown_queue(namespace: &str, name: &str) -> Response {
     )
 }
 
-/// A sidecar's Browse: messages, how many it holds, or the failure.
-type Browsed = (String, Result<BrowseResponse, String>);
+/// One sidecar's part of a mesh-wide answer: its name, and its answer or why there is none.
+type Answer<T> = (String, Result<T, String>);
 
-/// Browse of `queue` at every sidecar of `namespace` at once; a sidecar that does not know the
-/// queue holds none of it.
+/// `request` at every sidecar of `namespace` that may own its queue, each answer taken apart by
+/// `pick`; no such sidecar is no answer, not an error. A refusal of the whole request is the
+/// console's error response.
+async fn ask<T>(
+    backend: &Arc<dyn Backend>,
+    namespace: &str,
+    call: Call,
+    pick: impl Fn(HeldResult) -> Option<T>,
+) -> Result<Vec<Answer<T>>, Response> {
+    let request = MeshHeldRequest {
+        namespace: namespace.to_owned(),
+        request: Some(HeldRequest { call: Some(call) }),
+    };
+    let answered = match backend.held(request).await {
+        Ok(answered) => answered,
+        Err(s) if s.code() == tonic::Code::NotFound => return Ok(Vec::new()),
+        Err(s) => return Err(refusal(&s)),
+    };
+    Ok(answered
+        .sidecars
+        .into_iter()
+        .map(|sidecar| {
+            let result = match sidecar.response.and_then(|r| r.result) {
+                Some(HeldResult::Error(e)) => Err(e.message),
+                Some(other) => pick(other).ok_or_else(|| "an answer of another kind".to_owned()),
+                None => Err("no answer".to_owned()),
+            };
+            (sidecar.sidecar, result)
+        })
+        .collect())
+}
+
+/// Browse of `queue` at every sidecar of `namespace` that may own it.
 async fn browse_all(
     backend: &Arc<dyn Backend>,
-    snapshot: &Snapshot,
     namespace: &str,
     queue: &str,
     max: u32,
-) -> Vec<Browsed> {
-    let asks = targets(snapshot, namespace).into_iter().map(|t| {
-        let backend = Arc::clone(backend);
-        let queue = queue.to_owned();
-        async move {
-            let result = match t.app {
-                Ok(app) => match backend
-                    .browse(
-                        app,
-                        BrowseRequest {
-                            queue: queue.clone(),
-                            max,
-                        },
-                    )
-                    .await
-                {
-                    Ok(r) => Ok(r),
-                    Err(s) if s.code() == tonic::Code::NotFound => Ok(BrowseResponse::default()),
-                    Err(s) => Err(s.message().to_owned()),
-                },
-                Err(why) => Err(why),
-            };
-            (t.name, result)
-        }
+) -> Result<Vec<Answer<BrowseResponse>>, Response> {
+    let call = Call::Browse(BrowseRequest {
+        queue: queue.to_owned(),
+        max,
     });
-    futures::future::join_all(asks).await
+    ask(backend, namespace, call, |r| match r {
+        HeldResult::Browse(b) => Some(b),
+        _ => None,
+    })
+    .await
 }
 
-fn sidecar_results(browsed: &[Browsed]) -> Vec<Value> {
+fn sidecar_results(browsed: &[Answer<BrowseResponse>]) -> Vec<Value> {
     browsed
         .iter()
         .map(|(name, result)| match result {
@@ -642,11 +677,17 @@ fn sidecar_results(browsed: &[Browsed]) -> Vec<Value> {
 
 /// `GET /api/dead-letters`: every dead-letter queue with the messages it holds, per sidecar.
 async fn dead_letters(State(console): State<Arc<Console>>) -> Response {
-    let snapshot = console.backend.snapshot();
+    let snapshot = match console.backend.snapshot().await {
+        Ok(snapshot) => snapshot,
+        Err(refused) => return refusal(&refused),
+    };
     let dlqs = dead_letter_queues(&snapshot.status);
     let mut rows = Vec::new();
     for ((namespace, name), sources) in dlqs {
-        let browsed = browse_all(&console.backend, &snapshot, &namespace, &name, 1).await;
+        let browsed = match browse_all(&console.backend, &namespace, &name, 1).await {
+            Ok(browsed) => browsed,
+            Err(response) => return response,
+        };
         let held: u64 = browsed
             .iter()
             .filter_map(|(_, r)| r.as_ref().ok())
@@ -737,7 +778,8 @@ fn held_json(sidecar: &str, held: &HeldMessage) -> Value {
         "original_subscription": header(held, "qmesh-original-subscription"),
         "deliveries": deliveries,
         "last_error": last_error,
-        "payload_bytes": message.payload.len(),
+        // The full size, also when the sidecar cut the payload to fit its answer.
+        "payload_bytes": held.payload_bytes.max(message.payload.len() as u64),
         "payload_encoding": encoding,
         "payload_preview": preview,
         "subscriptions": held.subscriptions.iter().map(|s| json!({
@@ -772,11 +814,17 @@ async fn messages(
             );
         }
     };
-    let snapshot = console.backend.snapshot();
+    let snapshot = match console.backend.snapshot().await {
+        Ok(snapshot) => snapshot,
+        Err(refused) => return refusal(&refused),
+    };
     if !queue_exists(&snapshot, &namespace, &name) {
         return unknown_queue(&namespace, &name);
     }
-    let browsed = browse_all(&console.backend, &snapshot, &namespace, &name, max).await;
+    let browsed = match browse_all(&console.backend, &namespace, &name, max).await {
+        Ok(browsed) => browsed,
+        Err(response) => return response,
+    };
     let total: u64 = browsed
         .iter()
         .filter_map(|(_, r)| r.as_ref().ok())
@@ -810,42 +858,71 @@ struct RedriveBody {
     /// Publish dead letters to this queue instead of their original one.
     #[serde(default)]
     to: Option<String>,
-    /// Most messages handled over all sidecars (0 or absent = all).
+    /// Most messages handled at each sidecar (0 or absent = all).
     #[serde(default)]
     max: Option<u32>,
 }
 
+/// The body of a purge: the queue's name again, typed by the user to confirm.
+#[derive(serde::Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct PurgeBody {
+    /// Must be the queue's name.
+    #[serde(default)]
+    confirm: String,
+}
+
+/// A small JSON body (empty = `T::default()`), or the error response.
+#[allow(clippy::result_large_err)] // The error is the response itself, made once per request.
+fn json_body<T: serde::de::DeserializeOwned + Default>(
+    body: Result<Bytes, BytesRejection>,
+    example: &str,
+) -> Result<T, Response> {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {MAX_BODY} bytes"),
+            ));
+        }
+        Err(rejection) => return Err(error(rejection.status(), rejection.body_text())),
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be JSON like {example}: {e}"),
+        )
+    })
+}
+
+/// The sidecars' part of a mutation as JSON, and whether any sidecar took it.
+fn sidecars_json<T>(answers: &[Answer<T>]) -> (Vec<Value>, bool) {
+    let json = answers
+        .iter()
+        .map(|(name, r)| json!({"name": name, "error": r.as_ref().err()}))
+        .collect();
+    (json, answers.iter().any(|(_, r)| r.is_ok()))
+}
+
 /// `POST /api/queues/{namespace}/{name}/redrive` with `{"to": "…", "max": N}` (both optional):
-/// Redrive at every sidecar of the namespace.
+/// Redrive at every sidecar of the namespace that may own the queue.
 async fn redrive(
     State(console): State<Arc<Console>>,
     Path((namespace, name)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
+    let body: RedriveBody = match json_body(body, r#"{"to": "queue", "max": 10}"#) {
         Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is larger than {MAX_BODY} bytes"),
-            );
-        }
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+        Err(response) => return response,
     };
-    let body: RedriveBody = if body.iter().all(u8::is_ascii_whitespace) {
-        RedriveBody::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body must be JSON like {{\"to\": \"queue\", \"max\": 10}}: {e}"),
-                );
-            }
-        }
+    let snapshot = match console.backend.snapshot().await {
+        Ok(snapshot) => snapshot,
+        Err(refused) => return refusal(&refused),
     };
-    let snapshot = console.backend.snapshot();
     if !queue_exists(&snapshot, &namespace, &name) {
         return unknown_queue(&namespace, &name);
     }
@@ -853,72 +930,47 @@ async fn redrive(
     if !to.is_empty() && !queue_exists(&snapshot, &namespace, &to) {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("cannot redrive to {namespace}/{to}: no such queue in the manifests"),
+            format!("cannot redrive to {namespace}/{to}: no such queue"),
         );
     }
-    let mut left = body.max.unwrap_or(0);
-    let limited = left > 0;
-    let (mut republished, mut unparked, mut skipped) = (0u32, 0u32, 0u32);
-    let mut failed = Vec::new();
-    let mut sidecars = Vec::new();
-    let mut reached = 0usize;
-    let all = targets(&snapshot, &namespace);
-    let count = all.len();
-    for target in all {
-        if limited && left == 0 {
-            break;
-        }
-        let result = match target.app {
-            Ok(app) => console
-                .backend
-                .redrive(
-                    app,
-                    RedriveRequest {
-                        queue: name.clone(),
-                        to: to.clone(),
-                        max: left,
-                    },
-                )
-                .await
-                .map(Some)
-                .or_else(|s| {
-                    if s.code() == tonic::Code::NotFound {
-                        Ok(None)
-                    } else {
-                        Err(s.message().to_owned())
-                    }
-                }),
-            Err(why) => Err(why),
-        };
-        match result {
-            Ok(response) => {
-                reached += 1;
-                let r = response.unwrap_or_default();
-                republished += r.republished;
-                unparked += r.unparked;
-                skipped += r.skipped;
-                if limited {
-                    left = left.saturating_sub(r.republished + r.unparked);
-                }
-                for f in &r.failed {
-                    failed.push(json!({
-                        "sidecar": target.name,
-                        "id": f.id,
-                        "error": f.error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
-                    }));
-                }
-                sidecars.push(json!({"name": target.name, "error": null}));
-            }
-            Err(e) => sidecars.push(json!({"name": target.name, "error": e})),
-        }
-    }
-    if reached == 0 {
+    let call = Call::Redrive(RedriveRequest {
+        queue: name.clone(),
+        to: to.clone(),
+        max: body.max.unwrap_or(0),
+    });
+    let answers = match ask(&console.backend, &namespace, call, |r| match r {
+        HeldResult::Redrive(r) => Some(r),
+        _ => None,
+    })
+    .await
+    {
+        Ok(answers) => answers,
+        Err(response) => return response,
+    };
+    let (sidecars, reached) = sidecars_json(&answers);
+    if !reached {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "no sidecar of namespace {namespace} could be asked ({count} known): nothing was redriven"
+                "no sidecar that may own {namespace}/{name} could be asked ({} tried): nothing was redriven",
+                answers.len()
             ),
         );
+    }
+    let (mut republished, mut unparked, mut skipped) = (0u32, 0u32, 0u32);
+    let mut failed = Vec::new();
+    for (sidecar, r) in &answers {
+        let Ok(r) = r else { continue };
+        republished += r.republished;
+        unparked += r.unparked;
+        skipped += r.skipped;
+        for f in &r.failed {
+            failed.push(json!({
+                "sidecar": sidecar,
+                "id": f.id,
+                "error": f.error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
+            }));
+        }
     }
     Json(json!({
         "namespace": namespace,
@@ -928,6 +980,67 @@ async fn redrive(
         "unparked": unparked,
         "skipped": skipped,
         "failed": failed,
+        "sidecars": sidecars,
+    }))
+    .into_response()
+}
+
+/// `POST /api/queues/{namespace}/{name}/purge` with `{"confirm": "<name>"}`: deletes the messages
+/// every sidecar of the namespace holds for the queue (those no consumer holds now).
+async fn purge(
+    State(console): State<Arc<Console>>,
+    Path((namespace, name)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body: PurgeBody = match json_body(body, r#"{"confirm": "<the queue's name>"}"#) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    if body.confirm != name {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a purge cannot be undone: confirm it with {{\"confirm\": {name:?}}} (the queue's name)"
+            ),
+        );
+    }
+    let snapshot = match console.backend.snapshot().await {
+        Ok(snapshot) => snapshot,
+        Err(refused) => return refusal(&refused),
+    };
+    if !queue_exists(&snapshot, &namespace, &name) {
+        return unknown_queue(&namespace, &name);
+    }
+    let call = Call::Purge(PurgeRequest {
+        queue: name.clone(),
+        max: 0,
+    });
+    let answers = match ask(&console.backend, &namespace, call, |r| match r {
+        HeldResult::Purge(p) => Some(p),
+        _ => None,
+    })
+    .await
+    {
+        Ok(answers) => answers,
+        Err(response) => return response,
+    };
+    let (sidecars, reached) = sidecars_json(&answers);
+    if !reached && !answers.is_empty() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no sidecar that may own {namespace}/{name} could be asked ({} tried): nothing was purged",
+                answers.len()
+            ),
+        );
+    }
+    let ok = || answers.iter().filter_map(|(_, r)| r.as_ref().ok());
+    Json(json!({
+        "namespace": namespace,
+        "name": name,
+        "purged": ok().map(|p| u64::from(p.purged)).sum::<u64>(),
+        "skipped": ok().map(|p| u64::from(p.skipped)).sum::<u64>(),
+        "remaining": ok().map(|p| p.remaining).sum::<u64>(),
         "sidecars": sidecars,
     }))
     .into_response()

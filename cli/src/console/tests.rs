@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Mutex};
 
 use qmesh_core::MeshFile;
 use qmesh_proto::{
+    control::{HeldResponse, SidecarHeld},
     control::{
         Hello, MeshStatus, QueueStatus, SidecarStatus, Stats, SubscriptionStats, SubscriptionStatus,
     },
@@ -15,10 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 
-const SHOP: &str = "127.0.0.1:9101";
-const BILLING: &str = "127.0.0.1:9102";
-const DOWN: &str = "127.0.0.1:9103";
-
 fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
@@ -26,6 +23,7 @@ fn addr(text: &str) -> SocketAddr {
 fn dead_letter(id: &str, payload: &[u8]) -> HeldMessage {
     HeldMessage {
         sequence: 7,
+        payload_bytes: payload.len() as u64,
         message: Some(Message {
             id: id.into(),
             payload: payload.to_vec().into(),
@@ -51,71 +49,103 @@ fn dead_letter(id: &str, payload: &[u8]) -> HeldMessage {
     }
 }
 
-/// Sidecars whose held messages are a list per `(app address, queue)`.
+/// A control plane whose sidecars hold a list of messages per `(sidecar, queue)`: `billing` and
+/// `shop` answer, `down` does not; no sidecar may own `jobs`.
 struct Fake {
     snapshot: Snapshot,
-    held: Mutex<BTreeMap<(SocketAddr, String), Vec<HeldMessage>>>,
-    redrives: Mutex<Vec<(SocketAddr, RedriveRequest)>>,
+    held: Mutex<BTreeMap<(String, String), Vec<HeldMessage>>>,
+    calls: Mutex<Vec<MeshHeldRequest>>,
+}
+
+impl Fake {
+    fn answer(&self, sidecar: &str, call: &Call) -> HeldResult {
+        if sidecar == "down" {
+            return HeldResult::Error(qmesh_proto::v1::Error {
+                message: "the sidecar did not answer within 30s".into(),
+                ..Default::default()
+            });
+        }
+        let mut held = self.held.lock().unwrap();
+        match call {
+            Call::Browse(b) => {
+                let all = held
+                    .get(&(sidecar.to_owned(), b.queue.clone()))
+                    .cloned()
+                    .unwrap_or_default();
+                HeldResult::Browse(BrowseResponse {
+                    total: all.len() as u64,
+                    messages: all.into_iter().take(b.max as usize).collect(),
+                })
+            }
+            Call::Redrive(r) => {
+                let list = held
+                    .entry((sidecar.to_owned(), r.queue.clone()))
+                    .or_default();
+                let n = if r.max == 0 {
+                    list.len()
+                } else {
+                    list.len().min(r.max as usize)
+                };
+                let moved: Vec<HeldMessage> = list.drain(..n).collect();
+                let failed = moved
+                    .iter()
+                    .filter(|m| m.message.as_ref().is_some_and(|m| m.id == "stuck"))
+                    .map(|m| RedriveFailure {
+                        id: m.message.clone().unwrap_or_default().id,
+                        error: Some(qmesh_proto::v1::Error {
+                            message: "backlog full".into(),
+                            ..Default::default()
+                        }),
+                    })
+                    .collect::<Vec<_>>();
+                HeldResult::Redrive(qmesh_proto::v1::RedriveResponse {
+                    republished: u32::try_from(moved.len() - failed.len()).unwrap(),
+                    failed,
+                    ..Default::default()
+                })
+            }
+            Call::Purge(p) => {
+                let list = held
+                    .entry((sidecar.to_owned(), p.queue.clone()))
+                    .or_default();
+                let purged = u32::try_from(list.len()).unwrap();
+                list.clear();
+                HeldResult::Purge(qmesh_proto::v1::PurgeResponse {
+                    purged,
+                    ..Default::default()
+                })
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl Backend for Fake {
-    fn snapshot(&self) -> Snapshot {
-        self.snapshot.clone()
+    async fn snapshot(&self) -> Result<Snapshot, tonic::Status> {
+        Ok(self.snapshot.clone())
     }
 
-    async fn browse(
-        &self,
-        app: SocketAddr,
-        request: BrowseRequest,
-    ) -> Result<BrowseResponse, tonic::Status> {
-        if app == addr(DOWN) {
-            return Err(tonic::Status::unavailable("connection refused"));
-        }
-        if request.queue == "jobs" {
-            return Err(tonic::Status::not_found("unknown queue jobs"));
-        }
-        let held = self.held.lock().unwrap();
-        let all = held.get(&(app, request.queue)).cloned().unwrap_or_default();
-        Ok(BrowseResponse {
-            total: all.len() as u64,
-            messages: all.into_iter().take(request.max as usize).collect(),
-        })
-    }
-
-    async fn redrive(
-        &self,
-        app: SocketAddr,
-        request: RedriveRequest,
-    ) -> Result<RedriveResponse, tonic::Status> {
-        if app == addr(DOWN) {
-            return Err(tonic::Status::unavailable("connection refused"));
-        }
-        self.redrives.lock().unwrap().push((app, request.clone()));
-        let mut held = self.held.lock().unwrap();
-        let list = held.entry((app, request.queue)).or_default();
-        let n = if request.max == 0 {
-            list.len()
-        } else {
-            list.len().min(request.max as usize)
+    async fn held(&self, request: MeshHeldRequest) -> Result<MeshHeldResponse, tonic::Status> {
+        self.calls.lock().unwrap().push(request.clone());
+        let call = request.request.and_then(|r| r.call).unwrap();
+        let queue = match &call {
+            Call::Browse(b) => &b.queue,
+            Call::Redrive(r) => &r.queue,
+            Call::Purge(p) => &p.queue,
         };
-        let moved: Vec<HeldMessage> = list.drain(..n).collect();
-        let failed = moved
-            .iter()
-            .filter(|m| m.message.as_ref().is_some_and(|m| m.id == "stuck"))
-            .map(|m| RedriveFailure {
-                id: m.message.clone().unwrap_or_default().id,
-                error: Some(qmesh_proto::v1::Error {
-                    message: "backlog full".into(),
-                    ..Default::default()
+        if request.namespace != "default" || queue == "jobs" {
+            return Err(tonic::Status::not_found("no sidecar may own it"));
+        }
+        let sidecars = ["billing", "down", "shop"]
+            .into_iter()
+            .map(|name| SidecarHeld {
+                sidecar: name.to_owned(),
+                response: Some(HeldResponse {
+                    result: Some(self.answer(name, &call)),
                 }),
             })
-            .collect::<Vec<_>>();
-        Ok(RedriveResponse {
-            republished: u32::try_from(moved.len() - failed.len()).unwrap(),
-            failed,
-            ..Default::default()
-        })
+            .collect();
+        Ok(MeshHeldResponse { sidecars })
     }
 }
 
@@ -187,23 +217,17 @@ fn fake() -> Fake {
             },
         )]
         .into(),
-        apps: [
-            (("default".to_owned(), "shop".to_owned()), addr(SHOP)),
-            (("default".to_owned(), "billing".to_owned()), addr(BILLING)),
-            (("default".to_owned(), "down".to_owned()), addr(DOWN)),
-        ]
-        .into(),
     };
     let held = [
         (
-            (addr(SHOP), "orders-dlq".to_owned()),
+            ("shop".to_owned(), "orders-dlq".to_owned()),
             vec![
                 dead_letter("dl-1", b"{\"order\": 1}"),
                 dead_letter("dl-2", &[0xff, 0x00, 0x10]),
             ],
         ),
         (
-            (addr(BILLING), "orders-dlq".to_owned()),
+            ("billing".to_owned(), "orders-dlq".to_owned()),
             vec![dead_letter("dl-3", "x".repeat(500).as_bytes())],
         ),
     ]
@@ -211,7 +235,7 @@ fn fake() -> Fake {
     Fake {
         snapshot,
         held: Mutex::new(held),
-        redrives: Mutex::new(Vec::new()),
+        calls: Mutex::new(Vec::new()),
     }
 }
 
@@ -363,7 +387,7 @@ async fn the_page_and_its_assets_are_embedded_with_a_token_and_a_strict_policy()
 }
 
 #[tokio::test]
-async fn status_rolls_up_totals_and_names_app_addresses() {
+async fn status_rolls_up_totals() {
     let (at, shutdown) = start(Arc::new(fake())).await;
     let reply = http(at, "GET", "/api/status", &[], b"").await;
     assert_eq!(reply.status, 200);
@@ -389,8 +413,6 @@ async fn status_rolls_up_totals_and_names_app_addresses() {
     assert_eq!(billing["mode"], "Pull");
     let sidecars = status["sidecars"].as_array().unwrap();
     assert_eq!(sidecars[4]["name"], "shop");
-    assert_eq!(sidecars[4]["app_address"], SHOP);
-    assert_eq!(sidecars[3]["app_address"], Value::Null);
     assert_eq!(sidecars[0]["labels"], json!({"app": "billing"}));
     shutdown.cancel();
 }
@@ -449,15 +471,9 @@ async fn a_peek_merges_every_sidecar_and_says_which_could_not_be_asked() {
         sidecars["down"]["error"]
             .as_str()
             .unwrap()
-            .contains("refused")
+            .contains("did not answer")
     );
-    assert_eq!(sidecars["gone"]["error"], "not connected");
-    assert!(
-        sidecars["mystery"]["error"]
-            .as_str()
-            .unwrap()
-            .contains("unknown")
-    );
+    assert_eq!(sidecars.len(), 3, "only sidecars that may own the queue");
 
     let limited = http(
         at,
@@ -469,7 +485,7 @@ async fn a_peek_merges_every_sidecar_and_says_which_could_not_be_asked() {
     .await;
     assert_eq!(limited.json()["messages"].as_array().unwrap().len(), 1);
     assert_eq!(limited.json()["total"], 3);
-    // A sidecar that does not know the queue holds none of it.
+    // A queue no sidecar may own now has nothing held.
     let jobs = http(at, "GET", "/api/queues/default/jobs/messages", &[], b"").await;
     assert_eq!(jobs.status, 200);
     assert_eq!(jobs.json()["total"], 0);
@@ -543,8 +559,8 @@ async fn a_redrive_needs_the_page_token_and_covers_every_sidecar() {
     assert_eq!(get.status, 405);
     assert!(get.json()["error"].as_str().unwrap().contains("GET"));
     assert!(
-        backend.redrives.lock().unwrap().is_empty(),
-        "nothing reached a sidecar"
+        backend.calls.lock().unwrap().is_empty(),
+        "nothing reached the control plane"
     );
 
     // Bad input: clear 4xx errors.
@@ -576,22 +592,18 @@ async fn a_redrive_needs_the_page_token_and_covers_every_sidecar() {
         let error = reply.json()["error"].as_str().unwrap().to_owned();
         assert!(error.contains(words), "{error}");
     }
-    assert!(backend.redrives.lock().unwrap().is_empty());
+    assert!(backend.calls.lock().unwrap().is_empty());
 
-    // With the token: every reachable sidecar is asked; an unreachable one is named.
+    // With the token: every sidecar that may own the queue is asked; one that did not answer is
+    // named.
     let reply = http(at, "POST", path, &with_token(&[]), b"").await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let result = reply.json();
     assert_eq!(result["republished"], 3);
     assert_eq!(result["failed"], json!([]));
-    let asked: Vec<SocketAddr> = backend
-        .redrives
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(a, _)| *a)
-        .collect();
-    assert_eq!(asked, [addr(BILLING), addr(SHOP)]);
+    let calls = backend.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "one call, answered by every sidecar");
+    assert_eq!(calls[0].namespace, "default");
     let errors: Vec<&str> = result["sidecars"]
         .as_array()
         .unwrap()
@@ -599,7 +611,7 @@ async fn a_redrive_needs_the_page_token_and_covers_every_sidecar() {
         .filter(|s| !s["error"].is_null())
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(errors, ["down", "gone", "mystery"]);
+    assert_eq!(errors, ["down"]);
     let peek = http(
         at,
         "GET",
@@ -610,33 +622,40 @@ async fn a_redrive_needs_the_page_token_and_covers_every_sidecar() {
     .await;
     assert_eq!(peek.json()["total"], 0);
 
-    // `max` counts over all sidecars; `to` is passed on; a failure per message is reported.
+    // `max` applies at each sidecar; `to` is passed on; a failure per message is reported.
     backend.held.lock().unwrap().insert(
-        (addr(BILLING), "orders-dlq".into()),
-        vec![dead_letter("a", b""), dead_letter("b", b"")],
+        ("billing".into(), "orders-dlq".into()),
+        vec![
+            dead_letter("a", b""),
+            dead_letter("b", b""),
+            dead_letter("d", b""),
+        ],
     );
     backend.held.lock().unwrap().insert(
-        (addr(SHOP), "orders-dlq".into()),
+        ("shop".into(), "orders-dlq".into()),
         vec![dead_letter("stuck", b""), dead_letter("c", b"")],
     );
-    backend.redrives.lock().unwrap().clear();
+    backend.calls.lock().unwrap().clear();
     let reply = http(
         at,
         "POST",
         path,
         &with_token(&[]),
-        br#"{"to": "jobs", "max": 3}"#,
+        br#"{"to": "jobs", "max": 2}"#,
     )
     .await;
     let result = reply.json();
-    assert_eq!(result["republished"], 2, "{result}");
+    assert_eq!(result["republished"], 3, "{result}");
     assert_eq!(result["failed"][0]["id"], "stuck");
     assert_eq!(result["failed"][0]["sidecar"], "shop");
     assert_eq!(result["failed"][0]["error"], "backlog full");
-    let requests = backend.redrives.lock().unwrap().clone();
-    assert_eq!(requests[0].1.max, 3);
-    assert_eq!(requests[0].1.to, "jobs");
-    assert_eq!(requests[1].1.max, 1);
+    let calls = backend.calls.lock().unwrap().clone();
+    match calls[0].request.clone().and_then(|r| r.call) {
+        Some(Call::Redrive(r)) => {
+            assert_eq!((r.max, r.to.as_str()), (2, "jobs"));
+        }
+        other => panic!("{other:?}"),
+    }
 
     // A curl-like client without Origin but with the token may redrive too.
     let reply = http(at, "POST", path, &[(TOKEN_HEADER, token.as_str())], b"").await;
@@ -692,10 +711,9 @@ async fn a_non_loopback_console_is_refused() {
     assert!(error.to_string().contains("loopback only"), "{error}");
 }
 
-/// The dev control plane's side: deliver rates from successive reports, app addresses only from
-/// records that match a joined sidecar's name and peer address.
+/// The dev control plane's side: deliver rates from successive reports.
 #[tokio::test]
-async fn the_dev_snapshot_rates_deliveries_and_trusts_only_matching_records() {
+async fn the_dev_snapshot_rates_deliveries() {
     let manifests = r#"
 apiVersion: qmesh.io/v1alpha1
 kind: Queue
@@ -745,16 +763,7 @@ spec: {peerAddress: "127.0.0.1:9201", grpcAddress: "127.0.0.1:9202", httpAddress
     let key = qmesh_core::SidecarKey::new("default", "billing-1");
     source.record_stats(&key, 1, report(100, 10));
     source.record_stats(&key, 1, report(102, 30));
-    let record = |peer: &str, grpc: &str| apps::AppRecord {
-        namespace: "default".into(),
-        name: "billing-1".into(),
-        peer: addr(peer),
-        grpc: addr(grpc),
-        http: addr("127.0.0.1:9303"),
-        pid: 1,
-    };
-    let stale = record("127.0.0.1:9999", "127.0.0.1:9998");
-    let snapshot = source.console_snapshot(std::slice::from_ref(&stale));
+    let snapshot = source.console_snapshot();
     let flow = snapshot.flows[&("default".to_owned(), "billing".to_owned())];
     assert_eq!(flow.delivered_total, 30);
     assert_eq!(flow.nacked_total, 1);
@@ -770,31 +779,70 @@ spec: {peerAddress: "127.0.0.1:9201", grpcAddress: "127.0.0.1:9202", httpAddress
         (status.subscriptions[0].ack_rate - 5.0).abs() < 1e-9,
         "{status:?}"
     );
-    assert_eq!(
-        snapshot
-            .apps
-            .keys()
-            .map(|(_, n)| n.as_str())
-            .collect::<Vec<_>>(),
-        ["declared"],
-        "a record whose peer address differs is not believed"
-    );
-    let good = record("127.0.0.1:9301", "127.0.0.1:9302");
-    let snapshot = source.console_snapshot(&[stale, good]);
-    assert_eq!(
-        snapshot.apps[&("default".to_owned(), "billing-1".to_owned())],
-        addr("127.0.0.1:9302")
-    );
-    assert_eq!(
-        snapshot.apps[&("default".to_owned(), "declared".to_owned())],
-        addr("127.0.0.1:9202")
-    );
     // A new session starts its rates afresh.
     source.record_stats(&key, 2, report(104, 50));
-    let snapshot = source.console_snapshot(&[]);
+    let snapshot = source.console_snapshot();
     assert_eq!(
         snapshot.flows[&("default".to_owned(), "billing".to_owned())].deliver_rate,
         0.0
     );
     assert_eq!(snapshot.status.subscriptions[0].name, "billing");
+}
+
+#[tokio::test]
+async fn a_purge_needs_the_queue_name_to_confirm_and_empties_every_sidecar() {
+    let backend = Arc::new(fake());
+    let (at, shutdown) = start(Arc::clone(&backend) as Arc<dyn Backend>).await;
+    let token = token(at).await;
+    let path = "/api/queues/default/orders-dlq/purge";
+    let with_token = [(TOKEN_HEADER, token.as_str())];
+    let refused = http(at, "POST", path, &[], br#"{"confirm": "orders-dlq"}"#).await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    for body in [
+        &b""[..],
+        br#"{"confirm": "orders"}"#,
+        br#"{"confirm": "orders-dlq", "x": 1}"#,
+    ] {
+        let reply = http(at, "POST", path, &with_token, body).await;
+        assert_eq!(reply.status, 400, "{}", reply.body);
+        assert!(backend.calls.lock().unwrap().is_empty(), "{}", reply.body);
+    }
+    let reply = http(
+        at,
+        "POST",
+        path,
+        &with_token,
+        br#"{"confirm": "orders-dlq"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let result = reply.json();
+    assert_eq!(result["purged"], 3, "{result}");
+    let errors: Vec<&str> = result["sidecars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !s["error"].is_null())
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(errors, ["down"]);
+    let peek = http(
+        at,
+        "GET",
+        "/api/queues/default/orders-dlq/messages",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(peek.json()["total"], 0);
+    let unknown = http(
+        at,
+        "POST",
+        "/api/queues/default/nope/purge",
+        &with_token,
+        br#"{"confirm": "nope"}"#,
+    )
+    .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    shutdown.cancel();
 }

@@ -1,6 +1,6 @@
 //! `qmesh.v1.Broker` over gRPC for the app on localhost: unary and pipelined publish, the bidi
 //! `Subscribe` stream with a window of in-flight deliveries refilled by acks and nacks, and
-//! `Browse` / `Redrive` of held messages (the dead-letter tools).
+//! `Browse` / `Redrive` / `Purge` of held messages (the dead-letter tools).
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{Sidecar, error::BrokerError};
+use crate::{Sidecar, error::BrokerError, owner::browse_limit};
 
 /// Most publishes of one `PublishStream` in progress at once (pipelining depth).
 const PIPELINE: usize = 256;
@@ -52,13 +52,9 @@ impl Broker for BrokerService {
         request: Request<v1::BrowseRequest>,
     ) -> Result<Response<v1::BrowseResponse>, Status> {
         let v1::BrowseRequest { queue, max } = request.into_inner();
-        // Bounded like an HTTP poll: one answer never carries more than this.
-        let max = if max == 0 {
-            100
-        } else {
-            (max as usize).min(1000)
-        };
-        Ok(Response::new(self.sidecar.owner.browse(&queue, max)?))
+        Ok(Response::new(
+            self.sidecar.owner.browse(&queue, browse_limit(max))?,
+        ))
     }
 
     async fn redrive(
@@ -71,6 +67,16 @@ impl Broker for BrokerService {
                 .owner
                 .redrive(&queue, &to, max as usize)
                 .await?,
+        ))
+    }
+
+    async fn purge(
+        &self,
+        request: Request<v1::PurgeRequest>,
+    ) -> Result<Response<v1::PurgeResponse>, Status> {
+        let v1::PurgeRequest { queue, max } = request.into_inner();
+        Ok(Response::new(
+            self.sidecar.owner.purge(&queue, max as usize)?,
         ))
     }
 

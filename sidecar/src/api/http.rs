@@ -8,6 +8,7 @@
 //! | `POST /v1/subscriptions/{sub}/nack` `{"receipts": [...], "delay": "5s", "reason": "..."}` | same |
 //! | `GET /v1/queues/{queue}/held?max=N` (dead letters, parked messages) | `200 {"messages": [{"id", "sequence", "payload" (base64), "headers", "key", "subscriptions": [{"subscription", "attempts", "state", "lastError"}]}], "total"}` |
 //! | `POST /v1/queues/{queue}/redrive` `{"to": "...", "max": N}` (body optional) | `200 {"republished", "unparked", "skipped", "failed": [{"id", "error"}]}` |
+//! | `POST /v1/queues/{queue}/purge` `{"max": N}` (body optional) | `200 {"purged", "skipped", "remaining"}` |
 //! | `POST /v1/subscriptions/{sub}/rewind` `{"to": "2026-12-01T09:30:00Z"}` | `200 {"asked", "replaying", "unreachable": [...]}` |
 //!
 //! Errors are `{"error": {"code", "message"}}` with 404 / 403 / 413 / 429 (+ `Retry-After`) / 400 /
@@ -57,6 +58,7 @@ pub fn router(sidecar: Arc<Sidecar>, max_body: usize) -> Router {
         .route("/v1/subscriptions/{subscription}/nack", post(nack))
         .route("/v1/queues/{queue}/held", get(held))
         .route("/v1/queues/{queue}/redrive", post(redrive))
+        .route("/v1/queues/{queue}/purge", post(purge))
         .route("/v1/subscriptions/{subscription}/rewind", post(rewind))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY.min(max_body)))
         .with_state(sidecar)
@@ -342,6 +344,35 @@ async fn held(
     Ok(Json(
         serde_json::json!({ "messages": messages, "total": browsed.total }),
     ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Purge {
+    #[serde(default)]
+    max: usize,
+}
+
+async fn purge(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(queue): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: Purge = if body.iter().all(u8::is_ascii_whitespace) {
+        Purge::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            BrokerError::Invalid(format!(
+                "body must be empty or JSON like {{\"max\": 10}}: {e}"
+            ))
+        })?
+    };
+    let done = sidecar.owner.purge(&queue, body.max)?;
+    Ok(Json(serde_json::json!({
+        "purged": done.purged,
+        "skipped": done.skipped,
+        "remaining": done.remaining,
+    })))
 }
 
 #[derive(Deserialize, Default)]

@@ -1,16 +1,22 @@
-//! Held messages, for the dead-letter tools (`qmesh dlq peek` / `redrive`): what this owner keeps
-//! for a queue without delivering it, and sending it back.
+//! Held messages, for the dead-letter tools (`qmesh dlq peek` / `redrive` / `purge`, the console):
+//! what this owner keeps for a queue without delivering it, sending it back, or deleting it. The
+//! tools reach every owner through the control plane ([`Owner::held`], asked over `Join`), or
+//! one sidecar through its app API.
 //!
 //! ```text
 //!   Browse(queue)  ──▶ messages of the queue + per subscription: attempts, ready / waiting /
 //!                      in-flight / parked, last error
 //!   Redrive(queue) ──▶ dead letter (qmesh-original-queue or `to`) ─publish─▶ that queue ─ack─▶ removed here
 //!                  └─▶ parked message ──▶ ready again, delivery count reset
+//!   Purge(queue)   ──▶ every message no consumer holds now ──▶ settled and gone
 //! ```
 
 use std::sync::Arc;
 
-use qmesh_proto::v1;
+use qmesh_proto::{
+    control::{HeldRequest, HeldResponse, held_request::Call, held_response::Result as Answer},
+    v1,
+};
 
 use super::{OwnedQueue, Owner, headers, log::Outcome, new_id};
 use crate::error::BrokerError;
@@ -37,6 +43,26 @@ impl Owner {
         Ok(self.get_queue(queue))
     }
 
+    /// Answers a held-message operation the control plane forwards (`Control/HeldMessages`).
+    pub async fn held(self: &Arc<Self>, request: HeldRequest) -> HeldResponse {
+        let result = match request.call {
+            Some(Call::Browse(b)) => self
+                .browse(&b.queue, browse_limit(b.max))
+                .map(Answer::Browse),
+            Some(Call::Redrive(r)) => self
+                .redrive(&r.queue, &r.to, r.max as usize)
+                .await
+                .map(Answer::Redrive),
+            Some(Call::Purge(p)) => self.purge(&p.queue, p.max as usize).map(Answer::Purge),
+            None => Err(BrokerError::Invalid(
+                "a held-message request names no operation".into(),
+            )),
+        };
+        HeldResponse {
+            result: Some(result.unwrap_or_else(|e| Answer::Error(e.to_proto()))),
+        }
+    }
+
     /// Up to `max` messages held for `queue`, oldest first, and how many there are in all.
     pub fn browse(&self, queue: &str, max: usize) -> Result<v1::BrowseResponse, BrokerError> {
         let Some(q) = self.held_queue(queue)? else {
@@ -49,6 +75,7 @@ impl Owner {
             .take(max)
             .map(|(sequence, entry)| v1::HeldMessage {
                 sequence: *sequence,
+                payload_bytes: entry.message.payload.len() as u64,
                 message: Some((*entry.message).clone()),
                 subscriptions: state
                     .held_for(*sequence)
@@ -66,6 +93,49 @@ impl Owner {
             messages,
             total: state.messages.len() as u64,
         })
+    }
+
+    /// Deletes up to `max` (0 = all) messages held for `queue` that no consumer holds now.
+    pub fn purge(&self, queue: &str, max: usize) -> Result<v1::PurgeResponse, BrokerError> {
+        let mut response = v1::PurgeResponse::default();
+        let Some(q) = self.held_queue(queue)? else {
+            return Ok(response);
+        };
+        let limit = if max == 0 { usize::MAX } else { max };
+        let removed: Vec<(u64, Vec<String>)> = {
+            let mut state = q.lock();
+            let sequences: Vec<u64> = state.messages.keys().copied().collect();
+            let mut removed = Vec::new();
+            for sequence in sequences {
+                if removed.len() >= limit {
+                    break;
+                }
+                if state.in_flight_anywhere(sequence) {
+                    response.skipped += 1;
+                    continue;
+                }
+                removed.push((sequence, state.remove_held(sequence)));
+            }
+            response.remaining =
+                state.messages.len() as u64 + state.spill.as_ref().map_or(0, |s| s.messages);
+            removed
+        };
+        for (sequence, owed) in &removed {
+            for sub in owed {
+                q.log.settle(queue, sub, *sequence, Outcome::DeadLettered);
+            }
+        }
+        response.purged = removed.len() as u32;
+        q.wake.notify_one();
+        if response.purged > 0 {
+            tracing::warn!(
+                queue,
+                purged = response.purged,
+                skipped = response.skipped,
+                "held messages purged"
+            );
+        }
+        Ok(response)
     }
 
     /// Sends up to `max` (0 = all) held messages of `queue` back: dead letters to `to` or their
@@ -130,7 +200,7 @@ impl Owner {
             match self.publish(&target, again).await {
                 Ok(_) => {
                     // Gone meanwhile (expired, or consumed) means there is nothing left to remove.
-                    let owed = q.lock().remove_redriven(sequence);
+                    let owed = q.lock().remove_held(sequence);
                     for sub in owed {
                         q.log.settle(queue, &sub, sequence, Outcome::Acked);
                     }
@@ -145,5 +215,15 @@ impl Owner {
             }
         }
         Ok(response)
+    }
+}
+
+/// How many messages one Browse returns: 100 when not said, at most 1000 — bounded like an HTTP
+/// poll, one answer never carries more.
+pub fn browse_limit(max: u32) -> usize {
+    if max == 0 {
+        100
+    } else {
+        (max as usize).min(1000)
     }
 }

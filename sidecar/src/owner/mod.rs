@@ -12,6 +12,7 @@
 //! ```
 
 pub mod held;
+pub use held::browse_limit;
 pub mod links;
 pub mod log;
 pub mod queue;

@@ -1596,13 +1596,13 @@ impl QueueState {
         unparked
     }
 
-    /// Removes a message that went elsewhere (redriven to another queue); returns the
+    /// Removes a message a tool took away (redriven to another queue, or purged); returns the
     /// subscriptions that owed it.
-    pub fn remove_redriven(&mut self, sequence: u64) -> Vec<String> {
+    pub fn remove_held(&mut self, sequence: u64) -> Vec<String> {
         let owed = self.evict(sequence);
         for (sub, _) in &owed {
             if let Some(state) = self.subs.get_mut(sub) {
-                // `evict` counts a dead letter; a redrive is not one.
+                // `evict` counts a dead letter; a redrive or purge is not one.
                 state.dead_lettered_total = state.dead_lettered_total.saturating_sub(1);
             }
         }

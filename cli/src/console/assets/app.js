@@ -19,6 +19,7 @@
     deadLetters: null,
     messages: { key: null, data: null, signature: "", open: new Set() },
     confirm: null,
+    purge: null,
     updates: 0,
   };
 
@@ -429,7 +430,6 @@
           h("td", { class: "ns-col muted", "data-col": "namespace" }, s.namespace),
           h("td", { "data-col": "name" }, h("b", {}, s.name)),
           h("td", { class: "mono", "data-col": "peer_address" }, s.peer_address),
-          h("td", { class: "mono", "data-col": "app_address" }, s.app_address || h("span", { class: "muted" }, "unknown")),
           h(
             "td",
             { "data-col": "labels" },
@@ -539,6 +539,7 @@
       (isDlq ? ` · dead letters of ${data.dead_letter_for.join(", ")}` : "") +
       ` · sidecars: ${sidecarSummary(data.sidecars)}`;
     $("#messages-redrive").disabled = data.total === 0;
+    $("#messages-purge").disabled = data.total === 0;
     $("#messages-empty").classList.toggle("hidden", data.messages.length > 0);
     const rows = [];
     for (const m of data.messages) {
@@ -652,6 +653,43 @@
     await loadMessages(k, false);
   }
 
+  function openPurge(namespace, name, held) {
+    state.purge = { namespace, name };
+    $("#purge-title").textContent = `Purge ${name}?`;
+    $("#purge-text").textContent =
+      `Delete the ${held} messages held for ${namespace}/${name} at every sidecar (those no consumer ` +
+      "holds right now). This cannot be undone.";
+    $("#purge-name").value = "";
+    $("#purge-ok").disabled = true;
+    $("#purge-dialog").showModal();
+    $("#purge-name").focus();
+  }
+
+  async function confirmPurge() {
+    const target = state.purge;
+    if (!target || $("#purge-name").value !== target.name) return;
+    $("#purge-ok").disabled = true;
+    const k = `${target.namespace}/${target.name}`;
+    try {
+      const result = await postJSON(queuePath(target.namespace, target.name, "purge"), { confirm: target.name });
+      const errors = result.sidecars.filter((s) => s.error).map((s) => `${s.name}: ${s.error}`);
+      showResult(
+        `Purge of ${k}: ${result.purged} deleted, ${result.skipped} skipped (held by a consumer), ` +
+          `${result.remaining} still held` +
+          (errors.length ? ` · not asked: ${errors.join("; ")}` : ""),
+        errors.length > 0,
+      );
+    } catch (error) {
+      showResult(`Purge of ${k} failed: ${error.message}`, true);
+    } finally {
+      state.purge = null;
+      $("#purge-dialog").close();
+    }
+    state.messages.key = k;
+    await refreshDeadLetters();
+    await loadMessages(k, false);
+  }
+
   // ---------- navigation ----------
 
   function route() {
@@ -684,6 +722,18 @@
       openConfirm(data.namespace, data.name, data.total, data.dead_letter_for);
     });
     $("#confirm-ok").addEventListener("click", confirmRedrive);
+    $("#messages-purge").addEventListener("click", () => {
+      const data = state.messages.data;
+      if (data) openPurge(data.namespace, data.name, data.total);
+    });
+    $("#purge-name").addEventListener("input", () => {
+      $("#purge-ok").disabled = !state.purge || $("#purge-name").value !== state.purge.name;
+    });
+    $("#purge-ok").addEventListener("click", confirmPurge);
+    $("#purge-cancel").addEventListener("click", () => {
+      state.purge = null;
+      $("#purge-dialog").close();
+    });
     $("#confirm-cancel").addEventListener("click", () => {
       state.confirm = null;
       $("#confirm-dialog").close();

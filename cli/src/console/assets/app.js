@@ -1,4 +1,4 @@
-// qmesh dev console: polls the console's JSON API and draws the pages. Plain JavaScript, no build
+// qmesh console (of `qmesh dev`, or of a cluster through `qmesh console`): polls the console's JSON API and draws the pages. Plain JavaScript, no build
 // step, no third-party code; charts are SVG. History for the charts is kept here, in the page.
 "use strict";
 

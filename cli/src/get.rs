@@ -152,6 +152,25 @@ async fn from_objects(client: Client, namespace: &str) -> anyhow::Result<MeshSta
     Ok(status)
 }
 
+/// An age as `kubectl get` shows one (`45s`, `3m12s`, `2h5m`, `3d4h`); `-` for none.
+fn age(age: Option<&prost_types::Duration>) -> String {
+    let Some(seconds) = age.map(|d| d.seconds).filter(|s| *s >= 0) else {
+        return "-".to_owned();
+    };
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds % 86_400 / 3600,
+        seconds % 3600 / 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ => format!("{d}d{h}h"),
+    }
+}
+
 /// The rows of `kind`; rates and counters are not in the objects' status, so `-` stands for them
 /// when `from_objects`.
 pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: bool) -> Table {
@@ -180,6 +199,7 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: b
                 "BACKLOG",
                 "PUBLISHED",
                 "PUBLISH/S",
+                "OLDEST",
                 "DEAD-LETTER-QUEUE",
             ],
             status
@@ -193,6 +213,7 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: b
                         q.backlog.to_string(),
                         total(q.published_total),
                         rate(q.publish_rate),
+                        age(q.oldest_age.as_ref()),
                         dash(&q.dead_letter_queue),
                     ];
                     (q.namespace.as_str(), cells)
@@ -209,6 +230,7 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: b
                 "IN-FLIGHT",
                 "ACKED",
                 "ACKS/S",
+                "OLDEST",
                 "DEAD-LETTERED",
             ],
             status
@@ -224,6 +246,7 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: b
                         s.in_flight.to_string(),
                         total(s.acked_total),
                         rate(s.ack_rate),
+                        age(s.oldest_age.as_ref()),
                         s.dead_lettered_total.to_string(),
                     ];
                     (s.namespace.as_str(), cells)
@@ -262,4 +285,21 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: b
         table.row(row);
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::age;
+
+    #[test]
+    fn ages_read_like_kubectl_get() {
+        let of = |seconds| age(Some(&prost_types::Duration { seconds, nanos: 0 }));
+        assert_eq!(age(None), "-");
+        assert_eq!(of(0), "0s");
+        assert_eq!(of(45), "45s");
+        assert_eq!(of(192), "3m12s");
+        assert_eq!(of(7500), "2h5m");
+        assert_eq!(of(3 * 86_400 + 4 * 3600 + 5), "3d4h");
+        assert_eq!(of(-1), "-");
+    }
 }

@@ -1,5 +1,6 @@
-//! `qmesh get --kubeconfig` against a real kube-apiserver: the table shows the status the operator
-//! writes into Queue and Subscription objects.
+//! `qmesh get --kubeconfig` against a real kube-apiserver with no operator to ask: the table falls
+//! back to the status the operator writes into Queue and Subscription objects (rates, counters and
+//! ages as `-`). Asking the operator itself is tested on real pods (`tests/tests/real_pods.rs`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -127,7 +128,7 @@ async fn get_with_a_kubeconfig_shows_the_status_the_operator_wrote() {
     assert_eq!(
         cells,
         [
-            "default", "billing", "orders", "Pull", "3", "7", "2", "-", "-", "1"
+            "default", "billing", "orders", "Pull", "3", "7", "2", "-", "-", "-", "1"
         ],
         "{table}"
     );

@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 
 use qmesh_core::{MeshState, SidecarInfo, SidecarKey};
 
-use crate::control::{MeshStatus, QueueStatus, SidecarStatus, Stats, SubscriptionStatus};
+use crate::control::{
+    MeshStatus, QueueStatus, RateLimit, SidecarStatus, Stats, SubscriptionStatus,
+};
 
 /// The summary of `only` (every namespace when empty): `stats` holds the latest stats of each
 /// connected sidecar, `connected` says which sidecars have a session now.
@@ -44,6 +46,7 @@ pub fn summarize(
             namespace: ns.clone(),
             name: name.clone(),
             dead_letter_queue: q.spec.dead_letter_queue.clone().unwrap_or_default(),
+            publish_rate_limit: q.spec.publish_rate_limit.as_ref().map(rate_limit),
             ..Default::default()
         };
         row.publishers = count(ready(ns).into_iter().filter(|s| {
@@ -61,6 +64,7 @@ pub fn summarize(
                 row.backlog += stats.backlog_messages;
                 row.publish_rate += stats.publish_rate;
                 row.published_total += stats.published_total;
+                row.oldest_age = older(row.oldest_age.take(), stats.oldest_age.as_ref());
             }
         }
         status.queues.push(row);
@@ -71,6 +75,7 @@ pub fn summarize(
             name: name.clone(),
             queue: s.spec.queue.clone(),
             mode: format!("{:?}", s.spec.delivery.mode),
+            rate_limit: s.spec.rate_limit.as_ref().map(rate_limit),
             ..Default::default()
         };
         row.consumers = count(ready(ns).into_iter().filter(|info| {
@@ -85,22 +90,167 @@ pub fn summarize(
                 row.ack_rate += stats.ack_rate;
                 row.acked_total += stats.acked_total;
                 row.dead_lettered_total += stats.dead_lettered_total;
+                row.oldest_age = older(row.oldest_age.take(), stats.oldest_age.as_ref());
             }
         }
         status.subscriptions.push(row);
     }
     for (key, info) in mesh.sidecars().filter(|(k, _)| wanted(&k.namespace)) {
+        let latest = stats.get(key);
         status.sidecars.push(SidecarStatus {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
             peer_address: info.peer_address.clone(),
             labels: info.labels.clone().into_iter().collect(),
             connected: connected(key),
+            owns: latest
+                .iter()
+                .flat_map(|s| &s.queues)
+                .map(|q| (q.queue.clone(), q.backlog_messages))
+                .collect(),
+            consumes: latest
+                .iter()
+                .flat_map(|s| &s.subscriptions)
+                .filter(|s| s.consumers > 0)
+                .map(|s| (s.subscription.clone(), s.in_flight))
+                .collect(),
         });
     }
     status
 }
 
+/// The wire form of a spec's rate limit, its burst resolved.
+fn rate_limit(limit: &qmesh_api::RateLimit) -> RateLimit {
+    RateLimit {
+        messages_per_second: limit.messages_per_second,
+        burst: limit.burst_or_default(),
+    }
+}
+
+/// The longer of two ages (a missing one is no age).
+fn older(
+    a: Option<prost_types::Duration>,
+    b: Option<&prost_types::Duration>,
+) -> Option<prost_types::Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if (b.seconds, b.nanos) > (a.seconds, a.nanos) {
+            *b
+        } else {
+            a
+        }),
+        (a, b) => a.or_else(|| b.copied()),
+    }
+}
+
 fn count<T>(items: impl Iterator<Item = T>) -> u32 {
     u32::try_from(items.count()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use qmesh_core::MeshFile;
+
+    use super::*;
+    use crate::control::{QueueStats, SubscriptionStats};
+
+    const MANIFESTS: &str = r#"
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: orders}
+spec:
+  publishers: {matchLabels: {app: shop}}
+  publishRateLimit: {messagesPerSecond: 50}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: billing}
+spec:
+  queue: orders
+  consumers: {matchLabels: {app: billing}}
+  rateLimit: {messagesPerSecond: 10, burst: 5}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Sidecar
+metadata: {name: shop-a, labels: {app: shop}}
+spec: {peerAddress: "127.0.0.1:9001", grpcAddress: "127.0.0.1:9101", httpAddress: "127.0.0.1:9201"}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Sidecar
+metadata: {name: shop-b, labels: {app: shop}}
+spec: {peerAddress: "127.0.0.1:9002", grpcAddress: "127.0.0.1:9102", httpAddress: "127.0.0.1:9202"}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Sidecar
+metadata: {name: billing-1, labels: {app: billing}}
+spec: {peerAddress: "127.0.0.1:9003", grpcAddress: "127.0.0.1:9103", httpAddress: "127.0.0.1:9203"}
+"#;
+
+    fn age(seconds: i64) -> Option<prost_types::Duration> {
+        Some(prost_types::Duration { seconds, nanos: 0 })
+    }
+
+    fn owner(backlog: u64, oldest: i64) -> Stats {
+        Stats {
+            at: None,
+            queues: vec![QueueStats {
+                queue: "orders".into(),
+                backlog_messages: backlog,
+                oldest_age: age(oldest),
+                ..Default::default()
+            }],
+            subscriptions: vec![SubscriptionStats {
+                subscription: "billing".into(),
+                queue: "orders".into(),
+                backlog,
+                oldest_age: age(oldest),
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn the_oldest_message_rate_limits_and_what_each_sidecar_holds_are_rolled_up() {
+        let mesh = MeshFile::parse(MANIFESTS).unwrap().to_state();
+        let (a, b) = (owner(3, 5), owner(4, 12));
+        let consumer = Stats {
+            at: None,
+            queues: Vec::new(),
+            subscriptions: vec![SubscriptionStats {
+                subscription: "billing".into(),
+                queue: "orders".into(),
+                in_flight: 2,
+                consumers: 1,
+                ..Default::default()
+            }],
+        };
+        let stats = BTreeMap::from([
+            (SidecarKey::new("default", "shop-a"), &a),
+            (SidecarKey::new("default", "shop-b"), &b),
+            (SidecarKey::new("default", "billing-1"), &consumer),
+        ]);
+        let status = summarize(&mesh, &stats, |_| true, "default");
+        let orders = &status.queues[0];
+        assert_eq!((orders.backlog, orders.oldest_age), (7, age(12)));
+        let limit = orders.publish_rate_limit.unwrap();
+        assert_eq!((limit.messages_per_second, limit.burst), (50.0, 50));
+        let billing = &status.subscriptions[0];
+        assert_eq!((billing.backlog, billing.oldest_age), (7, age(12)));
+        let limit = billing.rate_limit.unwrap();
+        assert_eq!((limit.messages_per_second, limit.burst), (10.0, 5));
+        let sidecar = |name: &str| status.sidecars.iter().find(|s| s.name == name).unwrap();
+        assert_eq!(sidecar("shop-b").owns, [("orders".to_owned(), 4)].into());
+        assert!(sidecar("shop-b").consumes.is_empty());
+        assert_eq!(
+            sidecar("billing-1").consumes,
+            [("billing".to_owned(), 2)].into()
+        );
+        // Nothing owed anywhere: no age.
+        let idle = owner(0, 0);
+        let mut none = idle.clone();
+        none.queues[0].oldest_age = None;
+        none.subscriptions[0].oldest_age = None;
+        let stats = BTreeMap::from([(SidecarKey::new("default", "shop-a"), &none)]);
+        let status = summarize(&mesh, &stats, |_| true, "default");
+        assert_eq!(status.queues[0].oldest_age, None);
+    }
 }

@@ -224,7 +224,11 @@ impl Sidecar {
         let counters = self.consumers.counters();
         let mut subs: HashMap<String, wire::SubscriptionStats> = HashMap::new();
         let mut queues = Vec::new();
+        let age = |d: Option<std::time::Duration>| {
+            d.and_then(|d| prost_types::Duration::try_from(d).ok())
+        };
         for q in self.owner.stats() {
+            let oldest = q.subscriptions.iter().filter_map(|s| s.oldest_age).max();
             queues.push(wire::QueueStats {
                 queue: q.queue.clone(),
                 backlog_messages: q.backlog_messages,
@@ -232,6 +236,7 @@ impl Sidecar {
                 published_total: q.published_total,
                 rejected_total: 0,
                 publish_rate: rates.observe(&format!("q/{}", q.queue), q.published_total, now),
+                oldest_age: age(oldest),
             });
             for s in q.subscriptions {
                 let e = subs.entry(s.subscription.clone()).or_default();
@@ -239,6 +244,7 @@ impl Sidecar {
                 e.queue = q.queue.clone();
                 e.backlog = s.backlog;
                 e.dead_lettered_total = s.dead_lettered_total;
+                e.oldest_age = age(s.oldest_age);
             }
         }
         for (name, queue, in_flight) in self.consumers.in_flight() {

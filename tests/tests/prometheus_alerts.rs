@@ -664,3 +664,95 @@ async fn a_real_prometheus_fires_the_charts_alerts_for_a_stuck_subscription_and_
     }
     assert!(checked >= 14, "{checked} queries");
 }
+
+/// The alerts about the mesh's health, not its messages, on the same real Prometheus: sidecar
+/// certificates within the (here: widened) expiry window fire QmeshCertificateExpiringSoon for each
+/// sidecar; a sidecar killed with kill -9 fires QmeshSidecarDown for its instance only, and it stops
+/// once the sidecar is back; with no operator scraped, QmeshOperatorDown fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_fires_the_health_alerts_for_a_killed_sidecar_and_expiring_certificates()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let rules = rules_file(
+        dir.path(),
+        "health.yml",
+        &[
+            "prometheusRule.alerts.sidecarDown.for=2s",
+            "prometheusRule.alerts.operatorDown.for=2s",
+            // Every certificate of the test mesh (a day's life at most) is "expiring".
+            "prometheusRule.alerts.certificateExpiry.withinSeconds=31536000",
+            "prometheusRule.alerts.certificateExpiry.for=0s",
+        ],
+    );
+    let mut mesh = MeshBuilder::new()
+        .manifests(MESH)
+        .sidecar("shop", &[("app", "shop")])
+        .sidecar("billing", &[("app", "billing")])
+        .start(&sidecar_binary())
+        .await
+        .unwrap();
+    let (shop, billing) = (mesh.sidecar("shop").admin, mesh.sidecar("billing").admin);
+    let prometheus = Prometheus::start(&[shop, billing], &rules).await;
+
+    let instances = |alerts: Vec<Value>| -> Vec<String> {
+        let mut found: Vec<String> = alerts
+            .iter()
+            .filter_map(|a| a["labels"]["instance"].as_str().map(str::to_owned))
+            .collect();
+        found.sort();
+        found
+    };
+    let mut both = vec![shop.to_string(), billing.to_string()];
+    both.sort();
+    let expiring = wait_for(
+        "QmeshCertificateExpiringSoon for both sidecars",
+        Duration::from_secs(90),
+        || async {
+            let firing = instances(prometheus.firing("QmeshCertificateExpiringSoon").await);
+            (firing == both).then_some(firing)
+        },
+    )
+    .await;
+    assert!(
+        expiring.is_ok(),
+        "{expiring:?}; alerts: {:?}",
+        prometheus.api("/api/v1/alerts").await
+    );
+    let operator = wait_for("QmeshOperatorDown", Duration::from_secs(90), || async {
+        let firing = prometheus.firing("QmeshOperatorDown").await;
+        (!firing.is_empty()).then_some(())
+    })
+    .await;
+    assert!(operator.is_ok(), "{operator:?}");
+    assert!(
+        prometheus.firing("QmeshSidecarDown").await.is_empty(),
+        "both sidecars are up"
+    );
+
+    mesh.sidecar_mut("billing").kill9();
+    let down = wait_for(
+        "QmeshSidecarDown for billing",
+        Duration::from_secs(90),
+        || async {
+            let firing = instances(prometheus.firing("QmeshSidecarDown").await);
+            (firing == [billing.to_string()]).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        down.is_ok(),
+        "{down:?}; alerts: {:?}",
+        prometheus.api("/api/v1/alerts").await
+    );
+    mesh.sidecar_mut("billing").restart().await.unwrap();
+    let back = wait_for(
+        "QmeshSidecarDown to stop firing",
+        Duration::from_secs(90),
+        || async {
+            let firing = prometheus.firing_now("QmeshSidecarDown").await?;
+            firing.is_empty().then_some(())
+        },
+    )
+    .await;
+    assert!(back.is_ok(), "{back:?}");
+}

@@ -1139,7 +1139,14 @@ async fn qmesh_reaches_the_operator_through_a_port_forward_as_the_user() {
     }
     let mut console = Console(
         std::process::Command::new(binaries().join("qmesh"))
-            .args(["console", "-n", ns, "--console-addr", "127.0.0.1:0"])
+            .args([
+                "console",
+                "-n",
+                ns,
+                "--console-addr",
+                "127.0.0.1:0",
+                "--no-open",
+            ])
             .args(["--kubeconfig", &kubeconfig, "--token", &tokens["viewer"]])
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -107,6 +107,9 @@ pub struct ConsoleArgs {
     /// Show only this namespace (what your RBAC lets you list); every namespace when not given.
     #[arg(short = 'n', long, default_value = "")]
     namespace: String,
+    /// Only print the URL; do not open a browser.
+    #[arg(long)]
+    no_open: bool,
 }
 
 /// Runs `qmesh console`: checks the operator answers as the user, then serves until interrupted.
@@ -135,6 +138,9 @@ pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
         listener.local_addr()?,
         args.cluster.operator_namespace
     );
+    if !args.no_open {
+        open_browser(&format!("http://{}/", listener.local_addr()?));
+    }
     let shutdown = CancellationToken::new();
     let served = tokio::spawn(serve(
         listener,
@@ -144,6 +150,29 @@ pub async fn run(args: ConsoleArgs) -> anyhow::Result<()> {
     crate::signals::terminated().await;
     shutdown.cancel();
     served.await?
+}
+
+/// Opens `url` in the desktop's browser (`$BROWSER`, else `xdg-open`) when there is a display;
+/// says so when it cannot (the URL is printed anyway).
+fn open_browser(url: &str) {
+    let display = ["DISPLAY", "WAYLAND_DISPLAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|d| !d.is_empty()));
+    if !display {
+        return;
+    }
+    let browser = std::env::var("BROWSER").unwrap_or_else(|_| "xdg-open".to_owned());
+    let opened = std::process::Command::new(&browser)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if let Err(e) = opened {
+        eprintln!(
+            "qmesh console: could not open a browser with {browser} ({e}); open the URL above"
+        );
+    }
 }
 
 /// Binds the console's listener (loopback only).
@@ -498,6 +527,17 @@ fn refusal(status: &tonic::Status) -> Response {
     error(code, format!("the control plane: {}", status.message()))
 }
 
+/// An age in seconds.
+fn seconds(age: &prost_types::Duration) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let whole = age.seconds as f64;
+    whole + f64::from(age.nanos) / 1e9
+}
+
+fn limit_json(limit: &qmesh_proto::control::RateLimit) -> Value {
+    json!({"messages_per_second": limit.messages_per_second, "burst": limit.burst})
+}
+
 fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
     let status = &snapshot.status;
     let dlqs = dead_letter_queues(status);
@@ -516,6 +556,8 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
                 "publish_rate": q.publish_rate,
                 "dead_letter_queue": q.dead_letter_queue,
                 "dead_letter_for": dlqs.get(&key).cloned().unwrap_or_default(),
+                "oldest_age_seconds": q.oldest_age.as_ref().map(seconds),
+                "publish_rate_limit": q.publish_rate_limit.as_ref().map(limit_json),
             })
         })
         .collect();
@@ -543,6 +585,8 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
                 "deliver_rate": flow.deliver_rate,
                 "nacked_total": flow.nacked_total,
                 "dead_lettered_total": s.dead_lettered_total,
+                "oldest_age_seconds": s.oldest_age.as_ref().map(seconds),
+                "rate_limit": s.rate_limit.as_ref().map(limit_json),
             })
         })
         .collect();
@@ -557,6 +601,8 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
                 "peer_address": s.peer_address,
                 "labels": labels,
                 "connected": s.connected,
+                "owns": s.owns.iter().collect::<BTreeMap<_, _>>(),
+                "consumes": s.consumes.iter().collect::<BTreeMap<_, _>>(),
             })
         })
         .collect();

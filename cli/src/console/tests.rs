@@ -156,6 +156,12 @@ fn sidecar(name: &str, connected: bool) -> SidecarStatus {
         peer_address: "127.0.0.1:1".into(),
         labels: [("app".to_owned(), name.to_owned())].into(),
         connected,
+        owns: if name == "shop" {
+            [("orders".to_owned(), 4)].into()
+        } else {
+            Default::default()
+        },
+        consumes: Default::default(),
     }
 }
 
@@ -171,6 +177,14 @@ fn fake() -> Fake {
                 publish_rate: 2.5,
                 published_total: 10,
                 dead_letter_queue: "orders-dlq".into(),
+                oldest_age: Some(prost_types::Duration {
+                    seconds: 75,
+                    nanos: 500_000_000,
+                }),
+                publish_rate_limit: Some(qmesh_proto::control::RateLimit {
+                    messages_per_second: 50.0,
+                    burst: 50,
+                }),
             },
             QueueStatus {
                 namespace: "default".into(),
@@ -196,6 +210,7 @@ fn fake() -> Fake {
             acked_total: 6,
             dead_lettered_total: 3,
             mode: "Pull".into(),
+            ..Default::default()
         }],
         sidecars: vec![
             sidecar("billing", true),
@@ -413,6 +428,14 @@ async fn status_rolls_up_totals() {
     assert_eq!(billing["mode"], "Pull");
     let sidecars = status["sidecars"].as_array().unwrap();
     assert_eq!(sidecars[4]["name"], "shop");
+    assert_eq!(sidecars[4]["owns"], json!({"orders": 4}));
+    let orders = &status["queues"][0];
+    assert_eq!(orders["oldest_age_seconds"], 75.5);
+    assert_eq!(
+        orders["publish_rate_limit"],
+        json!({"messages_per_second": 50.0, "burst": 50})
+    );
+    assert_eq!(status["queues"][1]["oldest_age_seconds"], Value::Null);
     assert_eq!(sidecars[0]["labels"], json!({"app": "billing"}));
     shutdown.cancel();
 }

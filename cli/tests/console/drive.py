@@ -267,7 +267,11 @@ def check_queues(c):
                 "publish_rate": q["publish/s"],
                 "dead_letter_queue": q["dead-letter-queue"],
             }
-            c.matches(f"queue {q['name']}", expected, c.cells("queues-table", f"default/{q['name']}"))
+            shown = c.cells("queues-table", f"default/{q['name']}")
+            c.matches(f"queue {q['name']}", expected, shown)
+            # An age grows between the two reads: both say whether one is owed, in the same form.
+            if (q["oldest"] == "-") != (shown["oldest_age"] == "–"):
+                raise CheckFailed(f"queue {q['name']}: oldest {shown['oldest_age']!r}, qmesh get {q['oldest']!r}")
         return True
 
     c.wait("the queues page to match qmesh get queues", agree)

@@ -59,6 +59,19 @@
   const key = (item) => `${item.namespace}/${item.name}`;
   const fmtInt = (n) => (n === null || n === undefined ? "–" : String(n));
   const fmtRate = (r) => (typeof r === "number" ? r.toFixed(1) : "–");
+  // An age in seconds as `qmesh get` shows it (45s, 3m12s, 2h5m, 3d4h); "–" for none.
+  const fmtAge = (seconds) => {
+    if (typeof seconds !== "number" || seconds < 0) return "–";
+    const t = Math.floor(seconds);
+    const [d, hr, m, sec] = [Math.floor(t / 86400), Math.floor((t % 86400) / 3600), Math.floor((t % 3600) / 60), t % 60];
+    if (d) return `${d}d${hr}h`;
+    if (hr) return `${hr}h${m}m`;
+    if (m) return `${m}m${sec}s`;
+    return `${sec}s`;
+  };
+  const fmtLimit = (l) => (l ? `${l.messages_per_second}/s (burst ${l.burst})` : "–");
+  const fmtCounts = (counts) =>
+    Object.entries(counts || {}).map(([name, n]) => [h("span", { class: "label-chip" }, `${name}: ${n}`), " "]);
 
   function fmtTime(ms) {
     if (!ms) return "–";
@@ -356,6 +369,8 @@
           numCell("backlog", q.backlog, fmtInt(q.backlog)),
           numCell("published_total", q.published_total, fmtInt(q.published_total)),
           numCell("publish_rate", q.publish_rate, fmtRate(q.publish_rate)),
+          numCell("oldest_age", q.oldest_age_seconds, fmtAge(q.oldest_age_seconds)),
+          h("td", { "data-col": "publish_rate_limit" }, fmtLimit(q.publish_rate_limit)),
           h("td", { "data-col": "dead_letter_queue" }, q.dead_letter_queue || h("span", { class: "muted" }, "-")),
           h("td", {}, sparkline(historyOf("queues", key(q), "backlog"))),
         ),
@@ -399,6 +414,8 @@
           numCell("deliver_rate", s.deliver_rate, fmtRate(s.deliver_rate)),
           numCell("ack_rate", s.ack_rate, fmtRate(s.ack_rate)),
           numCell("nacked_total", s.nacked_total, fmtInt(s.nacked_total)),
+          numCell("oldest_age", s.oldest_age_seconds, fmtAge(s.oldest_age_seconds)),
+          h("td", { "data-col": "rate_limit" }, fmtLimit(s.rate_limit)),
           h("td", { class: s.dead_lettered_total ? "num hot" : "num zero", "data-col": "dead_lettered_total" }, fmtInt(s.dead_lettered_total)),
           h("td", {}, sparkline(historyOf("subscriptions", key(s), "backlog"))),
         ),
@@ -435,6 +452,8 @@
             { "data-col": "labels" },
             Object.entries(s.labels).map(([k, v]) => [h("span", { class: "label-chip" }, `${k}=${v}`), " "]),
           ),
+          h("td", { "data-col": "owns" }, fmtCounts(s.owns)),
+          h("td", { "data-col": "consumes" }, fmtCounts(s.consumes)),
           h(
             "td",
             { "data-col": "connected" },

@@ -29,7 +29,7 @@ use qmesh_proto::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::console::{Flow, Snapshot};
+use crate::console::Snapshot;
 
 /// The service account of every sidecar of a local mesh.
 pub const LOCAL_SERVICE_ACCOUNT: &str = "default";
@@ -301,9 +301,6 @@ struct State {
     /// Sessions of connected sidecars.
     connected: BTreeMap<SidecarKey, u64>,
     stats: BTreeMap<SidecarKey, (u64, Stats)>,
-    /// The report before the latest of each session, for rates of counters (the console's deliver
-    /// rate).
-    previous_stats: BTreeMap<SidecarKey, (u64, Stats)>,
     mesh: MeshState,
 }
 
@@ -362,38 +359,11 @@ impl DevSource {
         )
     }
 
-    /// What the web console shows: the status `qmesh get` prints, and delivery counters and rates
-    /// rolled up from the same stats.
+    /// What the web console shows: the status `qmesh get` prints, of every namespace.
     pub fn console_snapshot(&self) -> Snapshot {
-        let state = self.lock();
-        let status = state.status("");
-        let mut flows: BTreeMap<(String, String), Flow> = BTreeMap::new();
-        for (key, (session, stats)) in &state.stats {
-            let previous = state
-                .previous_stats
-                .get(key)
-                .filter(|(s, _)| s == session)
-                .map(|(_, s)| s);
-            let seconds = previous.and_then(|p| seconds_between(p.at.as_ref(), stats.at.as_ref()));
-            for sub in &stats.subscriptions {
-                let flow = flows
-                    .entry((key.namespace.clone(), sub.subscription.clone()))
-                    .or_default();
-                flow.delivered_total += sub.delivered_total;
-                flow.nacked_total += sub.nacked_total;
-                flow.app_consumers += sub.consumers;
-                let before = previous.and_then(|p| {
-                    p.subscriptions
-                        .iter()
-                        .find(|b| b.subscription == sub.subscription)
-                });
-                if let (Some(before), Some(seconds)) = (before, seconds) {
-                    flow.deliver_rate +=
-                        per_second(sub.delivered_total, before.delivered_total, seconds);
-                }
-            }
+        Snapshot {
+            status: self.lock().status(""),
         }
-        Snapshot { status, flows }
     }
 
     /// Swaps in newly loaded manifests; returns what changed, one line each.
@@ -495,15 +465,7 @@ impl MeshSource for DevSource {
     }
 
     fn record_stats(&self, key: &SidecarKey, session: u64, stats: Stats) {
-        let mut state = self.lock();
-        match state.stats.insert(key.clone(), (session, stats)) {
-            Some(old) if old.0 == session => {
-                state.previous_stats.insert(key.clone(), old);
-            }
-            _ => {
-                state.previous_stats.remove(key);
-            }
-        }
+        self.lock().stats.insert(key.clone(), (session, stats));
     }
 
     fn left(&self, key: &SidecarKey, session: u64) {
@@ -511,7 +473,6 @@ impl MeshSource for DevSource {
             let mut state = self.lock();
             if state.stats.get(key).is_some_and(|(s, _)| *s == session) {
                 state.stats.remove(key);
-                state.previous_stats.remove(key);
             }
             if state.connected.get(key) == Some(&session) {
                 state.connected.remove(key);
@@ -568,24 +529,6 @@ impl State {
             only,
         )
     }
-}
-
-/// How fast a counter went from `before` to `now` in `seconds`.
-fn per_second(now: u64, before: u64, seconds: f64) -> f64 {
-    #[allow(clippy::cast_precision_loss)]
-    let delta = now.saturating_sub(before) as f64;
-    delta / seconds
-}
-
-/// Seconds from one stats report to the next; `None` unless time went forward.
-fn seconds_between(
-    from: Option<&prost_types::Timestamp>,
-    to: Option<&prost_types::Timestamp>,
-) -> Option<f64> {
-    let (from, to) = (from?, to?);
-    #[allow(clippy::cast_precision_loss)]
-    let seconds = (to.seconds - from.seconds) as f64 + f64::from(to.nanos - from.nanos) / 1e9;
-    (seconds > 0.05).then_some(seconds)
 }
 
 fn format_labels<'a>(labels: impl Iterator<Item = (&'a String, &'a String)>) -> String {

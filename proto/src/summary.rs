@@ -90,6 +90,10 @@ pub fn summarize(
                 row.ack_rate += stats.ack_rate;
                 row.acked_total += stats.acked_total;
                 row.dead_lettered_total += stats.dead_lettered_total;
+                row.delivered_total += stats.delivered_total;
+                row.nacked_total += stats.nacked_total;
+                row.deliver_rate += stats.deliver_rate;
+                row.consumer_streams += stats.consumers;
                 row.oldest_age = older(row.oldest_age.take(), stats.oldest_age.as_ref());
             }
         }

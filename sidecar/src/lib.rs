@@ -258,6 +258,7 @@ impl Sidecar {
                 e.acked_total = c.acked;
                 e.nacked_total = c.nacked;
                 e.ack_rate = rates.observe(&format!("s/{name}"), c.acked, now);
+                e.deliver_rate = rates.observe(&format!("d/{name}"), c.delivered, now);
             }
         }
         rates.sweep();

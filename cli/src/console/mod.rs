@@ -206,26 +206,12 @@ pub async fn serve(
     .context("serving the console")
 }
 
-/// What the console shows, taken at one moment.
+/// What the console shows, taken at one moment: what `Control/Status` answers, for every namespace
+/// (or the one `qmesh console -n` shows).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// What `Control/Status` answers `qmesh get`, for every namespace.
+    /// The mesh status.
     pub status: MeshStatus,
-    /// Delivery figures per `(namespace, subscription)` that `qmesh get` does not show.
-    pub flows: BTreeMap<(String, String), Flow>,
-}
-
-/// Delivery figures of one subscription, summed over the connected sidecars.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Flow {
-    /// Deliveries handed to apps.
-    pub delivered_total: u64,
-    /// Deliveries nacked or timed out.
-    pub nacked_total: u64,
-    /// Deliveries per second between the last two reports.
-    pub deliver_rate: f64,
-    /// App streams or push endpoints consuming now.
-    pub app_consumers: u32,
 }
 
 /// Where the console's figures come from and how it reaches the messages sidecars hold: the
@@ -284,7 +270,6 @@ impl Backend for ControlBackend {
     async fn snapshot(&self) -> Result<Snapshot, tonic::Status> {
         Ok(Snapshot {
             status: self.client.status(&self.namespace).await?,
-            flows: BTreeMap::new(),
         })
     }
 
@@ -565,25 +550,20 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
         .subscriptions
         .iter()
         .map(|s| {
-            let flow = snapshot
-                .flows
-                .get(&(s.namespace.clone(), s.name.clone()))
-                .copied()
-                .unwrap_or_default();
             json!({
                 "namespace": s.namespace,
                 "name": s.name,
                 "queue": s.queue,
                 "mode": s.mode,
                 "consumers": s.consumers,
-                "app_consumers": flow.app_consumers,
+                "app_consumers": s.consumer_streams,
                 "backlog": s.backlog,
                 "in_flight": s.in_flight,
                 "acked_total": s.acked_total,
                 "ack_rate": s.ack_rate,
-                "delivered_total": flow.delivered_total,
-                "deliver_rate": flow.deliver_rate,
-                "nacked_total": flow.nacked_total,
+                "delivered_total": s.delivered_total,
+                "deliver_rate": s.deliver_rate,
+                "nacked_total": s.nacked_total,
                 "dead_lettered_total": s.dead_lettered_total,
                 "oldest_age_seconds": s.oldest_age.as_ref().map(seconds),
                 "rate_limit": s.rate_limit.as_ref().map(limit_json),
@@ -628,7 +608,7 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
             "backlog": status.queues.iter().map(|q| q.backlog).sum::<u64>(),
             "in_flight": status.subscriptions.iter().map(|s| s.in_flight).sum::<u64>(),
             "publish_rate": status.queues.iter().map(|q| q.publish_rate).sum::<f64>(),
-            "deliver_rate": snapshot.flows.values().map(|f| f.deliver_rate).sum::<f64>(),
+            "deliver_rate": status.subscriptions.iter().map(|s| s.deliver_rate).sum::<f64>(),
             "ack_rate": status.subscriptions.iter().map(|s| s.ack_rate).sum::<f64>(),
             "published_total": status.queues.iter().map(|q| q.published_total).sum::<u64>(),
             "acked_total": status.subscriptions.iter().map(|s| s.acked_total).sum::<u64>(),

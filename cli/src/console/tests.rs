@@ -210,6 +210,10 @@ fn fake() -> Fake {
             acked_total: 6,
             dead_lettered_total: 3,
             mode: "Pull".into(),
+            delivered_total: 12,
+            nacked_total: 6,
+            deliver_rate: 3.0,
+            consumer_streams: 1,
             ..Default::default()
         }],
         sidecars: vec![
@@ -220,19 +224,7 @@ fn fake() -> Fake {
             sidecar("shop", true),
         ],
     };
-    let snapshot = Snapshot {
-        status,
-        flows: [(
-            ("default".to_owned(), "billing".to_owned()),
-            Flow {
-                delivered_total: 12,
-                nacked_total: 6,
-                deliver_rate: 3.0,
-                app_consumers: 1,
-            },
-        )]
-        .into(),
-    };
+    let snapshot = Snapshot { status };
     let held = [
         (
             ("shop".to_owned(), "orders-dlq".to_owned()),
@@ -734,9 +726,9 @@ async fn a_non_loopback_console_is_refused() {
     assert!(error.to_string().contains("loopback only"), "{error}");
 }
 
-/// The dev control plane's side: deliver rates from successive reports.
+/// The dev control plane's side: the latest report of each sidecar, rolled up.
 #[tokio::test]
-async fn the_dev_snapshot_rates_deliveries() {
+async fn the_dev_snapshot_rolls_up_the_latest_reports() {
     let manifests = r#"
 apiVersion: qmesh.io/v1alpha1
 kind: Queue
@@ -780,6 +772,7 @@ spec: {peerAddress: "127.0.0.1:9201", grpcAddress: "127.0.0.1:9202", httpAddress
             nacked_total: 1,
             consumers: 2,
             ack_rate: 5.0,
+            deliver_rate: 10.0,
             ..Default::default()
         }],
     };
@@ -787,29 +780,24 @@ spec: {peerAddress: "127.0.0.1:9201", grpcAddress: "127.0.0.1:9202", httpAddress
     source.record_stats(&key, 1, report(100, 10));
     source.record_stats(&key, 1, report(102, 30));
     let snapshot = source.console_snapshot();
-    let flow = snapshot.flows[&("default".to_owned(), "billing".to_owned())];
-    assert_eq!(flow.delivered_total, 30);
-    assert_eq!(flow.nacked_total, 1);
-    assert_eq!(flow.app_consumers, 2);
-    assert!((flow.deliver_rate - 10.0).abs() < 1e-9, "{flow:?}");
-    // Publish and ack rates are the sidecars' own (`qmesh get` shows the same).
+    // Rates and counters are the sidecars' own, rolled up (`qmesh get` shows the same).
     let status = &snapshot.status;
+    let billing = &status.subscriptions[0];
+    assert_eq!(billing.name, "billing");
+    assert_eq!(
+        (
+            billing.delivered_total,
+            billing.nacked_total,
+            billing.consumer_streams
+        ),
+        (30, 1, 2)
+    );
+    assert!((billing.deliver_rate - 10.0).abs() < 1e-9, "{billing:?}");
+    assert!((billing.ack_rate - 5.0).abs() < 1e-9, "{billing:?}");
     assert!(
         (status.queues[0].publish_rate - 20.0).abs() < 1e-9,
         "{status:?}"
     );
-    assert!(
-        (status.subscriptions[0].ack_rate - 5.0).abs() < 1e-9,
-        "{status:?}"
-    );
-    // A new session starts its rates afresh.
-    source.record_stats(&key, 2, report(104, 50));
-    let snapshot = source.console_snapshot();
-    assert_eq!(
-        snapshot.flows[&("default".to_owned(), "billing".to_owned())].deliver_rate,
-        0.0
-    );
-    assert_eq!(snapshot.status.subscriptions[0].name, "billing");
 }
 
 #[tokio::test]

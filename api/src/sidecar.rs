@@ -47,6 +47,9 @@ pub struct SidecarSpec {
     /// Health and Prometheus metrics.
     #[serde(default)]
     pub admin_address: String,
+    /// AMQP 0-9-1 for RabbitMQ client code (loopback); none = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_address: Option<String>,
     /// The service account it runs as, for `serviceAccounts` in selectors (default `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,

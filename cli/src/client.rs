@@ -294,6 +294,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
                     receipts: vec![d.receipt],
                     delay: None,
                     reason: "nacked by qmesh sub".into(),
+                    dead_letter: false,
                 })
             } else {
                 subscribe_request::Request::Ack(Ack {

@@ -314,6 +314,7 @@ async fn consume(
                     receipts: vec![d.receipt],
                     delay: None,
                     reason: "billing: payload is not an order".into(),
+                    dead_letter: false,
                 })
             } else {
                 subscribe_request::Request::Ack(Ack {

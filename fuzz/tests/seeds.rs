@@ -339,6 +339,7 @@ fn peer_frames() {
                         delay: duration(5, 500_000_000),
                         reason: "busy".into(),
                         undelivered: false,
+                        dead_letter: false,
                     }],
                 })),
             }

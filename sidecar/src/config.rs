@@ -117,6 +117,29 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_HTTP_LISTEN")]
     pub http_addr: Option<SocketAddr>,
 
+    /// AMQP 0-9-1 listen address (loopback only) for RabbitMQ client code, or `off`. Default: the
+    /// mesh file's `amqpAddress` (off when it has none: local sidecars need a port each), else
+    /// 127.0.0.1:5672.
+    #[arg(long, env = "QMESH_AMQP_LISTEN")]
+    pub amqp_addr: Option<String>,
+
+    /// Largest AMQP frame offered to clients (bytes, at least 4096).
+    #[arg(long, env = "QMESH_AMQP_FRAME_MAX", default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(4096..))]
+    pub amqp_frame_max: u32,
+
+    /// AMQP heartbeat interval offered to clients (their answer wins; 0s turns it off).
+    #[arg(long, env = "QMESH_AMQP_HEARTBEAT", default_value = "60s", value_parser = parse_duration)]
+    pub amqp_heartbeat: Duration,
+
+    /// Most AMQP channels per connection.
+    #[arg(long, env = "QMESH_AMQP_CHANNEL_MAX", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
+    pub amqp_channel_max: u16,
+
+    /// Most AMQP connections at once; more are closed at once (counted in
+    /// `qmesh_amqp_connections_refused_total`).
+    #[arg(long, env = "QMESH_AMQP_MAX_CONNECTIONS", default_value_t = 256)]
+    pub amqp_max_connections: usize,
+
     /// Admin listen address: /healthz, /readyz, /metrics, POST /drain. Default: the mesh file's, else
     /// 0.0.0.0:7073.
     #[arg(long, env = "QMESH_ADMIN_LISTEN")]

@@ -10,6 +10,7 @@
 //! [`run`] wires it together; the parts are modules so tests can drive them one at a time.
 
 pub mod admin;
+pub mod amqp;
 pub mod api;
 pub mod config;
 pub mod consumer;
@@ -319,6 +320,8 @@ pub struct Addresses {
     pub http: SocketAddr,
     /// Admin.
     pub admin: SocketAddr,
+    /// AMQP 0-9-1, when on.
+    pub amqp: Option<SocketAddr>,
 }
 
 impl Addresses {
@@ -329,6 +332,7 @@ impl Addresses {
             "grpc": self.grpc.to_string(),
             "http": self.http.to_string(),
             "admin": self.admin.to_string(),
+            "amqp": self.amqp.map(|a| a.to_string()),
         })
         .to_string();
         let partial = path.with_extension("partial");
@@ -338,12 +342,13 @@ impl Addresses {
     }
 }
 
-/// The four listening sockets of a sidecar.
+/// The listening sockets of a sidecar.
 struct Listeners {
     peer: TcpListener,
     grpc: TcpListener,
     http: TcpListener,
     admin: TcpListener,
+    amqp: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -360,12 +365,21 @@ impl Listeners {
             grpc: bind("gRPC", addresses.grpc).await?,
             http: bind("HTTP", addresses.http).await?,
             admin: bind("admin", addresses.admin).await?,
+            amqp: match addresses.amqp {
+                Some(addr) => Some(bind("AMQP", addr).await?),
+                None => None,
+            },
         };
         let bound = Addresses {
             peer: listeners.peer.local_addr()?,
             grpc: listeners.grpc.local_addr()?,
             http: listeners.http.local_addr()?,
             admin: listeners.admin.local_addr()?,
+            amqp: listeners
+                .amqp
+                .as_ref()
+                .map(|l| l.local_addr())
+                .transpose()?,
         };
         Ok((listeners, bound))
     }
@@ -416,8 +430,14 @@ fn resolve_addresses(args: &RunArgs) -> anyhow::Result<(Addresses, Option<String
             spec.map(|s| s.admin_address.as_str()),
             "0.0.0.0:7073",
         )?,
+        amqp: amqp_address(args, spec)?,
     };
-    for (what, addr) in [("grpc", addresses.grpc), ("http", addresses.http)] {
+    let app_ports = [
+        ("grpc", Some(addresses.grpc)),
+        ("http", Some(addresses.http)),
+        ("amqp", addresses.amqp),
+    ];
+    for (what, addr) in app_ports.into_iter().filter_map(|(w, a)| Some((w, a?))) {
         anyhow::ensure!(
             addr.ip().is_loopback(),
             "the app {what} API must listen on loopback only, not {addr}"
@@ -428,6 +448,27 @@ fn resolve_addresses(args: &RunArgs) -> anyhow::Result<(Addresses, Option<String
         .clone()
         .or_else(|| spec.map(|s| s.peer_address.clone()));
     Ok((addresses, advertised))
+}
+
+/// The AMQP address: `--amqp-addr` (`off` turns it off), else the mesh file's `amqpAddress` (off
+/// when it has none: local sidecars need a port each), else 127.0.0.1:5672.
+fn amqp_address(
+    args: &RunArgs,
+    spec: Option<&qmesh_api::SidecarSpec>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let text = match (&args.amqp_addr, spec, &args.mesh_file) {
+        (Some(flag), _, _) => flag.as_str(),
+        (None, Some(spec), _) => spec.amqp_address.as_deref().unwrap_or("off"),
+        (None, None, Some(_)) => "off",
+        (None, None, None) => "127.0.0.1:5672",
+    };
+    match text.trim() {
+        "" | "off" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .with_context(|| format!("AMQP address {addr:?} (host:port, or off)")),
+    }
 }
 
 /// Runs a sidecar until SIGTERM/SIGINT or `POST /drain`, then drains (bounded by the grace period)
@@ -602,10 +643,11 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         grpc: grpc_listener,
         http: http_listener,
         admin: admin_listener,
+        amqp: amqp_listener,
     } = listeners;
     tracing::info!(
         %name, %namespace, peer = %addresses.peer, advertised = %peer_address, grpc = %addresses.grpc,
-        http = %addresses.http, admin = %addresses.admin, "qmesh sidecar listening"
+        http = %addresses.http, admin = %addresses.admin, amqp = ?addresses.amqp, "qmesh sidecar listening"
     );
 
     let max_message = frames::CEILING;
@@ -663,8 +705,24 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
         admin::router(Arc::clone(&sidecar)).into_make_service_with_connect_info::<SocketAddr>(),
     );
 
+    let amqp_server = {
+        let sidecar = Arc::clone(&sidecar);
+        let settings = amqp::Settings {
+            frame_max: args.amqp_frame_max,
+            heartbeat: args.amqp_heartbeat,
+            channel_max: args.amqp_channel_max,
+            max_connections: args.amqp_max_connections,
+        };
+        async move {
+            match amqp_listener {
+                Some(listener) => amqp::serve(listener, sidecar, settings).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     let servers = async {
         tokio::try_join!(
+            async { amqp_server.await.context("AMQP server") },
             async { peer_server.await.context("peer server") },
             async { grpc_server.await.context("gRPC server") },
             async { http_server.await.context("HTTP server") },

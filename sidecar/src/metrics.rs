@@ -132,6 +132,50 @@ pub struct Metrics {
     e2e_latency: Family<SubLabel, Histogram, fn() -> Histogram>,
     /// The disk log and the owner's memory (refreshed on scrape).
     pub log: LogMetrics,
+    pub amqp: AmqpMetrics,
+}
+
+/// The AMQP listener's figures.
+#[derive(Debug, Default)]
+pub struct AmqpMetrics {
+    /// Open AMQP connections.
+    pub connections: Gauge,
+    /// Connections closed at once because `--amqp-max-connections` were open.
+    pub refused: Counter,
+    /// Publishes to a queue this pod's namespace does not have (returned when `mandatory`).
+    pub unroutable: Counter,
+    /// Connections closed by the sidecar for a protocol error (bad frames, wrong sequences).
+    pub protocol_errors: Counter,
+}
+
+impl AmqpMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "amqp_connections",
+            "Open AMQP 0-9-1 connections",
+            self.connections.clone(),
+        );
+        let counters: [(&str, &str, &Counter); 3] = [
+            (
+                "amqp_connections_refused",
+                "AMQP connections closed at once: --amqp-max-connections were open",
+                &self.refused,
+            ),
+            (
+                "amqp_unroutable",
+                "AMQP publishes to a queue the namespace does not have (basic.return when mandatory)",
+                &self.unroutable,
+            ),
+            (
+                "amqp_protocol_errors",
+                "AMQP connections closed for a protocol error (malformed or unexpected frames)",
+                &self.protocol_errors,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+    }
 }
 
 /// The disk log's counters and the owner's held and spilled figures, copied from the log's own
@@ -350,8 +394,11 @@ impl Default for Metrics {
         );
         let log = LogMetrics::default();
         log.register(&mut registry);
+        let amqp = AmqpMetrics::default();
+        amqp.register(&mut registry);
         Self {
             log,
+            amqp,
             registry,
             published,
             publish_errors,

@@ -393,9 +393,12 @@ async fn consume(
                 let poison = subscription == "billing" && m.payload.as_ref() == b"poison";
                 let roll = rng.below(100);
                 let verdict = if poison {
-                    "nack"
+                    // Half the time the consumer gives up at once (AMQP's reject, requeue=false).
+                    if roll < 50 { "reject" } else { "nack" }
                 } else if calm {
                     "ack"
+                } else if subscription == "billing" && roll < 2 {
+                    "reject"
                 } else if subscription == "billing" && roll < 5 {
                     "nack"
                 } else if roll < 9 {
@@ -420,11 +423,19 @@ async fn consume(
                         receipts: vec![d.receipt],
                         delay: None,
                         reason: "campaign nack".into(),
+                        dead_letter: false,
+                    }),
+                    "reject" => subscribe_request::Request::Nack(Nack {
+                        receipts: vec![d.receipt],
+                        delay: None,
+                        reason: "campaign reject".into(),
+                        dead_letter: true,
                     }),
                     "nack-delay" => subscribe_request::Request::Nack(Nack {
                         receipts: vec![d.receipt],
                         delay: Some(qmesh_proto::convert::duration(rng.millis(50, 300))),
                         reason: "campaign nack with delay".into(),
+                        dead_letter: false,
                     }),
                     "hold" => continue,
                     "slow" => {
@@ -588,7 +599,10 @@ fn check(history: &[Value]) -> Verdict {
             continue;
         }
         seen.entry((sub, id)).or_default().push(e);
-        if e["verdict"] != "nack" && e["verdict"] != "nack-delay" && e["verdict"] != "hold" {
+        if !matches!(
+            e["verdict"].as_str(),
+            Some("nack" | "nack-delay" | "hold" | "reject")
+        ) {
             acked.insert((sub, id));
         }
     }
@@ -703,7 +717,11 @@ fn check(history: &[Value]) -> Verdict {
                 after["t"].as_f64().unwrap_or(0.0),
             );
             let attempt = before["attempt"].as_u64().unwrap_or(0);
-            let failed = before["verdict"] != "ack" && before["verdict"] != "slow";
+            // A reject (dead-letter now) is not a failure that brings the message back.
+            let failed = matches!(
+                before["verdict"].as_str(),
+                Some("nack" | "nack-delay" | "hold")
+            );
             let late = settled_at
                 .get(&(*sub, *id, attempt))
                 // Sent so close to the deadline that a loaded machine may deliver it after it.

@@ -154,6 +154,7 @@ async fn extreme_values_on_every_api_get_an_answer_and_break_nothing() {
                 receipts: vec![receipt, "18446744073709551615".into(), "-1".into()],
                 delay: Some(delay),
                 reason: "x".repeat(100_000),
+                dead_letter: false,
             })),
         })
         .await

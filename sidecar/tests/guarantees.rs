@@ -62,6 +62,7 @@ impl RawStream {
             receipts,
             delay,
             reason: "test nack".into(),
+            dead_letter: false,
         }))
         .await;
     }

@@ -108,7 +108,14 @@ impl MeshBuilder {
             // Each sidecar on its own loopback address, like a pod on its own IP.
             let ip = loopback_ip();
             let addr = |p: u16| SocketAddr::from((ip, p));
-            let [peer_port, front_port, grpc_port, http_port, admin_port] = free_ports_on(ip)?;
+            let [
+                peer_port,
+                front_port,
+                grpc_port,
+                http_port,
+                admin_port,
+                amqp_port,
+            ] = free_ports_on(ip)?;
             let identity = dir.path().join(format!("{name}.identity"));
             let account = self
                 .service_accounts
@@ -138,6 +145,7 @@ impl MeshBuilder {
                 grpc: addr(grpc_port),
                 http: addr(http_port),
                 admin: addr(admin_port),
+                amqp: addr(amqp_port),
                 data_dir: self
                     .data_dirs
                     .get(name)
@@ -157,12 +165,13 @@ impl MeshBuilder {
                 text,
                 "\n---\napiVersion: qmesh.io/v1alpha1\nkind: Sidecar\nmetadata: {{name: {name}, labels: {{{}}}}}\n\
                  spec: {{peerAddress: \"{}\", grpcAddress: \"{}\", httpAddress: \"{}\", adminAddress: \"{}\", \
-                 serviceAccountName: {account}}}\n",
+                 amqpAddress: \"{}\", serviceAccountName: {account}}}\n",
                 labels.trim_end_matches(", "),
                 s.peer,
                 s.grpc,
                 s.http,
-                s.admin
+                s.admin,
+                s.amqp
             )?;
             sidecars.insert(name.clone(), s);
         }
@@ -271,6 +280,8 @@ pub struct SidecarProcess {
     pub http: SocketAddr,
     /// Admin address.
     pub admin: SocketAddr,
+    /// AMQP 0-9-1 address.
+    pub amqp: SocketAddr,
     /// Its data directory (kept across restarts).
     pub data_dir: PathBuf,
     mesh_file: PathBuf,

@@ -448,6 +448,7 @@ async fn consume(
                     receipts,
                     delay: None,
                     reason: "cannot handle it".into(),
+                    dead_letter: false,
                 })
             };
             if tx

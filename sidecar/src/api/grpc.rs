@@ -181,7 +181,8 @@ impl Broker for BrokerService {
                             Some(subscribe_request::Request::Nack(nack)) => {
                                 let delay = nack.delay.as_ref().map(qmesh_proto::convert::std_duration);
                                 let reason = if nack.reason.is_empty() { "nacked by consumer".to_owned() } else { nack.reason };
-                                consumers.settle(&sub, &nack.receipts, Some((delay, reason))).await;
+                                let nack_by = crate::consumer::Nack { delay, reason, dead_letter: nack.dead_letter };
+                                consumers.settle(&sub, &nack.receipts, Some(nack_by)).await;
                             }
                             Some(subscribe_request::Request::Credit(c)) => {
                                 granted = granted.saturating_add(u64::from(c.credits));

@@ -227,6 +227,9 @@ struct Settle {
     receipts: Vec<String>,
     delay: Option<String>,
     reason: Option<String>,
+    /// Nack only: give up now (dead-letter without further attempts).
+    #[serde(default, rename = "deadLetter")]
+    dead_letter: bool,
 }
 
 async fn ack(
@@ -271,10 +274,11 @@ async fn settle(
             .map(crate::config::parse_duration)
             .transpose()
             .map_err(|e| BrokerError::Invalid(format!("delay: {e}")))?;
-        Some((
+        Some(crate::consumer::Nack {
             delay,
-            body.reason.unwrap_or_else(|| "nacked by consumer".into()),
-        ))
+            reason: body.reason.unwrap_or_else(|| "nacked by consumer".into()),
+            dead_letter: body.dead_letter,
+        })
     } else {
         None
     };

@@ -75,6 +75,28 @@ struct Expired {
     reference: peer::DeliveryRef,
 }
 
+/// Why an app gave a delivery back.
+#[derive(Debug, Clone)]
+pub struct Nack {
+    /// Wait at least this long before redelivering (`None`: the subscription's backoff).
+    pub delay: Option<Duration>,
+    /// Why processing failed.
+    pub reason: String,
+    /// Give up now: dead-letter without further attempts (AMQP's `requeue=false`).
+    pub dead_letter: bool,
+}
+
+impl Nack {
+    /// A nack redelivered after `delay` (or the backoff).
+    pub fn retry(delay: Option<Duration>, reason: impl Into<String>) -> Self {
+        Self {
+            delay,
+            reason: reason.into(),
+            dead_letter: false,
+        }
+    }
+}
+
 /// The largest window a subscription gets, whatever its `maxInFlight` says (sums of credits stay
 /// far from overflowing).
 pub const MAX_WINDOW: u32 = 100_000;
@@ -157,6 +179,11 @@ impl LocalSub {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The Subscription's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Current settings.
@@ -841,7 +868,7 @@ impl Consumers {
         &self,
         sub: &LocalSub,
         receipts: &[String],
-        nack: Option<(Option<Duration>, String)>,
+        nack: Option<Nack>,
     ) -> Vec<String> {
         let mut unknown = Vec::new();
         let mut per_stream: HashMap<u64, (Vec<peer::DeliveryRef>, Vec<peer::PeerNack>)> =
@@ -873,11 +900,12 @@ impl Consumers {
                 let entry = per_stream.entry(lease.stream).or_default();
                 match &nack {
                     None => entry.0.push(lease.reference),
-                    Some((delay, reason)) => entry.1.push(peer::PeerNack {
+                    Some(nack) => entry.1.push(peer::PeerNack {
                         delivery: Some(lease.reference),
-                        delay: delay.map(qmesh_proto::convert::duration),
-                        reason: reason.clone(),
+                        delay: nack.delay.map(qmesh_proto::convert::duration),
+                        reason: nack.reason.clone(),
                         undelivered: false,
+                        dead_letter: nack.dead_letter,
                     }),
                 }
             }
@@ -929,6 +957,7 @@ impl Consumers {
                         delay: None,
                         reason: "ack timeout".to_owned(),
                         undelivered: false,
+                        dead_letter: false,
                     });
                 st.remember_expired(
                     id,
@@ -990,7 +1019,7 @@ impl Consumers {
             self.settle(
                 sub,
                 &receipts,
-                Some((Some(Duration::ZERO), reason.to_owned())),
+                Some(Nack::retry(Some(Duration::ZERO), reason)),
             )
             .await;
         }
@@ -1096,6 +1125,7 @@ fn undelivered(d: &peer::PeerDelivery, reason: &str) -> peer::PeerNack {
         delay: None,
         reason: reason.to_owned(),
         undelivered: true,
+        dead_letter: false,
     }
 }
 

@@ -35,8 +35,8 @@ pub async fn run(consumers: Arc<Consumers>, sub: Arc<LocalSub>) {
                 let outcome = push_one(&client, &consumers, &sub, delivery).await;
                 let nack = match outcome {
                     Ok(status) if (200..300).contains(&status) => None,
-                    Ok(status) => Some((None, format!("push: HTTP {status}"))),
-                    Err(reason) => Some((None, format!("push: {reason}"))),
+                    Ok(status) => Some(super::Nack::retry(None, format!("push: HTTP {status}"))),
+                    Err(reason) => Some(super::Nack::retry(None, format!("push: {reason}"))),
                 };
                 consumers.settle(&sub, &[receipt], nack).await;
             });

@@ -1709,6 +1709,8 @@ impl Owner {
             let delay = nack.delay.as_ref().map(qmesh_proto::convert::std_duration);
             let failure = if nack.undelivered {
                 Failure::uncounted(&nack.reason)
+            } else if nack.dead_letter {
+                Failure::rejected(&nack.reason)
             } else {
                 Failure::counted(&nack.reason, delay)
             };

@@ -189,6 +189,8 @@ pub struct Failure<'a> {
     /// The link a consumer's report came on: it must be the link the attempt went out on. `None`
     /// for the owner's own decisions (timeouts, lost links).
     pub link: Option<u64>,
+    /// The consumer gives up on the message: dead-lettered now, whatever attempts remain.
+    pub dead_letter: bool,
 }
 
 impl<'a> Failure<'a> {
@@ -199,6 +201,7 @@ impl<'a> Failure<'a> {
             delay,
             counted: true,
             link: None,
+            dead_letter: false,
         }
     }
 
@@ -209,6 +212,15 @@ impl<'a> Failure<'a> {
             delay: None,
             counted: false,
             link: None,
+            dead_letter: false,
+        }
+    }
+
+    /// A counted failure the consumer gives up on (dead-letter now).
+    pub fn rejected(reason: &'a str) -> Self {
+        Self {
+            dead_letter: true,
+            ..Self::counted(reason, None)
         }
     }
 
@@ -1274,6 +1286,7 @@ impl QueueState {
             delay,
             counted,
             link,
+            dead_letter,
         } = failure;
         let ordered = self.ordered();
         let route = self.route(subscription).cloned();
@@ -1305,7 +1318,7 @@ impl QueueState {
         let attempts = state.attempts.get(&sequence).copied().unwrap_or(0);
         let retry = route.retry.unwrap_or_default();
         let max = retry.max_deliveries.max(1);
-        if counted && attempts >= max {
+        if counted && (attempts >= max || dead_letter) {
             if ordered {
                 state.free(&key);
             }
@@ -1320,7 +1333,11 @@ impl QueueState {
                 sequence,
                 message: Arc::clone(&entry.message),
                 attempts,
-                reason: format!("max deliveries ({max}) reached"),
+                reason: if attempts >= max {
+                    format!("max deliveries ({max}) reached")
+                } else {
+                    "rejected by the consumer".to_owned()
+                },
                 last_error: reason.to_owned(),
                 target,
             });
@@ -1724,6 +1741,55 @@ mod tests {
             room,
             Instant::now(),
         )
+    }
+
+    #[test]
+    fn a_rejected_delivery_is_dead_lettered_at_once_with_attempts_to_spare() {
+        let mut q = QueueState::new(control::QueueView {
+            name: "q".into(),
+            routes: vec![control::Route {
+                subscription: "s".into(),
+                dead_letter_queue: "dlq".into(),
+                retry: Some(control::RetryPolicy {
+                    max_deliveries: 5,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        publish(&mut q, 1, true);
+        let now = Instant::now();
+        let out = q.dispatch(now, &|_| vec![7], &mut |_, _| true);
+        assert_eq!(out.len(), 1);
+        let dl = q
+            .fail(
+                "s",
+                1,
+                out[0].attempt,
+                Failure::rejected("bad input").on(7),
+                now,
+                0.5,
+            )
+            .expect("dead-lettered on the first attempt");
+        assert_eq!(dl.attempts, 1);
+        assert_eq!(dl.reason, "rejected by the consumer");
+        assert_eq!(dl.last_error, "bad input");
+        assert_eq!(dl.target.as_deref(), Some("dlq"));
+        // A plain nack of the same kind would have been retried.
+        publish(&mut q, 2, true);
+        let out = q.dispatch(now, &|_| vec![7], &mut |_, _| true);
+        assert!(
+            q.fail(
+                "s",
+                2,
+                out[0].attempt,
+                Failure::counted("try again", None).on(7),
+                now,
+                0.5
+            )
+            .is_none()
+        );
     }
 
     #[test]

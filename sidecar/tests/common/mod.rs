@@ -152,6 +152,7 @@ impl Consumer {
                                 receipts: vec![d.receipt],
                                 delay: None,
                                 reason: reason.into(),
+                                dead_letter: false,
                             };
                             let req = SubscribeRequest {
                                 request: Some(subscribe_request::Request::Nack(nack)),

@@ -49,13 +49,13 @@ hack/k8s-test-env.sh --node >/dev/null
 export QMESH_REAL_PODS=1
 trap 'hack/cluster.sh down >/dev/null 2>&1 || echo "warning: hack/cluster.sh down failed" >&2' EXIT
 
-step "Python packages for the example client and the console's browser test (venv)"
+step "Python packages for the example client, the console's browser test and the AMQP clients (venv)"
 CACHE_DIR="${QMESH_CACHE_DIR:-$HOME/.cache/qmesh}"
 VENV="$CACHE_DIR/venv"
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import grpc, grpc_tools, selenium" 2>/dev/null; then
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import grpc, grpc_tools, selenium, pika, kombu" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet -r examples/python/requirements.txt \
-    -r cli/tests/console/requirements.txt
+    -r cli/tests/console/requirements.txt -r sidecar/tests/amqp/requirements.txt
 fi
 export QMESH_PYTHON="$VENV/bin/python"
 

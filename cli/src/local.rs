@@ -116,6 +116,9 @@ impl LocalMesh {
             .map(Into::into)
             .collect();
             argv.push(dir.path().join(name).into());
+            // The demo's and bench's apps speak gRPC: no AMQP port per local sidecar.
+            argv.push("--amqp-addr".into());
+            argv.push("off".into());
             argv.push("--trust-bundle".into());
             argv.push(trust_bundle.clone().into());
             argv.push("--addresses-file".into());
@@ -257,6 +260,9 @@ pub struct BoundAddresses {
     pub http: SocketAddr,
     /// Admin port.
     pub admin: SocketAddr,
+    /// AMQP 0-9-1 listener (absent when off).
+    #[serde(default)]
+    pub amqp: Option<SocketAddr>,
 }
 
 /// How long a starting sidecar may take to bind its ports.

@@ -1,11 +1,11 @@
 //! `qmesh run`: a sidecar for a local process, like `dapr run`. Starts `qmesh-sidecar` joined to the
 //! local control plane (`qmesh dev`) under the app id and labels given, waits until it is ready,
-//! then runs the command with `QMESH_GRPC_ADDR` / `QMESH_HTTP_ADDR` pointing at it.
+//! then runs the command with `QMESH_GRPC_ADDR` / `QMESH_HTTP_ADDR` / `QMESH_AMQP_URL` pointing at it.
 //!
 //! ```text
 //!   qmesh run ──spawn──▶ qmesh-sidecar --control-plane … --name APP --labels …   (own process group)
 //!       │  /readyz ok
-//!       ├──spawn──▶ <command>  env QMESH_GRPC_ADDR, QMESH_HTTP_ADDR, QMESH_APP_ID
+//!       ├──spawn──▶ <command>  env QMESH_GRPC_ADDR, QMESH_HTTP_ADDR, QMESH_AMQP_URL, QMESH_APP_ID
 //!       │  SIGINT / SIGTERM ──forwarded──▶ <command>
 //!       └─ <command> exits ──SIGTERM──▶ sidecar (drains, hands over) ──▶ exit with the command's code
 //! ```
@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// Port of the sidecar's HTTP app API on 127.0.0.1 (default: a free one).
     #[arg(long)]
     pub http_port: Option<u16>,
+    /// Port of the sidecar's AMQP 0-9-1 listener on 127.0.0.1 (default: a free one), for RabbitMQ
+    /// client code (`QMESH_AMQP_URL`).
+    #[arg(long)]
+    pub amqp_port: Option<u16>,
     /// How long to wait for the sidecar to join and be ready.
     #[arg(long, default_value = "20s", value_parser = crate::parse_duration)]
     pub ready_timeout: Duration,
@@ -190,6 +194,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .args(["--peer-addr", &loopback(None).to_string()])
         .args(["--grpc-addr", &loopback(args.grpc_port).to_string()])
         .args(["--http-addr", &loopback(args.http_port).to_string()])
+        .args(["--amqp-addr", &loopback(args.amqp_port).to_string()])
         .args(["--admin-addr", &loopback(None).to_string()])
         .arg("--addresses-file")
         .arg(&addresses_file)
@@ -222,14 +227,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let (grpc, http) = (bound.grpc, bound.http);
+    let amqp = bound
+        .amqp
+        .map(|a| format!(", AMQP {a}"))
+        .unwrap_or_default();
     eprintln!(
-        "qmesh run: sidecar {}/{} ready (labels {labels_flag}) — gRPC {grpc}, HTTP {http}; log {}",
+        "qmesh run: sidecar {}/{} ready (labels {labels_flag}) — gRPC {grpc}, HTTP {http}{amqp}; log {}",
         args.namespace,
         args.app_id,
         sidecar.log.display()
     );
 
-    let code = run_app(&args, grpc, http, &mut sidecar).await;
+    let code = run_app(&args, &bound, &mut sidecar).await;
     eprintln!("qmesh run: stopping the sidecar");
     sidecar.stop(args.shutdown_grace).await;
     match code? {
@@ -281,21 +290,24 @@ async fn wait_ready(
 /// Runs the command to its end, forwarding SIGINT and SIGTERM; returns its exit code.
 async fn run_app(
     args: &RunArgs,
-    grpc: SocketAddr,
-    http: SocketAddr,
+    bound: &BoundAddresses,
     sidecar: &mut Sidecar,
 ) -> anyhow::Result<u8> {
     let (program, rest) = args
         .command
         .split_first()
         .context("no command given after --")?;
-    let mut app = Command::new(program)
-        .args(rest)
-        .env("QMESH_GRPC_ADDR", grpc.to_string())
-        .env("QMESH_HTTP_ADDR", http.to_string())
+    let mut app = Command::new(program);
+    app.args(rest)
+        .env("QMESH_GRPC_ADDR", bound.grpc.to_string())
+        .env("QMESH_HTTP_ADDR", bound.http.to_string())
         .env("QMESH_APP_ID", &args.app_id)
         .env("QMESH_NAMESPACE", &args.namespace)
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    if let Some(amqp) = bound.amqp {
+        app.env("QMESH_AMQP_URL", format!("amqp://guest:guest@{amqp}/%2F"));
+    }
+    let mut app = app
         .spawn()
         .with_context(|| format!("starting {program:?}"))?;
     let app_pid = app

@@ -300,6 +300,31 @@ fn qmesh_run_apps_exchange_messages_through_qmesh_dev() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // RabbitMQ client code under `qmesh run` finds its sidecar's AMQP listener in QMESH_AMQP_URL:
+    // pika publishes with confirms (each confirm = stored).
+    let amqp_script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../sidecar/tests/amqp/clients.py");
+    let out = qmesh()
+        .args(["run", "--app-id", "shop-amqp", "--labels", "app=shop"])
+        .args(["--control-plane", &control, "--data-dir"])
+        .arg(dir.path().join("shop-amqp"))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "\"$0\" \"$1\" new-task \"$QMESH_AMQP_URL\" orders from-pika",
+        ])
+        .arg(python())
+        .arg(&amqp_script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(r#""confirmed": "from-pika""#),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // SIGTERM to `qmesh run` reaches the command; its code comes back and the sidecar leaves.
     let mut trapped = Running::start(
         qmesh()

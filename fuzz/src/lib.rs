@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod amqp_frames;
 pub mod http_bodies;
 pub mod log_record;
 pub mod log_replay;

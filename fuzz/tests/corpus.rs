@@ -20,6 +20,7 @@ const TARGETS: &[(&str, Run)] = &[
     ("peer_frames", qmesh_fuzz::peer_frames::run),
     ("manifests", qmesh_fuzz::manifests::run),
     ("http_bodies", qmesh_fuzz::http_bodies::run),
+    ("amqp_frames", qmesh_fuzz::amqp_frames::run),
 ];
 
 /// Runs every file of `<kind>/<target>/`; returns how many.

@@ -453,6 +453,111 @@ fn http_bodies() {
     }
 }
 
+fn amqp_frames() {
+    use amq_protocol::{
+        frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame},
+        protocol::{AMQPClass, BasicProperties, basic, channel, confirm, connection, queue},
+        types::{AMQPValue, FieldTable},
+    };
+    let encode = |frames: &[AMQPFrame]| -> Vec<u8> {
+        let mut out = Vec::new();
+        for f in frames {
+            out = gen_frame(f)(WriteContext::from(out)).unwrap().into_inner().0;
+        }
+        out
+    };
+    let mut headers = FieldTable::default();
+    headers.insert("tenant".into(), AMQPValue::LongString("acme".into()));
+    headers.insert("retries".into(), AMQPValue::LongInt(3));
+    headers.insert("urgent".into(), AMQPValue::Boolean(true));
+    let properties = BasicProperties::default()
+        .with_message_id("order-1".into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(1_700_000_000)
+        .with_headers(headers);
+    let publish = vec![
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                exchange: "".into(),
+                routing_key: "orders".into(),
+                mandatory: true,
+                immediate: false,
+            })),
+        ),
+        AMQPFrame::Header(
+            1,
+            AMQPContentHeader {
+                class_id: 60,
+                body_size: 11,
+                properties,
+            },
+        ),
+        AMQPFrame::Body(1, b"{\"id\": 42}".to_vec()),
+    ];
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-qmesh-subscription".into(),
+        AMQPValue::LongString("billing".into()),
+    );
+    let session = vec![
+        AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))),
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false })),
+        ),
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                queue: "orders".into(),
+                durable: true,
+                ..Default::default()
+            })),
+        ),
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: 1,
+                global: false,
+            })),
+        ),
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: "orders".into(),
+                consumer_tag: "c1".into(),
+                arguments,
+                ..Default::default()
+            })),
+        ),
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: 1,
+                multiple: true,
+                requeue: false,
+            })),
+        ),
+        AMQPFrame::Heartbeat,
+        AMQPFrame::Method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: 200,
+                reply_text: "bye".into(),
+                class_id: 0,
+                method_id: 0,
+            })),
+        ),
+    ];
+    let out = fresh("amqp_frames");
+    put(&out, "publish", &encode(&publish));
+    put(&out, "session", &encode(&session));
+    let mut both = encode(&session);
+    both.extend(encode(&publish));
+    put(&out, "session-then-publish", &both);
+}
+
 #[test]
 #[ignore = "writes fuzz/corpus; run with --ignored to regenerate the seeds"]
 fn write_seeds() {
@@ -461,4 +566,5 @@ fn write_seeds() {
     peer_frames();
     manifests();
     http_bodies();
+    amqp_frames();
 }

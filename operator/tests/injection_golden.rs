@@ -168,6 +168,53 @@ fn annotations_override_resources_and_log_level() {
 }
 
 #[test]
+fn apps_get_the_amqp_url_and_a_pod_may_move_or_turn_off_the_listener() {
+    let env_of = |c: &serde_json::Value, name: &str| {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap().to_owned())
+    };
+    let (out, _) = admit(pod(serde_json::json!({})), false);
+    let (sidecar, app) = (&out["spec"]["containers"][0], &out["spec"]["containers"][1]);
+    assert_eq!(
+        env_of(sidecar, "QMESH_AMQP_LISTEN").as_deref(),
+        Some("127.0.0.1:5672")
+    );
+    assert_eq!(
+        env_of(app, "QMESH_AMQP_URL").as_deref(),
+        Some("amqp://guest:guest@127.0.0.1:5672/%2F")
+    );
+    for (value, listen, url) in [
+        (
+            "5673",
+            "127.0.0.1:5673",
+            Some("amqp://guest:guest@127.0.0.1:5673/%2F"),
+        ),
+        ("off", "off", None),
+        (
+            "not-a-port",
+            "127.0.0.1:5672",
+            Some("amqp://guest:guest@127.0.0.1:5672/%2F"),
+        ),
+    ] {
+        let annotated = pod(serde_json::json!({"metadata": {"annotations": {
+            "qmesh.io/amqp-port": value
+        }}}));
+        let (out, _) = admit(annotated, false);
+        let (sidecar, app) = (&out["spec"]["containers"][0], &out["spec"]["containers"][1]);
+        assert_eq!(
+            env_of(sidecar, "QMESH_AMQP_LISTEN").as_deref(),
+            Some(listen),
+            "{value}"
+        );
+        assert_eq!(env_of(app, "QMESH_AMQP_URL").as_deref(), url, "{value}");
+    }
+}
+
+#[test]
 fn a_data_size_the_annotation_cannot_parse_falls_back_to_the_default() {
     let annotated = pod(serde_json::json!({"metadata": {"annotations": {
         "qmesh.io/data-size": "lots"

@@ -27,6 +27,9 @@ pub const MEMORY_ANNOTATION: &str = "qmesh.io/sidecar-memory";
 pub const LOG_LEVEL_ANNOTATION: &str = "qmesh.io/log-level";
 /// Per-pod overrides: the data volume's size (what the sidecar's backlog may take on disk).
 pub const DATA_SIZE_ANNOTATION: &str = "qmesh.io/data-size";
+/// Per-pod overrides: the port of the sidecar's AMQP 0-9-1 listener on 127.0.0.1 (default 5672),
+/// or `off` (e.g. a pod whose own container listens on 5672).
+pub const AMQP_PORT_ANNOTATION: &str = "qmesh.io/amqp-port";
 /// Pod annotation: `"false"` injects the sidecar as a regular container with a preStop drain even
 /// where the API server has native sidecars (e.g. for tooling that expects every container in
 /// `containers`); native sidecars cannot be asked for where the server lacks them.
@@ -135,6 +138,9 @@ fn probe(path: &str, period: i32) -> Probe {
     }
 }
 
+/// The AMQP port when the pod does not choose one (RabbitMQ's).
+const DEFAULT_AMQP_PORT: u16 = 5672;
+
 /// Injects the sidecar into `pod`, or says why not.
 pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
     let labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -183,6 +189,17 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
         .bytes()
         .map(|b| b / 4 * 3)
         .ok();
+    // RabbitMQ client code finds the sidecar at QMESH_AMQP_URL (`None`: the listener is off).
+    let amqp = match annotations.get(AMQP_PORT_ANNOTATION).map(|v| v.trim()) {
+        Some("off" | "false") => None,
+        Some(port) => Some(
+            port.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .unwrap_or(DEFAULT_AMQP_PORT),
+        ),
+        None => Some(DEFAULT_AMQP_PORT),
+    };
     let mut requests = BTreeMap::from([
         ("cpu".to_owned(), Quantity(cpu)),
         ("memory".to_owned(), Quantity(memory.clone())),
@@ -220,6 +237,10 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
                 env("QMESH_GRPC_LISTEN", "127.0.0.1:7071"),
                 env("QMESH_HTTP_LISTEN", "127.0.0.1:7072"),
                 env("QMESH_ADMIN_LISTEN", "0.0.0.0:7073"),
+                env(
+                    "QMESH_AMQP_LISTEN",
+                    &amqp.map_or("off".to_owned(), |p| format!("127.0.0.1:{p}")),
+                ),
                 env("QMESH_DATA_DIR", "/var/lib/qmesh"),
                 env("QMESH_LOG_LEVEL", &log_level),
                 env("QMESH_LOG_FORMAT", "json"),
@@ -290,11 +311,16 @@ pub fn inject(pod: &Pod, template: &SidecarTemplate) -> Result<Pod, Skip> {
     // Apps find their sidecar through the environment.
     for c in spec.containers.iter_mut() {
         let envs = c.env.get_or_insert_with(Vec::new);
-        for (name, value) in [
-            ("QMESH_GRPC_ADDR", "127.0.0.1:7071"),
-            ("QMESH_HTTP_ADDR", "127.0.0.1:7072"),
-        ] {
-            if !envs.iter().any(|e| e.name == name) {
+        let amqp_url = amqp.map(|p| format!("amqp://guest:guest@127.0.0.1:{p}/%2F"));
+        let pairs = [
+            ("QMESH_GRPC_ADDR", Some("127.0.0.1:7071")),
+            ("QMESH_HTTP_ADDR", Some("127.0.0.1:7072")),
+            ("QMESH_AMQP_URL", amqp_url.as_deref()),
+        ];
+        for (name, value) in pairs {
+            if let Some(value) = value
+                && !envs.iter().any(|e| e.name == name)
+            {
                 envs.push(env(name, value));
             }
         }

@@ -19,16 +19,14 @@ use std::{
 };
 
 use amq_protocol::{
-    frame::{AMQPContentHeader, AMQPFrame, ProtocolVersion, WriteContext, gen_frame, parse_frame},
-    protocol::{
-        AMQPClass, BasicProperties, basic, channel, confirm, connection, constants, exchange, queue,
-    },
+    frame::{AMQPContentHeader, AMQPFrame, ProtocolVersion, WriteContext, gen_frame},
+    protocol::{AMQPClass, BasicProperties, basic, channel, confirm, connection, exchange, queue},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
 use qmesh_proto::v1;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -37,7 +35,11 @@ use tokio::{
     task::AbortHandle,
 };
 
-use super::{Settings, message};
+use super::{
+    Settings,
+    frames::{Reply, read_frames, reply},
+    message,
+};
 use crate::{
     Sidecar,
     consumer::{Consumers, Holder, LocalSub, MAX_WINDOW, Nack},
@@ -57,24 +59,6 @@ pub const SUBSCRIPTION_ARGUMENT: &str = "x-qmesh-subscription";
 /// How long `basic.get` waits for a delivery before answering `get-empty`.
 const GET_WAIT: Duration = Duration::from_millis(200);
 
-/// AMQP 0-9-1 reply codes (spec 1.2).
-mod reply {
-    pub const NO_ROUTE: u16 = 312;
-    pub const CONNECTION_FORCED: u16 = 320;
-    pub const ACCESS_REFUSED: u16 = 403;
-    pub const NOT_FOUND: u16 = 404;
-    pub const PRECONDITION_FAILED: u16 = 406;
-    pub const FRAME_ERROR: u16 = 501;
-    pub const SYNTAX_ERROR: u16 = 502;
-    pub const COMMAND_INVALID: u16 = 503;
-    pub const CHANNEL_ERROR: u16 = 504;
-    pub const UNEXPECTED_FRAME: u16 = 505;
-    pub const RESOURCE_ERROR: u16 = 506;
-    pub const NOT_ALLOWED: u16 = 530;
-    pub const NOT_IMPLEMENTED: u16 = 540;
-    pub const INTERNAL_ERROR: u16 = 541;
-}
-
 /// Why the connection or a channel ends.
 #[derive(Debug)]
 enum Fault {
@@ -84,32 +68,6 @@ enum Fault {
     Connection(Reply),
     /// The client closed the connection (answered) or the socket went away.
     Gone(String),
-}
-
-/// A reply code with its text and the method it is about.
-#[derive(Debug)]
-struct Reply {
-    code: u16,
-    text: String,
-    class: u16,
-    method: u16,
-}
-
-impl Reply {
-    fn new(code: u16, text: impl Into<String>) -> Self {
-        Self {
-            code,
-            text: text.into(),
-            class: 0,
-            method: 0,
-        }
-    }
-
-    fn about(mut self, method: &AMQPClass) -> Self {
-        self.class = method.get_amqp_class_id();
-        self.method = method.get_amqp_method_id();
-        self
-    }
 }
 
 fn not_implemented(method: &AMQPClass, name: &str, hint: &str) -> Reply {
@@ -1130,7 +1088,7 @@ impl Connection {
             }
             e if e.starts_with("amq.") => false,
             e => {
-                self.buffered_bytes -= bytes;
+                self.buffered_bytes = self.buffered_bytes.saturating_sub(bytes);
                 return Err(Fault::Channel(
                     id,
                     Reply {
@@ -1161,7 +1119,7 @@ impl Connection {
         let message = match message::to_message(&content.properties, content.body) {
             Ok(m) => m,
             Err(text) => {
-                self.buffered_bytes -= bytes;
+                self.buffered_bytes = self.buffered_bytes.saturating_sub(bytes);
                 return Err(Fault::Channel(
                     id,
                     Reply {
@@ -1193,7 +1151,7 @@ impl Connection {
     }
 
     fn on_published(&mut self, done: Published) -> Result<(), Fault> {
-        self.buffered_bytes -= done.bytes;
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(done.bytes);
         let id = done.channel;
         if self.channels.get(&id).is_none_or(|c| c.closing) {
             if let Outcome::Failed(error) = &done.outcome {
@@ -1393,7 +1351,7 @@ impl Connection {
         let holders = std::mem::take(&mut ch.holders);
         ch.unacked.clear();
         if let Some(content) = ch.incoming.take() {
-            self.buffered_bytes -= content.size;
+            self.buffered_bytes = self.buffered_bytes.saturating_sub(content.size);
         }
         let broker = Arc::clone(&self.sidecar.consumers);
         for consumer in consumers {
@@ -1517,81 +1475,6 @@ async fn next_method(
                     "only connection methods on channel 0 are valid during the handshake",
                 )));
             }
-        }
-    }
-}
-
-/// Reads frames: type, channel and size first, so a frame larger than `frame-max` is refused before
-/// it is buffered; then the payload and the end octet, parsed by the codec.
-async fn read_frames(
-    read: OwnedReadHalf,
-    limit: Arc<AtomicU32>,
-    frames: mpsc::Sender<Result<AMQPFrame, Reply>>,
-) {
-    let mut read = BufReader::with_capacity(64 * 1024, read);
-    loop {
-        let mut head = [0u8; 7];
-        if read.read_exact(&mut head).await.is_err() {
-            return;
-        }
-        let kind = head[0];
-        let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]);
-        let result = if !matches!(
-            kind,
-            constants::FRAME_METHOD
-                | constants::FRAME_HEADER
-                | constants::FRAME_BODY
-                | constants::FRAME_HEARTBEAT
-        ) {
-            Err(Reply::new(
-                reply::FRAME_ERROR,
-                format!("unknown frame type {kind}: not AMQP 0-9-1"),
-            ))
-        } else if size > limit.load(Ordering::Relaxed) {
-            Err(Reply::new(
-                reply::FRAME_ERROR,
-                format!(
-                    "frame of {size} bytes exceeds the negotiated frame-max of {}",
-                    limit.load(Ordering::Relaxed)
-                ),
-            ))
-        } else {
-            let mut frame = Vec::with_capacity(7 + size as usize + 1);
-            frame.extend_from_slice(&head);
-            frame.resize(7 + size as usize + 1, 0);
-            if read.read_exact(&mut frame[7..]).await.is_err() {
-                return;
-            }
-            if frame[frame.len() - 1] != constants::FRAME_END {
-                Err(Reply::new(
-                    reply::FRAME_ERROR,
-                    "frame without its end octet (0xCE)",
-                ))
-            } else {
-                match parse_frame(frame.as_slice()) {
-                    Ok((_, frame)) => Ok(frame),
-                    Err(_) if kind == constants::FRAME_METHOD && size >= 4 => {
-                        let class = u16::from_be_bytes([frame[7], frame[8]]);
-                        let method = u16::from_be_bytes([frame[9], frame[10]]);
-                        Err(Reply {
-                            code: reply::SYNTAX_ERROR,
-                            text: format!(
-                                "could not parse method {class}.{method} (class.method ids)"
-                            ),
-                            class,
-                            method,
-                        })
-                    }
-                    Err(_) => Err(Reply::new(
-                        reply::FRAME_ERROR,
-                        format!("malformed frame of type {kind}"),
-                    )),
-                }
-            }
-        };
-        let failed = result.is_err();
-        if frames.send(result).await.is_err() || failed {
-            return;
         }
     }
 }

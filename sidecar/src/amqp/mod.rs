@@ -13,7 +13,10 @@
 //! docs/amqp.md has the whole mapping and what is not supported.
 
 mod connection;
-mod message;
+mod frames;
+pub mod message;
+
+pub use frames::split_frames;
 
 use std::{sync::Arc, time::Duration};
 

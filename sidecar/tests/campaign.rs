@@ -566,6 +566,7 @@ struct Verdict {
     refused: u64,
     deliveries: u64,
     dead_letters: u64,
+    rejected: u64,
     duplicates: u64,
     redeliveries: u64,
     repeats_after_faults: u64,
@@ -590,6 +591,9 @@ fn check(history: &[Value]) -> Verdict {
     let mut dead: HashMap<&str, &Value> = HashMap::new();
     for e in history.iter().filter(|e| e["kind"] == "deliver") {
         v.deliveries += 1;
+        if e["verdict"] == "reject" {
+            v.rejected += 1;
+        }
         let sub = e["sub"].as_str().unwrap_or_default();
         let id = e["id"].as_str().unwrap_or_default();
         if sub == "dlq-audit" {
@@ -992,7 +996,7 @@ async fn run_campaign(c: Campaign) {
         .map(|e| e["replaying"].as_u64().unwrap_or(0))
         .collect();
     eprintln!(
-        "campaign seed {seed}: faults [{}]; rewinds {} ({} answered, {} owners replaying); published ok {}, unknown {}, refused {}; deliveries {}; dead letters {}; lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault, {} after a rewind); peak RSS {} MiB; backlogs spilled to disk {spills} times; disk-full fault {}",
+        "campaign seed {seed}: faults [{}]; rewinds {} ({} answered, {} owners replaying); published ok {}, unknown {}, refused {}; deliveries {}; dead letters {} ({} deliveries rejected); lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault, {} after a rewind); peak RSS {} MiB; backlogs spilled to disk {spills} times; disk-full fault {}",
         faults.join(", "),
         rewound.len(),
         rewound.iter().filter(|r| **r > 0).count(),
@@ -1002,6 +1006,7 @@ async fn run_campaign(c: Campaign) {
         verdict.refused,
         verdict.deliveries,
         verdict.dead_letters,
+        verdict.rejected,
         verdict.published,
         verdict.duplicates,
         verdict.redeliveries,

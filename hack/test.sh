@@ -59,6 +59,10 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import grpc, grpc_t
 fi
 export QMESH_PYTHON="$VENV/bin/python"
 
+# CI builds each crate once: incremental caches there only fill the disk (tens of GiB per run).
+if [[ "${CI:-}" == "true" ]]; then
+  export CARGO_INCREMENTAL=0
+fi
 # Keep CI's builds warm between runs on the same machine.
 if [[ "${CI:-}" == "true" && -z "${CARGO_TARGET_DIR:-}" ]]; then
   export CARGO_TARGET_DIR="${QMESH_CACHE_DIR:-$HOME/.cache/qmesh}/cargo-target"

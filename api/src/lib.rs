@@ -20,7 +20,8 @@ pub mod validate;
 
 pub use duration::{Duration, DurationError};
 pub use queue::{
-    Durability, Ordering, Overflow, PublishAck, Queue, QueueSpec, QueueStatus, RateLimit, Retention,
+    DEFAULT_MAX_DELAY, Durability, MAX_DELAY_LIMIT, Ordering, Overflow, PublishAck, Queue,
+    QueueSpec, QueueStatus, RateLimit, Retention,
 };
 pub use selector::{PodSelector, labels_match};
 pub use sidecar::{SidecarDocument, SidecarMetadata, SidecarSpec};

@@ -69,6 +69,24 @@ pub struct QueueSpec {
     /// Publish rate limit applied per publisher pod. Absent: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_rate_limit: Option<RateLimit>,
+
+    /// Longest delay a delayed or scheduled publish may ask for (gRPC `delay` / `deliver_at`, HTTP
+    /// `qmesh-delay` / `qmesh-deliver-at`, AMQP `x-delay`), e.g. `1h`. Absent: 24h; at most 720h
+    /// (30 days); `0s` refuses delayed publishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<Duration>,
+}
+
+/// `maxDelay` when a Queue does not set it.
+pub const DEFAULT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The largest `maxDelay` a Queue may set.
+pub const MAX_DELAY_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+impl QueueSpec {
+    /// `maxDelay`, the default applied.
+    pub fn effective_max_delay(&self) -> std::time::Duration {
+        self.max_delay.map_or(DEFAULT_MAX_DELAY, |d| d.get())
+    }
 }
 
 impl Default for QueueSpec {
@@ -83,6 +101,7 @@ impl Default for QueueSpec {
             dedup_window: None,
             dead_letter_queue: None,
             publish_rate_limit: None,
+            max_delay: None,
         }
     }
 }

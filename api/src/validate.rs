@@ -144,6 +144,15 @@ impl Validate for Queue {
                 "must be longer than 0s; remove the field to turn de-duplication off",
             ));
         }
+        if spec
+            .max_delay
+            .is_some_and(|d| d.get() > crate::queue::MAX_DELAY_LIMIT)
+        {
+            errors.push(FieldError::new(
+                "spec.maxDelay",
+                "must be at most 720h (30 days); longer waits belong in the app's own store",
+            ));
+        }
         if let Some(dlq) = &spec.dead_letter_queue {
             check_name(dlq, "spec.deadLetterQueue", &mut errors);
             if *dlq == self.name_any() {
@@ -390,6 +399,30 @@ mod tests {
             },
         );
         assert_eq!(disk.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_max_delay_beyond_thirty_days_is_refused() {
+        let far = queue(
+            "reminders",
+            QueueSpec {
+                max_delay: Some(Duration::from_secs(31 * 24 * 3600)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(fields(far.validate()), ["spec.maxDelay"]);
+        let ok = queue(
+            "reminders",
+            QueueSpec {
+                max_delay: Some(Duration::from_secs(30 * 24 * 3600)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(
+            QueueSpec::default().effective_max_delay(),
+            crate::DEFAULT_MAX_DELAY
+        );
     }
 
     #[test]

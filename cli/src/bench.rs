@@ -464,6 +464,8 @@ pub(crate) async fn publish_all(
                             queue: "bench".into(),
                             message: Some(message),
                             correlation: i,
+                            delay: None,
+                            deliver_at: None,
                         })
                         .await
                         .is_err()

@@ -47,6 +47,10 @@ pub struct PubArgs {
     /// broker acknowledges.
     #[arg(long, value_parser = parse_rate)]
     pub rate: Option<f64>,
+    /// Deliver no earlier than this long after the publish (a delayed message, e.g. `30s`; at most
+    /// the Queue's `maxDelay`).
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub delay: Option<std::time::Duration>,
     /// Sidecar gRPC address.
     #[arg(long, env = "QMESH_GRPC_ADDR", default_value = "127.0.0.1:7071")]
     pub addr: String,
@@ -226,6 +230,8 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
             queue: args.queue.clone(),
             message: Some(message),
             correlation: i,
+            delay: args.delay.map(qmesh_proto::convert::duration),
+            deliver_at: None,
         };
         let ok = client.publish(request).await.map_err(refused)?.into_inner();
         bar.suspend(|| {

@@ -184,6 +184,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     queue: "orders".into(),
                     message: Some(message),
                     correlation: u64::from(i),
+                    delay: None,
+                    deliver_at: None,
                 })
                 .await
                 .context("publishing to the shop sidecar")?;

@@ -106,6 +106,7 @@ pub fn queue_policy(spec: &api::QueueSpec) -> control::QueuePolicy {
         dedup_window: spec.dedup_window.map(|d| duration(d.get())),
         dead_letter_queue: spec.dead_letter_queue.clone().unwrap_or_default(),
         publish_rate_limit: spec.publish_rate_limit.as_ref().map(rate_limit),
+        max_delay: Some(duration(spec.effective_max_delay())),
     }
 }
 

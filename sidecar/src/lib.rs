@@ -93,6 +93,18 @@ impl Sidecar {
         queue: &str,
         message: v1::Message,
     ) -> Result<v1::PublishResponse, BrokerError> {
+        self.publish_scheduled(queue, message, owner::Schedule::Now)
+            .await
+    }
+
+    /// Publishes an app's message to be delivered no earlier than `schedule` says (delayed and
+    /// scheduled messages).
+    pub async fn publish_scheduled(
+        &self,
+        queue: &str,
+        message: v1::Message,
+        schedule: owner::Schedule,
+    ) -> Result<v1::PublishResponse, BrokerError> {
         let started = Instant::now();
         let result = match reserved_header(&message) {
             Some(name) => Err(BrokerError::Invalid(format!(
@@ -100,7 +112,7 @@ impl Sidecar {
                  set by the broker (dead-letter reasons, redrive origins, replica bookkeeping); \
                  rename it"
             ))),
-            None => self.owner.publish(queue, message).await,
+            None => self.owner.publish(queue, message, schedule).await,
         };
         match &result {
             Ok(_) => self
@@ -301,7 +313,7 @@ impl Sidecar {
                 "inFlight": s.in_flight, "delivered": s.delivered_total, "acked": s.acked_total,
                 "nacked": s.nacked_total, "deadLettered": s.dead_lettered_total,
                 "owner": owned.get(&s.subscription).map(|o| serde_json::json!({
-                    "inFlight": o.in_flight, "waiting": o.waiting, "parked": o.parked,
+                    "inFlight": o.in_flight, "waiting": o.waiting, "scheduled": o.scheduled, "parked": o.parked,
                 })),
                 "credits": credits.get(&s.subscription),
             })).collect::<Vec<_>>(),

@@ -261,6 +261,8 @@ async fn produce(
             queue: queue.to_owned(),
             message: Some(message(&id, &key, &payload)),
             correlation: n,
+            delay: None,
+            deliver_at: None,
         };
         let outcome = tokio::time::timeout(Duration::from_secs(8), c.publish(request)).await;
         let (outcome, error) = match outcome {

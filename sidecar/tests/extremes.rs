@@ -71,6 +71,8 @@ async fn extreme_values_on_every_api_get_an_answer_and_break_nothing() {
             queue: "jobs".into(),
             message: Some(big),
             correlation: u64::MAX,
+            delay: None,
+            deliver_at: None,
         })
         .await
         .unwrap_err();
@@ -84,6 +86,8 @@ async fn extreme_values_on_every_api_get_an_answer_and_break_nothing() {
             queue: "jobs".into(),
             message: Some(headers),
             correlation: 0,
+            delay: None,
+            deliver_at: None,
         })
         .await;
     assert!(

@@ -64,6 +64,8 @@ async fn frames_over_what_the_queues_take_are_refused_from_their_length_prefix()
             queue: "small".into(),
             message: Some(message("huge", "", &"x".repeat(5 << 20))),
             correlation: 0,
+            delay: None,
+            deliver_at: None,
         })
         .await
         .unwrap_err();
@@ -76,6 +78,8 @@ async fn frames_over_what_the_queues_take_are_refused_from_their_length_prefix()
             queue: "small".into(),
             message: Some(message("big", "", &"x".repeat(2048))),
             correlation: 0,
+            delay: None,
+            deliver_at: None,
         })
         .await
         .unwrap_err();

@@ -657,6 +657,8 @@ async fn a_backlog_of_small_messages_does_not_pin_decode_buffers() {
                     queue: "jobs".into(),
                     message: Some(message(&format!("m-{t}-{i}"), "", &"x".repeat(100))),
                     correlation: 0,
+                    delay: None,
+                    deliver_at: None,
                 };
                 client.publish(request).await.unwrap();
             }

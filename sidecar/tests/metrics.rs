@@ -204,6 +204,8 @@ async fn the_owner_exports_backlog_oldest_age_consumer_links_and_certificate_exp
                 queue: queue.into(),
                 message: Some(message("e", "", &String::from_utf8(payload).unwrap())),
                 correlation: 0,
+                delay: None,
+                deliver_at: None,
             })
             .await;
         assert!(refused.is_err(), "{queue}: {refused:?}");

@@ -215,6 +215,8 @@ async fn a_full_disk_refuses_publishes_clearly_loses_nothing_and_recovers_by_its
                 queue: "burst".into(),
                 message: Some(message(&id, "", &payload)),
                 correlation: 0,
+                delay: None,
+                deliver_at: None,
             })
             .await;
         match r {
@@ -317,6 +319,8 @@ async fn publishers_vanishing_mid_publish_do_not_stall_the_queue() {
                     &payload,
                 )),
                 correlation: i,
+                delay: None,
+                deliver_at: None,
             })
             .collect();
         let mut answers = app

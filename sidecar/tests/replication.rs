@@ -205,6 +205,8 @@ async fn without_a_reachable_replica_a_replicated_publish_fails_with_unavailable
             queue: "orders".into(),
             message: Some(message("u-1", "", "lonely")),
             correlation: 0,
+            delay: None,
+            deliver_at: None,
         })
         .await
         .unwrap_err();
@@ -259,6 +261,8 @@ async fn a_sidecar_alone_in_the_mesh_refuses_replicated_publishes_at_once() {
             queue: "orders".into(),
             message: Some(message("a-1", "", "alone")),
             correlation: 0,
+            delay: None,
+            deliver_at: None,
         })
         .await
         .unwrap_err();

@@ -50,6 +50,8 @@ async fn an_app_cannot_set_the_brokers_headers() {
                 queue: "jobs".into(),
                 message: Some(forged),
                 correlation: 0,
+                delay: None,
+                deliver_at: None,
             })
             .await
             .unwrap_err();

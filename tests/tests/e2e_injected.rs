@@ -315,6 +315,8 @@ async fn injected_pods_authenticate_exchange_messages_and_show_up_in_status() {
                 queue: "orders".into(),
                 message: Some(message),
                 correlation: 0,
+                delay: None,
+                deliver_at: None,
             })
             .await
             .unwrap();

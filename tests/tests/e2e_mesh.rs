@@ -279,6 +279,8 @@ async fn publish(url: &str, ids: std::ops::Range<u32>) {
                 queue: "orders".into(),
                 message: Some(message),
                 correlation: 0,
+                delay: None,
+                deliver_at: None,
             })
             .await
             .unwrap();

@@ -406,6 +406,8 @@ async fn publish(url: &str, queue: &str, id: &str) {
             queue: queue.into(),
             message: Some(message(id)),
             correlation: 0,
+            delay: None,
+            deliver_at: None,
         })
         .await
         .unwrap();

@@ -44,6 +44,7 @@ use crate::{
     Sidecar,
     consumer::{Consumers, Holder, LocalSub, MAX_WINDOW, Nack},
     error::BrokerError,
+    owner::Schedule,
 };
 
 /// Most publishes of one connection being stored at once; reading pauses beyond it.
@@ -1116,6 +1117,22 @@ impl Connection {
             );
             return Ok(());
         }
+        let schedule = match message::delay(&content.properties) {
+            Ok(None) => Schedule::Now,
+            Ok(Some(delay)) => Schedule::After(delay, "x-delay"),
+            Err(text) => {
+                self.buffered_bytes = self.buffered_bytes.saturating_sub(bytes);
+                return Err(Fault::Channel(
+                    id,
+                    Reply {
+                        code: reply::PRECONDITION_FAILED,
+                        text,
+                        class: 60,
+                        method: 40,
+                    },
+                ));
+            }
+        };
         let message = match message::to_message(&content.properties, content.body) {
             Ok(m) => m,
             Err(text) => {
@@ -1134,7 +1151,7 @@ impl Connection {
         let sidecar = Arc::clone(&self.sidecar);
         self.publishes.push_back(
             async move {
-                let outcome = match sidecar.publish(&queue, message).await {
+                let outcome = match sidecar.publish_scheduled(&queue, message, schedule).await {
                     Ok(_) => Outcome::Stored,
                     Err(e) => Outcome::Failed(e),
                 };

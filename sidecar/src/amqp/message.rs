@@ -39,6 +39,9 @@ pub fn to_message(properties: &BasicProperties, body: Vec<u8>) -> Result<v1::Mes
     };
     if let Some(table) = properties.headers() {
         for (name, value) in table {
+            if name.as_str() == DELAY_HEADER {
+                continue;
+            }
             let text = header_text(value)
                 .ok_or_else(|| format!("header {:?}: {}", name.as_str(), unsupported(value)))?;
             message.headers.insert(name.as_str().to_owned(), text);
@@ -61,6 +64,51 @@ pub fn to_message(properties: &BasicProperties, body: Vec<u8>) -> Result<v1::Mes
     put(TIMESTAMP, properties.timestamp().map(|t| t.to_string()));
     put(PRIORITY, properties.priority().map(|p| p.to_string()));
     Ok(message)
+}
+
+/// The header of RabbitMQ's delayed-message plugin: a delay in milliseconds.
+const DELAY_HEADER: &str = "x-delay";
+
+/// The delay a publish asks for with `x-delay` (milliseconds, as RabbitMQ's delayed-message plugin
+/// takes it), or why it is not one; the header itself is not kept.
+pub fn delay(properties: &BasicProperties) -> Result<Option<std::time::Duration>, String> {
+    let Some(value) = properties
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get(DELAY_HEADER))
+    else {
+        return Ok(None);
+    };
+    let ms: i128 = match value {
+        AMQPValue::ShortShortInt(n) => i128::from(*n),
+        AMQPValue::ShortShortUInt(n) => i128::from(*n),
+        AMQPValue::ShortInt(n) => i128::from(*n),
+        AMQPValue::ShortUInt(n) => i128::from(*n),
+        AMQPValue::LongInt(n) => i128::from(*n),
+        AMQPValue::LongUInt(n) => i128::from(*n),
+        AMQPValue::LongLongInt(n) => i128::from(*n),
+        AMQPValue::Timestamp(n) => i128::from(*n),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes())
+            .trim()
+            .parse()
+            .map_err(|_| format!("header {DELAY_HEADER}: not a number of milliseconds"))?,
+        AMQPValue::ShortString(s) => s
+            .as_str()
+            .trim()
+            .parse()
+            .map_err(|_| format!("header {DELAY_HEADER}: not a number of milliseconds"))?,
+        _ => {
+            return Err(format!(
+                "header {DELAY_HEADER}: not a number of milliseconds"
+            ));
+        }
+    };
+    match u64::try_from(ms) {
+        Ok(0) => Ok(None),
+        Ok(ms) => Ok(Some(std::time::Duration::from_millis(ms))),
+        // The plugin delivers a negative delay at once; a client asking for one made a mistake.
+        Err(_) => Err(format!("header {DELAY_HEADER}: {ms} ms is negative")),
+    }
 }
 
 /// A header value as qmesh's string form; `None` for nested tables and arrays.

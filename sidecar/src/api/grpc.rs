@@ -13,7 +13,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{Sidecar, error::BrokerError, owner::browse_limit};
+use crate::{
+    Sidecar,
+    error::BrokerError,
+    owner::{Schedule, browse_limit},
+};
 
 /// Most publishes of one `PublishStream` in progress at once (pipelining depth).
 const PIPELINE: usize = 256;
@@ -41,10 +45,21 @@ impl Broker for BrokerService {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let PublishRequest { queue, message, .. } = request.into_inner();
+        let PublishRequest {
+            queue,
+            message,
+            delay,
+            deliver_at,
+            ..
+        } = request.into_inner();
         let message =
             message.ok_or_else(|| BrokerError::Invalid("publish without a message".into()))?;
-        Ok(Response::new(self.sidecar.publish(&queue, message).await?))
+        let schedule = Schedule::from_wire(delay, deliver_at)?;
+        Ok(Response::new(
+            self.sidecar
+                .publish_scheduled(&queue, message, schedule)
+                .await?,
+        ))
     }
 
     async fn browse(
@@ -105,9 +120,15 @@ impl Broker for BrokerService {
                 let sidecar = Arc::clone(&sidecar);
                 async move {
                     let request = item?;
-                    let result = match request.message {
-                        None => Err(BrokerError::Invalid("publish without a message".into())),
-                        Some(message) => sidecar.publish(&request.queue, message).await,
+                    let schedule = Schedule::from_wire(request.delay, request.deliver_at);
+                    let result = match (request.message, schedule) {
+                        (None, _) => Err(BrokerError::Invalid("publish without a message".into())),
+                        (_, Err(e)) => Err(e),
+                        (Some(message), Ok(schedule)) => {
+                            sidecar
+                                .publish_scheduled(&request.queue, message, schedule)
+                                .await
+                        }
                     };
                     Ok(PublishResult {
                         correlation: request.correlation,

@@ -2,10 +2,10 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /v1/queues/{queue}/messages` (raw body; `qmesh-id`, `qmesh-key`, `qmesh-h-<name>` headers) | `201 {"id", "sequence", "duplicate"}` |
+//! | `POST /v1/queues/{queue}/messages` (raw body; `qmesh-id`, `qmesh-key`, `qmesh-h-<name>` headers; `qmesh-delay: 30s` or `qmesh-deliver-at: <RFC 3339>` for a delayed message) | `201 {"id", "sequence", "duplicate"}` |
 //! | `GET /v1/subscriptions/{sub}/messages?max=N&wait=5s` | `200 {"messages": [{"id", "payload" (base64), "headers", "key", "attempt", "receipt", "publishTime"}]}` |
 //! | `POST /v1/subscriptions/{sub}/ack` `{"receipts": [...]}` | `200 {"settled": n, "unknown": [...]}` |
-//! | `POST /v1/subscriptions/{sub}/nack` `{"receipts": [...], "delay": "5s", "reason": "..."}` | same |
+//! | `POST /v1/subscriptions/{sub}/nack` `{"receipts": [...], "delay": "5s", "reason": "...", "deadLetter": false}` | same |
 //! | `GET /v1/queues/{queue}/held?max=N` (dead letters, parked messages) | `200 {"messages": [{"id", "sequence", "payload" (base64), "headers", "key", "subscriptions": [{"subscription", "attempts", "state", "lastError"}]}], "total"}` |
 //! | `POST /v1/queues/{queue}/redrive` `{"to": "...", "max": N}` (body optional) | `200 {"republished", "unparked", "skipped", "failed": [{"id", "error"}]}` |
 //! | `POST /v1/queues/{queue}/purge` `{"max": N}` (body optional) | `200 {"purged", "skipped", "remaining"}` |
@@ -28,7 +28,7 @@ use base64::Engine;
 use qmesh_proto::v1;
 use serde::{Deserialize, Serialize};
 
-use crate::{Sidecar, consumer::HTTP_HOLDER, error::BrokerError};
+use crate::{Sidecar, consumer::HTTP_HOLDER, error::BrokerError, owner::Schedule};
 
 /// Longest long-poll wait accepted.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -159,7 +159,38 @@ async fn publish(
         key: text("qmesh-key")?,
         publish_time: None,
     };
-    let ok = sidecar.publish(&queue, message).await?;
+    let schedule = match (
+        headers.get("qmesh-delay").is_some(),
+        headers.get("qmesh-deliver-at").is_some(),
+    ) {
+        (true, true) => {
+            return Err(BrokerError::Invalid(
+                "give qmesh-delay or qmesh-deliver-at, not both".into(),
+            )
+            .into());
+        }
+        (true, false) => {
+            let text = text("qmesh-delay")?;
+            let delay = crate::config::parse_duration(&text)
+                .map_err(|e| BrokerError::Invalid(format!("header qmesh-delay: {text:?}: {e}")))?;
+            if delay.is_zero() {
+                Schedule::Now
+            } else {
+                Schedule::After(delay, "qmesh-delay")
+            }
+        }
+        (false, true) => {
+            let text = text("qmesh-deliver-at")?;
+            let at = qmesh_api::StartAt::parse_time(&text).map_err(|e| {
+                BrokerError::Invalid(format!(
+                    "header qmesh-deliver-at: {text:?} is not an RFC 3339 time: {e}"
+                ))
+            })?;
+            Schedule::At(at, "qmesh-deliver-at")
+        }
+        (false, false) => Schedule::Now,
+    };
+    let ok = sidecar.publish_scheduled(&queue, message, schedule).await?;
     Ok((
         StatusCode::CREATED,
         Json(Published {

@@ -18,7 +18,7 @@ use qmesh_proto::{
     v1,
 };
 
-use super::{OwnedQueue, Owner, headers, log::Outcome, new_id};
+use super::{OwnedQueue, Owner, Schedule, headers, log::Outcome, new_id};
 use crate::error::BrokerError;
 
 /// Headers a dead letter carries that do not belong on the redriven message.
@@ -197,7 +197,7 @@ impl Owner {
             // A fresh id: the original may still sit in the target's dedup window.
             again.id = new_id();
             again.publish_time = None;
-            match self.publish(&target, again).await {
+            match self.publish(&target, again, Schedule::Now).await {
                 Ok(_) => {
                     // Gone meanwhile (expired, or consumed) means there is nothing left to remove.
                     let owed = q.lock().remove_held(sequence);

@@ -630,6 +630,7 @@ impl Owner {
         self: &Arc<Self>,
         queue: &str,
         mut message: v1::Message,
+        schedule: Schedule,
     ) -> Result<v1::PublishResponse, BrokerError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(BrokerError::ShuttingDown);
@@ -644,6 +645,19 @@ impl Owner {
         })?;
         if !qv.app_may_publish {
             return Err(BrokerError::NotPublisher(queue.to_owned()));
+        }
+        let max_delay = qv
+            .policy
+            .as_ref()
+            .and_then(|p| p.max_delay.as_ref())
+            .map_or(
+                qmesh_api::DEFAULT_MAX_DELAY,
+                qmesh_proto::convert::std_duration,
+            );
+        if let Some(at) = schedule.deliver_at_ms(queue, max_delay, SystemTime::now())? {
+            message
+                .headers
+                .insert(queue::DELIVER_AT_HEADER.to_owned(), at.to_string());
         }
         let q = self
             .queue_for(&view, queue)
@@ -2195,6 +2209,7 @@ impl Owner {
                             dead_lettered_total: sub.dead_lettered_total,
                             parked: sub.parked.len() as u64,
                             waiting: sub.waiting.len() as u64,
+                            scheduled: sub.scheduled(),
                             oldest_age: s
                                 .oldest_owed_ms(name, now_ms, now)
                                 .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms))),
@@ -2239,8 +2254,10 @@ pub struct SubFigures {
     pub dead_lettered_total: u64,
     /// Exhausted without a dead-letter queue, kept.
     pub parked: u64,
-    /// Waiting out a retry backoff or a nack's delay.
+    /// Waiting: out a retry backoff or a nack's delay, or for the time of a delayed message.
     pub waiting: u64,
+    /// Of those, delayed or scheduled messages not yet due (never delivered).
+    pub scheduled: u64,
     /// How long ago the oldest message it owes here was published
     /// ([`queue::QueueState::oldest_owed_ms`]); `None` when it owes nothing.
     pub oldest_age: Option<Duration>,
@@ -2353,6 +2370,75 @@ pub fn new_id() -> String {
         .rev()
         .map(|i| ALPHABET[((value >> (i * 5)) & 31) as usize] as char)
         .collect()
+}
+
+/// When an app's publish may be delivered: at once, after a delay, or from a time on (delayed and
+/// scheduled messages). Each names the field or header it came from, for errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// At once.
+    #[default]
+    Now,
+    /// This long after the publish.
+    After(Duration, &'static str),
+    /// From this time on (a past time: at once).
+    At(SystemTime, &'static str),
+}
+
+impl Schedule {
+    /// From `PublishRequest.delay` / `deliver_at` (at most one; a zero delay is none).
+    pub fn from_wire(
+        delay: Option<prost_types::Duration>,
+        at: Option<prost_types::Timestamp>,
+    ) -> Result<Self, BrokerError> {
+        match (delay, at) {
+            (Some(_), Some(_)) => Err(BrokerError::Invalid(
+                "give delay or deliver_at, not both".into(),
+            )),
+            (Some(d), None) if d.seconds < 0 || d.nanos < 0 => Err(BrokerError::Invalid(format!(
+                "delay: {}s is negative",
+                d.seconds
+            ))),
+            (Some(d), None) => {
+                let d = qmesh_proto::convert::std_duration(&d);
+                Ok(if d.is_zero() {
+                    Self::Now
+                } else {
+                    Self::After(d, "delay")
+                })
+            }
+            (None, Some(t)) => SystemTime::try_from(t)
+                .map(|t| Self::At(t, "deliver_at"))
+                .map_err(|e| BrokerError::Invalid(format!("deliver_at: not a valid time: {e}"))),
+            (None, None) => Ok(Self::Now),
+        }
+    }
+
+    /// The unix ms from which the message may be delivered (`None`: at once), within the queue's
+    /// `maxDelay`.
+    pub fn deliver_at_ms(
+        self,
+        queue: &str,
+        max_delay: Duration,
+        now: SystemTime,
+    ) -> Result<Option<u64>, BrokerError> {
+        let (at, wait, field) = match self {
+            Self::Now => return Ok(None),
+            Self::After(d, field) => (now.checked_add(d), d, field),
+            Self::At(t, field) => match t.duration_since(now) {
+                Ok(ahead) if !ahead.is_zero() => (Some(t), ahead, field),
+                _ => return Ok(None),
+            },
+        };
+        if wait > max_delay {
+            return Err(BrokerError::Invalid(format!(
+                "{field}: {} ahead is beyond queue {queue:?}'s maxDelay of {} (spec.maxDelay)",
+                qmesh_api::Duration(wait),
+                qmesh_api::Duration(max_delay)
+            )));
+        }
+        Ok(at.map(retain::unix_ms))
+    }
 }
 
 #[cfg(test)]

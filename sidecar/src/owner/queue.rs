@@ -100,6 +100,14 @@ impl SubState {
             + self.spilled
     }
 
+    /// Delayed or scheduled messages waiting for their time (waiting, never attempted).
+    pub fn scheduled(&self) -> u64 {
+        self.waiting
+            .iter()
+            .filter(|Reverse((_, seq))| !self.attempts.contains_key(seq))
+            .count() as u64
+    }
+
     /// Messages ready for delivery, held or spilled.
     pub fn ready_work(&self) -> usize {
         self.ready.len() + self.spilled as usize
@@ -387,6 +395,16 @@ pub enum Duplicate {
     Stored(u64),
     /// The original is still being persisted; its outcome follows.
     Pending(u64, tokio::sync::oneshot::Receiver<Result<(), BrokerError>>),
+}
+
+/// Header the owner keeps on a delayed or scheduled message: the unix ms from which it may be
+/// delivered. Set by the broker only (apps cannot set `qmesh-` headers); survives restarts,
+/// hand-overs and replicas with the message.
+pub const DELIVER_AT_HEADER: &str = "qmesh-deliver-at";
+
+/// When a message may be delivered (unix ms), if it was published delayed or scheduled.
+pub fn deliver_at_ms(message: &v1::Message) -> Option<u64> {
+    message.headers.get(DELIVER_AT_HEADER)?.parse().ok()
 }
 
 /// Most replays a queue keeps waiting (one per subscription beyond the running one: repeated
@@ -1065,9 +1083,26 @@ impl QueueState {
     ) {
         let size = message_size(&message);
         self.newest_held_ms = self.newest_held_ms.max(retain::published_ms(&message));
+        // A delayed message waits for its time like a retry waits out its backoff: one timer.
+        let not_before = deliver_at_ms(&message).and_then(|at| {
+            let now_ms = retain::unix_ms(std::time::SystemTime::now());
+            (at > now_ms).then(|| later(now, Duration::from_millis(at - now_ms)))
+        });
+        let ordered = self.ordered();
         for (sub, attempts) in &pending {
             let state = self.sub_or_dormant(sub, now);
-            state.ready.insert(sequence);
+            match not_before {
+                Some(due) => {
+                    // Its key is busy until then, as for a retry: later messages of the key wait.
+                    if ordered {
+                        state.busy(&message.key);
+                    }
+                    state.waiting.push(Reverse((due, sequence)));
+                }
+                None => {
+                    state.ready.insert(sequence);
+                }
+            }
             if *attempts > 0 {
                 state.attempts.insert(sequence, *attempts);
             }
@@ -1741,6 +1776,70 @@ mod tests {
             room,
             Instant::now(),
         )
+    }
+
+    #[test]
+    fn a_delayed_message_waits_in_the_retry_heap_until_its_time_and_holds_its_key() {
+        let mut q = QueueState::new(control::QueueView {
+            name: "q".into(),
+            routes: vec![control::Route {
+                subscription: "s".into(),
+                ..Default::default()
+            }],
+            policy: Some(control::QueuePolicy {
+                ordering: control::Ordering::Key as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let now = Instant::now();
+        let in_2s = retain::unix_ms(std::time::SystemTime::now()) + 2_000;
+        let mut delayed = v1::Message {
+            id: "later".into(),
+            key: "k".into(),
+            ..Default::default()
+        };
+        delayed
+            .headers
+            .insert(DELIVER_AT_HEADER.into(), in_2s.to_string());
+        q.reserve(1, "later", now);
+        q.insert(
+            1,
+            Arc::new(delayed),
+            vec![("s".into(), 0)],
+            at(100),
+            true,
+            now,
+        );
+        let plain = v1::Message {
+            id: "next".into(),
+            key: "k".into(),
+            ..Default::default()
+        };
+        q.reserve(2, "next", now);
+        q.insert(
+            2,
+            Arc::new(plain),
+            vec![("s".into(), 0)],
+            at(200),
+            true,
+            now,
+        );
+        assert_eq!(q.subs["s"].scheduled(), 1);
+        // Nothing goes out: 1 waits for its time, 2 for its key.
+        assert!(q.dispatch(now, &|_| vec![7], &mut |_, _| true).is_empty());
+        let (_, next) = q.tick(now);
+        let wake = next.expect("a wake-up at the due time");
+        assert!(
+            wake >= now + Duration::from_millis(1_900)
+                && wake <= now + Duration::from_millis(2_100)
+        );
+        // Due: 1 first, then 2 once 1 is settled.
+        let later = now + Duration::from_millis(2_100);
+        q.tick(later);
+        let out = q.dispatch(later, &|_| vec![7], &mut |_, _| true);
+        assert_eq!(out.iter().map(|o| o.sequence).collect::<Vec<_>>(), [1]);
+        assert_eq!(q.subs["s"].scheduled(), 0);
     }
 
     #[test]

@@ -11,6 +11,7 @@ Each subcommand prints JSON lines on stdout for sidecar/tests/amqp.rs to check:
   get URL QUEUE                          basic.get until a message comes, then ack it
   errors URL QUEUE                       what a user gets wrong: each error as a line
   heartbeat URL QUEUE SECONDS            a quiet connection with a short heartbeat stays up
+  delayed URL QUEUE BODY MS              one publish with RabbitMQ's delayed-message header x-delay
   kombu URL QUEUE N                      a second client library (kombu on py-amqp): publish N,
                                          consume them with manual acks
 """
@@ -204,6 +205,18 @@ def heartbeat(url, queue, seconds):
     connection.close()
 
 
+def delayed(url, queue, body, ms):
+    import pika
+
+    connection = pika_connection(url)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.basic_publish(exchange="", routing_key=queue, body=body,
+                          properties=pika.BasicProperties(message_id=body, headers={"x-delay": ms}))
+    emit(confirmed=body, delay_ms=ms)
+    connection.close()
+
+
 def kombu_roundtrip(url, queue_name, n):
     from kombu import Connection, Consumer, Exchange, Queue
 
@@ -259,6 +272,8 @@ def main():
         errors(args[0], args[1])
     elif command == "heartbeat":
         heartbeat(args[0], args[1], float(args[2]))
+    elif command == "delayed":
+        delayed(args[0], args[1], args[2], int(args[3]))
     elif command == "kombu":
         kombu_roundtrip(args[0], args[1], int(args[2]))
     else:

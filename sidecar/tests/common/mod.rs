@@ -56,6 +56,8 @@ pub async fn publish_all(
             queue: queue.to_owned(),
             message: Some(m),
             correlation: i as u64,
+            delay: None,
+            deliver_at: None,
         })
         .collect();
     let mut results: Vec<Option<Result<v1::PublishResponse, v1::Error>>> = vec![None; n];

@@ -128,7 +128,7 @@ async fn get_with_a_kubeconfig_shows_the_status_the_operator_wrote() {
     assert_eq!(
         cells,
         [
-            "default", "billing", "orders", "Pull", "3", "7", "2", "-", "-", "-", "1"
+            "default", "billing", "orders", "Pull", "3", "7", "-", "2", "-", "-", "-", "1"
         ],
         "{table}"
     );

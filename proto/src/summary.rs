@@ -86,6 +86,7 @@ pub fn summarize(
         for stats in stats_in(ns).into_iter().flat_map(|s| &s.subscriptions) {
             if stats.subscription == *name {
                 row.backlog += stats.backlog;
+                row.scheduled += stats.scheduled;
                 row.in_flight += stats.in_flight;
                 row.ack_rate += stats.ack_rate;
                 row.acked_total += stats.acked_total;
@@ -206,6 +207,7 @@ spec: {peerAddress: "127.0.0.1:9003", grpcAddress: "127.0.0.1:9103", httpAddress
                 subscription: "billing".into(),
                 queue: "orders".into(),
                 backlog,
+                scheduled: backlog / 2,
                 oldest_age: age(oldest),
                 ..Default::default()
             }],
@@ -239,6 +241,7 @@ spec: {peerAddress: "127.0.0.1:9003", grpcAddress: "127.0.0.1:9103", httpAddress
         assert_eq!((limit.messages_per_second, limit.burst), (50.0, 50));
         let billing = &status.subscriptions[0];
         assert_eq!((billing.backlog, billing.oldest_age), (7, age(12)));
+        assert_eq!(billing.scheduled, 1 + 2, "delayed messages not due, over the owners");
         let limit = billing.rate_limit.unwrap();
         assert_eq!((limit.messages_per_second, limit.burst), (10.0, 5));
         let sidecar = |name: &str| status.sidecars.iter().find(|s| s.name == name).unwrap();

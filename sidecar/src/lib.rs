@@ -182,6 +182,12 @@ impl Sidecar {
                 g.set(n);
             })
         }));
+        self.metrics.scheduled.refresh(owed().map(|(queue, s)| {
+            let n = s.scheduled as i64;
+            (label(queue, &s.subscription), move |g: &Gauge| {
+                g.set(n);
+            })
+        }));
         self.metrics.oldest_age.refresh(owed().map(|(queue, s)| {
             let age = s.oldest_age.unwrap_or_default().as_secs_f64();
             (
@@ -256,6 +262,7 @@ impl Sidecar {
                 e.subscription = s.subscription;
                 e.queue = q.queue.clone();
                 e.backlog = s.backlog;
+                e.scheduled = s.scheduled;
                 e.dead_lettered_total = s.dead_lettered_total;
                 e.oldest_age = age(s.oldest_age);
             }

@@ -120,6 +120,7 @@ pub struct Metrics {
     pub replica_bytes: Gauge,
     /// Owner backlog per subscription (refreshed on scrape).
     pub backlog: SubGauges<Gauge>,
+    pub scheduled: SubGauges<Gauge>,
     /// Age of the oldest message a subscription owes this owner (refreshed on scrape).
     pub oldest_age: SubGauges<SecondsGauge>,
     /// Consumer sidecars of a subscription this owner has a live link to (refreshed on scrape).
@@ -297,6 +298,7 @@ impl Default for Metrics {
         let replica_adopted = Family::default();
         let replica_bytes = Gauge::default();
         let backlog = SubGauges::default();
+        let scheduled = SubGauges::default();
         let oldest_age = SubGauges::default();
         let consumer_links = SubGauges::default();
         let in_flight = SubGauges::default();
@@ -362,6 +364,11 @@ impl Default for Metrics {
             backlog.family(),
         );
         registry.register(
+            "scheduled_messages",
+            "Delayed or scheduled messages this owner holds that are not due yet (part of the backlog)",
+            scheduled.family(),
+        );
+        registry.register(
             "oldest_unacked_age_seconds",
             "Age (since publish) of the oldest message this owner holds that a subscription has \
              not acked; 0 when it owes nothing",
@@ -411,6 +418,7 @@ impl Default for Metrics {
             replica_adopted,
             replica_bytes,
             backlog,
+            scheduled,
             oldest_age,
             consumer_links,
             in_flight,

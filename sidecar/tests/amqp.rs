@@ -69,6 +69,38 @@ metadata: {name: dlq-audit}
 spec:
   queue: task-dlq
   consumers: {matchLabels: {app: auditor}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: tiny}
+spec:
+  retention: {maxMessages: 1, overflow: Reject}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: tiny-readers}
+spec:
+  queue: tiny
+  consumers: {matchLabels: {app: nobody}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Queue
+metadata: {name: multi}
+spec: {}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: multi-a}
+spec:
+  queue: multi
+  consumers: {matchLabels: {app: producer}}
+---
+apiVersion: qmesh.io/v1alpha1
+kind: Subscription
+metadata: {name: multi-b}
+spec:
+  queue: multi
+  consumers: {matchLabels: {app: producer}}
 "#;
 
 fn python() -> String {
@@ -429,6 +461,35 @@ async fn basic_get_heartbeats_a_second_client_and_the_errors_users_meet() {
     );
     assert_eq!(case("mandatory publish to no queue")["unroutable"], 1);
     assert_eq!(case("ack of an unknown delivery tag")["code"], 406);
+    // A full queue nacks the confirm; several Subscriptions need the consume argument; cancel;
+    // one ack with multiple=True settles five deliveries.
+    let more = Client::run(&["more", &producer]);
+    let case = |name: &str| {
+        more.iter()
+            .find(|l| l["case"] == name)
+            .unwrap_or_else(|| panic!("no line for {name:?}: {more:#?}"))
+            .clone()
+    };
+    assert_eq!(
+        case("full queue")["confirms"],
+        serde_json::json!(["ack", "nack"])
+    );
+    let ambiguous = case("ambiguous consume");
+    assert_eq!(ambiguous["code"], 406, "{ambiguous}");
+    assert!(
+        ambiguous["text"]
+            .as_str()
+            .unwrap()
+            .contains("x-qmesh-subscription"),
+        "{ambiguous}"
+    );
+    assert_eq!(case("chosen consume and cancel")["open"], true);
+    assert_eq!(
+        case("ack multiple")["tags"],
+        serde_json::json!([1, 2, 3, 4, 5])
+    );
+    until_sub_settled(mesh.sidecar("producer").admin, "multi-a", 15).await;
+
     // None of the refused publishes was stored.
     let backlog = queue_backlog(mesh.sidecar("producer").admin, "task-queue").await;
     assert_eq!(backlog, 0, "nothing refused was stored");

@@ -257,11 +257,15 @@ async fn produce(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        // Some orders are delayed messages: they must not reach a consumer before their time.
+        let delay = (queue == "orders" && payload == "order" && rng.chance(10))
+            .then(|| rng.millis(200, 1500));
+        let sent = history.started.elapsed().as_secs_f64();
         let request = v1::PublishRequest {
             queue: queue.to_owned(),
             message: Some(message(&id, &key, &payload)),
             correlation: n,
-            delay: None,
+            delay: delay.map(qmesh_proto::convert::duration),
             deliver_at: None,
         };
         let outcome = tokio::time::timeout(Duration::from_secs(8), c.publish(request)).await;
@@ -291,7 +295,8 @@ async fn produce(
         };
         history.record(
             json!({"kind": "publish", "queue": queue, "producer": sidecar, "id": id,
-            "key": key, "payload": payload, "outcome": outcome, "error": error}),
+            "key": key, "payload": payload, "outcome": outcome, "error": error, "sent": sent,
+            "delay": delay.map(|d| d.as_secs_f64())}),
         );
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
@@ -569,6 +574,7 @@ struct Verdict {
     deliveries: u64,
     dead_letters: u64,
     rejected: u64,
+    delayed: u64,
     duplicates: u64,
     redeliveries: u64,
     repeats_after_faults: u64,
@@ -637,6 +643,32 @@ fn check(history: &[Value]) -> Verdict {
             missing.len(),
             &missing[..missing.len().min(10)]
         ));
+    }
+
+    // no_delayed_message_is_delivered_before_its_time
+    let not_before: HashMap<&str, f64> = history
+        .iter()
+        .filter(|e| e["kind"] == "publish")
+        .filter_map(|e| {
+            let delay = e["delay"].as_f64()?;
+            Some((e["id"].as_str()?, e["sent"].as_f64()? + delay))
+        })
+        .collect();
+    v.delayed = history
+        .iter()
+        .filter(|e| e["kind"] == "publish" && e["outcome"] == "ok" && e["delay"].is_number())
+        .count() as u64;
+    for e in history.iter().filter(|e| e["kind"] == "deliver") {
+        let id = e["id"].as_str().unwrap_or_default();
+        let t = e["t"].as_f64().unwrap_or(0.0);
+        // 20 ms for the two clocks (the owner's wall clock, this process's monotonic one).
+        if let Some(due) = not_before.get(id)
+            && t + 0.02 < *due
+        {
+            v.failures.push(format!(
+                "no_delayed_message_is_delivered_before_its_time: {id} delivered at {t:.3}s, due at {due:.3}s"
+            ));
+        }
     }
 
     // dead_letters_carry_their_reason_and_come_from_published_messages
@@ -998,12 +1030,13 @@ async fn run_campaign(c: Campaign) {
         .map(|e| e["replaying"].as_u64().unwrap_or(0))
         .collect();
     eprintln!(
-        "campaign seed {seed}: faults [{}]; rewinds {} ({} answered, {} owners replaying); published ok {}, unknown {}, refused {}; deliveries {}; dead letters {} ({} deliveries rejected); lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault, {} after a rewind); peak RSS {} MiB; backlogs spilled to disk {spills} times; disk-full fault {}",
+        "campaign seed {seed}: faults [{}]; rewinds {} ({} answered, {} owners replaying); published ok {} ({} delayed), unknown {}, refused {}; deliveries {}; dead letters {} ({} deliveries rejected); lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault, {} after a rewind); peak RSS {} MiB; backlogs spilled to disk {spills} times; disk-full fault {}",
         faults.join(", "),
         rewound.len(),
         rewound.iter().filter(|r| **r > 0).count(),
         rewound.iter().sum::<u64>(),
         verdict.published,
+        verdict.delayed,
         verdict.unknown,
         verdict.refused,
         verdict.deliveries,

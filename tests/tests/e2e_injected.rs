@@ -109,6 +109,7 @@ impl Kubelet {
             "QMESH_GRPC_LISTEN",
             "QMESH_HTTP_LISTEN",
             "QMESH_ADMIN_LISTEN",
+            "QMESH_AMQP_LISTEN",
         ] {
             let port = env[key].rsplit(':').next().unwrap().to_owned();
             env.insert(key.into(), format!("{ip}:{port}"));
@@ -298,6 +299,19 @@ async fn injected_pods_authenticate_exchange_messages_and_show_up_in_status() {
             .await
             .unwrap();
         kubelet.run(&client, &pod, ip, operator.control_addr).await;
+    }
+
+    // The injected env turns the AMQP listener on at the pod's 5672 (RabbitMQ client code): it
+    // answers a client that does not speak AMQP with the protocol header it speaks.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut amqp = tokio::net::TcpStream::connect((checkout_ip, 5672))
+            .await
+            .unwrap();
+        amqp.write_all(b"HELLO\r\n\r\n").await.unwrap();
+        let mut header = [0u8; 8];
+        amqp.read_exact(&mut header).await.unwrap();
+        assert_eq!(&header, b"AMQP\x00\x00\x09\x01");
     }
 
     // Published while nobody consumes: the backlog shows in the Queue's status.

@@ -91,6 +91,8 @@ impl PodSidecar {
                 &format!("{ip}:7072"),
                 "--admin-addr",
                 &format!("{ip}:7073"),
+                "--amqp-addr",
+                &format!("{ip}:5672"),
             ])
             .arg("--data-dir")
             .arg(data.path())

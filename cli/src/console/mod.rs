@@ -558,6 +558,7 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
                 "consumers": s.consumers,
                 "app_consumers": s.consumer_streams,
                 "backlog": s.backlog,
+                "scheduled": s.scheduled,
                 "in_flight": s.in_flight,
                 "acked_total": s.acked_total,
                 "ack_rate": s.ack_rate,

@@ -10,6 +10,8 @@ Each subcommand prints JSON lines on stdout for sidecar/tests/amqp.rs to check:
                                          rejected without requeue (dead letter now)
   get URL QUEUE                          basic.get until a message comes, then ack it
   errors URL QUEUE                       what a user gets wrong: each error as a line
+  more URL                               confirms nacked by a full queue, choosing a Subscription,
+                                         ack with multiple=True, basic.cancel
   heartbeat URL QUEUE SECONDS            a quiet connection with a short heartbeat stays up
   delayed URL QUEUE BODY MS              one publish with RabbitMQ's delayed-message header x-delay
   kombu URL QUEUE N                      a second client library (kombu on py-amqp): publish N,
@@ -192,6 +194,66 @@ def errors(url, queue):
     attempt("ack of an unknown delivery tag", unknown_tag)
 
 
+def more(url):
+    import pika
+    from pika import exceptions
+
+    # A full queue (retention maxMessages 1, overflow Reject): the second confirm is a nack.
+    connection = pika_connection(url)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    outcomes = []
+    for i in range(2):
+        try:
+            channel.basic_publish(exchange="", routing_key="tiny", body=f"t{i}".encode())
+            outcomes.append("ack")
+        except exceptions.NackError:
+            outcomes.append("nack")
+    emit(case="full queue", confirms=outcomes)
+    connection.close()
+
+    # Two Subscriptions of `multi` serve this pod: consuming needs x-qmesh-subscription.
+    connection = pika_connection(url)
+    channel = connection.channel()
+    try:
+        channel.basic_consume(queue="multi", on_message_callback=lambda *a: None)
+        emit(case="ambiguous consume", error=None)
+    except exceptions.ChannelClosedByBroker as e:
+        emit(case="ambiguous consume", code=e.reply_code, text=e.reply_text)
+    if connection.is_open:
+        connection.close()
+    connection = pika_connection(url)
+    channel = connection.channel()
+    tag = channel.basic_consume(queue="multi", on_message_callback=lambda *a: None,
+                                arguments={"x-qmesh-subscription": "multi-b"})
+    # basic.cancel answers cancel-ok; the channel stays usable.
+    channel.basic_cancel(tag)
+    channel.queue_declare(queue="multi", passive=True)
+    emit(case="chosen consume and cancel", tag=tag, open=channel.is_open)
+    connection.close()
+
+    # Five deliveries held unacked (prefetch 5), then one ack with multiple=True settles them all.
+    connection = pika_connection(url)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for i in range(5):
+        channel.basic_publish(exchange="", routing_key="multi", body=f"m{i}".encode())
+    channel.basic_qos(prefetch_count=5)
+    got = []
+
+    def on_message(ch, method, properties, body):
+        got.append(method.delivery_tag)
+        if len(got) == 5:
+            ch.basic_ack(delivery_tag=method.delivery_tag, multiple=True)
+            ch.stop_consuming()
+
+    channel.basic_consume(queue="multi", on_message_callback=on_message,
+                          arguments={"x-qmesh-subscription": "multi-a"})
+    channel.start_consuming()
+    emit(case="ack multiple", tags=got)
+    connection.close()
+
+
 def heartbeat(url, queue, seconds):
     import pika
 
@@ -270,6 +332,8 @@ def main():
         get(args[0], args[1])
     elif command == "errors":
         errors(args[0], args[1])
+    elif command == "more":
+        more(args[0])
     elif command == "heartbeat":
         heartbeat(args[0], args[1], float(args[2]))
     elif command == "delayed":

@@ -409,6 +409,7 @@
           h("td", { "data-col": "mode" }, s.mode),
           numCell("consumers", s.consumers, fmtInt(s.consumers)),
           numCell("backlog", s.backlog, fmtInt(s.backlog)),
+          numCell("scheduled", s.scheduled, fmtInt(s.scheduled)),
           numCell("in_flight", s.in_flight, fmtInt(s.in_flight)),
           numCell("acked_total", s.acked_total, fmtInt(s.acked_total)),
           numCell("deliver_rate", s.deliver_rate, fmtRate(s.deliver_rate)),

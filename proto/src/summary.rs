@@ -241,7 +241,11 @@ spec: {peerAddress: "127.0.0.1:9003", grpcAddress: "127.0.0.1:9103", httpAddress
         assert_eq!((limit.messages_per_second, limit.burst), (50.0, 50));
         let billing = &status.subscriptions[0];
         assert_eq!((billing.backlog, billing.oldest_age), (7, age(12)));
-        assert_eq!(billing.scheduled, 1 + 2, "delayed messages not due, over the owners");
+        assert_eq!(
+            billing.scheduled,
+            1 + 2,
+            "delayed messages not due, over the owners"
+        );
         let limit = billing.rate_limit.unwrap();
         assert_eq!((limit.messages_per_second, limit.burst), (10.0, 5));
         let sidecar = |name: &str| status.sidecars.iter().find(|s| s.name == name).unwrap();

@@ -373,3 +373,50 @@ async fn rabbitmq_clients_delay_with_the_x_delay_header() {
         "arrived after {at:?}"
     );
 }
+
+/// A scheduled message keeps its time through a graceful hand-over: the owner going away hands it
+/// to another publisher of the queue, which holds it until its time (not at once, not lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_message_keeps_its_time_through_a_hand_over() {
+    let mut mesh = mesh()
+        .manifests(MESH)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("standby", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .arg("--shutdown-grace")
+        .arg("2s")
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let arrivals = Arrivals::start(&mesh.sidecar("worker").grpc_url()).await;
+    let mut app = client(&mesh.sidecar("producer").grpc_url()).await;
+    let t0 = Instant::now();
+    app.publish(request("handed-over", Some(Duration::from_secs(5)), None))
+        .await
+        .unwrap();
+    // SIGTERM: the drain waits half its grace for the backlog, then hands over what is left.
+    mesh.sidecar("producer").terminate().unwrap();
+    let code = mesh
+        .sidecar_mut("producer")
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    assert_eq!(arrivals.count("handed-over"), 0, "not delivered early");
+    assert_eq!(
+        scheduled(mesh.sidecar("standby").admin).await,
+        1,
+        "the standby holds it, scheduled"
+    );
+    until("the handed-over message", 20, || {
+        arrivals.count("handed-over") > 0
+    })
+    .await;
+    let at = arrivals.at("handed-over").unwrap().duration_since(t0);
+    assert!(
+        at + Duration::from_millis(2) >= Duration::from_secs(5),
+        "arrived after {at:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(arrivals.count("handed-over"), 1);
+}

@@ -212,7 +212,8 @@ pub mod headers {
     /// Why a message taken over from a peer may not carry its reserved headers, if it may not:
     /// only the broker sets `qmesh-` headers, so an adopted message carries only those the broker
     /// could have set on a message of `queue` — the dead-letter ones only in a queue `dead_letters`
-    /// says is the dead-letter queue of the queue they name, the redrive ones anywhere.
+    /// says is the dead-letter queue of the queue they name, the redrive ones and a delayed
+    /// message's time anywhere.
     pub fn forged(
         queue: &str,
         headers: &std::collections::HashMap<String, String>,
@@ -225,6 +226,12 @@ pub mod headers {
             }
             match lower.as_str() {
                 ORIGINAL_ID | REDRIVEN_FROM => {}
+                // A delayed message's time travels with it (the owner set it within maxDelay).
+                super::queue::DELIVER_AT_HEADER => {
+                    if headers[name].parse::<u64>().is_err() {
+                        return Some(format!("its {name} is not a time in unix milliseconds"));
+                    }
+                }
                 REASON | ORIGINAL_SUBSCRIPTION | DELIVERY_COUNT | LAST_ERROR | ORIGINAL_QUEUE => {
                     let origin = headers.get(ORIGINAL_QUEUE).map_or("", String::as_str);
                     if origin.is_empty() || !dead_letters_into(origin) {
@@ -2475,6 +2482,11 @@ mod tests {
             (headers::ORIGINAL_QUEUE, "payments"),
         ]);
         assert!(headers::forged("orders-dlq", &elsewhere, into_dlq).is_some());
+        // A delayed message's time travels (hand-over, adoption), if it is a time.
+        let delayed = with(&[(super::queue::DELIVER_AT_HEADER, "1765000000000")]);
+        assert_eq!(headers::forged("orders", &delayed, |_| false), None);
+        let garbled = with(&[(super::queue::DELIVER_AT_HEADER, "soon")]);
+        assert!(headers::forged("orders", &garbled, |_| false).is_some());
         // Any other reserved header, in any case.
         let other = with(&[("QMESH-Replica-Owner-Sequence", "9")]);
         let why = headers::forged("orders", &other, into_dlq).unwrap();

@@ -79,6 +79,36 @@ fn not_implemented(method: &AMQPClass, name: &str, hint: &str) -> Reply {
     .about(method)
 }
 
+/// A client method qmesh does not support: its name and what to do instead (answered with 540).
+fn unsupported(method: &AMQPClass) -> Option<(&'static str, &'static str)> {
+    Some(match method {
+        AMQPClass::Tx(_) => (
+            "tx (AMQP transactions)",
+            "; use publisher confirms (confirm.select)",
+        ),
+        AMQPClass::Basic(basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_)) => {
+            ("basic.recover", "; nack with requeue=true instead")
+        }
+        AMQPClass::Queue(queue::AMQPMethod::Bind(_) | queue::AMQPMethod::Unbind(_)) => (
+            "queue.bind",
+            "; Subscriptions route a Queue's messages (kubectl apply a Subscription)",
+        ),
+        AMQPClass::Queue(queue::AMQPMethod::Purge(_)) => {
+            ("queue.purge", "; use `qmesh dlq purge` for held messages")
+        }
+        AMQPClass::Queue(queue::AMQPMethod::Delete(_)) => (
+            "queue.delete",
+            "; queues come from Queue resources (kubectl delete queue)",
+        ),
+        AMQPClass::Exchange(_) => (
+            "this exchange method",
+            "; qmesh has the default exchange only",
+        ),
+        AMQPClass::Access(_) => ("access.request", ""),
+        _ => return None,
+    })
+}
+
 /// What consumer and `basic.get` tasks hand to the connection.
 enum Event {
     Deliveries {
@@ -686,71 +716,10 @@ impl Connection {
                     confirm::SelectOk {},
                 )))
             }
-            AMQPClass::Tx(_) => {
-                return Err(Fault::Channel(
-                    id,
-                    not_implemented(
-                        &method,
-                        "tx (AMQP transactions)",
-                        "; use publisher confirms (confirm.select)",
-                    ),
-                ));
-            }
-            AMQPClass::Basic(
-                basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_),
-            ) => {
-                return Err(Fault::Channel(
-                    id,
-                    not_implemented(&method, "basic.recover", "; nack with requeue=true instead"),
-                ));
-            }
-            AMQPClass::Queue(queue::AMQPMethod::Bind(_) | queue::AMQPMethod::Unbind(_)) => {
-                return Err(Fault::Channel(
-                    id,
-                    not_implemented(
-                        &method,
-                        "queue.bind",
-                        "; Subscriptions route a Queue's messages (kubectl apply a Subscription)",
-                    ),
-                ));
-            }
-            AMQPClass::Queue(queue::AMQPMethod::Purge(_)) => {
-                return Err(Fault::Channel(
-                    id,
-                    not_implemented(
-                        &method,
-                        "queue.purge",
-                        "; use `qmesh dlq purge` for held messages",
-                    ),
-                ));
-            }
-            AMQPClass::Queue(queue::AMQPMethod::Delete(_)) => {
-                return Err(Fault::Channel(
-                    id,
-                    not_implemented(
-                        &method,
-                        "queue.delete",
-                        "; queues come from Queue resources (kubectl delete queue)",
-                    ),
-                ));
-            }
-            AMQPClass::Exchange(_) => {
-                return Err(Fault::Channel(
-                    id,
-                    not_implemented(
-                        &method,
-                        "this exchange method",
-                        "; qmesh has the default exchange only",
-                    ),
-                ));
-            }
-            AMQPClass::Access(_) => {
-                return Err(Fault::Channel(
-                    id,
-                    not_implemented(&method, "access.request", ""),
-                ));
-            }
             other => {
+                if let Some((name, hint)) = unsupported(other) {
+                    return Err(Fault::Channel(id, not_implemented(other, name, hint)));
+                }
                 return Err(Fault::Connection(
                     Reply::new(reply::COMMAND_INVALID, "a client may not send this method")
                         .about(other),

@@ -20,8 +20,9 @@ pub mod validate;
 
 pub use duration::{Duration, DurationError};
 pub use queue::{
-    DEFAULT_MAX_DELAY, Durability, MAX_DELAY_LIMIT, Ordering, Overflow, PublishAck, Queue,
-    QueueSpec, QueueStatus, RateLimit, Retention,
+    DEFAULT_CHECK_AFTER, DEFAULT_CHECK_PATH, DEFAULT_MAX_CHECKS, DEFAULT_MAX_DELAY, Durability,
+    MAX_DELAY_LIMIT, OnUnknown, Ordering, Overflow, PublishAck, Queue, QueueSpec, QueueStatus,
+    RateLimit, Retention, Transaction,
 };
 pub use selector::{PodSelector, labels_match};
 pub use sidecar::{SidecarDocument, SidecarMetadata, SidecarSpec};

@@ -75,6 +75,12 @@ pub struct QueueSpec {
     /// (30 days); `0s` refuses delayed publishes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delay: Option<Duration>,
+
+    /// Transactional publishes (half messages with check-back): how long a transaction may stay
+    /// open before the sidecar asks the producer app whether it committed, how often, and what an
+    /// unanswered transaction becomes. Absent: the defaults of [`Transaction`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<Transaction>,
 }
 
 /// `maxDelay` when a Queue does not set it.
@@ -102,12 +108,80 @@ impl Default for QueueSpec {
             dead_letter_queue: None,
             publish_rate_limit: None,
             max_delay: None,
+            transaction: None,
         }
     }
 }
 
 fn default_max_message_bytes() -> ByteSize {
     ByteSize::new("1Mi")
+}
+
+/// How a Queue's open transactions are resolved when the producer neither commits nor rolls back
+/// (RocketMQ's transaction check-back).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Transaction {
+    /// How long a transaction may stay open before the sidecar asks the app about it, and the
+    /// wait between two asks, e.g. `30s`. Absent: 10s; from 1s to 24h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_after: Option<Duration>,
+
+    /// Most check-backs of one transaction; once they are spent, `onUnknown` applies. Absent: 15;
+    /// from 1 to 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_checks: Option<u32>,
+
+    /// What a transaction the app never resolved becomes: `Rollback` (none of its messages is
+    /// delivered) or `Commit`.
+    #[serde(default)]
+    pub on_unknown: OnUnknown,
+
+    /// Port on the pod's 127.0.0.1 where the app answers check-backs (`POST {checkPath}`; see
+    /// docs/sidecar.md). Absent: the sidecar cannot ask, and `onUnknown` applies once
+    /// `checkAfter` × `maxChecks` has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub check_port: Option<u16>,
+
+    /// Path of the check-back endpoint. Absent: `/qmesh/transaction-check`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_path: Option<String>,
+}
+
+/// `transaction.checkAfter` when a Queue does not set it.
+pub const DEFAULT_CHECK_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+/// `transaction.maxChecks` when a Queue does not set it.
+pub const DEFAULT_MAX_CHECKS: u32 = 15;
+/// `transaction.checkPath` when a Queue does not set it.
+pub const DEFAULT_CHECK_PATH: &str = "/qmesh/transaction-check";
+
+impl Transaction {
+    /// `checkAfter`, the default applied.
+    pub fn effective_check_after(&self) -> std::time::Duration {
+        self.check_after.map_or(DEFAULT_CHECK_AFTER, |d| d.get())
+    }
+
+    /// `maxChecks`, the default applied.
+    pub fn effective_max_checks(&self) -> u32 {
+        self.max_checks.unwrap_or(DEFAULT_MAX_CHECKS)
+    }
+
+    /// `checkPath`, the default applied.
+    pub fn effective_check_path(&self) -> &str {
+        self.check_path.as_deref().unwrap_or(DEFAULT_CHECK_PATH)
+    }
+}
+
+/// What an unresolved transaction becomes once its check-backs are spent.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum OnUnknown {
+    /// None of its messages is ever delivered.
+    #[default]
+    Rollback,
+    /// Its messages are delivered.
+    Commit,
 }
 
 /// Where messages are kept.

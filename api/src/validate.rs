@@ -153,6 +153,39 @@ impl Validate for Queue {
                 "must be at most 720h (30 days); longer waits belong in the app's own store",
             ));
         }
+        if let Some(t) = &spec.transaction {
+            let after = t.effective_check_after();
+            if after < std::time::Duration::from_secs(1)
+                || after > std::time::Duration::from_secs(86_400)
+            {
+                errors.push(FieldError::new(
+                    "spec.transaction.checkAfter",
+                    "must be from 1s to 24h",
+                ));
+            }
+            if !(1..=1000).contains(&t.effective_max_checks()) {
+                errors.push(FieldError::new(
+                    "spec.transaction.maxChecks",
+                    "must be from 1 to 1000",
+                ));
+            }
+            if t.check_port == Some(0) {
+                errors.push(FieldError::new(
+                    "spec.transaction.checkPort",
+                    "must be a port from 1 to 65535",
+                ));
+            }
+            let path = t.effective_check_path();
+            if !path.starts_with('/')
+                || path.len() > 1024
+                || path.chars().any(|c| c.is_control() || c == ' ')
+            {
+                errors.push(FieldError::new(
+                    "spec.transaction.checkPath",
+                    "must be an absolute URL path (starting with /, no spaces, at most 1024 characters)",
+                ));
+            }
+        }
         if let Some(dlq) = &spec.dead_letter_queue {
             check_name(dlq, "spec.deadLetterQueue", &mut errors);
             if *dlq == self.name_any() {
@@ -399,6 +432,49 @@ mod tests {
             },
         );
         assert_eq!(disk.validate(), Ok(()));
+    }
+
+    #[test]
+    fn transaction_settings_out_of_range_are_refused_by_field() {
+        let bad = queue(
+            "orders",
+            QueueSpec {
+                transaction: Some(crate::Transaction {
+                    check_after: Some(Duration::from_secs(0)),
+                    max_checks: Some(0),
+                    on_unknown: crate::OnUnknown::Commit,
+                    check_port: Some(0),
+                    check_path: Some("no-slash".into()),
+                }),
+                ..QueueSpec::default()
+            },
+        );
+        assert_eq!(
+            fields(bad.validate()),
+            [
+                "spec.transaction.checkAfter",
+                "spec.transaction.maxChecks",
+                "spec.transaction.checkPort",
+                "spec.transaction.checkPath"
+            ]
+        );
+        let good = queue(
+            "orders",
+            QueueSpec {
+                transaction: Some(crate::Transaction {
+                    check_after: Some(Duration::from_secs(2)),
+                    max_checks: Some(3),
+                    check_port: Some(8080),
+                    ..crate::Transaction::default()
+                }),
+                ..QueueSpec::default()
+            },
+        );
+        assert!(good.validate().is_ok());
+        let t = crate::Transaction::default();
+        assert_eq!(t.effective_check_after(), crate::DEFAULT_CHECK_AFTER);
+        assert_eq!(t.effective_max_checks(), 15);
+        assert_eq!(t.effective_check_path(), "/qmesh/transaction-check");
     }
 
     #[test]

@@ -466,6 +466,7 @@ pub(crate) async fn publish_all(
                             correlation: i,
                             delay: None,
                             deliver_at: None,
+                            transaction: String::new(),
                         })
                         .await
                         .is_err()
@@ -542,6 +543,33 @@ impl v1::broker_server::Broker for Echo {
         &self,
         _: tonic::Request<v1::RewindRequest>,
     ) -> Result<tonic::Response<v1::RewindResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the echo baseline keeps nothing",
+        ))
+    }
+
+    async fn begin_transaction(
+        &self,
+        _: tonic::Request<v1::BeginTransactionRequest>,
+    ) -> Result<tonic::Response<v1::BeginTransactionResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the echo baseline keeps nothing",
+        ))
+    }
+
+    async fn commit_transaction(
+        &self,
+        _: tonic::Request<v1::TransactionRequest>,
+    ) -> Result<tonic::Response<v1::TransactionResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the echo baseline keeps nothing",
+        ))
+    }
+
+    async fn rollback_transaction(
+        &self,
+        _: tonic::Request<v1::TransactionRequest>,
+    ) -> Result<tonic::Response<v1::TransactionResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented(
             "the echo baseline keeps nothing",
         ))

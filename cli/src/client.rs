@@ -232,6 +232,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
             correlation: i,
             delay: args.delay.map(qmesh_proto::convert::duration),
             deliver_at: None,
+            transaction: String::new(),
         };
         let ok = client.publish(request).await.map_err(refused)?.into_inner();
         bar.suspend(|| {

@@ -186,6 +186,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     correlation: u64::from(i),
                     delay: None,
                     deliver_at: None,
+                    transaction: String::new(),
                 })
                 .await
                 .context("publishing to the shop sidecar")?;

@@ -107,6 +107,20 @@ pub fn queue_policy(spec: &api::QueueSpec) -> control::QueuePolicy {
         dead_letter_queue: spec.dead_letter_queue.clone().unwrap_or_default(),
         publish_rate_limit: spec.publish_rate_limit.as_ref().map(rate_limit),
         max_delay: Some(duration(spec.effective_max_delay())),
+        transaction: Some(transaction_policy(
+            &spec.transaction.clone().unwrap_or_default(),
+        )),
+    }
+}
+
+/// A Queue's `transaction` settings with the defaults applied.
+pub fn transaction_policy(t: &api::Transaction) -> control::TransactionPolicy {
+    control::TransactionPolicy {
+        check_after: Some(duration(t.effective_check_after())),
+        max_checks: t.effective_max_checks(),
+        commit_on_unknown: t.on_unknown == api::OnUnknown::Commit,
+        check_port: t.check_port.map_or(0, u32::from),
+        check_path: t.effective_check_path().to_owned(),
     }
 }
 

@@ -198,6 +198,19 @@ pub struct RunArgs {
     #[arg(long, env = "QMESH_MAX_PEER_STREAMS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_peer_streams: u32,
 
+    /// Most transactions open at once (BeginTransaction beyond gets 429 / RESOURCE_EXHAUSTED).
+    #[arg(long, env = "QMESH_MAX_OPEN_TRANSACTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_open_transactions: u64,
+
+    /// Most messages one transaction may publish.
+    #[arg(long, env = "QMESH_MAX_TRANSACTION_MESSAGES", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_transaction_messages: u64,
+
+    /// Most bytes of half messages (published in transactions still open) over all transactions;
+    /// they are held in memory until settled, within this bound.
+    #[arg(long, env = "QMESH_MAX_TRANSACTION_BYTES", default_value = "64Mi", value_parser = parse_bytes)]
+    pub max_transaction_bytes: u64,
+
     /// Most messages this sidecar owns at once, over all queues (publishes beyond get 429).
     #[arg(long, env = "QMESH_MAX_OWNED_MESSAGES", default_value_t = 10_000_000)]
     pub max_owned_messages: u64,

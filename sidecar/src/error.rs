@@ -66,6 +66,23 @@ pub enum BrokerError {
         /// Why (no peers, unreachable, timed out, refused).
         reason: String,
     },
+    /// No open or recently settled transaction of that id.
+    #[error(
+        "unknown transaction {0:?}: open one with BeginTransaction (POST /v1/transactions); a \
+         transaction the sidecar lost in a restart is settled by check-back"
+    )]
+    UnknownTransaction(String),
+    /// A commit of a rolled-back transaction, or a rollback of a committed one.
+    #[error("transaction {transaction:?} is already {state}")]
+    TransactionSettled {
+        /// The transaction.
+        transaction: String,
+        /// `committed` or `rolled back`.
+        state: &'static str,
+    },
+    /// Too many transactions open, or too much in one.
+    #[error("{0}")]
+    TransactionLimit(String),
     /// The log could not persist.
     #[error("storage failure: {0}")]
     Storage(String),
@@ -91,6 +108,9 @@ impl BrokerError {
             Self::Invalid(_) => ErrorCode::Invalid,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::ReplicaUnavailable { .. } => ErrorCode::ReplicaUnavailable,
+            Self::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
+            Self::TransactionSettled { .. } => ErrorCode::TransactionSettled,
+            Self::TransactionLimit(_) => ErrorCode::BacklogFull,
             Self::Storage(_) | Self::DiskFull(_) => ErrorCode::Storage,
             Self::Internal(_) => ErrorCode::Internal,
         }
@@ -107,7 +127,7 @@ impl BrokerError {
             Self::BacklogFull { retry_after, .. } | Self::RateLimited { retry_after, .. } => {
                 Some(*retry_after)
             }
-            Self::DiskFull(_) => Some(Duration::from_secs(1)),
+            Self::DiskFull(_) | Self::TransactionLimit(_) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -115,7 +135,10 @@ impl BrokerError {
     /// The HTTP status of the HTTP/JSON API.
     pub fn http_status(&self) -> u16 {
         match self.code() {
-            ErrorCode::UnknownQueue | ErrorCode::UnknownSubscription => 404,
+            ErrorCode::UnknownQueue
+            | ErrorCode::UnknownSubscription
+            | ErrorCode::UnknownTransaction => 404,
+            ErrorCode::TransactionSettled => 409,
             ErrorCode::PermissionDenied => 403,
             ErrorCode::MessageTooLarge => 413,
             ErrorCode::BacklogFull | ErrorCode::RateLimited => 429,
@@ -144,9 +167,10 @@ impl From<BrokerError> for tonic::Status {
             ErrorCode::Storage if matches!(error, BrokerError::DiskFull(_)) => {
                 tonic::Status::resource_exhausted(message)
             }
-            ErrorCode::UnknownQueue | ErrorCode::UnknownSubscription => {
-                tonic::Status::not_found(message)
-            }
+            ErrorCode::UnknownQueue
+            | ErrorCode::UnknownSubscription
+            | ErrorCode::UnknownTransaction => tonic::Status::not_found(message),
+            ErrorCode::TransactionSettled => tonic::Status::failed_precondition(message),
             ErrorCode::PermissionDenied => tonic::Status::permission_denied(message),
             ErrorCode::MessageTooLarge | ErrorCode::Invalid => {
                 tonic::Status::invalid_argument(message)
@@ -184,6 +208,8 @@ pub fn label(code: ErrorCode) -> &'static str {
         ErrorCode::ShuttingDown => "shutting_down",
         ErrorCode::Storage => "storage",
         ErrorCode::ReplicaUnavailable => "replica_unavailable",
+        ErrorCode::UnknownTransaction => "unknown_transaction",
+        ErrorCode::TransactionSettled => "transaction_settled",
         ErrorCode::Internal | ErrorCode::Unspecified => "internal",
     }
 }

@@ -93,17 +93,18 @@ impl Sidecar {
         queue: &str,
         message: v1::Message,
     ) -> Result<v1::PublishResponse, BrokerError> {
-        self.publish_scheduled(queue, message, owner::Schedule::Now)
+        self.publish_scheduled(queue, message, owner::Schedule::Now, "")
             .await
     }
 
     /// Publishes an app's message to be delivered no earlier than `schedule` says (delayed and
-    /// scheduled messages).
+    /// scheduled messages), and only once `transaction` commits when one is named (non-empty).
     pub async fn publish_scheduled(
         &self,
         queue: &str,
         message: v1::Message,
         schedule: owner::Schedule,
+        transaction: &str,
     ) -> Result<v1::PublishResponse, BrokerError> {
         let started = Instant::now();
         let result = match reserved_header(&message) {
@@ -112,7 +113,12 @@ impl Sidecar {
                  set by the broker (dead-letter reasons, redrive origins, replica bookkeeping); \
                  rename it"
             ))),
-            None => self.owner.publish(queue, message, schedule).await,
+            None if transaction.is_empty() => self.owner.publish(queue, message, schedule).await,
+            None => {
+                self.owner
+                    .publish_in_transaction(transaction, queue, message, schedule)
+                    .await
+            }
         };
         match &result {
             Ok(_) => self
@@ -324,6 +330,12 @@ impl Sidecar {
                 })),
                 "credits": credits.get(&s.subscription),
             })).collect::<Vec<_>>(),
+            "transactions": {
+                "open": self.owner.transactions().open_count(),
+                "halfMessages": self.owner.transactions().staged_count(),
+                "byQueue": self.owner.transactions().staged_by_queue(),
+                "events": self.owner.transactions().events(),
+            },
         })
     }
 }
@@ -612,6 +624,12 @@ pub async fn run(args: RunArgs, disk: Arc<dyn OwnerLog>) -> anyhow::Result<()> {
             replica_timeout: args.replica_timeout,
             removed_grace: args.removed_subscription_grace,
             dialer,
+            transactions: owner::transactions::TransactionLimits {
+                max_open: usize::try_from(args.max_open_transactions).unwrap_or(usize::MAX),
+                max_messages: usize::try_from(args.max_transaction_messages).unwrap_or(usize::MAX),
+                max_bytes: args.max_transaction_bytes,
+            },
+            app_port: args.app_port,
         },
         Arc::clone(&metrics),
         Arc::clone(&tasks),

@@ -134,6 +134,84 @@ pub struct Metrics {
     /// The disk log and the owner's memory (refreshed on scrape).
     pub log: LogMetrics,
     pub amqp: AmqpMetrics,
+    /// Transactions and their half messages.
+    pub transactions: TransactionMetrics,
+}
+
+/// `outcome` + `decided_by` labels of a settled transaction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransactionLabel {
+    /// `committed` or `rolled-back`.
+    pub outcome: String,
+    /// `producer`, `check` or `on-unknown`.
+    pub decided_by: String,
+}
+
+/// `answer` label of a check-back.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnswerLabel {
+    /// `commit`, `rollback` or `unknown` (no answer, an error status, anything else).
+    pub answer: String,
+}
+
+/// Transactional publishes.
+#[derive(Debug, Default)]
+pub struct TransactionMetrics {
+    /// Transactions open (neither committed nor rolled back yet).
+    pub open: Gauge,
+    /// Half messages held: published in a transaction still open.
+    pub half_messages: Gauge,
+    settled: Family<TransactionLabel, Counter>,
+    checks: Family<AnswerLabel, Counter>,
+}
+
+impl TransactionMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "transactions_open",
+            "Transactions neither committed nor rolled back yet",
+            self.open.clone(),
+        );
+        registry.register(
+            "half_messages",
+            "Messages published in a transaction still open: stored, not deliverable",
+            self.half_messages.clone(),
+        );
+        registry.register(
+            "transactions",
+            "Transactions settled, by outcome and by who decided (producer, check, on-unknown)",
+            self.settled.clone(),
+        );
+        registry.register(
+            "transaction_checks",
+            "Check-backs asked of the app, by its answer",
+            self.checks.clone(),
+        );
+        // Every series exists at 0 from the start, so the first outcome is an increase.
+        for outcome in ["committed", "rolled-back"] {
+            for decided_by in ["producer", "check", "on-unknown"] {
+                let _ = self.settled.get_or_create(&TransactionLabel {
+                    outcome: outcome.into(),
+                    decided_by: decided_by.into(),
+                });
+            }
+        }
+        for answer in ["commit", "rollback", "unknown"] {
+            let _ = self.checks.get_or_create(&AnswerLabel {
+                answer: answer.into(),
+            });
+        }
+    }
+
+    /// The count of settled transactions with this outcome and decider (tests).
+    pub fn settled(&self, outcome: &str, decided_by: &str) -> u64 {
+        self.settled
+            .get_or_create(&TransactionLabel {
+                outcome: outcome.into(),
+                decided_by: decided_by.into(),
+            })
+            .get()
+    }
 }
 
 /// The AMQP listener's figures.
@@ -403,9 +481,12 @@ impl Default for Metrics {
         log.register(&mut registry);
         let amqp = AmqpMetrics::default();
         amqp.register(&mut registry);
+        let transactions = TransactionMetrics::default();
+        transactions.register(&mut registry);
         Self {
             log,
             amqp,
+            transactions,
             registry,
             published,
             publish_errors,
@@ -442,6 +523,31 @@ impl Metrics {
         self.published
             .get_or_create(&QueueLabel {
                 queue: queue.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A transaction settled.
+    pub fn transaction_settled(
+        &self,
+        decision: crate::owner::transactions::Decision,
+        by: crate::owner::transactions::DecidedBy,
+    ) {
+        self.transactions
+            .settled
+            .get_or_create(&TransactionLabel {
+                outcome: decision.label().to_owned(),
+                decided_by: by.label().to_owned(),
+            })
+            .inc();
+    }
+
+    /// The app answered (or not) a check-back.
+    pub fn transaction_checked(&self, answer: &str) {
+        self.transactions
+            .checks
+            .get_or_create(&AnswerLabel {
+                answer: answer.to_owned(),
             })
             .inc();
     }

@@ -267,6 +267,7 @@ async fn produce(
             correlation: n,
             delay: delay.map(qmesh_proto::convert::duration),
             deliver_at: None,
+            transaction: String::new(),
         };
         let outcome = tokio::time::timeout(Duration::from_secs(8), c.publish(request)).await;
         let (outcome, error) = match outcome {

@@ -86,6 +86,7 @@ fn request(id: &str, delay: Option<Duration>, at: Option<SystemTime>) -> v1::Pub
             nanos: d.subsec_nanos() as i32,
         }),
         deliver_at: at.map(Into::into),
+        transaction: String::new(),
     }
 }
 

@@ -73,6 +73,7 @@ async fn extreme_values_on_every_api_get_an_answer_and_break_nothing() {
             correlation: u64::MAX,
             delay: None,
             deliver_at: None,
+            transaction: String::new(),
         })
         .await
         .unwrap_err();
@@ -88,6 +89,7 @@ async fn extreme_values_on_every_api_get_an_answer_and_break_nothing() {
             correlation: 0,
             delay: None,
             deliver_at: None,
+            transaction: String::new(),
         })
         .await;
     assert!(

@@ -66,6 +66,7 @@ async fn frames_over_what_the_queues_take_are_refused_from_their_length_prefix()
             correlation: 0,
             delay: None,
             deliver_at: None,
+            transaction: String::new(),
         })
         .await
         .unwrap_err();
@@ -80,6 +81,7 @@ async fn frames_over_what_the_queues_take_are_refused_from_their_length_prefix()
             correlation: 0,
             delay: None,
             deliver_at: None,
+            transaction: String::new(),
         })
         .await
         .unwrap_err();

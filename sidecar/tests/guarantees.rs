@@ -659,6 +659,7 @@ async fn a_backlog_of_small_messages_does_not_pin_decode_buffers() {
                     correlation: 0,
                     delay: None,
                     deliver_at: None,
+                    transaction: String::new(),
                 };
                 client.publish(request).await.unwrap();
             }

@@ -206,6 +206,7 @@ async fn the_owner_exports_backlog_oldest_age_consumer_links_and_certificate_exp
                 correlation: 0,
                 delay: None,
                 deliver_at: None,
+                transaction: String::new(),
             })
             .await;
         assert!(refused.is_err(), "{queue}: {refused:?}");

@@ -217,6 +217,7 @@ async fn a_full_disk_refuses_publishes_clearly_loses_nothing_and_recovers_by_its
                 correlation: 0,
                 delay: None,
                 deliver_at: None,
+                transaction: String::new(),
             })
             .await;
         match r {
@@ -321,6 +322,7 @@ async fn publishers_vanishing_mid_publish_do_not_stall_the_queue() {
                 correlation: i,
                 delay: None,
                 deliver_at: None,
+                transaction: String::new(),
             })
             .collect();
         let mut answers = app

@@ -207,6 +207,7 @@ async fn without_a_reachable_replica_a_replicated_publish_fails_with_unavailable
             correlation: 0,
             delay: None,
             deliver_at: None,
+            transaction: String::new(),
         })
         .await
         .unwrap_err();
@@ -263,6 +264,7 @@ async fn a_sidecar_alone_in_the_mesh_refuses_replicated_publishes_at_once() {
             correlation: 0,
             delay: None,
             deliver_at: None,
+            transaction: String::new(),
         })
         .await
         .unwrap_err();

@@ -52,6 +52,7 @@ async fn an_app_cannot_set_the_brokers_headers() {
                 correlation: 0,
                 delay: None,
                 deliver_at: None,
+                transaction: String::new(),
             })
             .await
             .unwrap_err();

@@ -331,6 +331,7 @@ async fn injected_pods_authenticate_exchange_messages_and_show_up_in_status() {
                 correlation: 0,
                 delay: None,
                 deliver_at: None,
+                transaction: String::new(),
             })
             .await
             .unwrap();

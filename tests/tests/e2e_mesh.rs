@@ -283,6 +283,7 @@ async fn publish(url: &str, ids: std::ops::Range<u32>) {
                 correlation: 0,
                 delay: None,
                 deliver_at: None,
+                transaction: String::new(),
             })
             .await
             .unwrap();

@@ -408,6 +408,7 @@ async fn publish(url: &str, queue: &str, id: &str) {
             correlation: 0,
             delay: None,
             deliver_at: None,
+            transaction: String::new(),
         })
         .await
         .unwrap();

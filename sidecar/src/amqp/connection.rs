@@ -1120,7 +1120,10 @@ impl Connection {
         let sidecar = Arc::clone(&self.sidecar);
         self.publishes.push_back(
             async move {
-                let outcome = match sidecar.publish_scheduled(&queue, message, schedule).await {
+                let outcome = match sidecar
+                    .publish_scheduled(&queue, message, schedule, "")
+                    .await
+                {
                     Ok(_) => Outcome::Stored,
                     Err(e) => Outcome::Failed(e),
                 };

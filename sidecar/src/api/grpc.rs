@@ -1,6 +1,7 @@
 //! `qmesh.v1.Broker` over gRPC for the app on localhost: unary and pipelined publish, the bidi
 //! `Subscribe` stream with a window of in-flight deliveries refilled by acks and nacks, and
-//! `Browse` / `Redrive` / `Purge` of held messages (the dead-letter tools).
+//! `Browse` / `Redrive` / `Purge` of held messages (the dead-letter tools), and transactions
+//! (begin, publish naming one, commit or roll back).
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     Sidecar,
     error::BrokerError,
-    owner::{Schedule, browse_limit},
+    owner::{Schedule, browse_limit, transactions::Decision},
 };
 
 /// Most publishes of one `PublishStream` in progress at once (pipelining depth).
@@ -50,6 +51,7 @@ impl Broker for BrokerService {
             message,
             delay,
             deliver_at,
+            transaction,
             ..
         } = request.into_inner();
         let message =
@@ -57,7 +59,7 @@ impl Broker for BrokerService {
         let schedule = Schedule::from_wire(delay, deliver_at)?;
         Ok(Response::new(
             self.sidecar
-                .publish_scheduled(&queue, message, schedule)
+                .publish_scheduled(&queue, message, schedule, &transaction)
                 .await?,
         ))
     }
@@ -109,6 +111,39 @@ impl Broker for BrokerService {
         Ok(Response::new(self.sidecar.rewind(&subscription, to).await?))
     }
 
+    async fn begin_transaction(
+        &self,
+        _request: Request<v1::BeginTransactionRequest>,
+    ) -> Result<Response<v1::BeginTransactionResponse>, Status> {
+        Ok(Response::new(self.sidecar.owner.begin_transaction()?))
+    }
+
+    async fn commit_transaction(
+        &self,
+        request: Request<v1::TransactionRequest>,
+    ) -> Result<Response<v1::TransactionResponse>, Status> {
+        let id = request.into_inner().transaction;
+        Ok(Response::new(
+            self.sidecar
+                .owner
+                .settle_transaction(&id, Decision::Commit)
+                .await?,
+        ))
+    }
+
+    async fn rollback_transaction(
+        &self,
+        request: Request<v1::TransactionRequest>,
+    ) -> Result<Response<v1::TransactionResponse>, Status> {
+        let id = request.into_inner().transaction;
+        Ok(Response::new(
+            self.sidecar
+                .owner
+                .settle_transaction(&id, Decision::Rollback)
+                .await?,
+        ))
+    }
+
     async fn publish_stream(
         &self,
         request: Request<Streaming<PublishRequest>>,
@@ -126,7 +161,12 @@ impl Broker for BrokerService {
                         (_, Err(e)) => Err(e),
                         (Some(message), Ok(schedule)) => {
                             sidecar
-                                .publish_scheduled(&request.queue, message, schedule)
+                                .publish_scheduled(
+                                    &request.queue,
+                                    message,
+                                    schedule,
+                                    &request.transaction,
+                                )
                                 .await
                         }
                     };

@@ -10,9 +10,11 @@
 //! | `POST /v1/queues/{queue}/redrive` `{"to": "...", "max": N}` (body optional) | `200 {"republished", "unparked", "skipped", "failed": [{"id", "error"}]}` |
 //! | `POST /v1/queues/{queue}/purge` `{"max": N}` (body optional) | `200 {"purged", "skipped", "remaining"}` |
 //! | `POST /v1/subscriptions/{sub}/rewind` `{"to": "2026-12-01T09:30:00Z"}` | `200 {"asked", "replaying", "unreachable": [...]}` |
+//! | `POST /v1/transactions` | `201 {"transaction"}`; then publish with the header `qmesh-transaction: <id>` |
+//! | `POST /v1/transactions/{id}/commit` (or `/rollback`) | `200 {"transaction", "state", "messages"}`; 404 unknown, 409 settled the other way |
 //!
-//! Errors are `{"error": {"code", "message"}}` with 404 / 403 / 413 / 429 (+ `Retry-After`) / 400 /
-//! 503 / 507 / 500, the same codes as gRPC.
+//! Errors are `{"error": {"code", "message"}}` with 404 / 403 / 409 / 413 / 429 (+ `Retry-After`) /
+//! 400 / 503 / 507 / 500, the same codes as gRPC.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -28,7 +30,12 @@ use base64::Engine;
 use qmesh_proto::v1;
 use serde::{Deserialize, Serialize};
 
-use crate::{Sidecar, consumer::HTTP_HOLDER, error::BrokerError, owner::Schedule};
+use crate::{
+    Sidecar,
+    consumer::HTTP_HOLDER,
+    error::BrokerError,
+    owner::{Schedule, transactions::Decision},
+};
 
 /// Longest long-poll wait accepted.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -60,6 +67,15 @@ pub fn router(sidecar: Arc<Sidecar>, max_body: usize) -> Router {
         .route("/v1/queues/{queue}/redrive", post(redrive))
         .route("/v1/queues/{queue}/purge", post(purge))
         .route("/v1/subscriptions/{subscription}/rewind", post(rewind))
+        .route("/v1/transactions", post(begin_transaction))
+        .route(
+            "/v1/transactions/{transaction}/commit",
+            post(commit_transaction),
+        )
+        .route(
+            "/v1/transactions/{transaction}/rollback",
+            post(rollback_transaction),
+        )
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY.min(max_body)))
         .with_state(sidecar)
 }
@@ -190,7 +206,10 @@ async fn publish(
         }
         (false, false) => Schedule::Now,
     };
-    let ok = sidecar.publish_scheduled(&queue, message, schedule).await?;
+    let transaction = text("qmesh-transaction")?;
+    let ok = sidecar
+        .publish_scheduled(&queue, message, schedule, &transaction)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(Published {
@@ -471,5 +490,45 @@ async fn rewind(
         "asked": done.asked,
         "replaying": done.replaying,
         "unreachable": done.unreachable,
+    })))
+}
+
+async fn begin_transaction(
+    State(sidecar): State<Arc<Sidecar>>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let opened = sidecar.owner.begin_transaction()?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"transaction": opened.transaction})),
+    ))
+}
+
+async fn commit_transaction(
+    state: State<Arc<Sidecar>>,
+    Path(transaction): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    settle_transaction(state, &transaction, Decision::Commit).await
+}
+
+async fn rollback_transaction(
+    state: State<Arc<Sidecar>>,
+    Path(transaction): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    settle_transaction(state, &transaction, Decision::Rollback).await
+}
+
+async fn settle_transaction(
+    State(sidecar): State<Arc<Sidecar>>,
+    transaction: &str,
+    decision: Decision,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let settled = sidecar
+        .owner
+        .settle_transaction(transaction, decision)
+        .await?;
+    Ok(Json(serde_json::json!({
+        "transaction": settled.transaction,
+        "state": settled.state,
+        "messages": settled.messages,
     })))
 }

@@ -18,6 +18,7 @@ pub mod log;
 pub mod queue;
 pub mod replicas;
 pub mod retain;
+pub mod transactions;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -58,6 +59,10 @@ pub struct Settings {
     pub removed_grace: Duration,
     /// Dials peers (consumers, replicas).
     pub dialer: Arc<Dialer>,
+    /// Bounds on open transactions.
+    pub transactions: transactions::TransactionLimits,
+    /// Replaces every Queue's `transaction.checkPort` (`qmesh run --app-port`).
+    pub app_port: Option<u16>,
 }
 
 /// Sidecar-wide bounds on what the owner holds.
@@ -115,6 +120,8 @@ pub struct Owner {
     handing_over: AtomicBool,
     /// Bytes and messages of publishes and adoptions admitted and not yet in a queue's state.
     admitted: Mutex<(u64, u64)>,
+    /// Open transactions and their half messages.
+    transactions: transactions::Transactions,
 }
 
 /// A message's place in the memory bound while it is being persisted.
@@ -225,7 +232,7 @@ pub mod headers {
                 continue;
             }
             match lower.as_str() {
-                ORIGINAL_ID | REDRIVEN_FROM => {}
+                ORIGINAL_ID | REDRIVEN_FROM | super::transactions::TRANSACTION_HEADER => {}
                 // A delayed message's time travels with it (the owner set it within maxDelay).
                 super::queue::DELIVER_AT_HEADER => {
                     if headers[name].parse::<u64>().is_err() {
@@ -265,6 +272,8 @@ impl Owner {
             replica_timeout,
             removed_grace,
             dialer,
+            transactions,
+            app_port,
         } = settings;
         let (events_tx, events_rx) = mpsc::channel(8192);
         let replicas = Replicas::new(
@@ -295,6 +304,7 @@ impl Owner {
             removed_grace,
             handing_over: AtomicBool::new(false),
             admitted: Mutex::new((0, 0)),
+            transactions: transactions::Transactions::new(transactions, app_port),
         });
         owner
             .next_sequence
@@ -311,6 +321,7 @@ impl Owner {
         );
         tasks.spawn("owner view", Arc::clone(&owner).follow_view());
         tasks.spawn("owner replication", Arc::clone(&owner).run_replication());
+        tasks.spawn("owner transactions", Arc::clone(&owner).run_transactions());
         owner
     }
 
@@ -318,9 +329,15 @@ impl Owner {
     /// appears in the view (at once from a mesh file, after the first view from a control plane).
     fn recover(self: &Arc<Self>) {
         let mut recovered = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
+        let mut half = Vec::new();
         for rec in self.disk.recover() {
-            recovered.entry(rec.queue.clone()).or_default().push(rec);
+            if rec.queue == transactions::STAGING {
+                half.push(rec);
+            } else {
+                recovered.entry(rec.queue.clone()).or_default().push(rec);
+            }
         }
+        self.recover_half_messages(half);
         let count: usize = recovered.values().map(Vec::len).sum();
         let mut spills = self.spills.lock().unwrap_or_else(|e| e.into_inner());
         for spill in self.disk.recover_spills() {
@@ -350,6 +367,11 @@ impl Owner {
         drop(remembered);
         let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
         for run in self.disk.recover_retained() {
+            if run.queue == transactions::STAGING {
+                // Settled half messages: nothing replays them.
+                self.disk.release_run(run.segment, run.messages);
+                continue;
+            }
             retained.entry(run.queue.clone()).or_default().push(run);
         }
         drop(retained);
@@ -567,7 +589,11 @@ impl Owner {
 
     /// Messages still owed to some subscription, over all queues.
     pub fn backlog(&self) -> u64 {
-        self.queues().iter().map(|q| q.lock().backlog()).sum()
+        self.queues()
+            .iter()
+            .map(|q| q.lock().backlog())
+            .sum::<u64>()
+            + self.transactions.staged_count()
     }
 
     fn queues(&self) -> Vec<Arc<OwnedQueue>> {
@@ -639,6 +665,18 @@ impl Owner {
         mut message: v1::Message,
         schedule: Schedule,
     ) -> Result<v1::PublishResponse, BrokerError> {
+        let (q, policy) = self.admit_publish(queue, &mut message, schedule)?;
+        self.accept(&q, queue, &mut message, policy).await
+    }
+
+    /// An app's publish to `queue`, checked: the queue, the right to publish, the delay (set on
+    /// the message), the rate limit. The queue and its policy.
+    fn admit_publish(
+        self: &Arc<Self>,
+        queue: &str,
+        message: &mut v1::Message,
+        schedule: Schedule,
+    ) -> Result<(Arc<OwnedQueue>, control::QueuePolicy), BrokerError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(BrokerError::ShuttingDown);
         }
@@ -674,13 +712,7 @@ impl Owner {
             &q,
             qv.policy.as_ref().and_then(|p| p.publish_rate_limit),
         )?;
-        self.accept(
-            &q,
-            queue,
-            &mut message,
-            qv.policy.clone().unwrap_or_default(),
-        )
-        .await
+        Ok((q, qv.policy.clone().unwrap_or_default()))
     }
 
     fn check_rate(
@@ -1815,7 +1847,20 @@ impl Owner {
         let q = self
             .queue_for(&view, &queue)
             .ok_or_else(|| BrokerError::UnknownQueue(queue.clone()))?;
-        let message = Arc::new(owned.message.unwrap_or_default());
+        let message = owned.message.unwrap_or_default();
+        if message.headers.contains_key(transactions::HALF_HEADER) {
+            // A half message of a transaction still open: staged here, checked back with this
+            // pod's app (any producer of the queue may answer for its transactions).
+            let mut plain = message.clone();
+            plain.headers.remove(transactions::HALF_HEADER);
+            if let Some(why) = headers::forged(&queue, &plain.headers, |_| false) {
+                return Err(BrokerError::Invalid(format!(
+                    "a half message handed over for queue {queue:?} is refused: {why}"
+                )));
+            }
+            return self.adopt_half(&q, &queue, message).await;
+        }
+        let message = Arc::new(message);
         // What is taken over goes through a publish's admission: a peer cannot put in what no app
         // or broker could — reserved headers the broker would not have set, more than the queue's
         // message limit, an id its dedup window already holds, more than its retention allows.
@@ -2041,13 +2086,20 @@ impl Owner {
 
     /// Queues that still own messages, for a hand-over.
     pub fn owned_queues(&self) -> Vec<String> {
-        self.queues()
+        let mut queues: Vec<String> = self
+            .queues()
             .iter()
             .filter_map(|q| {
                 let s = q.lock();
                 (s.backlog() > 0).then(|| s.name.clone())
             })
-            .collect()
+            .collect();
+        for queue in self.queues_with_half_messages() {
+            if !queues.contains(&queue) {
+                queues.push(queue);
+            }
+        }
+        queues
     }
 
     /// The oldest messages still owed in `queue`, for one hand-over batch: at most `max` of them
@@ -2070,6 +2122,18 @@ impl Owner {
             }
             bytes += entry.size;
             out.push(owned_message(&state, *seq, entry));
+        }
+        // Half messages of open transactions go last, once everything else of the queue went.
+        if out.is_empty() && state.spill.is_none() {
+            drop(state);
+            let mut half = self.half_messages(queue, max);
+            let mut bytes = 0;
+            half.retain(|m| {
+                let size = m.message.as_ref().map_or(0, queue::message_size);
+                bytes += size;
+                bytes == size || bytes <= max_bytes
+            });
+            return half;
         }
         out
     }
@@ -2103,6 +2167,18 @@ impl Owner {
 
     /// Forgets messages another sidecar now owns.
     pub fn handed_over(&self, messages: &[peer::OwnedMessage]) {
+        let half: Vec<u64> = messages
+            .iter()
+            .filter(|m| {
+                m.message
+                    .as_ref()
+                    .is_some_and(|m| m.headers.contains_key(transactions::HALF_HEADER))
+            })
+            .map(|m| m.sequence)
+            .collect();
+        if !half.is_empty() {
+            self.half_messages_handed_over(&half);
+        }
         for m in messages {
             let Some(q) = self.get_queue(&m.queue) else {
                 continue;

@@ -58,6 +58,7 @@ pub async fn publish_all(
             correlation: i as u64,
             delay: None,
             deliver_at: None,
+            transaction: String::new(),
         })
         .collect();
     let mut results: Vec<Option<Result<v1::PublishResponse, v1::Error>>> = vec![None; n];

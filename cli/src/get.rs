@@ -24,6 +24,9 @@ pub enum Kind {
     /// Sidecars known to the local control plane.
     #[value(alias = "sidecar")]
     Sidecars,
+    /// The latest settled transactions: outcome, who decided, check-backs.
+    #[value(alias = "transaction", alias = "tx")]
+    Transactions,
 }
 
 /// Output format.
@@ -197,6 +200,7 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: b
                 "PUBLISHERS",
                 "SUBSCRIPTIONS",
                 "BACKLOG",
+                "IN-TRANSACTION",
                 "PUBLISHED",
                 "PUBLISH/S",
                 "OLDEST",
@@ -211,6 +215,7 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: b
                         q.publishers.to_string(),
                         q.subscriptions.to_string(),
                         q.backlog.to_string(),
+                        total(q.half_messages),
                         total(q.published_total),
                         rate(q.publish_rate),
                         age(q.oldest_age.as_ref()),
@@ -252,6 +257,35 @@ pub fn render(status: &MeshStatus, kind: Kind, namespaces: bool, from_objects: b
                         s.dead_lettered_total.to_string(),
                     ];
                     (s.namespace.as_str(), cells)
+                })
+                .collect(),
+        ),
+        Kind::Transactions => (
+            &[
+                "TRANSACTION",
+                "OUTCOME",
+                "DECIDED-BY",
+                "MESSAGES",
+                "CHECKS",
+                "QUEUES",
+                "SIDECAR",
+                "AT",
+            ],
+            status
+                .transactions
+                .iter()
+                .map(|t| {
+                    let cells = vec![
+                        t.transaction.clone(),
+                        t.outcome.clone(),
+                        t.decided_by.clone(),
+                        t.messages.to_string(),
+                        t.checks.to_string(),
+                        dash(&t.queues.join(",")),
+                        t.sidecar.clone(),
+                        t.at.map_or_else(|| "-".to_owned(), |at| at.to_string()),
+                    ];
+                    (t.namespace.as_str(), cells)
                 })
                 .collect(),
         ),

@@ -32,6 +32,25 @@ spec:
 
 const COUNT: usize = 25;
 
+/// An app that opens a transaction, publishes two messages in it, and commits once the file named
+/// by its first argument exists (then stays, so its sidecar keeps reporting).
+const TRANSACTION_APP: &str = r#"
+import json, os, sys, time, urllib.request
+base = "http://" + os.environ["QMESH_HTTP_ADDR"]
+def post(path, body=b"", headers={}):
+    request = urllib.request.Request(base + path, data=body, method="POST", headers=headers)
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
+tx = post("/v1/transactions")["transaction"]
+for i in range(2):
+    post("/v1/queues/orders/messages", b"x", {"qmesh-transaction": tx, "qmesh-id": f"tx-order-{i}"})
+print("opened", tx, flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+print(post(f"/v1/transactions/{tx}/commit")["state"], flush=True)
+time.sleep(120)
+"#;
+
 fn qmesh() -> Command {
     let qmesh = PathBuf::from(env!("CARGO_BIN_EXE_qmesh"));
     let sidecar = qmesh.with_file_name("qmesh-sidecar");
@@ -324,6 +343,51 @@ fn qmesh_run_apps_exchange_messages_through_qmesh_dev() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // A transaction through the HTTP API of `qmesh run`'s sidecar: while open, its two half
+    // messages show as IN-TRANSACTION; once committed, `qmesh get transactions` shows how it ended.
+    let go = dir.path().join("commit-now");
+    let transaction = Running::start(
+        qmesh()
+            .args(["run", "--app-id", "shop-tx", "--labels", "app=shop"])
+            .args(["--control-plane", &control, "--data-dir"])
+            .arg(dir.path().join("shop-tx"))
+            .args(["--", &python(), "-c", TRANSACTION_APP])
+            .arg(&go),
+    );
+    let opened = transaction.wait_for_line("opened", Duration::from_secs(30));
+    let id = opened
+        .last()
+        .unwrap()
+        .trim_start_matches("opened ")
+        .to_owned();
+    wait_until(
+        "qmesh get queues to show the half messages",
+        Duration::from_secs(20),
+        || get(&control, "queues")[1]["in-transaction"] == "2",
+    );
+    std::fs::write(&go, b"").unwrap();
+    transaction.wait_for_line("committed", Duration::from_secs(30));
+    wait_until(
+        "qmesh get transactions to show the commit",
+        Duration::from_secs(20),
+        || {
+            get(&control, "transactions")
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| {
+                    t["transaction"] == id.as_str()
+                        && t["outcome"] == "committed"
+                        && t["decided-by"] == "producer"
+                        && t["messages"] == "2"
+                        && t["queues"] == "orders"
+                        && t["sidecar"] == "shop-tx"
+                })
+        },
+    );
+    assert_eq!(get(&control, "queues")[1]["in-transaction"], "0");
+    drop(transaction);
 
     // SIGTERM to `qmesh run` reaches the command; its code comes back and the sidecar leaves.
     let mut trapped = Running::start(

@@ -856,6 +856,7 @@ mod tests {
                 dead_lettered_total: 1,
                 ..Default::default()
             }],
+            transactions: Vec::new(),
         };
         let (a, b) = (SidecarKey::new("shop", "a"), SidecarKey::new("shop", "b"));
         let mut triggers = index.queue_triggers();

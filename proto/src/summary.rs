@@ -14,8 +14,11 @@ use std::collections::BTreeMap;
 use qmesh_core::{MeshState, SidecarInfo, SidecarKey};
 
 use crate::control::{
-    MeshStatus, QueueStatus, RateLimit, SidecarStatus, Stats, SubscriptionStatus,
+    MeshStatus, QueueStatus, RateLimit, SidecarStatus, Stats, SubscriptionStatus, TransactionEvent,
 };
+
+/// Most transaction outcomes a summary carries.
+pub const MAX_TRANSACTION_EVENTS: usize = 100;
 
 /// The summary of `only` (every namespace when empty): `stats` holds the latest stats of each
 /// connected sidecar, `connected` says which sidecars have a session now.
@@ -65,6 +68,7 @@ pub fn summarize(
                 row.publish_rate += stats.publish_rate;
                 row.published_total += stats.published_total;
                 row.oldest_age = older(row.oldest_age.take(), stats.oldest_age.as_ref());
+                row.half_messages += stats.half_messages;
             }
         }
         status.queues.push(row);
@@ -100,6 +104,20 @@ pub fn summarize(
         }
         status.subscriptions.push(row);
     }
+    // The latest transaction outcomes over the sidecars, newest first.
+    for (key, s) in stats.iter().filter(|(k, _)| wanted(&k.namespace)) {
+        for event in &s.transactions {
+            status.transactions.push(TransactionEvent {
+                sidecar: key.name.clone(),
+                namespace: key.namespace.clone(),
+                ..event.clone()
+            });
+        }
+    }
+    status
+        .transactions
+        .sort_by_key(|e| std::cmp::Reverse(e.at.as_ref().map(|t| (t.seconds, t.nanos))));
+    status.transactions.truncate(MAX_TRANSACTION_EVENTS);
     for (key, info) in mesh.sidecars().filter(|(k, _)| wanted(&k.namespace)) {
         let latest = stats.get(key);
         status.sidecars.push(SidecarStatus {
@@ -201,6 +219,7 @@ spec: {peerAddress: "127.0.0.1:9003", grpcAddress: "127.0.0.1:9103", httpAddress
                 queue: "orders".into(),
                 backlog_messages: backlog,
                 oldest_age: age(oldest),
+                half_messages: backlog + 1,
                 ..Default::default()
             }],
             subscriptions: vec![SubscriptionStats {
@@ -209,6 +228,14 @@ spec: {peerAddress: "127.0.0.1:9003", grpcAddress: "127.0.0.1:9103", httpAddress
                 backlog,
                 scheduled: backlog / 2,
                 oldest_age: age(oldest),
+                ..Default::default()
+            }],
+            transactions: vec![TransactionEvent {
+                transaction: format!("tx-{oldest}"),
+                at: Some(prost_types::Timestamp {
+                    seconds: oldest,
+                    nanos: 0,
+                }),
                 ..Default::default()
             }],
         }
@@ -228,6 +255,7 @@ spec: {peerAddress: "127.0.0.1:9003", grpcAddress: "127.0.0.1:9103", httpAddress
                 consumers: 1,
                 ..Default::default()
             }],
+            transactions: Vec::new(),
         };
         let stats = BTreeMap::from([
             (SidecarKey::new("default", "shop-a"), &a),
@@ -237,6 +265,21 @@ spec: {peerAddress: "127.0.0.1:9003", grpcAddress: "127.0.0.1:9103", httpAddress
         let status = summarize(&mesh, &stats, |_| true, "default");
         let orders = &status.queues[0];
         assert_eq!((orders.backlog, orders.oldest_age), (7, age(12)));
+        assert_eq!(
+            orders.half_messages,
+            4 + 5,
+            "half messages, over the owners"
+        );
+        let events: Vec<(&str, &str)> = status
+            .transactions
+            .iter()
+            .map(|t| (t.transaction.as_str(), t.sidecar.as_str()))
+            .collect();
+        assert_eq!(
+            events,
+            [("tx-12", "shop-b"), ("tx-5", "shop-a")],
+            "newest first, named by their sidecar"
+        );
         let limit = orders.publish_rate_limit.unwrap();
         assert_eq!((limit.messages_per_second, limit.burst), (50.0, 50));
         let billing = &status.subscriptions[0];

@@ -252,6 +252,7 @@ impl Sidecar {
         let age = |d: Option<std::time::Duration>| {
             d.and_then(|d| prost_types::Duration::try_from(d).ok())
         };
+        let half = self.owner.transactions().staged_by_queue();
         for q in self.owner.stats() {
             let oldest = q.subscriptions.iter().filter_map(|s| s.oldest_age).max();
             queues.push(wire::QueueStats {
@@ -262,6 +263,7 @@ impl Sidecar {
                 rejected_total: 0,
                 publish_rate: rates.observe(&format!("q/{}", q.queue), q.published_total, now),
                 oldest_age: age(oldest),
+                half_messages: half.get(&q.queue).copied().unwrap_or(0),
             });
             for s in q.subscriptions {
                 let e = subs.entry(s.subscription.clone()).or_default();
@@ -292,6 +294,23 @@ impl Sidecar {
             at: Some(std::time::SystemTime::now().into()),
             queues,
             subscriptions: subs.into_values().collect(),
+            transactions: self
+                .owner
+                .transactions()
+                .events()
+                .into_iter()
+                .map(|e| wire::TransactionEvent {
+                    transaction: e.transaction,
+                    outcome: e.outcome.to_owned(),
+                    decided_by: e.decided_by.to_owned(),
+                    messages: e.messages,
+                    checks: e.checks,
+                    at: Some(e.time.into()),
+                    queues: e.queues,
+                    sidecar: String::new(),
+                    namespace: String::new(),
+                })
+                .collect(),
         }
     }
 

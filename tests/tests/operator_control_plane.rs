@@ -126,6 +126,7 @@ async fn a_sidecar_gets_fresh_views_within_a_second_and_its_stats_reach_status()
                     dead_lettered_total: 1,
                     ..Default::default()
                 }],
+                transactions: Vec::new(),
             })),
         })
         .await
@@ -283,6 +284,7 @@ async fn the_mesh_status_is_read_with_the_callers_identity_and_rbac() {
                     backlog_messages: 7,
                     publish_rate: 42.5,
                     published_total: 900,
+                    half_messages: 3,
                     ..Default::default()
                 }],
                 subscriptions: vec![SubscriptionStats {
@@ -291,6 +293,14 @@ async fn the_mesh_status_is_read_with_the_callers_identity_and_rbac() {
                     backlog: 7,
                     ack_rate: 12.0,
                     acked_total: 893,
+                    ..Default::default()
+                }],
+                transactions: vec![qmesh_proto::control::TransactionEvent {
+                    transaction: "tx-1".into(),
+                    outcome: "committed".into(),
+                    decided_by: "check".into(),
+                    messages: 2,
+                    queues: vec!["orders".into()],
                     ..Default::default()
                 }],
             })),
@@ -388,6 +398,21 @@ async fn the_mesh_status_is_read_with_the_callers_identity_and_rbac() {
         ),
         ("orders", 7, 900, 1)
     );
+    assert_eq!(orders.half_messages, 3);
+    // Transaction outcomes, named by the sidecar that reported them (`qmesh get transactions`).
+    let events: Vec<(&str, &str, &str, &str)> = summary
+        .transactions
+        .iter()
+        .map(|t| {
+            (
+                t.transaction.as_str(),
+                t.decided_by.as_str(),
+                t.sidecar.as_str(),
+                t.namespace.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(events, [("tx-1", "check", "shop-1", "default")]);
     let billing = &summary.subscriptions[0];
     assert_eq!(
         (billing.name.as_str(), billing.ack_rate, billing.acked_total),

@@ -537,6 +537,7 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
                 "publishers": q.publishers,
                 "subscriptions": q.subscriptions,
                 "backlog": q.backlog,
+                "half_messages": q.half_messages,
                 "published_total": q.published_total,
                 "publish_rate": q.publish_rate,
                 "dead_letter_queue": q.dead_letter_queue,
@@ -621,6 +622,17 @@ fn status_json(snapshot: &Snapshot, time_ms: u64) -> Value {
         "queues": queues,
         "subscriptions": subscriptions,
         "sidecars": sidecars,
+        "transactions": status.transactions.iter().map(|t| json!({
+            "namespace": t.namespace,
+            "transaction": t.transaction,
+            "outcome": t.outcome,
+            "decided_by": t.decided_by,
+            "messages": t.messages,
+            "checks": t.checks,
+            "queues": t.queues,
+            "sidecar": t.sidecar,
+            "at": t.at.map(|at| at.to_string()),
+        })).collect::<Vec<_>>(),
     })
 }
 

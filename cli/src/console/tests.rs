@@ -185,6 +185,7 @@ fn fake() -> Fake {
                     messages_per_second: 50.0,
                     burst: 50,
                 }),
+                half_messages: 2,
             },
             QueueStatus {
                 namespace: "default".into(),
@@ -223,6 +224,20 @@ fn fake() -> Fake {
             sidecar("mystery", true),
             sidecar("shop", true),
         ],
+        transactions: vec![qmesh_proto::control::TransactionEvent {
+            transaction: "tx-1".into(),
+            outcome: "rolled-back".into(),
+            decided_by: "on-unknown".into(),
+            messages: 3,
+            checks: 15,
+            at: Some(prost_types::Timestamp {
+                seconds: 1_796_000_000,
+                nanos: 0,
+            }),
+            queues: vec!["orders".into()],
+            sidecar: "shop".into(),
+            namespace: "default".into(),
+        }],
     };
     let snapshot = Snapshot { status };
     let held = [
@@ -429,6 +444,15 @@ async fn status_rolls_up_totals() {
     );
     assert_eq!(status["queues"][1]["oldest_age_seconds"], Value::Null);
     assert_eq!(sidecars[0]["labels"], json!({"app": "billing"}));
+    assert_eq!(orders["half_messages"], 2);
+    assert_eq!(
+        status["transactions"],
+        json!([{
+            "namespace": "default", "transaction": "tx-1", "outcome": "rolled-back",
+            "decided_by": "on-unknown", "messages": 3, "checks": 15, "queues": ["orders"],
+            "sidecar": "shop", "at": "2026-11-30T00:53:20Z",
+        }])
+    );
     shutdown.cancel();
 }
 
@@ -775,6 +799,12 @@ spec: {peerAddress: "127.0.0.1:9201", grpcAddress: "127.0.0.1:9202", httpAddress
             deliver_rate: 10.0,
             ..Default::default()
         }],
+        transactions: vec![qmesh_proto::control::TransactionEvent {
+            transaction: format!("tx-{seconds}"),
+            outcome: "committed".into(),
+            at: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+            ..Default::default()
+        }],
     };
     let key = qmesh_core::SidecarKey::new("default", "billing-1");
     source.record_stats(&key, 1, report(100, 10));
@@ -798,6 +828,19 @@ spec: {peerAddress: "127.0.0.1:9201", grpcAddress: "127.0.0.1:9202", httpAddress
         (status.queues[0].publish_rate - 20.0).abs() < 1e-9,
         "{status:?}"
     );
+    // The latest report's transaction outcomes, named by their sidecar.
+    let events: Vec<(&str, &str, &str)> = status
+        .transactions
+        .iter()
+        .map(|t| {
+            (
+                t.transaction.as_str(),
+                t.sidecar.as_str(),
+                t.namespace.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(events, [("tx-102", "billing-1", "default")]);
 }
 
 #[tokio::test]

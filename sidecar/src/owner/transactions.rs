@@ -167,6 +167,11 @@ pub struct TransactionEvent {
     pub checks: u32,
     /// When (RFC 3339).
     pub at: String,
+    /// The queues of its messages.
+    pub queues: Vec<String>,
+    /// When, for the control plane.
+    #[serde(skip)]
+    pub time: SystemTime,
 }
 
 /// Most events kept for `qmesh get` and the console.
@@ -409,7 +414,15 @@ impl Transactions {
     }
 
     /// Records a settled transaction: out of the table, remembered, an event.
-    fn settle(&self, id: &str, t: &mut Txn, decision: Decision, by: DecidedBy, messages: u32) {
+    fn settle(
+        &self,
+        id: &str,
+        t: &mut Txn,
+        decision: Decision,
+        by: DecidedBy,
+        messages: u32,
+        queues: Vec<String>,
+    ) {
         t.gone = true;
         self.open
             .lock()
@@ -435,6 +448,8 @@ impl Transactions {
             messages,
             checks: t.checks,
             at: prost_types::Timestamp::from(SystemTime::now()).to_string(),
+            queues,
+            time: SystemTime::now(),
         });
         while events.len() > EVENTS {
             events.pop_front();
@@ -448,6 +463,14 @@ impl Transactions {
             "transaction settled"
         );
     }
+}
+
+/// The queues of half messages, sorted, once each.
+fn queues_of(staged: &[Staged]) -> Vec<String> {
+    let mut queues: Vec<String> = staged.iter().map(|s| s.queue.clone()).collect();
+    queues.sort();
+    queues.dedup();
+    queues
 }
 
 /// Strips the staging headers off a half message: its transaction and queue.
@@ -626,17 +649,19 @@ impl Owner {
                 });
             }
             let n = t.staged.len() as u32;
+            let queues = queues_of(&t.staged);
             for s in t.staged.drain(..) {
                 self.transactions.unstage(&s);
             }
             self.metrics.transactions.half_messages.dec_by(i64::from(n));
-            self.transactions.settle(txn, t, decision, by, n);
+            self.transactions.settle(txn, t, decision, by, n, queues);
             self.metrics.transaction_settled(decision, by);
             self.metrics.transactions.open.dec();
             return Ok(n);
         }
         let by = *t.committing.get_or_insert(by);
         let total = t.staged.len() as u32;
+        let queues = queues_of(&t.staged);
         let view = self.view.borrow().clone();
         let mut stored = 0;
         while let Some(s) = t.staged.first() {
@@ -680,7 +705,8 @@ impl Owner {
             self.transactions.unstage(&s);
             self.metrics.transactions.half_messages.dec();
         }
-        self.transactions.settle(txn, t, decision, by, total);
+        self.transactions
+            .settle(txn, t, decision, by, total, queues);
         self.metrics.transaction_settled(decision, by);
         self.metrics.transactions.open.dec();
         Ok(total)

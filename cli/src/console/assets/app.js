@@ -6,7 +6,7 @@
   const POLL_MS = 1500;
   const DEAD_LETTER_POLL_MS = 2000;
   const WINDOW_MS = 5 * 60 * 1000;
-  const PAGES = ["overview", "queues", "subscriptions", "dead-letters", "sidecars"];
+  const PAGES = ["overview", "queues", "subscriptions", "dead-letters", "sidecars", "transactions"];
   const TOKEN = document.querySelector('meta[name="qmesh-console-token"]').content;
   const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -299,6 +299,7 @@
     else if (state.page === "subscriptions") renderSubscriptions();
     else if (state.page === "dead-letters") renderDeadLetterPageFromStatus();
     else if (state.page === "sidecars") renderSidecars();
+    else if (state.page === "transactions") renderTransactions();
   }
 
   function renderOverview() {
@@ -367,6 +368,7 @@
           numCell("publishers", q.publishers, fmtInt(q.publishers)),
           numCell("subscriptions", q.subscriptions, fmtInt(q.subscriptions)),
           numCell("backlog", q.backlog, fmtInt(q.backlog)),
+          numCell("half_messages", q.half_messages, fmtInt(q.half_messages)),
           numCell("published_total", q.published_total, fmtInt(q.published_total)),
           numCell("publish_rate", q.publish_rate, fmtRate(q.publish_rate)),
           numCell("oldest_age", q.oldest_age_seconds, fmtAge(q.oldest_age_seconds)),
@@ -460,6 +462,33 @@
             { "data-col": "connected" },
             h("span", { class: s.connected ? "badge yes" : "badge no" }, s.connected ? "connected" : "disconnected"),
           ),
+        ),
+      ),
+    );
+  }
+
+  function renderTransactions() {
+    const events = state.status.transactions;
+    $("#transactions-empty").classList.toggle("hidden", events.length > 0);
+    replaceRows(
+      $("#transactions-table tbody"),
+      events.map((t) =>
+        h(
+          "tr",
+          { "data-key": `${t.namespace}/${t.transaction}` },
+          h("td", { class: "ns-col muted", "data-col": "namespace" }, t.namespace),
+          h("td", { class: "mono", "data-col": "transaction" }, t.transaction),
+          h(
+            "td",
+            { "data-col": "outcome" },
+            h("span", { class: t.outcome === "committed" ? "badge yes" : "badge no" }, t.outcome),
+          ),
+          h("td", { "data-col": "decided_by" }, t.decided_by),
+          numCell("messages", t.messages, fmtInt(t.messages)),
+          numCell("checks", t.checks, fmtInt(t.checks)),
+          h("td", { "data-col": "queues" }, t.queues.join(", ")),
+          h("td", { "data-col": "sidecar" }, t.sidecar),
+          h("td", { class: "muted", "data-col": "at" }, t.at || "-"),
         ),
       ),
     );

@@ -618,3 +618,75 @@ async fn an_open_transaction_is_handed_over_on_a_graceful_stop_and_checked_back_
     let (_, duplicates) = tally(billing.ids());
     assert_eq!(duplicates, 0, "once each: {:?}", billing.ids());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_a_full_queue_holds_up_is_finished_later_even_across_a_kill_9() {
+    let checks = CheckBack::default();
+    let port = checks.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // `audit` takes one message at a time (retention Reject): a commit can get half way.
+    let manifests = manifests(port, "1s").replace(
+        "metadata: {name: audit}\nspec:\n",
+        "metadata: {name: audit}\nspec:\n  retention: {maxMessages: 1}\n",
+    );
+    assert!(manifests.contains("maxMessages: 1"));
+    let mut mesh = mesh()
+        .manifests(&manifests)
+        .sidecar("producer", &[("app", "producer")])
+        .sidecar("worker", &[("app", "worker")])
+        .data_dir("producer", dir.path())
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let worker = mesh.sidecar("worker").grpc_url();
+    let billing = Consumer::start("b", &worker, "billing", 0, |_| Verdict::Ack).await;
+    let mut app = client(&mesh.sidecar("producer").grpc_url()).await;
+    // Nobody consumes audit yet: one plain message fills it.
+    app.publish(request("audit", "filler", "")).await.unwrap();
+    let t = begin(&mut app).await;
+    app.publish(request("orders", "p-1", &t)).await.unwrap();
+    app.publish(request("audit", "p-2", &t)).await.unwrap();
+    let held_up = app.commit_transaction(txn(&t)).await.unwrap_err();
+    assert_eq!(
+        held_up.code(),
+        tonic::Code::ResourceExhausted,
+        "{held_up:?}"
+    );
+    assert!(
+        held_up
+            .message()
+            .contains("is committed, and 1 of its 2 messages"),
+        "{}",
+        held_up.message()
+    );
+    billing
+        .expect_prefixed("p-1", 1, 20, "the stored half")
+        .await;
+    // Decided: a rollback is refused, and the decision survives a kill -9.
+    let refused = app.rollback_transaction(txn(&t)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let producer = mesh.sidecar_mut("producer");
+    producer.kill9();
+    producer.restart().await.unwrap();
+    // Room in audit: the rest of the commit goes in, with no check-back (nothing was unknown).
+    let auditing = Consumer::start("a", &worker, "auditing", 0, |_| Verdict::Ack).await;
+    auditing
+        .expect_prefixed("p-2", 1, 30, "the rest of the commit")
+        .await;
+    let mut app = client(&mesh.sidecar("producer").grpc_url()).await;
+    barrier(&mut app, &billing, "orders", "plain").await;
+    assert_eq!(
+        billing.count_prefixed("p-1"),
+        1,
+        "stored once: {:?}",
+        billing.ids()
+    );
+    assert_eq!(auditing.count_prefixed("p-2"), 1);
+    assert_eq!(checks.asked(&t), 0, "a decided commit is not checked back");
+    let again = app.commit_transaction(txn(&t)).await.unwrap().into_inner();
+    assert_eq!((again.state.as_str(), again.messages), ("committed", 2));
+    assert_eq!(
+        metric(mesh.sidecar("producer").admin, "qmesh_half_messages").await,
+        0.0
+    );
+}

@@ -48,6 +48,8 @@ const HALF: &str = "~half";
 pub const HALF_HEADER: &str = "qmesh-half-transaction";
 /// Header of a half message in the staging area: its queue.
 const QUEUE_HEADER: &str = "qmesh-transaction-queue";
+/// Header of the staging record of a commit decision (its transaction in [`HALF_HEADER`]).
+const COMMIT_HEADER: &str = "qmesh-transaction-commit";
 /// Header of a committed message: the transaction it was published in.
 pub const TRANSACTION_HEADER: &str = "qmesh-transaction";
 
@@ -141,6 +143,10 @@ struct Txn {
     next_check: Option<Instant>,
     /// A commit is decided and some messages are still to be stored.
     committing: Option<DecidedBy>,
+    /// Since when, and the transaction's messages and queues at the decision.
+    committed: Option<(Instant, u32, Vec<String>)>,
+    /// The durable record of the commit decision (disk logs), until every message is stored.
+    marker: Option<(Arc<dyn OwnerLog>, u64, Position)>,
     /// Settled and gone from the table (a publish holding the slot must not add to it).
     gone: bool,
 }
@@ -396,6 +402,8 @@ impl Transactions {
             checks: 0,
             next_check: None,
             committing: None,
+            committed: None,
+            marker: None,
             gone: false,
         }
     }
@@ -659,13 +667,47 @@ impl Owner {
             self.metrics.transactions.open.dec();
             return Ok(n);
         }
-        let by = *t.committing.get_or_insert(by);
-        let total = t.staged.len() as u32;
-        let queues = queues_of(&t.staged);
+        if t.committing.is_none() {
+            // The decision is made durable before any message goes to its queue: a crash while
+            // they go commits the rest at the next start, so a commit is never partial.
+            if let Some(log) = t.staged.iter().map(|s| &s.log).find(|l| l.pages()) {
+                let log = Arc::clone(log);
+                let mut headers = HashMap::new();
+                headers.insert(HALF_HEADER.to_owned(), txn.to_owned());
+                headers.insert(COMMIT_HEADER.to_owned(), by.label().to_owned());
+                // What the event of its outcome says, also when it is finished after a restart.
+                let decided = serde_json::json!({
+                    "messages": t.staged.len(),
+                    "queues": queues_of(&t.staged),
+                });
+                let record = v1::Message {
+                    id: format!("{txn}/commit"),
+                    payload: Bytes::from(decided.to_string()),
+                    headers,
+                    publish_time: Some(SystemTime::now().into()),
+                    ..v1::Message::default()
+                };
+                let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
+                let at = log
+                    .append(STAGING, sequence, &Arc::new(record), &[HALF.to_owned()])
+                    .await?;
+                t.marker = Some((log, sequence, at));
+            }
+            t.committing = Some(by);
+        }
+        let by = t.committing.unwrap_or(by);
+        let (since, total, queues) = t
+            .committed
+            .get_or_insert_with(|| (Instant::now(), t.staged.len() as u32, queues_of(&t.staged)))
+            .clone();
         let view = self.view.borrow().clone();
-        let mut stored = 0;
         while let Some(s) = t.staged.first() {
             let Some(q) = self.queue_for(&view, &s.queue) else {
+                if since.elapsed() < self.removed_grace {
+                    // Not in the view (yet: a restart before the control plane's first view, or
+                    // gone for good): tried again, until the removal grace has passed.
+                    return Err(BrokerError::UnknownQueue(s.queue.clone()));
+                }
                 // The Queue was deleted while the transaction was open: nothing can take it.
                 tracing::warn!(
                     transaction = txn,
@@ -695,15 +737,18 @@ impl Owner {
                     "a committed transaction's message could not be stored yet; retrying"
                 );
                 return Err(BrokerError::TransactionLimit(format!(
-                    "transaction {txn:?} is committed, and {stored} of its {total} remaining \
-                     messages are in their queues; the rest follow as soon as queue {queue:?} \
-                     takes them ({error})"
+                    "transaction {txn:?} is committed, and {} of its {total} messages are in \
+                     their queues; the rest follow as soon as queue {queue:?} takes them ({error})",
+                    total as usize - t.staged.len()
                 )));
             }
-            stored += 1;
             let s = t.staged.remove(0);
             self.transactions.unstage(&s);
             self.metrics.transactions.half_messages.dec();
+        }
+        if let Some((log, sequence, at)) = t.marker.take() {
+            log.settle(STAGING, HALF, sequence, Outcome::Acked);
+            log.release(at);
         }
         self.transactions
             .settle(txn, t, decision, by, total, queues);
@@ -895,9 +940,13 @@ impl Owner {
         if records.is_empty() {
             return;
         }
-        let count = records.len();
         let mut open: HashMap<String, Txn> = HashMap::new();
+        let mut markers = Vec::new();
         for rec in records {
+            if rec.message.headers.contains_key(COMMIT_HEADER) {
+                markers.push(rec);
+                continue;
+            }
             let Some((txn, queue, message)) = unwrap_half(rec.message) else {
                 continue;
             };
@@ -927,16 +976,57 @@ impl Owner {
                 },
             );
         }
+        let mut committing = 0;
+        for rec in markers {
+            let txn = rec
+                .message
+                .headers
+                .get(HALF_HEADER)
+                .cloned()
+                .unwrap_or_default();
+            match open.get_mut(&txn) {
+                Some(t) => {
+                    // Decided before the stop: its remaining messages go to their queues now.
+                    t.committing = Some(DecidedBy::Producer);
+                    t.marker = Some((Arc::clone(&self.disk), rec.sequence, rec.at));
+                    let decided: serde_json::Value =
+                        serde_json::from_slice(&rec.message.payload).unwrap_or_default();
+                    let total = decided["messages"]
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .unwrap_or(t.staged.len() as u32);
+                    let queues = decided["queues"]
+                        .as_array()
+                        .map(|q| {
+                            q.iter()
+                                .filter_map(|q| q.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_else(|| queues_of(&t.staged));
+                    t.committed = Some((Instant::now(), total, queues));
+                    committing += 1;
+                }
+                None => {
+                    // Every message was stored; only the marker's settlement was lost.
+                    self.disk
+                        .settle(STAGING, HALF, rec.sequence, Outcome::Acked);
+                    self.disk.release(rec.at);
+                }
+            }
+        }
         let transactions = open.len();
         for (id, t) in open {
             self.transactions.insert_open(id, t);
         }
         self.metrics.transactions.open.set(transactions as i64);
+        let count = self.transactions.staged_count();
         self.metrics.transactions.half_messages.set(count as i64);
         tracing::info!(
             transactions,
+            committing,
             half_messages = count,
-            "recovered open transactions from the log; they are checked back"
+            "recovered open transactions from the log: committed ones are finished, the others \
+             checked back"
         );
     }
 

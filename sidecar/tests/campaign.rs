@@ -2,7 +2,8 @@
 //! and keys, consumer apps that ack, nack, stay slow, hold deliveries and disconnect, and a seeded
 //! schedule of faults — kill -9, SIGTERM hand-over, frozen pods, partitions (a TCP proxy in front
 //! of every peer port), app disconnects, a full disk — while `analytics` is rewound now and then
-//! (replays from the log under all of it). A checker reads the recorded history (never
+//! (replays from the log under all of it). Some orders are delayed, some are published in
+//! transactions that the producer commits or rolls back (and answers check-backs about). A checker reads the recorded history (never
 //! the system's own counters) and verifies the promises, each named as a sentence.
 //!
 //! ```text
@@ -45,6 +46,7 @@ spec:
   publishers: {matchLabels: {app: shop}}
   deadLetterQueue: orders-dlq
   retention: {keepAcked: 1m}
+  transaction: {checkAfter: 1s, maxChecks: 20, checkPort: CHECK_PORT}
 ---
 apiVersion: qmesh.io/v1alpha1
 kind: Queue
@@ -200,6 +202,117 @@ impl History {
 
 // === the workload ===
 
+/// What each producer decided for its transactions (`commit` / `rollback`), as its app's local
+/// transaction would: check-backs are answered from here.
+type Decisions = Arc<Mutex<HashMap<String, &'static str>>>;
+
+/// The producer apps' check-back endpoint, on a free loopback port; the port.
+async fn answer_check_backs(decisions: Decisions) -> u16 {
+    use axum::{Json, extract::State, routing::post};
+    let app = axum::Router::new()
+        .route(
+            "/qmesh/transaction-check",
+            post(
+                |State(decisions): State<Decisions>, Json(body): Json<Value>| async move {
+                    let id = body["transaction"].as_str().unwrap_or_default();
+                    let decided = decisions.lock().unwrap().get(id).copied();
+                    decided.unwrap_or("unknown").to_owned()
+                },
+            ),
+        )
+        .with_state(decisions);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+/// One transaction of 1–3 orders: begun, published, then committed or rolled back as the producer
+/// decides (rolled back when a publish in it failed). Its messages are recorded as publishes:
+/// `ok` when committed (they must all be delivered, even if the commit call itself failed: the
+/// check-back finishes it), `rolled-back` otherwise (none may ever be delivered).
+async fn transaction(
+    c: &mut v1::broker_client::BrokerClient<tonic::transport::Channel>,
+    sidecar: &str,
+    n: u64,
+    rng: &mut Rng,
+    history: &History,
+    decisions: &Decisions,
+) -> Result<(), String> {
+    let call = Duration::from_secs(8);
+    let begun = tokio::time::timeout(call, c.begin_transaction(v1::BeginTransactionRequest {}))
+        .await
+        .map_err(|_| "begin timed out".to_owned())?
+        .map_err(|s| s.message().to_owned())?;
+    let txn = begun.into_inner().transaction;
+    let mut ids = Vec::new();
+    let mut failed = false;
+    for i in 0..=rng.below(3) {
+        let id = format!("{sidecar}-t{n}-{i}");
+        let request = v1::PublishRequest {
+            queue: "orders".into(),
+            message: Some(message(&id, "", "order")),
+            correlation: n,
+            delay: None,
+            deliver_at: None,
+            transaction: txn.clone(),
+        };
+        match tokio::time::timeout(call, c.publish(request)).await {
+            Ok(Ok(_)) => ids.push(id),
+            _ => {
+                // Maybe stored, maybe not: the app's local transaction fails, and rolls back.
+                ids.push(id);
+                failed = true;
+                break;
+            }
+        }
+    }
+    let decision = if !failed && rng.chance(70) {
+        "commit"
+    } else {
+        "rollback"
+    };
+    decisions.lock().unwrap().insert(txn.clone(), decision);
+    let settled = if decision == "commit" {
+        tokio::time::timeout(
+            call,
+            c.commit_transaction(v1::TransactionRequest {
+                transaction: txn.clone(),
+            }),
+        )
+        .await
+    } else {
+        tokio::time::timeout(
+            call,
+            c.rollback_transaction(v1::TransactionRequest {
+                transaction: txn.clone(),
+            }),
+        )
+        .await
+    };
+    let answer = match settled {
+        Ok(Ok(_)) => "ok".to_owned(),
+        Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
+        Err(_) => "timed out".to_owned(),
+    };
+    history.record(
+        json!({"kind": "transaction", "producer": sidecar, "transaction": txn,
+        "decision": decision, "answer": answer, "ids": ids}),
+    );
+    for id in ids {
+        let outcome = if decision == "commit" {
+            "ok"
+        } else {
+            "rolled-back"
+        };
+        history.record(
+            json!({"kind": "publish", "queue": "orders", "producer": sidecar, "id": id,
+            "key": "", "payload": "order", "outcome": outcome, "transaction": txn}),
+        );
+    }
+    Ok(())
+}
+
 /// A producer app: publishes to its own sidecar until told to stop.
 async fn produce(
     sidecar: String,
@@ -207,6 +320,7 @@ async fn produce(
     seed: u64,
     history: Arc<History>,
     stop: Arc<AtomicBool>,
+    decisions: Decisions,
 ) {
     let mut rng = Rng(seed);
     let mut per_key: HashMap<String, u64> = HashMap::new();
@@ -257,6 +371,16 @@ async fn produce(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        // Some orders go in transactions.
+        if queue == "orders" && payload == "order" && rng.chance(8) {
+            if let Err(error) = transaction(c, &sidecar, n, &mut rng, &history, &decisions).await {
+                history.record(json!({"kind": "transaction", "producer": sidecar,
+                    "answer": error}));
+                client = None;
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            continue;
+        }
         // Some orders are delayed messages: they must not reach a consumer before their time.
         let delay = (queue == "orders" && payload == "order" && rng.chance(10))
             .then(|| rng.millis(200, 1500));
@@ -576,6 +700,8 @@ struct Verdict {
     dead_letters: u64,
     rejected: u64,
     delayed: u64,
+    committed: u64,
+    rolled_back: u64,
     duplicates: u64,
     redeliveries: u64,
     repeats_after_faults: u64,
@@ -668,6 +794,36 @@ fn check(history: &[Value]) -> Verdict {
         {
             v.failures.push(format!(
                 "no_delayed_message_is_delivered_before_its_time: {id} delivered at {t:.3}s, due at {due:.3}s"
+            ));
+        }
+    }
+
+    // no_message_of_a_rolled_back_transaction_is_ever_delivered (and committed ones are all
+    // delivered: they are acknowledged publishes above)
+    let rolled_back: HashSet<&str> = history
+        .iter()
+        .filter(|e| e["kind"] == "publish" && e["outcome"] == "rolled-back")
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    let transactions = history
+        .iter()
+        .filter(|e| e["kind"] == "transaction" && e["decision"].is_string());
+    for t in transactions {
+        if t["decision"] == "commit" {
+            v.committed += 1;
+        } else {
+            v.rolled_back += 1;
+        }
+    }
+    for e in history.iter().filter(|e| e["kind"] == "deliver") {
+        let id = e["id"].as_str().unwrap_or_default();
+        if rolled_back.contains(id)
+            || e["original_id"]
+                .as_str()
+                .is_some_and(|o| rolled_back.contains(o))
+        {
+            v.failures.push(format!(
+                "no_message_of_a_rolled_back_transaction_is_ever_delivered: {e}"
             ));
         }
     }
@@ -865,8 +1021,10 @@ async fn run_campaign(c: Campaign) {
     let tmpfs = Tmpfs::mount(&disk, "48m");
     let mounted = tmpfs.is_some();
     let ballast = mounted.then(|| disk.join("ballast"));
+    let decisions: Decisions = Arc::default();
+    let check_port = answer_check_backs(Arc::clone(&decisions)).await;
     let mut builder = mesh()
-        .manifests(MESH)
+        .manifests(&MESH.replace("CHECK_PORT", &check_port.to_string()))
         .proxied()
         .arg("--shutdown-grace")
         .arg("6s")
@@ -919,6 +1077,7 @@ async fn run_campaign(c: Campaign) {
             seed ^ (0x50 + i as u64),
             Arc::clone(&history),
             Arc::clone(&stop),
+            Arc::clone(&decisions),
         )));
     }
     // Replays under the faults: `analytics` is rewound 5–15 s now and then.
@@ -976,6 +1135,13 @@ async fn run_campaign(c: Campaign) {
                     owed.push(format!("{name}:{sub}={n}"));
                 }
             }
+            // Transactions the producer could not settle are checked back and settled too.
+            let open = stats(admin)
+                .await
+                .map_or(0, |s| s["transactions"]["open"].as_u64().unwrap_or(0));
+            if open > 0 {
+                owed.push(format!("{name}:open transactions={open}"));
+            }
         }
         if owed.is_empty() {
             break;
@@ -1031,7 +1197,7 @@ async fn run_campaign(c: Campaign) {
         .map(|e| e["replaying"].as_u64().unwrap_or(0))
         .collect();
     eprintln!(
-        "campaign seed {seed}: faults [{}]; rewinds {} ({} answered, {} owners replaying); published ok {} ({} delayed), unknown {}, refused {}; deliveries {}; dead letters {} ({} deliveries rejected); lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault, {} after a rewind); peak RSS {} MiB; backlogs spilled to disk {spills} times; disk-full fault {}",
+        "campaign seed {seed}: faults [{}]; rewinds {} ({} answered, {} owners replaying); published ok {} ({} delayed), unknown {}, refused {}; transactions {} committed, {} rolled back; deliveries {}; dead letters {} ({} deliveries rejected); lost 0 of {} checked; messages delivered more than once {} ({} after a failed attempt, {} after a fault, {} after a rewind); peak RSS {} MiB; backlogs spilled to disk {spills} times; disk-full fault {}",
         faults.join(", "),
         rewound.len(),
         rewound.iter().filter(|r| **r > 0).count(),
@@ -1040,6 +1206,8 @@ async fn run_campaign(c: Campaign) {
         verdict.delayed,
         verdict.unknown,
         verdict.refused,
+        verdict.committed,
+        verdict.rolled_back,
         verdict.deliveries,
         verdict.dead_letters,
         verdict.rejected,

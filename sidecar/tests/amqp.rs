@@ -443,9 +443,6 @@ async fn basic_get_heartbeats_a_second_client_and_the_errors_users_meet() {
         "{exchange}"
     );
     assert_eq!(case("queue.bind")["code"], 540);
-    let tx = case("tx.select");
-    assert_eq!(tx["code"], 540);
-    assert!(tx["text"].as_str().unwrap().contains("tx"), "{tx}");
     assert_eq!(case("consume an unknown queue")["code"], 404);
     let large = case("message over maxMessageBytes");
     assert_eq!(large["code"], 406, "{large}");
@@ -493,6 +490,38 @@ async fn basic_get_heartbeats_a_second_client_and_the_errors_users_meet() {
     // None of the refused publishes was stored.
     let backlog = queue_backlog(mesh.sidecar("producer").admin, "task-queue").await;
     assert_eq!(backlog, 0, "nothing refused was stored");
+
+    // AMQP transactions (tx.select) on qmesh transactions: what is rolled back is never
+    // delivered, what is committed is; acks in a transaction take effect at its commit.
+    let published = Client::run(&["tx-publish", &producer, "task-queue"]);
+    let steps: Vec<&Value> = published.iter().filter(|l| l["step"].is_string()).collect();
+    assert_eq!(steps.len(), 2, "{published:?}");
+    let refused = published
+        .iter()
+        .find(|l| l["case"] == "confirm on a transactional channel")
+        .unwrap();
+    assert_eq!(refused["code"], 406, "{refused}");
+    let got = Client::run(&["tx-get", &worker, "task-queue", "2"]);
+    let mut bodies: Vec<&str> = got.iter().filter_map(|l| l["got"].as_str()).collect();
+    bodies.sort_unstable();
+    assert_eq!(bodies, ["tx-committed-1", "tx-committed-2"], "{got:?}");
+    assert!(
+        got.iter()
+            .all(|l| l["got"].is_null() || l["redelivered"] == true),
+        "each came again after its rolled-back ack: {got:?}"
+    );
+    let mut rolled: Vec<&str> = got
+        .iter()
+        .filter_map(|l| l["rolled_back"].as_str())
+        .collect();
+    rolled.sort_unstable();
+    assert_eq!(rolled, ["tx-committed-1", "tx-committed-2"], "{got:?}");
+    until_sub_settled(mesh.sidecar("producer").admin, "workers", 15).await;
+    let backlog = queue_backlog(mesh.sidecar("producer").admin, "task-queue").await;
+    assert_eq!(
+        backlog, 0,
+        "the rolled-back publishes were never stored in the queue"
+    );
 }
 
 // === raw sockets: what no client library sends ===

@@ -3,6 +3,10 @@
 //! state, writes every frame, runs publishes in order (so confirms come back in order) and takes
 //! deliveries from one consumer task per `basic.consume`.
 //!
+//! `tx.select` makes a channel transactional on qmesh transactions: its publishes until `tx.commit`
+//! are half messages of one transaction (opened at the first), its acks, nacks and rejects wait for
+//! the commit, and `tx.rollback` (or closing the channel) drops both.
+//!
 //! Errors follow the spec: a soft error closes the channel (`channel.close` with a reply code and
 //! a text saying what to do), a hard one the connection. Nothing accepted is lost either way —
 //! unacked deliveries go back to their owners when their channel closes.
@@ -13,14 +17,16 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use amq_protocol::{
     frame::{AMQPContentHeader, AMQPFrame, ProtocolVersion, WriteContext, gen_frame},
-    protocol::{AMQPClass, BasicProperties, basic, channel, confirm, connection, exchange, queue},
+    protocol::{
+        AMQPClass, BasicProperties, basic, channel, confirm, connection, exchange, queue, tx,
+    },
     types::{AMQPValue, FieldTable, ShortString},
 };
 use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
@@ -31,7 +37,7 @@ use tokio::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
-    sync::{mpsc, watch},
+    sync::{Notify, mpsc, watch},
     task::AbortHandle,
 };
 
@@ -44,7 +50,7 @@ use crate::{
     Sidecar,
     consumer::{Consumers, Holder, LocalSub, MAX_WINDOW, Nack},
     error::BrokerError,
-    owner::Schedule,
+    owner::{Schedule, transactions::Decision},
 };
 
 /// Most publishes of one connection being stored at once; reading pauses beyond it.
@@ -82,10 +88,6 @@ fn not_implemented(method: &AMQPClass, name: &str, hint: &str) -> Reply {
 /// A client method qmesh does not support: its name and what to do instead (answered with 540).
 fn unsupported(method: &AMQPClass) -> Option<(&'static str, &'static str)> {
     Some(match method {
-        AMQPClass::Tx(_) => (
-            "tx (AMQP transactions)",
-            "; use publisher confirms (confirm.select)",
-        ),
         AMQPClass::Basic(basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_)) => {
             ("basic.recover", "; nack with requeue=true instead")
         }
@@ -138,6 +140,8 @@ enum Outcome {
     Stored,
     Failed(BrokerError),
     Unroutable(Box<Content>),
+    /// `tx.commit` (true) or `tx.rollback` done, or refused.
+    TxSettled(bool, Result<(), BrokerError>),
 }
 
 type PublishFuture = Pin<Box<dyn Future<Output = Published> + Send>>;
@@ -163,6 +167,41 @@ struct Unacked {
     receipt: String,
 }
 
+/// A transactional channel's state (`tx.select`).
+#[derive(Default)]
+struct Tx {
+    /// The qmesh transaction of the publishes since the last commit or rollback (opened at the
+    /// first), and those of them still being stored.
+    open: Option<(String, Arc<Storing>)>,
+    /// Acks (`None`), nacks and rejects since then: carried out at the commit, dropped at a
+    /// rollback. (delivery tag, multiple, nack)
+    settlements: Vec<(u64, bool, Option<Nack>)>,
+}
+
+/// Publishes of one transaction still being stored: its commit waits for them.
+#[derive(Default)]
+struct Storing {
+    count: AtomicUsize,
+    done: Notify,
+}
+
+impl Storing {
+    async fn all_stored(&self) {
+        loop {
+            let stored = self.done.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            stored.await;
+        }
+    }
+
+    fn stored(&self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        self.done.notify_waiters();
+    }
+}
+
 #[derive(Default)]
 struct Channel {
     /// `channel.close` was sent; waiting for `close-ok`.
@@ -178,6 +217,8 @@ struct Channel {
     delivery_tag: u64,
     unacked: BTreeMap<u64, Unacked>,
     flow: Option<watch::Sender<bool>>,
+    /// `tx.select` was sent: a transactional channel.
+    tx: Option<Tx>,
 }
 
 impl Channel {
@@ -682,35 +723,123 @@ impl Connection {
                     .map_err(|reply| Fault::Channel(id, reply.about(&method)))?;
                 None
             }
-            AMQPClass::Basic(basic::AMQPMethod::Ack(ack)) => {
-                self.settle(id, ack.delivery_tag, ack.multiple, None)
+            AMQPClass::Basic(
+                basic::AMQPMethod::Ack(_)
+                | basic::AMQPMethod::Nack(_)
+                | basic::AMQPMethod::Reject(_),
+            ) => {
+                let (tag, multiple, nack) = match &method {
+                    AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
+                        (a.delivery_tag, a.multiple, None)
+                    }
+                    AMQPClass::Basic(basic::AMQPMethod::Nack(n)) => {
+                        (n.delivery_tag, n.multiple, Some(rejected(n.requeue)))
+                    }
+                    AMQPClass::Basic(basic::AMQPMethod::Reject(r)) => {
+                        (r.delivery_tag, false, Some(rejected(r.requeue)))
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                if let Some(tx) = ch.tx.as_mut() {
+                    // Carried out at the commit: the tag must be one this channel holds now.
+                    if !multiple && !ch.unacked.contains_key(&tag) {
+                        return Err(Fault::Channel(
+                            id,
+                            Reply::new(
+                                reply::PRECONDITION_FAILED,
+                                format!("unknown delivery tag {tag}"),
+                            )
+                            .about(&method),
+                        ));
+                    }
+                    tx.settlements.push((tag, multiple, nack));
+                    return Ok(());
+                }
+                self.settle(id, tag, multiple, nack)
                     .await
                     .map_err(|reply| Fault::Channel(id, reply.about(&method)))?;
                 None
             }
-            AMQPClass::Basic(basic::AMQPMethod::Nack(nack)) => {
-                self.settle(
-                    id,
-                    nack.delivery_tag,
-                    nack.multiple,
-                    Some(rejected(nack.requeue)),
-                )
-                .await
-                .map_err(|reply| Fault::Channel(id, reply.about(&method)))?;
-                None
+            AMQPClass::Tx(tx::AMQPMethod::Select(_)) => {
+                if ch.confirm {
+                    return Err(Fault::Channel(
+                        id,
+                        Reply::new(
+                            reply::PRECONDITION_FAILED,
+                            "a channel in confirm mode cannot be made transactional",
+                        )
+                        .about(&method),
+                    ));
+                }
+                ch.tx.get_or_insert_with(Tx::default);
+                reply(AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})))
             }
-            AMQPClass::Basic(basic::AMQPMethod::Reject(reject)) => {
-                self.settle(
-                    id,
-                    reject.delivery_tag,
-                    false,
-                    Some(rejected(reject.requeue)),
-                )
-                .await
-                .map_err(|reply| Fault::Channel(id, reply.about(&method)))?;
+            AMQPClass::Tx(tx::AMQPMethod::Commit(_) | tx::AMQPMethod::Rollback(_)) => {
+                let commit = matches!(method, AMQPClass::Tx(tx::AMQPMethod::Commit(_)));
+                let Some(tx) = ch.tx.as_mut() else {
+                    return Err(Fault::Channel(
+                        id,
+                        Reply::new(
+                            reply::PRECONDITION_FAILED,
+                            "channel is not transactional: send tx.select first",
+                        )
+                        .about(&method),
+                    ));
+                };
+                let settlements = std::mem::take(&mut tx.settlements);
+                let open = tx.open.take();
+                if commit {
+                    for (tag, multiple, nack) in settlements {
+                        // A tag settled twice in one transaction was settled by the first.
+                        if !multiple && !self.channels[&id].unacked.contains_key(&tag) {
+                            continue;
+                        }
+                        self.settle(id, tag, multiple, nack)
+                            .await
+                            .map_err(|reply| Fault::Channel(id, reply.about(&method)))?;
+                    }
+                }
+                let owner = Arc::clone(&self.sidecar.owner);
+                // In the publish pipeline, so the answer follows the publishes' outcomes.
+                self.publishes.push_back(
+                    async move {
+                        let result = match open {
+                            None => Ok(()),
+                            Some((transaction, storing)) => {
+                                storing.all_stored().await;
+                                let decision = if commit {
+                                    Decision::Commit
+                                } else {
+                                    Decision::Rollback
+                                };
+                                owner
+                                    .settle_transaction(&transaction, decision)
+                                    .await
+                                    .map(|_| ())
+                            }
+                        };
+                        Published {
+                            channel: id,
+                            confirm_tag: None,
+                            bytes: 0,
+                            outcome: Outcome::TxSettled(commit, result),
+                        }
+                    }
+                    .boxed(),
+                );
                 None
             }
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
+                if ch.tx.is_some() {
+                    return Err(Fault::Channel(
+                        id,
+                        Reply::new(
+                            reply::PRECONDITION_FAILED,
+                            "a transactional channel cannot be put in confirm mode",
+                        )
+                        .about(&method),
+                    ));
+                }
                 ch.confirm = true;
                 (!select.nowait).then_some(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(
                     confirm::SelectOk {},
@@ -1117,16 +1246,45 @@ impl Connection {
                 ));
             }
         };
+        // A transactional channel's publishes go into its open qmesh transaction.
+        let ch = self.channels.get_mut(&id).expect("the channel is open");
+        let in_tx = match ch.tx.as_mut() {
+            None => None,
+            Some(tx) => {
+                if tx.open.is_none() {
+                    let opened = self.sidecar.owner.begin_transaction().map_err(|error| {
+                        self.buffered_bytes = self.buffered_bytes.saturating_sub(bytes);
+                        Fault::Channel(
+                            id,
+                            Reply {
+                                code: reply_code(&error),
+                                text: error.to_string(),
+                                class: 60,
+                                method: 40,
+                            },
+                        )
+                    })?;
+                    tx.open = Some((opened.transaction, Arc::default()));
+                }
+                let (transaction, storing) = tx.open.clone().expect("opened above");
+                storing.count.fetch_add(1, Ordering::SeqCst);
+                Some((transaction, storing))
+            }
+        };
         let sidecar = Arc::clone(&self.sidecar);
         self.publishes.push_back(
             async move {
+                let transaction = in_tx.as_ref().map_or("", |(t, _)| t.as_str());
                 let outcome = match sidecar
-                    .publish_scheduled(&queue, message, schedule, "")
+                    .publish_scheduled(&queue, message, schedule, transaction)
                     .await
                 {
                     Ok(_) => Outcome::Stored,
                     Err(e) => Outcome::Failed(e),
                 };
+                if let Some((_, storing)) = &in_tx {
+                    storing.stored();
+                }
                 Published {
                     channel: id,
                     confirm_tag,
@@ -1150,6 +1308,27 @@ impl Connection {
         }
         match done.outcome {
             Outcome::Stored => {}
+            Outcome::TxSettled(commit, Ok(())) => {
+                self.method(
+                    id,
+                    if commit {
+                        AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}))
+                    } else {
+                        AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {}))
+                    },
+                );
+            }
+            Outcome::TxSettled(commit, Err(error)) => {
+                return Err(Fault::Channel(
+                    id,
+                    Reply {
+                        code: reply_code(&error),
+                        text: error.to_string(),
+                        class: 90,
+                        method: if commit { 20 } else { 30 },
+                    },
+                ));
+            }
             Outcome::Unroutable(content) => {
                 if content.publish.mandatory {
                     self.method(
@@ -1339,6 +1518,19 @@ impl Connection {
         let consumers: Vec<Consumer> = ch.consumers.drain().map(|(_, c)| c).collect();
         let holders = std::mem::take(&mut ch.holders);
         ch.unacked.clear();
+        if let Some((transaction, storing)) = ch.tx.as_mut().and_then(|tx| tx.open.take()) {
+            // A channel closed with its transaction open rolls it back (as in RabbitMQ).
+            let owner = Arc::clone(&self.sidecar.owner);
+            self.sidecar.tasks.spawn("AMQP transaction rollback", async move {
+                storing.all_stored().await;
+                if let Err(error) = owner
+                    .settle_transaction(&transaction, Decision::Rollback)
+                    .await
+                {
+                    tracing::debug!(%transaction, %error, "an AMQP channel's transaction at its close");
+                }
+            });
+        }
         if let Some(content) = ch.incoming.take() {
             self.buffered_bytes = self.buffered_bytes.saturating_sub(content.size);
         }

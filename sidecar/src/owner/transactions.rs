@@ -325,7 +325,19 @@ impl Transactions {
             .copied()
     }
 
-    /// Why `id` cannot take a publish or a settlement: settled the other way, or unknown.
+    /// Why `id`, not open, cannot take a publish: settled, or unknown.
+    fn refusal(&self, id: &str) -> BrokerError {
+        match self.not_open(id, None) {
+            Err(error) => error,
+            Ok((decision, _)) => BrokerError::TransactionSettled {
+                transaction: id.to_owned(),
+                state: decision.label(),
+            },
+        }
+    }
+
+    /// The answer to a settlement `wanted` of `id`, not open: the same again when it was settled
+    /// so, else why not (settled the other way, or unknown).
     fn not_open(&self, id: &str, wanted: Option<Decision>) -> Result<(Decision, u32), BrokerError> {
         match self.settled(id) {
             Some((decision, n)) if Some(decision) == wanted => Ok((decision, n)),
@@ -536,16 +548,12 @@ impl Owner {
         message.payload = Bytes::copy_from_slice(&message.payload);
         message.publish_time = Some(SystemTime::now().into());
         let transactions = &self.transactions;
-        let slot = match transactions.slot(txn) {
-            Some(slot) => slot,
-            None => {
-                transactions.not_open(txn, None)?;
-                unreachable!("not_open never answers Ok for no wanted decision")
-            }
+        let Some(slot) = transactions.slot(txn) else {
+            return Err(transactions.refusal(txn));
         };
         let mut t = slot.txn.lock().await;
         if t.gone {
-            transactions.not_open(txn, None)?;
+            return Err(transactions.refusal(txn));
         }
         if t.committing.is_some() {
             return Err(BrokerError::TransactionSettled {

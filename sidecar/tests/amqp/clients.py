@@ -16,6 +16,11 @@ Each subcommand prints JSON lines on stdout for sidecar/tests/amqp.rs to check:
   delayed URL QUEUE BODY MS              one publish with RabbitMQ's delayed-message header x-delay
   kombu URL QUEUE N                      a second client library (kombu on py-amqp): publish N,
                                          consume them with manual acks
+  tx-publish URL QUEUE                   AMQP transactions: two publishes rolled back, two
+                                         committed; confirm.select on the channel is refused
+  tx-get URL QUEUE N                     N messages by basic.get, each acked in a transaction that
+                                         is first rolled back (the message comes again), then
+                                         committed
 """
 
 import json
@@ -163,7 +168,6 @@ def errors(url, queue):
     attempt("server-named queue", lambda ch: ch.queue_declare(queue="", exclusive=True))
     attempt("named exchange", lambda ch: ch.exchange_declare(exchange="logs", exchange_type="fanout"))
     attempt("queue.bind", lambda ch: ch.queue_bind(queue=queue, exchange="amq.direct", routing_key="x"))
-    attempt("tx.select", lambda ch: ch.tx_select())
     attempt("consume an unknown queue", lambda ch: ch.basic_consume(queue="no-such-queue", on_message_callback=lambda *a: None))
 
     def too_large(ch):
@@ -318,6 +322,54 @@ def kombu_roundtrip(url, queue_name, n):
         emit(kombu_done=sorted(got))
 
 
+def tx_publish(url, queue):
+    from pika import exceptions
+
+    connection = pika_connection(url)
+    channel = connection.channel()
+    channel.tx_select()
+    for body in (b"tx-rolled-back-1", b"tx-rolled-back-2"):
+        channel.basic_publish(exchange="", routing_key=queue, body=body)
+    channel.tx_rollback()
+    emit(step="rolled back")
+    for body in (b"tx-committed-1", b"tx-committed-2"):
+        channel.basic_publish(exchange="", routing_key=queue, body=body)
+    channel.tx_commit()
+    emit(step="committed")
+    try:
+        channel.confirm_delivery()
+        emit(case="confirm on a transactional channel", error=None)
+    except exceptions.ChannelClosedByBroker as e:
+        emit(case="confirm on a transactional channel", code=e.reply_code, text=e.reply_text)
+    connection.close()
+
+
+def tx_get(url, queue, n):
+    connection = pika_connection(url)
+    got = 0
+    deadline = time.time() + 30
+    while got < n and time.time() < deadline:
+        channel = connection.channel()
+        channel.tx_select()
+        method, properties, body = channel.basic_get(queue=queue, auto_ack=False)
+        if method is None:
+            channel.close()
+            continue
+        channel.basic_ack(delivery_tag=method.delivery_tag)
+        if not method.redelivered:
+            # The ack is part of the transaction: rolled back, the message is still unacked here,
+            # and comes again once the channel closes.
+            channel.tx_rollback()
+            emit(rolled_back=body.decode())
+            channel.close()
+            continue
+        channel.tx_commit()
+        emit(got=body.decode(), redelivered=method.redelivered)
+        got += 1
+        channel.close()
+    connection.close()
+
+
 def main():
     command, args = sys.argv[1], sys.argv[2:]
     if command == "hello-send":
@@ -338,6 +390,10 @@ def main():
         heartbeat(args[0], args[1], float(args[2]))
     elif command == "delayed":
         delayed(args[0], args[1], args[2], int(args[3]))
+    elif command == "tx-publish":
+        tx_publish(args[0], args[1])
+    elif command == "tx-get":
+        tx_get(args[0], args[1], int(args[2]))
     elif command == "kombu":
         kombu_roundtrip(args[0], args[1], int(args[2]))
     else:

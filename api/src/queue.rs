@@ -23,6 +23,7 @@ use crate::{ByteSize, Duration, PodSelector};
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Subscriptions","type":"integer","jsonPath":".status.subscriptions"}"#,
     printcolumn = r#"{"name":"Backlog","type":"integer","jsonPath":".status.backlog"}"#,
+    printcolumn = r#"{"name":"In-Transaction","type":"integer","priority":1,"jsonPath":".status.halfMessages"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -309,4 +310,8 @@ pub struct QueueStatus {
     /// Messages held by owner sidecars and not yet acknowledged by every Subscription.
     #[serde(default)]
     pub backlog: u64,
+
+    /// Half messages: published in transactions still open, stored but not deliverable yet.
+    #[serde(default)]
+    pub half_messages: u64,
 }

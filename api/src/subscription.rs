@@ -24,6 +24,7 @@ use crate::{Duration, PodSelector, RateLimit, StartAt};
     printcolumn = r#"{"name":"Queue","type":"string","jsonPath":".spec.queue"}"#,
     printcolumn = r#"{"name":"Consumers","type":"integer","jsonPath":".status.consumers"}"#,
     printcolumn = r#"{"name":"Backlog","type":"integer","jsonPath":".status.backlog"}"#,
+    printcolumn = r#"{"name":"Scheduled","type":"integer","priority":1,"jsonPath":".status.scheduled"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -247,6 +248,10 @@ pub struct SubscriptionStatus {
     /// Messages delivered to consumer pods and not yet settled.
     #[serde(default)]
     pub in_flight: u64,
+
+    /// Of the backlog, delayed or scheduled messages not due yet.
+    #[serde(default)]
+    pub scheduled: u64,
 
     /// Messages moved to the dead-letter queue since the Subscription was created.
     #[serde(default)]

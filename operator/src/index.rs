@@ -94,6 +94,8 @@ pub struct QueueObserved {
     pub publishers: u32,
     /// Backlog summed over owner sidecars.
     pub backlog: u64,
+    /// Half messages (in transactions still open) summed over owner sidecars.
+    pub half_messages: u64,
     /// Whether `spec.deadLetterQueue` (if set) exists.
     pub dead_letter_queue_exists: bool,
 }
@@ -111,6 +113,8 @@ pub struct SubscriptionObserved {
     pub backlog: u64,
     /// Deliveries in consumer pods, not yet settled.
     pub in_flight: u64,
+    /// Of the backlog, delayed or scheduled messages not due yet.
+    pub scheduled: u64,
     /// Messages dead-lettered (summed counters of the sidecars connected now).
     pub dead_lettered: u64,
 }
@@ -493,12 +497,13 @@ impl Index {
                     .is_none_or(|sel| sel.matches(&s.info.labels, &s.info.service_account))
             })
             .count();
-        let backlog = inner
+        let (backlog, half_messages) = inner
             .stats_in(&ns)
             .flat_map(|stats| &stats.queues)
             .filter(|q| q.queue == name)
-            .map(|q| q.backlog_messages)
-            .sum();
+            .fold((0, 0), |(b, h), q| {
+                (b + q.backlog_messages, h + q.half_messages)
+            });
         let dead_letter_queue_exists = queue
             .spec
             .dead_letter_queue
@@ -508,6 +513,7 @@ impl Index {
             subscriptions,
             publishers: u32::try_from(publishers).unwrap_or(u32::MAX),
             backlog,
+            half_messages,
             dead_letter_queue_exists,
         }
     }
@@ -543,6 +549,7 @@ impl Index {
         {
             observed.backlog += s.backlog;
             observed.in_flight += s.in_flight;
+            observed.scheduled += s.scheduled;
             observed.dead_lettered += s.dead_lettered_total;
         }
         observed
@@ -608,7 +615,10 @@ impl Inner {
     }
 }
 
-type Figures = (BTreeMap<String, u64>, BTreeMap<String, (u64, u64, u64)>);
+type Figures = (
+    BTreeMap<String, (u64, u64)>,
+    BTreeMap<String, (u64, u64, u64, u64)>,
+);
 
 /// The figures of a stats report that statuses show.
 fn figures(stats: &Stats) -> Figures {
@@ -616,7 +626,7 @@ fn figures(stats: &Stats) -> Figures {
         stats
             .queues
             .iter()
-            .map(|q| (q.queue.clone(), q.backlog_messages))
+            .map(|q| (q.queue.clone(), (q.backlog_messages, q.half_messages)))
             .collect(),
         stats
             .subscriptions
@@ -624,7 +634,7 @@ fn figures(stats: &Stats) -> Figures {
             .map(|s| {
                 (
                     s.subscription.clone(),
-                    (s.backlog, s.in_flight, s.dead_lettered_total),
+                    (s.backlog, s.in_flight, s.dead_lettered_total, s.scheduled),
                 )
             })
             .collect(),

@@ -114,6 +114,7 @@ pub fn queue_status(
         publishers: observed.publishers,
         subscriptions: u32::try_from(observed.subscriptions.len()).unwrap_or(u32::MAX),
         backlog: observed.backlog,
+        half_messages: observed.half_messages,
     }
 }
 
@@ -170,6 +171,7 @@ pub fn subscription_status(
         consumers: observed.consumers,
         backlog: observed.backlog,
         in_flight: observed.in_flight,
+        scheduled: observed.scheduled,
         dead_lettered: observed.dead_lettered,
     }
 }
@@ -179,7 +181,8 @@ pub fn subscription_status(
 pub enum Change {
     /// Nothing: do not write.
     None,
-    /// Only live counters (backlog, in flight, dead-lettered): write at most every status interval.
+    /// Only live counters (backlog, in flight, scheduled, half messages, dead-lettered): write at
+    /// most every status interval.
     Counters,
     /// Conditions, generation or membership counts: write now.
     Significant,
@@ -192,6 +195,7 @@ pub fn queue_change(current: Option<&QueueStatus>, desired: &QueueStatus) -> Cha
         Some(current)
             if QueueStatus {
                 backlog: desired.backlog,
+                half_messages: desired.half_messages,
                 ..current.clone()
             } == *desired =>
         {
@@ -212,6 +216,7 @@ pub fn subscription_change(
             if SubscriptionStatus {
                 backlog: desired.backlog,
                 in_flight: desired.in_flight,
+                scheduled: desired.scheduled,
                 dead_lettered: desired.dead_lettered,
                 ..current.clone()
             } == *desired =>
@@ -263,6 +268,7 @@ mod tests {
             subscriptions: vec!["billing".into(), "audit".into()],
             publishers: 1,
             backlog: 12,
+            half_messages: 3,
             dead_letter_queue_exists: true,
         }
     }
@@ -290,6 +296,7 @@ mod tests {
                 publishers: 1,
                 subscriptions: 2,
                 backlog: 12,
+                half_messages: 3,
             }
         );
     }
@@ -368,6 +375,7 @@ mod tests {
             consumers: 2,
             backlog: 4,
             in_flight: 1,
+            scheduled: 0,
             dead_lettered: 0,
         };
         let reason =
@@ -425,6 +433,7 @@ mod tests {
             consumers: 1,
             backlog: 4,
             in_flight: 3,
+            scheduled: 1,
             dead_lettered: 2,
         };
         let status = subscription_status(&subscription("orders"), &observed, &at(5));
@@ -443,6 +452,7 @@ mod tests {
                 consumers: 1,
                 backlog: 4,
                 in_flight: 3,
+                scheduled: 1,
                 dead_lettered: 2,
             }
         );

@@ -95,6 +95,35 @@ async fn crds_and_examples_apply_and_print_their_columns() {
     let all = ok(server.kubectl(["get", "qmesh", "-o", "name"]).unwrap());
     assert_eq!(all.lines().count(), 5, "{all}");
 
+    // The transactional outbox's Queue: its `transaction` settings pass the CRD's schema; `-o
+    // wide` adds the half messages (queues) and the scheduled messages (subscriptions).
+    let outbox = examples.join("transactional-outbox/outbox.yaml");
+    let applied = ok(server
+        .kubectl(["apply", "-f", &outbox.display().to_string()])
+        .unwrap());
+    assert!(
+        applied.contains("queue.qmesh.io/order-events created"),
+        "{applied}"
+    );
+    let wide = ok(server.kubectl(["get", "queues", "-o", "wide"]).unwrap());
+    let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "READY",
+            "SUBSCRIPTIONS",
+            "BACKLOG",
+            "IN-TRANSACTION",
+            "AGE"
+        ],
+        "{wide}"
+    );
+    let wide = ok(server
+        .kubectl(["get", "subscriptions", "-o", "wide"])
+        .unwrap());
+    assert!(wide.lines().next().unwrap().contains("SCHEDULED"), "{wide}");
+
     // `kubectl explain` explains fields from the Rust doc comments (once the server has published
     // the CRD's OpenAPI, which it does shortly after the CRD is established).
     let explain = wait_for(

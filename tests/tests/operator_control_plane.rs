@@ -116,6 +116,7 @@ async fn a_sidecar_gets_fresh_views_within_a_second_and_its_stats_reach_status()
                 queues: vec![QueueStats {
                     queue: "orders".into(),
                     backlog_messages: 7,
+                    half_messages: 2,
                     ..Default::default()
                 }],
                 subscriptions: vec![SubscriptionStats {
@@ -123,6 +124,7 @@ async fn a_sidecar_gets_fresh_views_within_a_second_and_its_stats_reach_status()
                     queue: "orders".into(),
                     backlog: 7,
                     in_flight: 2,
+                    scheduled: 3,
                     dead_lettered_total: 1,
                     ..Default::default()
                 }],
@@ -131,8 +133,10 @@ async fn a_sidecar_gets_fresh_views_within_a_second_and_its_stats_reach_status()
         })
         .await
         .unwrap();
-    wait_queue(&client, "orders", "backlog 7", |q| {
-        q.status.as_ref().is_some_and(|s| s.backlog == 7)
+    wait_queue(&client, "orders", "backlog 7, 2 in transactions", |q| {
+        q.status
+            .as_ref()
+            .is_some_and(|s| s.backlog == 7 && s.half_messages == 2)
     })
     .await;
     let billing = wait_subscription(&client, "billing", "backlog 7, 2 in flight", |s| {
@@ -141,7 +145,20 @@ async fn a_sidecar_gets_fresh_views_within_a_second_and_its_stats_reach_status()
             .is_some_and(|s| s.backlog == 7 && s.in_flight == 2)
     })
     .await;
-    assert_eq!(billing.status.unwrap().dead_lettered, 1);
+    let status = billing.status.unwrap();
+    assert_eq!((status.dead_lettered, status.scheduled), (1, 3));
+    // `kubectl get -o wide` shows the scheduled messages and the half messages.
+    let wide = ok(server
+        .kubectl(["get", "subscriptions", "billing", "-o", "wide"])
+        .unwrap());
+    assert!(wide.lines().next().unwrap().contains("SCHEDULED"), "{wide}");
+    let wide = ok(server
+        .kubectl(["get", "queues", "orders", "-o", "wide"])
+        .unwrap());
+    assert!(
+        wide.lines().next().unwrap().contains("IN-TRANSACTION"),
+        "{wide}"
+    );
     let table = ok(server.kubectl(["get", "queues", "orders"]).unwrap());
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(&row[..4], ["orders", "True", "1", "7"], "{table}");

@@ -524,3 +524,85 @@ async fn after_a_graceful_hand_over_the_replica_drops_its_copies_instead_of_adop
     assert_eq!(adopted, 0.0, "released copies are not adopted");
     assert_eq!(dups, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_the_replica_adopts_still_waits_for_its_time() {
+    let mut mesh = mesh()
+        .manifests(ORDERS)
+        .arg("--replica-adopt-after=2s")
+        .sidecar("shop-1", &[("app", "shop")])
+        .sidecar("shop-2", &[("app", "shop")])
+        .sidecar("billing", &[("app", "billing")])
+        .start(Path::new(SIDECAR))
+        .await
+        .unwrap();
+    let billing = Consumer::start(
+        "b",
+        &mesh.sidecar("billing").grpc_url(),
+        "billing",
+        32,
+        |_| Verdict::Ack,
+    )
+    .await;
+    let delay = Duration::from_secs(6);
+    let sent = Instant::now();
+    let mut app = client(&mesh.sidecar("shop-1").grpc_url()).await;
+    app.publish(PublishRequest {
+        queue: "orders".into(),
+        message: Some(message("later", "", "due in 6 s")),
+        correlation: 0,
+        delay: Some(qmesh_proto::convert::duration(delay)),
+        deliver_at: None,
+        transaction: String::new(),
+    })
+    .await
+    .unwrap();
+    // The owner dies with it scheduled; the replica adopts the copy, time and all.
+    mesh.sidecar_mut("shop-1").kill9();
+    let replica = mesh.sidecar("shop-2").admin;
+    qmesh_tests::wait_for(
+        "the replica to adopt the delayed message, as scheduled",
+        Duration::from_secs(20),
+        || async move {
+            let scheduled = sub_figure_owner(replica, "billing", "scheduled").await;
+            (scheduled == 1).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        sent.elapsed() < delay,
+        "adopted before its time, so the wait is the new owner's"
+    );
+    until("the adopted delayed message", 30, || {
+        billing.count_prefixed("later") > 0
+    })
+    .await;
+    let at = sent.elapsed();
+    println!(
+        "a delayed message adopted after kill -9 of its owner arrived {at:?} after its publish (due after {delay:?})"
+    );
+    assert!(
+        at + Duration::from_millis(2) >= delay,
+        "delivered {at:?} after its publish, before its time"
+    );
+    assert_eq!(
+        metric(replica, "qmesh_replica_adopted_total{queue=\"orders\"}").await,
+        1.0
+    );
+    assert_eq!(billing.count_prefixed("later"), 1);
+}
+
+/// A figure of the owner's own state of a subscription (`/v1/stats` `owner`), 0 when absent.
+async fn sub_figure_owner(admin: std::net::SocketAddr, subscription: &str, field: &str) -> u64 {
+    let Some(s) = stats(admin).await else {
+        return 0;
+    };
+    s["subscriptions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["subscription"] == subscription)
+        .filter_map(|x| x["owner"][field].as_u64())
+        .sum()
+}

@@ -83,6 +83,14 @@ pub struct BenchArgs {
     /// The sidecars' `--fsync` policy.
     #[arg(long, default_value = "always")]
     pub fsync: String,
+    /// Scheduled messages: every message is published due at a time spread evenly over this long,
+    /// starting `--scheduled-after` after the benchmark starts; measures how late (never early) and
+    /// in what order they fire, and the owner's memory while it holds them.
+    #[arg(long, value_parser = crate::parse_duration, conflicts_with_all = ["burst", "baseline"])]
+    pub scheduled: Option<Duration>,
+    /// With `--scheduled`: when the first message is due, after the start (leave time to publish).
+    #[arg(long, default_value = "30s", value_parser = crate::parse_duration, requires = "scheduled")]
+    pub scheduled_after: Duration,
 }
 
 const MANIFESTS: &str = r#"
@@ -144,7 +152,7 @@ pub(crate) fn process_usage(pid: u32) -> Option<(f64, u64, u64)> {
     Some((ticks / 100.0, kb("VmRSS:") * 1024, kb("VmHWM:") * 1024))
 }
 
-async fn connect(addr: &str) -> anyhow::Result<BrokerClient<tonic::transport::Channel>> {
+pub(crate) async fn connect(addr: &str) -> anyhow::Result<BrokerClient<tonic::transport::Channel>> {
     crate::client::connect(addr).await
 }
 
@@ -186,6 +194,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.burst {
         return crate::burst::run(args).await;
+    }
+    if args.scheduled.is_some() {
+        return crate::scheduled::run(args).await;
     }
     let (mesh, producer, consumer) = if args.sidecars.len() == 2 {
         (None, args.sidecars[0].clone(), args.sidecars[1].clone())

@@ -16,6 +16,7 @@ mod local;
 mod local_ca;
 mod progress;
 mod run;
+mod scheduled;
 mod signals;
 mod table;
 

@@ -1083,10 +1083,15 @@ impl QueueState {
     ) {
         let size = message_size(&message);
         self.newest_held_ms = self.newest_held_ms.max(retain::published_ms(&message));
-        // A delayed message waits for its time like a retry waits out its backoff: one timer.
+        // A delayed message waits for its time like a retry waits out its backoff: one timer. Its
+        // wall-clock time is turned into an instant against a reading of both clocks taken now —
+        // not against `now`, which may be from before a slow write (that made it due early).
         let not_before = deliver_at_ms(&message).and_then(|at| {
-            let now_ms = retain::unix_ms(std::time::SystemTime::now());
-            (at > now_ms).then(|| later(now, Duration::from_millis(at - now_ms)))
+            let (now_ms, mono) = (
+                retain::unix_ms(std::time::SystemTime::now()),
+                Instant::now(),
+            );
+            (at > now_ms).then(|| later(mono, Duration::from_millis(at - now_ms)))
         });
         let ordered = self.ordered();
         for (sub, attempts) in &pending {
@@ -1840,6 +1845,38 @@ mod tests {
         let out = q.dispatch(later, &|_| vec![7], &mut |_, _| true);
         assert_eq!(out.iter().map(|o| o.sequence).collect::<Vec<_>>(), [1]);
         assert_eq!(q.subs["s"].scheduled(), 0);
+    }
+
+    #[test]
+    fn a_delayed_message_placed_after_a_slow_write_is_not_due_early() {
+        // The publish began 300 ms before its message is placed (a slow fsync, a replica): its due
+        // time is the wall-clock time it asked for, not 300 ms earlier.
+        let mut q = state();
+        let began = Instant::now() - Duration::from_millis(300);
+        let in_1s = retain::unix_ms(std::time::SystemTime::now()) + 1_000;
+        let mut delayed = v1::Message {
+            id: "later".into(),
+            ..Default::default()
+        };
+        delayed
+            .headers
+            .insert(DELIVER_AT_HEADER.into(), in_1s.to_string());
+        q.reserve(1, "later", began);
+        q.insert(
+            1,
+            Arc::new(delayed),
+            vec![("s".into(), 0)],
+            at(100),
+            true,
+            began,
+        );
+        let (_, next) = q.tick(Instant::now());
+        let wake = next.expect("a wake-up at the due time");
+        let left = wake.saturating_duration_since(Instant::now());
+        assert!(
+            left >= Duration::from_millis(900),
+            "due in {left:?}, asked for 1 s from now"
+        );
     }
 
     #[test]

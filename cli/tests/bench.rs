@@ -56,6 +56,36 @@ fn bench_json_reports_sane_figures() {
 }
 
 #[test]
+fn bench_scheduled_reports_every_message_fired_and_none_early() {
+    let r = qmesh(&[
+        "bench",
+        "--scheduled",
+        "2s",
+        "--scheduled-after",
+        "3s",
+        "--msgs",
+        "2000",
+        "--size",
+        "64",
+        "--json",
+    ]);
+    assert_eq!(r["msgs"], 2000, "{r}");
+    assert_eq!(r["early"], 0, "none may fire before its time: {r}");
+    let l = &r["lateness_us"];
+    let (p50, p99, max) = (
+        l["p50"].as_u64().unwrap(),
+        l["p99"].as_u64().unwrap(),
+        l["max"].as_u64().unwrap(),
+    );
+    assert!(p50 <= p99 && p99 <= max, "{l}");
+    assert!(r["out_of_order"].as_u64().is_some(), "{r}");
+    assert!(
+        r["owner_rss_peak_bytes"].as_u64().unwrap() > 1_000_000,
+        "{r}"
+    );
+}
+
+#[test]
 fn completions_cover_every_command() {
     let out = Command::new(env!("CARGO_BIN_EXE_qmesh"))
         .args(["completions", "bash"])

@@ -51,9 +51,21 @@ pub struct PubArgs {
     /// the Queue's `maxDelay`).
     #[arg(long, value_parser = crate::parse_duration)]
     pub delay: Option<std::time::Duration>,
+    /// Publish every message (all of --count) in one transaction, then commit it or roll it back.
+    #[arg(long, value_enum, conflicts_with = "rate")]
+    pub transaction: Option<Settle>,
     /// Sidecar gRPC address.
     #[arg(long, env = "QMESH_GRPC_ADDR", default_value = "127.0.0.1:7071")]
     pub addr: String,
+}
+
+/// How `qmesh pub --transaction` ends its transaction.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Every message becomes deliverable.
+    Commit,
+    /// None is ever delivered.
+    Rollback,
 }
 
 /// A `--rate`: a finite number of messages per second in 0.001..=1,000,000.
@@ -201,6 +213,20 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
         headers.insert(k.to_owned(), v.to_owned());
     }
     let mut client = connect(&args.addr).await?;
+    if args.transaction.is_some() && args.count == 0 {
+        anyhow::bail!("--transaction needs a --count: the transaction ends after the last message");
+    }
+    let transaction = match args.transaction {
+        Some(_) => {
+            client
+                .begin_transaction(v1::BeginTransactionRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .transaction
+        }
+        None => String::new(),
+    };
     let bar = crate::progress::bar(args.count, "published");
     if args.count < 2 {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -232,7 +258,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
             correlation: i,
             delay: args.delay.map(qmesh_proto::convert::duration),
             deliver_at: None,
-            transaction: String::new(),
+            transaction: transaction.clone(),
         };
         let ok = client.publish(request).await.map_err(refused)?.into_inner();
         bar.suspend(|| {
@@ -246,6 +272,21 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if let Some(settle) = args.transaction {
+        let request = v1::TransactionRequest {
+            transaction: transaction.clone(),
+        };
+        let done = match settle {
+            Settle::Commit => client.commit_transaction(request).await,
+            Settle::Rollback => client.rollback_transaction(request).await,
+        }
+        .map_err(refused)?
+        .into_inner();
+        println!(
+            "transaction {transaction} {}: {} messages",
+            done.state, done.messages
+        );
+    }
     Ok(())
 }
 

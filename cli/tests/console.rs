@@ -65,11 +65,12 @@ const DEAD: usize = 6;
 /// Messages the browser script publishes (and billing acks) to see the page update by itself.
 const LIVE: usize = 60;
 /// The pages the script saves.
-const SCREENSHOTS: [&str; 7] = [
+const SCREENSHOTS: [&str; 8] = [
     "overview",
     "queues",
     "subscriptions",
     "sidecars",
+    "transactions",
     "dead-letters",
     "redrive-confirm",
     "dead-letters-after-redrive",
@@ -335,6 +336,21 @@ fn the_console_shows_the_mesh_and_redrives_dead_letters_from_a_real_browser() {
         },
     );
 
+    // A transaction the shop rolls back: the Transactions page lists it as `qmesh get` does.
+    let rolled = ok(qmesh(&ca_dir)
+        .args(["pub", "orders", "never", "--count", "2", "--id", "tx"])
+        .args(["--transaction", "rollback", "--addr", &shop]));
+    assert!(rolled.contains("rolled-back: 2 messages"), "{rolled}");
+    wait_until(
+        "qmesh get to list the rolled-back transaction",
+        Duration::from_secs(30),
+        || {
+            get("transactions")
+                .iter()
+                .any(|t| t["outcome"] == "rolled-back" && t["messages"] == "2")
+        },
+    );
+
     // The browser.
     let screenshots = std::env::var_os("QMESH_CONSOLE_SCREENSHOTS")
         .map(PathBuf::from)
@@ -393,6 +409,13 @@ fn the_console_shows_the_mesh_and_redrives_dead_letters_from_a_real_browser() {
             "{name}.png"
         );
     }
+    let transactions = report["pages"]["transactions"].as_array().unwrap();
+    assert!(
+        transactions
+            .iter()
+            .any(|t| t["outcome"] == "rolled-back" && t["decided_by"] == "producer"),
+        "the Transactions page showed the rollback: {transactions:?}"
+    );
     let shown: BTreeSet<String> = report["pages"]["dead_letters"]
         .as_array()
         .unwrap()

@@ -328,6 +328,29 @@ def check_sidecars(c):
     c.collect_log("sidecars")
 
 
+def check_transactions(c):
+    c.open_page("transactions")
+
+    def agree():
+        for t in get(c.args, "transactions"):
+            shown = c.cells("transactions-table", f"default/{t['transaction']}")
+            expected = {
+                "transaction": t["transaction"],
+                "outcome": t["outcome"],
+                "decided_by": t["decided-by"],
+                "messages": t["messages"],
+                "checks": t["checks"],
+                "sidecar": t["sidecar"],
+            }
+            c.matches(f"transaction {t['transaction']}", expected, shown)
+        return len(get(c.args, "transactions")) > 0
+
+    c.wait("the transactions page to match qmesh get transactions", agree)
+    c.pages["transactions"] = c.rows("#transactions-table tbody tr")
+    c.screenshot("transactions")
+    c.collect_log("transactions")
+
+
 def message_rows(c):
     return c.rows("#messages-table tbody tr.msg")
 
@@ -416,6 +439,7 @@ def main():
         check_queues(c)
         check_subscriptions(c)
         check_sidecars(c)
+        check_transactions(c)
         check_dead_letters_and_redrive(c)
         c.collect_log("end")
         errors = [e for e in c.log if e.get("level") == "SEVERE"]

@@ -365,21 +365,7 @@ pub(crate) async fn subscribe(
             Arc::clone(&done),
             args.msgs,
         );
-        let mut client = connect(&addr).await?;
-        let (tx, rx) = mpsc::channel(64);
-        tx.send(SubscribeRequest {
-            request: Some(subscribe_request::Request::Open(Open {
-                subscription: "bench".into(),
-                max_in_flight: 1000,
-                manual_credit: false,
-            })),
-        })
-        .await?;
-        let mut inbound = client
-            .subscribe(ReceiverStream::new(rx))
-            .await
-            .context("subscribing to bench")?
-            .into_inner();
+        let (tx, mut inbound) = open_bench(&addr).await?;
         subscribers.push(tokio::spawn(async move {
             while let Some(Ok(response)) = inbound.next().await {
                 let Some(subscribe_response::Response::Deliveries(batch)) = response.response
@@ -414,6 +400,32 @@ pub(crate) async fn subscribe(
     }
 
     Ok(subscribers)
+}
+
+/// Opens a `Subscribe` stream of subscription `bench` on `consumer` (window 1000): the sender for
+/// acks, and the deliveries.
+pub(crate) async fn open_bench(
+    consumer: &str,
+) -> anyhow::Result<(
+    mpsc::Sender<SubscribeRequest>,
+    tonic::Streaming<v1::SubscribeResponse>,
+)> {
+    let mut client = connect(consumer).await?;
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Open(Open {
+            subscription: "bench".into(),
+            max_in_flight: 1000,
+            manual_credit: false,
+        })),
+    })
+    .await?;
+    let inbound = client
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .context("subscribing to bench")?
+        .into_inner();
+    Ok((tx, inbound))
 }
 
 /// Publishes `args.msgs` over `args.publishers` pipelined streams, recording publish-ack latency.

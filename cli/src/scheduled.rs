@@ -16,15 +16,15 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use qmesh_proto::v1::{
-    self, Ack, Open, PublishRequest, SubscribeRequest, publish_result, subscribe_request,
+    self, Ack, PublishRequest, SubscribeRequest, publish_result, subscribe_request,
     subscribe_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
-use crate::bench::{BenchArgs, Latencies, connect, local_mesh, process_usage};
+use crate::bench::{BenchArgs, Latencies, connect, local_mesh, open_bench, process_usage};
 
 /// A delivery that came before the one due this much later is counted as out of order.
 const ORDER_SLACK_MS: u64 = 100;
@@ -218,21 +218,7 @@ async fn subscribe(
     consumer: &str,
     arrivals: Arc<Mutex<Vec<(u64, u64)>>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut client = connect(consumer).await?;
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(SubscribeRequest {
-        request: Some(subscribe_request::Request::Open(Open {
-            subscription: "bench".into(),
-            max_in_flight: 1000,
-            manual_credit: false,
-        })),
-    })
-    .await?;
-    let mut inbound = client
-        .subscribe(ReceiverStream::new(rx))
-        .await
-        .context("subscribing to bench")?
-        .into_inner();
+    let (tx, mut inbound) = open_bench(consumer).await?;
     Ok(tokio::spawn(async move {
         while let Some(Ok(response)) = inbound.next().await {
             let Some(subscribe_response::Response::Deliveries(batch)) = response.response else {

@@ -33,6 +33,16 @@ impl BrokerService {
     pub fn new(sidecar: Arc<Sidecar>) -> Self {
         Self { sidecar }
     }
+
+    async fn settle(
+        &self,
+        request: Request<v1::TransactionRequest>,
+        decision: Decision,
+    ) -> Result<Response<v1::TransactionResponse>, Status> {
+        let id = request.into_inner().transaction;
+        let settled = self.sidecar.owner.settle_transaction(&id, decision).await?;
+        Ok(Response::new(settled))
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -122,26 +132,14 @@ impl Broker for BrokerService {
         &self,
         request: Request<v1::TransactionRequest>,
     ) -> Result<Response<v1::TransactionResponse>, Status> {
-        let id = request.into_inner().transaction;
-        Ok(Response::new(
-            self.sidecar
-                .owner
-                .settle_transaction(&id, Decision::Commit)
-                .await?,
-        ))
+        self.settle(request, Decision::Commit).await
     }
 
     async fn rollback_transaction(
         &self,
         request: Request<v1::TransactionRequest>,
     ) -> Result<Response<v1::TransactionResponse>, Status> {
-        let id = request.into_inner().transaction;
-        Ok(Response::new(
-            self.sidecar
-                .owner
-                .settle_transaction(&id, Decision::Rollback)
-                .await?,
-        ))
+        self.settle(request, Decision::Rollback).await
     }
 
     async fn publish_stream(

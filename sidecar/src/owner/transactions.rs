@@ -316,6 +316,16 @@ impl Transactions {
             .cloned()
     }
 
+    /// Every open transaction, taken out of the table's lock.
+    fn all(&self) -> Vec<(String, Arc<Slot>)> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
+    }
+
     fn settled(&self, id: &str) -> Option<(Decision, u32)> {
         self.settled
             .lock()
@@ -375,15 +385,8 @@ impl Transactions {
 
     /// Half messages per queue (for status).
     pub fn staged_by_queue(&self) -> HashMap<String, u64> {
-        let slots: Vec<Arc<Slot>> = self
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
         let mut out = HashMap::new();
-        for slot in slots {
+        for (_, slot) in self.all() {
             if let Ok(t) = slot.txn.try_lock() {
                 for s in &t.staged {
                     *out.entry(s.queue.clone()).or_default() += 1;
@@ -767,14 +770,7 @@ impl Owner {
 
     /// Half messages of `queue` to hand over (after every other message of the queue went).
     pub(super) fn half_messages(&self, queue: &str, max: usize) -> Vec<peer::OwnedMessage> {
-        let slots: Vec<(String, Arc<Slot>)> = self
-            .transactions
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), Arc::clone(v)))
-            .collect();
+        let slots = self.transactions.all();
         let mut out = Vec::new();
         for (id, slot) in slots {
             let Ok(t) = slot.txn.try_lock() else { continue };
@@ -807,14 +803,7 @@ impl Owner {
 
     /// Forgets half messages a peer took over (it checks them back with its own app).
     pub(super) fn half_messages_handed_over(&self, sequences: &[u64]) {
-        let slots: Vec<(String, Arc<Slot>)> = self
-            .transactions
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), Arc::clone(v)))
-            .collect();
+        let slots = self.transactions.all();
         for (id, slot) in slots {
             let Ok(mut t) = slot.txn.try_lock() else {
                 continue;
@@ -1045,14 +1034,7 @@ impl Owner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let slots: Vec<(String, Arc<Slot>)> = self
-                .transactions
-                .open
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|(k, v)| (k.clone(), Arc::clone(v)))
-                .collect();
+            let slots = self.transactions.all();
             let now = Instant::now();
             for (id, slot) in slots {
                 if slot.busy.load(Ordering::SeqCst) {
